@@ -1,0 +1,146 @@
+"""Prompts in, records out: reading the prompts file, and rank 0's append-and-flush JSONL writer that
+lets a re-run with the same output skip what is already done (nothing lost, nothing written twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from runtime.engine import Request
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class PromptsError(ValueError):
+    """The prompts file is malformed; the message names the line and the fix."""
+
+
+def read_prompts(path: str | Path) -> list[Request]:
+    """One Request per non-empty JSONL line; ids default to the line's position among prompts."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptsError(f"prompts.path={path} does not exist: point it at a JSONL file")
+    requests: list[Request] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): one JSON object per line") from e
+            req = _request(obj, str(len(requests)), where)
+            if req.id in seen:
+                raise PromptsError(f"{where}: id {req.id!r} already used on line {seen[req.id]}: ids must be unique")
+            seen[req.id] = lineno
+            requests.append(req)
+    return requests
+
+
+def _request(obj: Any, default_id: str, where: str) -> Request:
+    if not isinstance(obj, dict):
+        raise PromptsError(f"{where}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
+    unknown = set(obj) - {"id", "prompt", "messages", "reasoning_effort", "tools"}
+    if unknown:
+        raise PromptsError(f"{where}: unknown keys {sorted(unknown)}: allowed are id, prompt, messages, reasoning_effort, tools")
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise PromptsError(f"{where}: give exactly one of \"prompt\" (a string) or \"messages\" (a list)")
+    if has_prompt and not isinstance(obj["prompt"], str):
+        raise PromptsError(f"{where}: \"prompt\" must be a string")
+    if has_messages:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise PromptsError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise PromptsError(f"{where}: messages[{j}] needs a \"role\" among {list(ROLES)}")
+            if not isinstance(m.get("content", ""), str):
+                raise PromptsError(f"{where}: messages[{j}].content must be a string")
+    effort = obj.get("reasoning_effort")
+    if effort is not None and effort not in ("low", "medium", "high"):
+        raise PromptsError(f"{where}: reasoning_effort {effort!r}: use low, medium or high")
+    rid = obj.get("id", default_id)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise PromptsError(f"{where}: \"id\" must be a string or an integer")
+    return Request(
+        id=str(rid), prompt=obj.get("prompt"), messages=obj.get("messages"), reasoning_effort=effort,
+        tools=obj.get("tools"),
+    )
+
+
+def inline_prompts(texts: Iterable[str]) -> list[Request]:
+    return [Request(id=str(i), prompt=t) for i, t in enumerate(texts)]
+
+
+def add_developer(requests: list[Request], developer: str | None) -> list[Request]:
+    """Give prompts without their own system/developer message the configured instructions."""
+    if not developer:
+        return requests
+    out = []
+    for r in requests:
+        msgs = r.messages if r.messages is not None else [{"role": "user", "content": r.prompt}]
+        if not any(m["role"] in ("system", "developer") for m in msgs):
+            msgs = [{"role": "developer", "content": developer}, *msgs]
+            r = Request(id=r.id, messages=msgs, reasoning_effort=r.reasoning_effort, tools=r.tools)
+        out.append(r)
+    return out
+
+
+class JsonlWriter:
+    """Append-only JSONL output; each batch is one write + flush + fsync.
+
+    A crash can at worst leave one partial last line; opening the file again cuts it off (that record
+    is regenerated), so the file is always valid JSONL and no record is duplicated.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done_ids: set[str] = self._recover()
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def _recover(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        good_end, ids = 0, set()
+        for n, line in enumerate(lines, start=1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("unterminated")
+                ids.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError) as e:
+                if n < len(lines):  # not a torn last write: never drop the records after it
+                    raise ValueError(
+                        f"{self.path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
+                    ) from e
+                break
+            good_end += len(line)
+        if good_end < len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(good_end)
+        return ids
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.done_ids.update(str(r["id"]) for r in records)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)

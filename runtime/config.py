@@ -1,0 +1,189 @@
+"""Typed configuration: the schema every YAML file in conf/ and every command-line override fills.
+
+The dataclasses are registered in Hydra's ConfigStore, so a typo (`generation.max_new_token=3`) or a
+wrong type is an error before anything runs. YAML only fills values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a synthetic checkpoint; `null` keeps the real gpt-oss-20b value (runtime/assets)."""
+
+    num_hidden_layers: int | None = None
+    """Decoder layers (20b: 24, 120b: 36). Layer types alternate sliding/full attention."""
+    num_local_experts: int | None = None
+    """Experts per MoE layer (20b: 32, 120b: 128)."""
+    num_experts_per_tok: int | None = None
+    """Experts each token is routed to (gpt-oss: 4)."""
+    hidden_size: int | None = None
+    """Residual stream width (gpt-oss: 2880). Must be a multiple of 32 for MXFP4."""
+    intermediate_size: int | None = None
+    """Width of each expert's hidden layer (gpt-oss: 2880). Must be a multiple of 32 for MXFP4."""
+    num_attention_heads: int | None = None
+    """Query heads (gpt-oss: 64)."""
+    num_key_value_heads: int | None = None
+    """Key/value heads, shared by groups of query heads (gpt-oss: 8)."""
+    head_dim: int | None = None
+    """Width of one attention head (gpt-oss: 64)."""
+    sliding_window: int | None = None
+    """Tokens seen by the sliding-attention layers (gpt-oss: 128)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Short model name used in logs, records and synthetic-checkpoint cache keys."""
+    path: str | None = None
+    """Checkpoint: a local directory in the Hugging Face layout or a hub id (needs a reachable hub).
+    Ignored when `synthetic` is true."""
+    synthetic: bool = False
+    """Use random weights in this model's real shape and format instead of `path` (written once to the
+    cache directory by runtime.synth, then loaded through the real loading path)."""
+    synthetic_format: str = "mxfp4"
+    """Format of a synthetic checkpoint: `mxfp4` (experts as *_blocks/*_scales, as released) or `bf16`."""
+    synthetic_seed: int = 0
+    """Seed of the random synthetic weights."""
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    """Shape overrides for synthetic checkpoints."""
+    dtype: str = "auto"
+    """Compute dtype: `bfloat16`, `float16`, `float32`, or `auto` (bfloat16 on GPU, float32 on CPU)."""
+    device: str = "auto"
+    """`cuda`, `cpu` or `auto` (cuda when available). Under torchrun each rank takes cuda:LOCAL_RANK."""
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    """Tensor-parallel ranks: attention heads, the KV cache and each expert's hidden layer are split."""
+    ep_size: int = 1
+    """Expert-parallel ranks: the experts of each MoE layer are split into ep_size groups."""
+    dp_size: int = 1
+    """Data-parallel replicas, each running a disjoint slice of the prompts. tp*ep*dp = world size."""
+    backend: str = "auto"
+    """torch.distributed backend: `nccl`, `gloo`, or `auto` (nccl on GPU, gloo on CPU)."""
+
+
+@dataclass
+class AttentionConfig:
+    implementation: str = "eager"
+    """transformers attention implementation: `eager`, `flex_attention`, or a hub kernel id such as
+    `kernels-community/vllm-flash-attn3` (needs a hub, or LOCAL_KERNELS / a filled HF_HUB_CACHE)."""
+    hub_download: bool = False
+    """Allow downloading a hub attention kernel. Off by default so an offline run fails fast."""
+
+
+@dataclass
+class ExpertsConfig:
+    implementation: str = "grouped_mm"
+    """transformers experts implementation: `grouped_mm`, `batched_mm` or `eager`."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """Most tokens generated per prompt (the stop token included)."""
+    batch_size: int = 8
+    """Prompts decoded together on each data-parallel replica."""
+    do_sample: bool = False
+    """Sample with temperature/top_p; false is greedy decoding."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set whose probability reaches top_p (0 < top_p <= 1)."""
+    seed: int = 0
+    """Seed of the sampler, identical on every rank so tensor-parallel ranks agree."""
+    reasoning_effort: str = "medium"
+    """Harmony reasoning effort for prompts that do not set their own: `low`, `medium` or `high`."""
+
+
+@dataclass
+class PromptsConfig:
+    path: str | None = None
+    """JSONL file, one object per line: {"prompt": str} or {"messages": [{"role", "content"}...]},
+    optional "id" and "reasoning_effort". When null, `texts` is used."""
+    texts: list[str] = field(default_factory=list)
+    """Inline prompts (one user message each), used when `path` is null."""
+    developer: str | None = None
+    """Developer instructions added to prompts that carry no system/developer message."""
+    renderer: str = "harmony"
+    """`harmony` (openai-harmony renders the prompt) or `chat_template` (the checkpoint's template)."""
+
+
+@dataclass
+class OutputConfig:
+    path: str = MISSING
+    """JSONL written by rank 0, one record per prompt in input order. Re-running with the same path
+    skips prompts already written. The run record goes beside it as <path>.run.json."""
+    token_ids: bool = False
+    """Also write `completion_ids` (the generated token ids) in each record."""
+
+
+@dataclass
+class GenerateJobConfig:
+    """Root of `python -m runtime.generate` (conf/generate.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+@dataclass
+class SynthConfig:
+    out: str = MISSING
+    """Directory to write the synthetic checkpoint into (created; must be empty or absent)."""
+    format: str = "mxfp4"
+    """`mxfp4` (experts as *_blocks/*_scales uint8, like the release) or `bf16`."""
+    seed: int = 0
+    """Seed of the random weights."""
+    max_shard_bytes: int = 4_000_000_000
+    """Largest safetensors shard written, in bytes."""
+
+
+@dataclass
+class SynthJobConfig:
+    """Root of `python -m runtime.synth` (conf/synth.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+def register() -> None:
+    """Make the schemas known to Hydra; conf/*.yaml name them in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="generate_schema", node=GenerateJobConfig)
+    cs.store(name="synth_schema", node=SynthJobConfig)
+
+
+register()
+
+
+def compose(config_name: str = "generate", overrides: list[str] | None = None) -> DictConfig:
+    """Compose a job config outside a Hydra entry point (notebooks, tests): same rules as the CLI."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    # `${now:...}` in output paths must resolve while Hydra's resolvers are still registered.
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, for run records."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

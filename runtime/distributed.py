@@ -1,0 +1,233 @@
+"""Distributed setup in one place: the world layout (dp x ep x tp over ranks), its validation, the
+process groups, and the few collectives the rest of the runtime uses.
+
+Everything here is a no-op in a single process, so `python -m runtime.generate` needs no torchrun.
+Rank order is dp-major, then ep, then tp: the ranks of one tensor-parallel group are neighbours
+(on one node when tp_size <= GPUs per node), which is where the most traffic flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class LayoutError(ValueError):
+    """The parallel configuration cannot run on this world or this model; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """Where this rank sits: world rank and its coordinates in the (dp, ep, tp) grid."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    tp_size: int
+    ep_size: int
+    dp_size: int
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def ep_rank(self) -> int:
+        return (self.rank // self.tp_size) % self.ep_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.ep_size)
+
+    @property
+    def mp_size(self) -> int:
+        """Ranks holding one model replica (tp * ep)."""
+        return self.tp_size * self.ep_size
+
+    @property
+    def is_replica_leader(self) -> bool:
+        """The one rank per replica that reports its results."""
+        return self.rank % self.mp_size == 0
+
+    @property
+    def is_writer(self) -> bool:
+        """The one rank that speaks and writes files."""
+        return self.rank == 0
+
+    def describe(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "tp_size": self.tp_size, "ep_size": self.ep_size, "dp_size": self.dp_size}
+
+
+def env_world() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from torchrun's / Slurm's environment; (1, 0, 0) outside it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return world_size, rank, local_rank
+
+
+def make_layout(tp_size: int, ep_size: int, dp_size: int, world: tuple[int, int, int] | None = None) -> WorldLayout:
+    """Validate the degrees against the world size; every factor is named in the message."""
+    world_size, rank, local_rank = world or env_world()
+    for name, value in (("tp_size", tp_size), ("ep_size", ep_size), ("dp_size", dp_size)):
+        if value < 1:
+            raise LayoutError(f"parallel.{name}={value} must be >= 1")
+    if tp_size * ep_size * dp_size != world_size:
+        hint = (
+            f"launch {tp_size * ep_size * dp_size} processes (torchrun --nproc_per_node=...)"
+            if world_size == 1
+            else f"choose sizes whose product is {world_size}, e.g. parallel.tp_size={world_size}"
+        )
+        raise LayoutError(
+            f"tp({tp_size}) * ep({ep_size}) * dp({dp_size}) = {tp_size * ep_size * dp_size} != world size "
+            f"{world_size}: {hint}"
+        )
+    return WorldLayout(world_size, rank, local_rank, tp_size, ep_size, dp_size)
+
+
+def validate_for_model(layout: WorldLayout, hf_config: Any) -> None:
+    """Checks that need the model's shape (config.json) but no weights."""
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    experts, inter = hf_config.num_local_experts, hf_config.intermediate_size
+    tp, ep = layout.tp_size, layout.ep_size
+    if heads % tp or kv_heads % tp:
+        ok = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0 and heads % d == 0]
+        raise LayoutError(
+            f"parallel.tp_size={tp} must divide the {kv_heads} KV heads and {heads} query heads of "
+            f"{hf_config.model_type}: use one of {ok} (and ep_size/dp_size for the other ranks)"
+        )
+    if experts % ep:
+        ok = [d for d in range(1, experts + 1) if experts % d == 0]
+        raise LayoutError(f"parallel.ep_size={ep} must divide the {experts} experts: use one of {ok}")
+    if inter % tp:
+        raise LayoutError(f"parallel.tp_size={tp} must divide the expert hidden size {inter}")
+
+
+def resolve_device(device: str, layout: WorldLayout) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LayoutError("model.device=cuda but no CUDA GPU is visible: use model.device=cpu")
+        torch.cuda.set_device(layout.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    if device != "cpu":
+        raise LayoutError(f"model.device={device!r}: use cuda, cpu or auto")
+    return torch.device("cpu")
+
+
+@dataclass
+class Groups:
+    """Process groups of this rank; None where the group has one member (no communication)."""
+
+    tp: Any = None
+    """The tp_size ranks sharing attention heads."""
+    mp: Any = None
+    """The tp*ep ranks of one model replica (MoE outputs and sampled tokens are combined here)."""
+
+
+def init(layout: WorldLayout, device: torch.device, backend: str = "auto") -> Groups:
+    """Create the default process group and this rank's sub-groups (collective on every rank)."""
+    if layout.world_size == 1:
+        return Groups()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=layout.rank,
+            world_size=layout.world_size,
+            timeout=timedelta(minutes=30),
+            device_id=device if device.type == "cuda" else None,
+        )
+    groups = Groups()
+    tp, mp = layout.tp_size, layout.mp_size
+    # new_group is collective: every rank creates every group, in the same order.
+    for start in range(0, layout.world_size, tp):
+        g = dist.new_group(list(range(start, start + tp))) if tp > 1 else None
+        if start <= layout.rank < start + tp:
+            groups.tp = g
+    for start in range(0, layout.world_size, mp):
+        g = dist.new_group(list(range(start, start + mp))) if mp > 1 else None
+        if start <= layout.rank < start + mp:
+            groups.mp = g
+    return groups
+
+
+def all_reduce_(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum in place over `group` (no-op for None)."""
+    if group is not None:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def broadcast_from_leader_(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Make every rank of `group` hold the group leader's tensor (no-op for None)."""
+    if group is not None:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+    return tensor
+
+
+def gather_to_writer(obj: Any, layout: WorldLayout) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on the writer rank; None elsewhere."""
+    if layout.world_size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * layout.world_size if layout.is_writer else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: Any, layout: WorldLayout) -> Any:
+    """The writer's `obj` on every rank."""
+    if layout.world_size == 1:
+        return obj
+    box = [obj if layout.is_writer else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(layout: WorldLayout) -> None:
+    if layout.world_size > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def silence_non_writers(layout: WorldLayout) -> None:
+    """Rank 0 speaks; the others log only warnings and errors."""
+    level = logging.INFO if layout.is_writer else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{layout.rank}] %(asctime)s %(name)s: %(message)s", force=True)
+    if not layout.is_writer:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+__all__ = [
+    "Groups",
+    "LayoutError",
+    "WorldLayout",
+    "all_reduce_",
+    "barrier",
+    "broadcast_from_leader_",
+    "broadcast_object",
+    "env_world",
+    "gather_to_writer",
+    "init",
+    "make_layout",
+    "resolve_device",
+    "shutdown",
+    "silence_non_writers",
+    "validate_for_model",
+]

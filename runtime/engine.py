@@ -1,0 +1,285 @@
+"""The Python API: load once, generate many. `runtime.generate` is a thin shell over it.
+
+    from runtime import Engine, compose
+    engine = Engine(compose("generate", ["model=tiny"]))
+    engine.generate([Request(id="0", prompt="Hello")])     # -> list of records (on rank 0)
+
+Every rank of a torchrun job constructs the Engine and calls the same methods with the same
+requests; data-parallel replicas take disjoint slices; results come back on rank 0 (None elsewhere).
+The engine never prints or writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from runtime import checkpoint, distributed, harmony
+from runtime import model as modeling
+
+log = logging.getLogger(__name__)
+
+RETURN, CALL = 200002, 200012  # harmony: end of the answer / end of a tool call
+
+
+@dataclass
+class Request:
+    """One prompt: either `messages` (OpenAI-style role/content dicts) or a plain `prompt`."""
+
+    id: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Stats:
+    """Counters for the run record."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    batches: list[dict[str, float]] = field(default_factory=list)
+
+
+class Engine:
+    """A gpt-oss model sharded over this job's ranks, and the batched decode loop."""
+
+    def __init__(self, cfg: DictConfig | Any) -> None:
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+        self.cfg = cfg
+        par = cfg.parallel
+        self.layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
+        modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation)
+        _check_generation(cfg.generation)
+        self.device = distributed.resolve_device(cfg.model.device, self.layout)
+        self.dtype = modeling.resolve_dtype(cfg.model.dtype, self.device)
+        self.groups = distributed.init(self.layout, self.device, par.backend)
+        m = cfg.model
+        if m.synthetic:
+            arch = OmegaConf.to_container(m.arch)
+            self.checkpoint = checkpoint.ensure_synthetic(m.name, arch, m.synthetic_format, m.synthetic_seed)
+        else:
+            self.checkpoint = checkpoint.resolve_path(m.path)
+        self.hf_config = checkpoint.read_config(self.checkpoint)
+        distributed.validate_for_model(self.layout, self.hf_config)
+        self.renderer = cfg.prompts.renderer
+        self.tokenizer = None
+        if self.renderer == "chat_template":
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        elif self.renderer != "harmony":
+            raise ValueError(f"prompts.renderer={self.renderer!r}: use harmony or chat_template")
+        self.stop_ids = _stop_ids(self.checkpoint)
+        self.pad_id = int(self.hf_config.pad_token_id if self.hf_config.pad_token_id is not None else 199999)
+        loaded = modeling.build(
+            self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
+            cfg.attention.implementation, cfg.experts.implementation,
+        )
+        self.model = loaded.model
+        self.load_seconds = loaded.load_seconds
+        self.param_bytes = modeling.param_bytes(self.model)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed)
+        self.stats = Stats()
+
+    # ------------------------------------------------------------------------------ prompts
+
+    def render(self, req: Request) -> list[int]:
+        """Prompt token ids in the harmony format, ending with the assistant's turn."""
+        effort = req.reasoning_effort or self.cfg.generation.reasoning_effort
+        messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        if self.tokenizer is not None:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tools=req.tools, add_generation_prompt=True, reasoning_effort=effort, tokenize=True,
+                return_dict=False,
+            )
+            return list(ids)
+        return harmony.render_prompt(messages, reasoning_effort=effort, tools=req.tools)
+
+    # ------------------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+        """Generate for one batch on this replica; every rank of the replica gets the records."""
+        if not requests:
+            return []
+        gen = self.cfg.generation
+        prompts = [self.render(r) for r in requests]
+        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = len(prompts)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out_tokens = torch.full((batch, gen.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        lengths = torch.full((batch,), gen.max_new_tokens, dtype=torch.long, device=self.device)
+        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+
+        t0 = time.perf_counter()
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]
+        _sync(self.device)
+        t_prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        steps = 0
+        for step in range(gen.max_new_tokens):
+            token = self._sample(logits)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            out_tokens[:, step] = token
+            hit = torch.isin(token, stop) & ~done
+            lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
+            done = done | hit
+            steps += 1
+            if bool(done.all()) or step + 1 == gen.max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+        _sync(self.device)
+        t_decode = time.perf_counter() - t1
+
+        records = []
+        for i, req in enumerate(requests):
+            n = int(lengths[i])
+            completion = out_tokens[i, :n].tolist()
+            records.append(self._record(req, prompts[i], completion, bool(done[i])))
+        s = self.stats
+        s.prompts += batch
+        s.prompt_tokens += sum(len(p) for p in prompts)
+        new_tokens = sum(r["completion_tokens"] for r in records)
+        s.completion_tokens += new_tokens
+        s.prefill_seconds += t_prefill
+        s.decode_seconds += t_decode
+        s.decode_steps += steps
+        s.batches.append({"size": batch, "prefill_s": t_prefill, "decode_s": t_decode, "new_tokens": new_tokens})
+        return records
+
+    def generate(
+        self, requests: Sequence[Request], on_round: Callable[[list[dict[str, Any]]], None] | None = None
+    ) -> list[dict[str, Any]] | None:
+        """All requests, in order, on rank 0 (None on other ranks).
+
+        Requests go in rounds of batch_size * dp_size; replica d takes the d-th batch of each round,
+        so gathering the replicas in rank order keeps input order. `on_round` is called on rank 0 with
+        each round's records as soon as they exist (append-and-flush writing, progress bars).
+        """
+        lay = self.layout
+        per_round = self.cfg.generation.batch_size * lay.dp_size
+        collected: list[dict[str, Any]] | None = [] if lay.is_writer else None
+        for r in range(math.ceil(len(requests) / per_round)):
+            chunk = requests[r * per_round : (r + 1) * per_round]
+            size = self.cfg.generation.batch_size
+            mine = self.generate_batch(chunk[lay.dp_rank * size : (lay.dp_rank + 1) * size])
+            gathered = distributed.gather_to_writer(mine if lay.is_replica_leader else None, lay)
+            if gathered is not None:
+                records = [rec for part in gathered if part for rec in part]
+                collected.extend(records)  # type: ignore[union-attr]
+                if on_round is not None:
+                    on_round(records)
+        return collected
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row [B]; identical on every rank of a replica."""
+        gen = self.cfg.generation
+        if not gen.do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+        if gen.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < gen.top_p  # the top token always stays
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        # Ranks could draw differently if their logits differed in the last bit: the leader decides.
+        return distributed.broadcast_from_leader_(token, self.groups.mp)
+
+    def _record(self, req: Request, prompt: list[int], completion: list[int], stopped: bool) -> dict[str, Any]:
+        parsed = harmony.parse_completion(completion)
+        if not stopped:
+            reason = "length"
+        elif completion and completion[-1] == CALL:
+            reason = "tool_calls"
+        else:
+            reason = "stop"
+        rec: dict[str, Any] = {"id": req.id}
+        if req.messages is not None:
+            rec["messages"] = req.messages
+        else:
+            rec["prompt"] = req.prompt
+        rec.update(
+            text=parsed.text,
+            reasoning=parsed.reasoning,
+            tool_calls=parsed.tool_calls,
+            finish_reason=reason,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(completion),
+            parse_error=parsed.parse_error,
+        )
+        if self.cfg.output.token_ids:
+            rec["completion_ids"] = completion
+        return rec
+
+    def close(self) -> None:
+        distributed.shutdown()
+
+
+def _check_generation(gen: Any) -> None:
+    if gen.max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
+    if gen.batch_size < 1:
+        raise ValueError(f"generation.batch_size={gen.batch_size} must be >= 1")
+    if gen.do_sample and gen.temperature <= 0:
+        raise ValueError(f"generation.temperature={gen.temperature} must be > 0 (or generation.do_sample=false)")
+    if not 0 < gen.top_p <= 1:
+        raise ValueError(f"generation.top_p={gen.top_p} must be in (0, 1]")
+    if gen.reasoning_effort not in ("low", "medium", "high"):
+        raise ValueError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
+
+
+def _stop_ids(ckpt: Path) -> set[int]:
+    """The checkpoint's eos ids plus harmony's <|return|> and <|call|>.
+
+    Not <|end|>: it closes the analysis message, after which the final answer still follows.
+    """
+    ids = {RETURN, CALL}
+    gc = ckpt / "generation_config.json"
+    if gc.is_file():
+        eos = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,146 @@
+"""Batched harmony generation with gpt-oss, sharded over every rank of the job.
+
+    python -m runtime.generate                                   # tiny model, built-in prompts, CPU ok
+    torchrun --nproc_per_node=2 -m runtime.generate parallel.tp_size=2
+    torchrun --nproc_per_node=4 -m runtime.generate model=gpt-oss-120b model.path=/ckpt/gpt-oss-120b \
+        parallel.tp_size=2 parallel.ep_size=2 prompts.path=prompts.jsonl output.path=out.jsonl
+
+Rank 0 writes output.path (JSONL, input order, append-and-flush per batch; re-running with the same
+path skips prompts already written) and <output.path>.run.json (resolved config, layout, versions,
+timings). Every field: runtime/config.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from runtime import collect, config, distributed
+from runtime.engine import Engine, Request
+
+log = logging.getLogger("runtime.generate")
+
+
+def load_requests(cfg: DictConfig) -> list[Request]:
+    if cfg.prompts.path:
+        requests = collect.read_prompts(cfg.prompts.path)
+    else:
+        requests = collect.inline_prompts(cfg.prompts.texts)
+    if not requests:
+        raise collect.PromptsError("no prompts: set prompts.path=FILE.jsonl or prompts.texts=[...]")
+    return collect.add_developer(requests, cfg.prompts.developer)
+
+
+def versions() -> dict[str, str]:
+    import openai_harmony
+    import torch
+    import transformers
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "openai_harmony": getattr(openai_harmony, "__version__", "unknown"),
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Generate for every prompt not yet in output.path; returns the run record on rank 0."""
+    layout = distributed.make_layout(cfg.parallel.tp_size, cfg.parallel.ep_size, cfg.parallel.dp_size)
+    distributed.silence_non_writers(layout)
+    requests = load_requests(cfg)  # validated on every rank before any weight is read
+    engine = Engine(cfg)
+    out_path = Path(cfg.output.path)
+    writer: collect.JsonlWriter | None = None
+    done: set[str] | str = set()
+    if layout.is_writer:
+        try:
+            writer = collect.JsonlWriter(out_path)
+            done = writer.done_ids
+        except ValueError as e:
+            done = str(e)
+    done = distributed.broadcast_object(done, layout)
+    if isinstance(done, str):
+        raise ValueError(done)
+    todo = [r for r in requests if r.id not in done]
+    record: dict[str, Any] = {}
+    if writer is not None:
+        OmegaConf.save(cfg, out_path.with_name(out_path.name + ".config.yaml"), resolve=True)
+        record = {
+            "status": "running",
+            "command": sys.argv,
+            "config": config.to_container(cfg),
+            "layout": layout.describe(),
+            "checkpoint": str(engine.checkpoint),
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "versions": versions(),
+            "load_seconds": engine.load_seconds,
+            "param_bytes_rank0": engine.param_bytes,
+            "prompts_total": len(requests),
+            "prompts_skipped": len(requests) - len(todo),
+        }
+        collect.write_json_atomic(out_path.with_name(out_path.name + ".run.json"), record)
+        log.info("%d prompts, %d already in %s, %d to generate", len(requests), len(requests) - len(todo), out_path, len(todo))
+    bar = _progress(len(todo)) if writer is not None else None
+
+    def on_round(records: list[dict[str, Any]]) -> None:
+        writer.append(records)  # type: ignore[union-attr]
+        bar.update(len(records))  # type: ignore[union-attr]
+
+    t0 = time.perf_counter()
+    status = "interrupted"
+    try:
+        engine.generate(todo, on_round=on_round)
+        status = "done"
+    finally:
+        if writer is not None:
+            bar.close()  # type: ignore[union-attr]
+            writer.close()
+            s = engine.stats
+            wall = time.perf_counter() - t0
+            record.update(
+                status=status,
+                generate_seconds=wall,
+                prompts_generated=s.prompts,
+                prompt_tokens=s.prompt_tokens,
+                completion_tokens=s.completion_tokens,
+                prefill_seconds=s.prefill_seconds,
+                decode_seconds=s.decode_seconds,
+                decode_steps=s.decode_steps,
+                output_tokens_per_second=s.completion_tokens / wall if wall > 0 else 0.0,
+                batches=s.batches,
+            )
+            collect.write_json_atomic(out_path.with_name(out_path.name + ".run.json"), record)
+            log.info(
+                "%s: %d prompts, %d new tokens in %.1f s (%.1f tok/s) -> %s",
+                status, s.prompts, s.completion_tokens, wall, record["output_tokens_per_second"], out_path,
+            )
+    engine.close()
+    return record if layout.is_writer else None
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc="generate", disable=None)
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Build transformers' GptOssForCausalLM for this rank: meta-device skeleton, sharded by
+runtime.parallelize, then filled from the checkpoint with only the slices this rank holds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime import checkpoint, parallelize
+from runtime.distributed import Groups, WorldLayout
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ATTENTION = ("eager", "flex_attention")
+EXPERTS = ("grouped_mm", "batched_mm", "eager")
+
+
+class KernelError(ValueError):
+    """An attention or experts kernel cannot be used here; the message names the fix."""
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}: use one of {sorted(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def check_kernels(attention: str, hub_download: bool, experts: str) -> None:
+    """Fail before loading weights when a requested kernel cannot be had."""
+    if experts not in EXPERTS:
+        raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
+    if attention in ATTENTION:
+        return
+    if "/" not in attention:
+        raise KernelError(f"attention.implementation={attention!r}: use one of {list(ATTENTION)} or a hub id org/name")
+    repo = attention.split(":")[0]
+    local = dict(item.split("=", 1) for item in os.environ.get("LOCAL_KERNELS", "").split(",") if "=" in item)
+    cache = Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))
+    cached = (cache / f"models--{repo.replace('/', '--')}").is_dir()
+    if repo in local or cached or hub_download:
+        try:
+            import kernels  # noqa: F401
+        except ImportError as e:
+            raise KernelError(f"attention.implementation={attention} needs the `kernels` package: pip install kernels") from e
+        return
+    raise KernelError(
+        f"attention.implementation={attention} is a hub kernel with no local copy: set "
+        f"LOCAL_KERNELS='{repo}=/path/to/kernel', pre-fill HF_HUB_CACHE (with HF_HUB_OFFLINE=1), allow a download "
+        f"with attention.hub_download=true, or use attention=eager"
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: Any
+    checkpoint: Path
+    load_seconds: float
+    bytes_read: int
+
+
+def build(
+    ckpt: Path,
+    hf_config: Any,
+    layout: WorldLayout,
+    groups: Groups,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    experts: str,
+) -> LoadedModel:
+    """The sharded model on `device`, weights loaded, ready for inference."""
+    from accelerate import init_empty_weights
+    from transformers import GptOssForCausalLM
+
+    t0 = time.perf_counter()
+    mxfp4 = checkpoint.is_mxfp4(hf_config)
+    hf_config = hf_config.__class__.from_dict({k: v for k, v in hf_config.to_dict().items() if k != "quantization_config"})
+    hf_config._attn_implementation = "eager"
+    hf_config._experts_implementation = experts
+    with init_empty_weights(include_buffers=False):  # parameters on meta, rope buffers real
+        model = GptOssForCausalLM(hf_config)
+    plan = parallelize.shard(model, layout, groups)
+    if mxfp4:
+        log.info("MXFP4 experts dequantized to %s at load (no MXFP4 kernel in this runtime yet)", dtype)
+    reader = checkpoint.CheckpointReader(ckpt)
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in list(model.named_parameters()):
+        spec = plan[name]
+        module_name, leaf = name.rsplit(".", 1)
+        want = torch.float32 if any(f".{m}." in f".{name}" for m in keep_fp32) else dtype
+        if spec.zero:
+            value = torch.zeros(param.shape, dtype=want)
+        else:
+            value = checkpoint.read_param(reader, name, spec.index, want)
+        if tuple(value.shape) != tuple(param.shape):
+            raise checkpoint.CheckpointError(
+                f"{ckpt}: {name} has shape {tuple(value.shape)} for this rank, expected {tuple(param.shape)}: "
+                f"the checkpoint does not match its config.json"
+            )
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
+    reader.close()
+    model.to(device)  # rope buffers
+    model.eval()
+    model.requires_grad_(False)
+    if attention != "eager":
+        model.set_attn_implementation(attention)
+    log.info(
+        "loaded %s: %.1f GB read on this rank in %.1f s",
+        ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,
+    )
+    return LoadedModel(model, hf_config, ckpt, time.perf_counter() - t0, reader.bytes_read)
+
+
+def param_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of this rank's attention, expert and other parameters (for sharding checks and records)."""
+    out = {"attention": 0, "experts": 0, "other": 0}
+    for name, p in model.named_parameters():
+        kind = "attention" if ".self_attn." in name else "experts" if ".experts." in name else "other"
+        out[kind] += p.numel() * p.element_size()
+    return out

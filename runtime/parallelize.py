@@ -1,0 +1,125 @@
+"""Tensor and expert parallelism for gpt-oss, applied in one place to transformers' own module tree.
+
+transformers' `tp_plan="auto"` shards nothing of gpt-oss but lm_head, so the plan is ours:
+
+- attention (tensor parallel over tp ranks): q/k/v colwise by heads, o rowwise, `sinks` by head;
+  the KV cache then holds only the local KV heads. o_proj's partial outputs are summed over the
+  tp group; its bias lives on tp rank 0 only (zeros elsewhere) so the sum adds it once.
+- experts (expert parallel over ep ranks, tensor parallel inside each expert over tp ranks): each
+  rank keeps experts [ep_rank*E/ep, (ep_rank+1)*E/ep) and, of each, the hidden units
+  [tp_rank*I/tp, ...): gate_up columns (gate/up interleaved, so a contiguous range), down_proj rows.
+  Tokens routed elsewhere get weight 0 here; the partial outputs are summed over the tp*ep ranks
+  of the replica. down_proj's bias lives on tp rank 0 only.
+- router, norms, embeddings and lm_head stay replicated.
+
+The model is built on the meta device; `shard` shrinks the meta parameters and returns, for each
+parameter, the slice of the full checkpoint tensor this rank must load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.distributed import Groups, WorldLayout, all_reduce_
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the full checkpoint tensor a rank loads."""
+
+    index: tuple[slice, ...] = ()
+    """One slice per leading dimension (empty: the whole tensor)."""
+    zero: bool = False
+    """Load nothing: the rank holds zeros of the sliced shape (biases added on one rank only)."""
+
+
+def _range(size: int, parts: int, part: int) -> slice:
+    n = size // parts
+    return slice(part * n, (part + 1) * n)
+
+
+def _set_meta(module: nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=False))
+
+
+class ParallelMoE(nn.Module):
+    """gpt-oss MLP with this rank's experts: full routing, local experts, partial sums combined.
+
+    Keeps the child names `router` and `experts` so parameter names match the checkpoint.
+    """
+
+    def __init__(self, mlp: nn.Module, first_expert: int, group: object) -> None:
+        super().__init__()
+        self.router = mlp.router
+        self.experts = mlp.experts
+        self.first_expert = first_expert
+        self.group = group
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)  # [T, H]
+        _, scores, experts = self.router(x)  # [T, k] weights and global expert ids
+        n_local = self.experts.num_experts
+        local = experts - self.first_expert
+        mine = (local >= 0) & (local < n_local)
+        # grouped_mm/batched_mm skip (or zero-weight) the sentinel id n_local; the eager loop cannot
+        # index it, so there the foreign slots go to expert 0 with weight 0.
+        sentinel = 0 if self.experts.config._experts_implementation == "eager" else n_local
+        local = torch.where(mine, local, torch.full_like(local, sentinel))
+        out = self.experts(x, local, scores * mine)
+        all_reduce_(out, self.group)
+        return out.reshape(batch, seq, hidden), scores
+
+
+def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Shard]:
+    """Shard a meta-device GptOssForCausalLM in place; returns {param name: Shard} for every parameter."""
+    cfg = model.config
+    tp, tp_rank, ep, ep_rank = layout.tp_size, layout.tp_rank, layout.ep_size, layout.ep_rank
+    plan: dict[str, Shard] = {name: Shard() for name, _ in model.named_parameters()}
+    if layout.mp_size == 1:
+        return plan
+    head_dim = cfg.head_dim
+    n_exp, inter = cfg.num_local_experts, cfg.intermediate_size
+    e_sl, i_sl = _range(n_exp, ep, ep_rank), _range(inter, tp, tp_rank)
+    gu_sl = slice(2 * i_sl.start, 2 * i_sl.stop)  # interleaved gate/up columns of hidden units i_sl
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.self_attn
+        if tp > 1:
+            q_sl = _range(cfg.num_attention_heads * head_dim, tp, tp_rank)
+            kv_sl = _range(cfg.num_key_value_heads * head_dim, tp, tp_rank)
+            for proj, sl in (("q_proj", q_sl), ("k_proj", kv_sl), ("v_proj", kv_sl)):
+                lin = getattr(attn, proj)
+                _set_meta(lin, "weight", (sl.stop - sl.start, lin.in_features))
+                _set_meta(lin, "bias", (sl.stop - sl.start,))
+                lin.out_features = sl.stop - sl.start
+                plan[p + f"self_attn.{proj}.weight"] = Shard((sl,))
+                plan[p + f"self_attn.{proj}.bias"] = Shard((sl,))
+            o = attn.o_proj
+            _set_meta(o, "weight", (o.out_features, q_sl.stop - q_sl.start))
+            o.in_features = q_sl.stop - q_sl.start
+            plan[p + "self_attn.o_proj.weight"] = Shard((slice(None), q_sl))
+            plan[p + "self_attn.o_proj.bias"] = Shard(zero=tp_rank != 0)
+            h_sl = _range(cfg.num_attention_heads, tp, tp_rank)
+            _set_meta(attn, "sinks", (h_sl.stop - h_sl.start,))
+            plan[p + "self_attn.sinks"] = Shard((h_sl,))
+            o.register_forward_hook(lambda _m, _in, out, g=groups.tp: all_reduce_(out, g))
+
+        experts = layer.mlp.experts
+        n_local, i_local = e_sl.stop - e_sl.start, i_sl.stop - i_sl.start
+        x = p + "mlp.experts."
+        _set_meta(experts, "gate_up_proj", (n_local, cfg.hidden_size, 2 * i_local))
+        _set_meta(experts, "gate_up_proj_bias", (n_local, 2 * i_local))
+        _set_meta(experts, "down_proj", (n_local, i_local, cfg.hidden_size))
+        _set_meta(experts, "down_proj_bias", (n_local, cfg.hidden_size))
+        plan[x + "gate_up_proj"] = Shard((e_sl, slice(None), gu_sl))
+        plan[x + "gate_up_proj_bias"] = Shard((e_sl, gu_sl))
+        plan[x + "down_proj"] = Shard((e_sl, i_sl))
+        plan[x + "down_proj_bias"] = Shard((e_sl,), zero=tp_rank != 0)
+        experts.num_experts, experts.intermediate_size = n_local, i_local
+        layer.mlp = ParallelMoE(layer.mlp, e_sl.start, groups.mp)
+    return plan
