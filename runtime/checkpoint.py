@@ -11,6 +11,8 @@ gate/up interleaved, down_proj [E, inter, hidden].
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 import fcntl
 import hashlib
 import json
@@ -38,13 +40,15 @@ MXFP4_GROUP = 32
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be found or read; the message names the fix."""
 
 
 def cache_root() -> Path:
-    """Where synthetic checkpoints and the tokenizer vocabulary are cached."""
-    return Path(os.environ.get("GPTOSS_RUNTIME_CACHE", Path.home() / ".cache" / "gptoss-runtime"))
+    """Where synthetic checkpoints (and the tokenizer vocabulary) are cached: $GPTOSS_RUNTIME_CACHE."""
+    from runtime import harmony
+
+    return harmony.cache_dir()
 
 
 # ----------------------------------------------------------------------------------------- finding
@@ -318,7 +322,7 @@ def write_synthetic(
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.copy(ASSETS / "generation_config.json", tmp / "generation_config.json")
+    shutil.copyfile(ASSETS / "generation_config.json", tmp / "generation_config.json")
     harmony.write_hf_tokenizer(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():

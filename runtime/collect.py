@@ -3,6 +3,8 @@ lets a re-run with the same output skip what is already done (nothing lost, noth
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 import json
 import os
 from collections.abc import Iterable
@@ -14,7 +16,7 @@ from runtime.engine import Request
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-class PromptsError(ValueError):
+class PromptsError(UserError):
     """The prompts file is malformed; the message names the line and the fix."""
 
 
@@ -118,7 +120,7 @@ class JsonlWriter:
                 ids.add(str(json.loads(line)["id"]))
             except (ValueError, KeyError, TypeError) as e:
                 if n < len(lines):  # not a torn last write: never drop the records after it
-                    raise ValueError(
+                    raise UserError(
                         f"{self.path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
                     ) from e
                 break

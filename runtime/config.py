@@ -162,6 +162,9 @@ class SynthJobConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
+ROOTS: dict[str, type] = {"generate": GenerateJobConfig, "synth": SynthJobConfig}
+
+
 def register() -> None:
     """Make the schemas known to Hydra; conf/*.yaml name them in their defaults lists."""
     cs = ConfigStore.instance()
@@ -181,7 +184,22 @@ def compose(config_name: str = "generate", overrides: list[str] | None = None) -
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     # `${now:...}` in output paths must resolve while Hydra's resolvers are still registered.
     OmegaConf.resolve(cfg)
+    check_schema(cfg, ROOTS[config_name])
     return cfg
+
+
+def check_schema(cfg: DictConfig, schema: type) -> None:
+    """Refuse keys the schema does not have, including ones added with Hydra's `+key=value`."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from runtime.errors import UserError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=True))
+    except (ConfigKeyError, ValidationError) as e:
+        key = getattr(e, "full_key", "") or ""
+        reason = str(e.msg).splitlines()[0]
+        raise UserError(f"config key {key!r} is not valid ({reason}): the fields are in runtime/config.py") from e
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

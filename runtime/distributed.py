@@ -8,6 +8,8 @@ Rank order is dp-major, then ep, then tp: the ranks of one tensor-parallel group
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """The parallel configuration cannot run on this world or this model; the message names the fix."""
 
 

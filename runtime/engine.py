@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
+from runtime.errors import UserError
 from runtime import model as modeling
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Engine:
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         elif self.renderer != "harmony":
-            raise ValueError(f"prompts.renderer={self.renderer!r}: use harmony or chat_template")
+            raise UserError(f"prompts.renderer={self.renderer!r}: use harmony or chat_template")
         self.stop_ids = _stop_ids(self.checkpoint)
         self.pad_id = int(self.hf_config.pad_token_id if self.hf_config.pad_token_id is not None else 199999)
         loaded = modeling.build(
@@ -246,15 +247,15 @@ class Engine:
 
 def _check_generation(gen: Any) -> None:
     if gen.max_new_tokens < 1:
-        raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
+        raise UserError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
     if gen.batch_size < 1:
-        raise ValueError(f"generation.batch_size={gen.batch_size} must be >= 1")
+        raise UserError(f"generation.batch_size={gen.batch_size} must be >= 1")
     if gen.do_sample and gen.temperature <= 0:
-        raise ValueError(f"generation.temperature={gen.temperature} must be > 0 (or generation.do_sample=false)")
+        raise UserError(f"generation.temperature={gen.temperature} must be > 0 (or generation.do_sample=false)")
     if not 0 < gen.top_p <= 1:
-        raise ValueError(f"generation.top_p={gen.top_p} must be in (0, 1]")
+        raise UserError(f"generation.top_p={gen.top_p} must be in (0, 1]")
     if gen.reasoning_effort not in ("low", "medium", "high"):
-        raise ValueError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
+        raise UserError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
 
 
 def _stop_ids(ckpt: Path) -> set[int]:

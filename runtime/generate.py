@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import collect, config, distributed
 from runtime.engine import Engine, Request
+from runtime.errors import UserError
 
 log = logging.getLogger("runtime.generate")
 
@@ -57,6 +58,7 @@ def versions() -> dict[str, str]:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Generate for every prompt not yet in output.path; returns the run record on rank 0."""
+    config.check_schema(cfg, config.GenerateJobConfig)
     layout = distributed.make_layout(cfg.parallel.tp_size, cfg.parallel.ep_size, cfg.parallel.dp_size)
     distributed.silence_non_writers(layout)
     requests = load_requests(cfg)  # validated on every rank before any weight is read
@@ -68,11 +70,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         try:
             writer = collect.JsonlWriter(out_path)
             done = writer.done_ids
-        except ValueError as e:
+        except UserError as e:
             done = str(e)
     done = distributed.broadcast_object(done, layout)
     if isinstance(done, str):
-        raise ValueError(done)
+        raise UserError(done)
     todo = [r for r in requests if r.id not in done]
     record: dict[str, Any] = {}
     if writer is not None:
@@ -139,7 +141,11 @@ def _progress(total: int) -> Any:
 
 @hydra.main(config_path="../conf", config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ runtime.parallelize, then filled from the checkpoint with only the slices this r
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 import logging
 import os
 import time
@@ -23,7 +25,7 @@ ATTENTION = ("eager", "flex_attention")
 EXPERTS = ("grouped_mm", "batched_mm", "eager")
 
 
-class KernelError(ValueError):
+class KernelError(UserError):
     """An attention or experts kernel cannot be used here; the message names the fix."""
 
 
@@ -31,7 +33,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r}: use one of {sorted(DTYPES)} or auto")
+        raise UserError(f"model.dtype={dtype!r}: use one of {sorted(DTYPES)} or auto")
     return DTYPES[dtype]
 
 

@@ -1,0 +1,51 @@
+"""Shared helpers: run the real entry points on the real tiny model, in process or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = ["model.device=cpu"]  # CPU tests stay on the CPU on a GPU machine too
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def generate(overrides: list[str]) -> dict[str, Any] | None:
+    """`python -m runtime.generate OVERRIDES` in this process; returns the run record."""
+    from runtime import config
+    from runtime.generate import run
+
+    return run(config.compose("generate", CPU + overrides))
+
+
+def torchrun(nproc: int, module: str, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m MODULE OVERRIDES` on the CPU with gloo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *CPU, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    """The embedded tiny model's cached checkpoint directory (built on first use)."""
+    from runtime import checkpoint, config
+
+    m = config.compose("generate", []).model
+    from omegaconf import OmegaConf
+
+    return checkpoint.ensure_synthetic(m.name, OmegaConf.to_container(m.arch), m.synthetic_format, m.synthetic_seed)

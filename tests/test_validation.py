@@ -1,0 +1,98 @@
+"""Every bad setting is refused before any weight is read, with a message that names the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from runtime import checkpoint, distributed, model
+from runtime.errors import UserError
+from tests.conftest import generate
+
+GPT_OSS_20B = SimpleNamespace(
+    num_attention_heads=64, num_key_value_heads=8, num_local_experts=32, intermediate_size=2880, model_type="gpt_oss"
+)
+
+
+def test_world_size_product() -> None:
+    with pytest.raises(UserError, match=r"tp\(2\) \* ep\(2\) \* dp\(1\) = 4 != world size 8"):
+        distributed.make_layout(2, 2, 1, world=(8, 0, 0))
+    with pytest.raises(UserError, match=r"launch 2 processes"):
+        distributed.make_layout(2, 1, 1, world=(1, 0, 0))
+    with pytest.raises(UserError, match="must be >= 1"):
+        distributed.make_layout(0, 1, 1, world=(1, 0, 0))
+
+
+def test_layout_coordinates() -> None:
+    # rank = (dp * ep + ep_rank) * tp + tp_rank
+    lay = distributed.make_layout(2, 2, 2, world=(8, 7, 3))
+    assert (lay.dp_rank, lay.ep_rank, lay.tp_rank) == (1, 1, 1)
+    lay = distributed.make_layout(2, 2, 2, world=(8, 4, 0))
+    assert (lay.dp_rank, lay.ep_rank, lay.tp_rank, lay.is_replica_leader) == (1, 0, 0, True)
+    assert not distributed.make_layout(2, 2, 2, world=(8, 5, 1)).is_replica_leader
+
+
+def test_tp_must_divide_heads() -> None:
+    lay = distributed.make_layout(3, 1, 1, world=(3, 0, 0))
+    with pytest.raises(UserError, match=r"tp_size=3 must divide the 8 KV heads and 64 query heads.*\[1, 2, 4, 8\]"):
+        distributed.validate_for_model(lay, GPT_OSS_20B)
+    lay = distributed.make_layout(16, 1, 1, world=(16, 0, 0))
+    with pytest.raises(UserError, match="8 KV heads"):
+        distributed.validate_for_model(lay, GPT_OSS_20B)
+    distributed.validate_for_model(distributed.make_layout(8, 4, 1, world=(32, 0, 0)), GPT_OSS_20B)
+
+
+def test_ep_must_divide_experts() -> None:
+    lay = distributed.make_layout(1, 3, 1, world=(3, 0, 0))
+    with pytest.raises(UserError, match=r"ep_size=3 must divide the 32 experts"):
+        distributed.validate_for_model(lay, GPT_OSS_20B)
+
+
+def test_hub_kernel_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LOCAL_KERNELS", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"LOCAL_KERNELS='kernels-community/vllm-flash-attn3=/path"):
+        model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")
+    monkeypatch.setenv("LOCAL_KERNELS", f"kernels-community/vllm-flash-attn3={tmp_path}")
+    model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # a local copy is enough
+    monkeypatch.delenv("LOCAL_KERNELS")
+    (tmp_path / "models--kernels-community--vllm-flash-attn3").mkdir()
+    model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # so is a cached one
+    with pytest.raises(UserError, match="experts.implementation='fast'"):
+        model.check_kernels("eager", False, "fast")
+
+
+def test_missing_checkpoint_path(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.resolve_path(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no config.json"):
+        checkpoint.resolve_path(str(tmp_path))
+    with pytest.raises(UserError, match="model.path is not set"):
+        checkpoint.resolve_path(None)
+
+
+def test_hub_id_offline_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="hub could not provide it.*model.synthetic=true"):
+        checkpoint.resolve_path("openai/gpt-oss-20b-not-cached-here")
+
+
+def test_bad_run_fails_before_loading(tmp_path: Path) -> None:
+    """A wrong degree, a bad prompts line or a bad generation value stops the run before the model loads."""
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"p.jsonl:2: not valid JSON"):
+        generate([f"prompts.path={bad}", f"output.path={tmp_path}/o.jsonl"])
+    with pytest.raises(UserError, match=r"world size 1"):
+        generate(["parallel.tp_size=2", f"output.path={tmp_path}/o.jsonl"])
+    with pytest.raises(UserError, match="top_p"):
+        generate(["generation.top_p=0", f"output.path={tmp_path}/o.jsonl"])
+    with pytest.raises(UserError, match="model.path=/definitely/missing does not exist"):
+        generate(["model=gpt-oss-20b", "model.path=/definitely/missing", f"output.path={tmp_path}/o.jsonl"])
+    assert not (tmp_path / "o.jsonl").exists()
