@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from runtime.errors import UserError
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -81,17 +82,10 @@ def inline_prompts(texts: Iterable[str]) -> list[Request]:
 
 
 def add_developer(requests: list[Request], developer: str | None) -> list[Request]:
-    """Give prompts without their own system/developer message the configured instructions."""
+    """Give every prompt the configured developer instructions (used where it has none of its own)."""
     if not developer:
         return requests
-    out = []
-    for r in requests:
-        msgs = r.messages if r.messages is not None else [{"role": "user", "content": r.prompt}]
-        if not any(m["role"] in ("system", "developer") for m in msgs):
-            msgs = [{"role": "developer", "content": developer}, *msgs]
-            r = Request(id=r.id, messages=msgs, reasoning_effort=r.reasoning_effort, tools=r.tools)
-        out.append(r)
-    return out
+    return [dataclasses.replace(r, developer=developer) for r in requests]
 
 
 class JsonlWriter:

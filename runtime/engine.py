@@ -41,6 +41,23 @@ class Request:
     messages: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
     tools: list[dict[str, Any]] | None = None
+    developer: str | None = None
+    """Developer instructions prepended when the conversation has no system/developer message."""
+
+    def conversation(self) -> list[dict[str, Any]]:
+        msgs = self.messages if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        if self.developer and not any(m["role"] in ("system", "developer") for m in msgs):
+            msgs = [{"role": "developer", "content": self.developer}, *msgs]
+        return msgs
+
+
+def render_harmony(req: Request, default_effort: str) -> list[int]:
+    """The request rendered by openai-harmony; a malformed conversation is a UserError naming the request."""
+    try:
+        return harmony.render_prompt(req.conversation(), reasoning_effort=req.reasoning_effort or default_effort,
+                                     tools=req.tools)
+    except ValueError as e:
+        raise UserError(f"prompt id {req.id!r}: {e}") from e
 
 
 @dataclass
@@ -102,14 +119,13 @@ class Engine:
     def render(self, req: Request) -> list[int]:
         """Prompt token ids in the harmony format, ending with the assistant's turn."""
         effort = req.reasoning_effort or self.cfg.generation.reasoning_effort
-        messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
         if self.tokenizer is not None:
             ids = self.tokenizer.apply_chat_template(
-                messages, tools=req.tools, add_generation_prompt=True, reasoning_effort=effort, tokenize=True,
-                return_dict=False,
+                req.conversation(), tools=req.tools, add_generation_prompt=True, reasoning_effort=effort,
+                tokenize=True, return_dict=False,
             )
             return list(ids)
-        return harmony.render_prompt(messages, reasoning_effort=effort, tools=req.tools)
+        return render_harmony(req, effort)
 
     # ------------------------------------------------------------------------------ generation
 

@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import collect, config, distributed
-from runtime.engine import Engine, Request
+from runtime.engine import Engine, Request, render_harmony
 from runtime.errors import UserError
 
 log = logging.getLogger("runtime.generate")
@@ -36,7 +36,11 @@ def load_requests(cfg: DictConfig) -> list[Request]:
         requests = collect.inline_prompts(cfg.prompts.texts)
     if not requests:
         raise collect.PromptsError("no prompts: set prompts.path=FILE.jsonl or prompts.texts=[...]")
-    return collect.add_developer(requests, cfg.prompts.developer)
+    requests = collect.add_developer(requests, cfg.prompts.developer)
+    if cfg.prompts.renderer == "harmony":  # catch a malformed conversation before any weight is read
+        for r in requests:
+            render_harmony(r, cfg.generation.reasoning_effort)
+    return requests
 
 
 def versions() -> dict[str, str]:
@@ -77,6 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         raise UserError(done)
     todo = [r for r in requests if r.id not in done]
     record: dict[str, Any] = {}
+    param_bytes = distributed.gather_to_writer(engine.param_bytes, layout)
     if writer is not None:
         OmegaConf.save(cfg, out_path.with_name(out_path.name + ".config.yaml"), resolve=True)
         record = {
@@ -89,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             "dtype": str(engine.dtype).removeprefix("torch."),
             "versions": versions(),
             "load_seconds": engine.load_seconds,
-            "param_bytes_rank0": engine.param_bytes,
+            "param_bytes_per_rank": param_bytes,
             "prompts_total": len(requests),
             "prompts_skipped": len(requests) - len(todo),
         }

@@ -1,0 +1,43 @@
+"""torchrun + gloo on the CPU: TP, EP, TP+EP and DP runs give the same greedy tokens as one process,
+and each rank holds its share of the attention and expert bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import generate, read_jsonl, torchrun
+
+COMMON = ["output.token_ids=true", "generation.max_new_tokens=12", "generation.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]:
+    out = tmp_path_factory.mktemp("single") / "out.jsonl"
+    record = generate([f"output.path={out}", *COMMON])
+    return read_jsonl(out), record
+
+
+@pytest.mark.parametrize(("nproc", "tp", "ep", "dp"), [(2, 2, 1, 1), (2, 1, 2, 1), (4, 2, 2, 1), (4, 2, 1, 2)])
+def test_parallel_run_matches_one_process(tmp_path: Path, single: tuple[list[dict], dict],
+                                          nproc: int, tp: int, ep: int, dp: int) -> None:
+    out = tmp_path / "out.jsonl"
+    torchrun(nproc, "runtime.generate", [f"parallel.tp_size={tp}", f"parallel.ep_size={ep}",
+                                         f"parallel.dp_size={dp}", f"output.path={out}", *COMMON])
+    ref, ref_record = single
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == [r["id"] for r in ref]  # input order, each prompt once
+    assert [r["completion_ids"] for r in recs] == [r["completion_ids"] for r in ref]
+    assert [r["text"] for r in recs] == [r["text"] for r in ref]
+    run = json.loads(Path(f"{out}.run.json").read_text())
+    assert run["layout"] == {"world_size": nproc, "tp_size": tp, "ep_size": ep, "dp_size": dp}
+    full = ref_record["param_bytes_per_rank"][0]
+    per_rank = run["param_bytes_per_rank"]
+    assert len(per_rank) == nproc
+    for b in per_rank:
+        # a few bytes of biases stay whole (zeros off tp rank 0), hence the 5% slack
+        assert full["attention"] / tp <= b["attention"] <= full["attention"] / tp * 1.05
+        assert full["experts"] / (tp * ep) <= b["experts"] <= full["experts"] / (tp * ep) * 1.05
+        assert b["other"] == full["other"]
