@@ -112,7 +112,7 @@ def test_encoding_loads_offline_from_our_cache_only(tmp_path: pathlib.Path) -> N
         HOME=str(tmp_path / "home"),
         TMPDIR=str(tmp_path),
         GPTOSS_RUNTIME_CACHE=str(tmp_path / "cache"),
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     script = textwrap.dedent(
         """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,11 +57,19 @@ def test_hub_kernel_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"LOCAL_KERNELS='kernels-community/vllm-flash-attn3=/path"):
         model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")
+    try:
+        import kernels  # noqa: F401
+
+        ok = contextlib.nullcontext()
+    except ImportError:  # without the package a local copy is not enough either, and we say so
+        ok = pytest.raises(UserError, match="needs the `kernels` package")
     monkeypatch.setenv("LOCAL_KERNELS", f"kernels-community/vllm-flash-attn3={tmp_path}")
-    model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # a local copy is enough
+    with ok:
+        model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # a local copy is enough
     monkeypatch.delenv("LOCAL_KERNELS")
     (tmp_path / "models--kernels-community--vllm-flash-attn3").mkdir()
-    model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # so is a cached one
+    with ok:
+        model.check_kernels("kernels-community/vllm-flash-attn3", False, "grouped_mm")  # so is a cached one
     with pytest.raises(UserError, match="experts.implementation='fast'"):
         model.check_kernels("eager", False, "fast")
 
