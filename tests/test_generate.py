@@ -126,3 +126,53 @@ def test_stops_on_harmony_stop_tokens(engine: Engine, monkeypatch: pytest.Monkey
     assert c["finish_reason"] == "tool_calls" and c["tool_calls"] == [{"name": "lookup", "arguments": '{"q": 1}'}]
     assert n["finish_reason"] == "length" and n["completion_tokens"] == 30
     assert step["i"] == 30
+
+
+def test_chat_template_renderer(engine: Engine, tiny_checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    eng = Engine(compose("generate", [*CPU, "prompts.renderer=chat_template", "generation.max_new_tokens=2"]))
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = eng.render(Request(id="0", messages=msgs))
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    text = tok.decode(ids)
+    # the checkpoint's template = harmony's rendering plus a "Current date" line in the system message
+    assert text.startswith("<|start|>system<|message|>") and "Current date:" in text
+    assert text.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant")
+    assert harmony.decode(engine.render(Request(id="0", messages=msgs))) == "\n".join(
+        line for line in text.split("\n") if not line.startswith("Current date:"))
+    assert eng.generate([Request(id="0", messages=msgs)])[0]["prompt_tokens"] == len(ids)
+
+
+def test_interrupt_leaves_a_valid_file_and_resume_completes(tmp_path: Path) -> None:
+    """Ctrl-C mid-run: the file holds only whole records; the re-run adds the rest, none twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    args = [*CPU, f"prompts.path={prompts}", f"output.path={out}", "generation.batch_size=1",
+            "generation.max_new_tokens=24", "output.token_ids=true"]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, log
+    partial = read_jsonl(out)  # every line parses
+    assert 3 <= len(partial) < 40
+    assert json.loads(Path(f"{out}.run.json").read_text())["status"] == "interrupted"
+    done = subprocess.run([sys.executable, "-m", "runtime.generate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == [str(i) for i in range(40)]
+    assert recs[: len(partial)] == partial
