@@ -196,6 +196,15 @@ def broadcast_object(obj: Any, layout: WorldLayout) -> Any:
     return box[0]
 
 
+def any_rank(flag: bool, layout: WorldLayout, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    if layout.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(layout: WorldLayout) -> None:
     if layout.world_size > 1:
         dist.barrier()

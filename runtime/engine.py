@@ -113,6 +113,7 @@ class Engine:
         self.param_bytes = modeling.param_bytes(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed)
         self.stats = Stats()
+        self.stopped_early = False
 
     # ------------------------------------------------------------------------------ prompts
 
@@ -192,18 +193,27 @@ class Engine:
         return records
 
     def generate(
-        self, requests: Sequence[Request], on_round: Callable[[list[dict[str, Any]]], None] | None = None
+        self,
+        requests: Sequence[Request],
+        on_round: Callable[[list[dict[str, Any]]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[dict[str, Any]] | None:
         """All requests, in order, on rank 0 (None on other ranks).
 
         Requests go in rounds of batch_size * dp_size; replica d takes the d-th batch of each round,
         so gathering the replicas in rank order keeps input order. `on_round` is called on rank 0 with
         each round's records as soon as they exist (append-and-flush writing, progress bars).
+        `should_stop` is asked before each round; if any rank says yes, every rank stops there and
+        `self.stopped_early` is set.
         """
         lay = self.layout
         per_round = self.cfg.generation.batch_size * lay.dp_size
         collected: list[dict[str, Any]] | None = [] if lay.is_writer else None
+        self.stopped_early = False
         for r in range(math.ceil(len(requests) / per_round)):
+            if should_stop is not None and distributed.any_rank(should_stop(), lay, self.device):
+                self.stopped_early = True
+                break
             chunk = requests[r * per_round : (r + 1) * per_round]
             size = self.cfg.generation.batch_size
             mine = self.generate_batch(chunk[lay.dp_rank * size : (lay.dp_rank + 1) * size])

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from runtime import collect, config, distributed
 from runtime.engine import Engine, Request, render_harmony
 from runtime.errors import UserError
+from runtime.preemption import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger("runtime.generate")
 
@@ -109,8 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     status = "interrupted"
     try:
-        engine.generate(todo, on_round=on_round)
-        status = "done"
+        engine.generate(todo, on_round=on_round, should_stop=StopRequest.from_env())
+        status = "stopped" if engine.stopped_early else "done"
     finally:
         if writer is not None:
             bar.close()  # type: ignore[union-attr]
@@ -135,6 +136,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                 status, s.prompts, s.completion_tokens, wall, record["output_tokens_per_second"], out_path,
             )
     engine.close()
+    if status == "stopped":
+        log.warning("stopped early on request: run the same command again to finish the remaining prompts")
+        sys.exit(EXIT_STOPPED)
     return record if layout.is_writer else None
 
 

@@ -1,0 +1,107 @@
+"""python -m launcher job=generate launcher=local|slurm [launcher.*=...] [runtime overrides ...] [--dry-run]
+
+    python -m launcher job=generate launcher=local parallel.tp_size=2
+    python -m launcher job=generate launcher=slurm launcher.num_nodes=2 launcher.gpus_per_node=8 \
+        launcher.partition=gpu launcher.time=02:00:00 parallel.tp_size=8 parallel.ep_size=2 --dry-run
+
+`job=`, `launcher=` and `launcher.*` configure the launch (launcher/config.py); every other argument is
+a runtime override, checked against the job's config here and passed to it verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher import build, submit
+from launcher.config import JOBS
+from runtime import config as runtime_config
+from runtime.errors import UserError
+
+log = logging.getLogger("launcher")
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(launcher overrides, runtime overrides, dry_run)."""
+    ours, theirs, dry_run = [], [], False
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if arg == "--dry-run":
+            dry_run = True
+        elif key in ("job", "launcher") or key.startswith("launcher."):
+            ours.append(arg)
+        else:
+            theirs.append(arg)
+    return ours, theirs, dry_run
+
+
+def compose_launch(ours: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(runtime_config.CONF_DIR), version_base=None):
+        cfg = compose(config_name="launch", overrides=ours)
+    if cfg.job not in JOBS:
+        raise UserError(f"job={cfg.job!r}: use one of {sorted(JOBS)}")
+    if cfg.launcher.kind not in ("local", "slurm"):
+        raise UserError(f"launcher.kind={cfg.launcher.kind!r}: use launcher=local or launcher=slurm")
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ours, theirs, dry_run = split_args(argv)
+    launch = compose_launch(ours)
+    job, lc = launch.job, launch.launcher
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (Path(lc.run_root) / f"{job}-{stamp}").resolve()
+    if not any(o.split("=", 1)[0].lstrip("+") == "output.path" for o in theirs):
+        theirs = [*theirs, f"output.path={run_dir}/completions.jsonl"]
+    cfg = runtime_config.compose(job, theirs)  # refuses unknown keys before anything is submitted
+    par = cfg.parallel
+    sh = build.shape(lc, par.tp_size, par.ep_size, par.dp_size)
+    resolved = OmegaConf.to_yaml(cfg)
+    if lc.kind == "local":
+        argv_ = build.torchrun_argv(job, theirs, sh, lc.python, run_dir / "logs")
+        text = " ".join(argv_) + "\n"
+    else:
+        text = build.sbatch_script(job, theirs, sh, lc, run_dir)
+    if dry_run:
+        print(text, end="")
+        print(f"# --- resolved {job} config ---\n{resolved}", end="")
+        print(f"# --- launcher ---\n{OmegaConf.to_yaml(launch)}", end="")
+        return 0
+    if lc.kind == "slurm":
+        submit.require_sbatch()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(resolved)
+    (run_dir / "launch.yaml").write_text(OmegaConf.to_yaml(launch))
+    if lc.kind == "local":
+        (run_dir / "command.txt").write_text(text)
+        log.info("run directory %s: torchrun with %d process(es)", run_dir, sh.procs_per_node)
+        return submit.run_local(argv_)
+    script = run_dir / "job.sbatch"
+    script.write_text(text)
+    job_id = submit.submit(script)
+    (run_dir / "job.json").write_text(json.dumps({"job_id": job_id, "submitted": stamp, "argv": argv}, indent=2))
+    print(f"submitted job {job_id}: {sh.num_nodes} node(s) x {sh.procs_per_node} rank(s); run directory {run_dir}")
+    if not lc.wait:
+        return 0
+    state, code = submit.wait(job_id, lc.poll_seconds)
+    if state != "COMPLETED":
+        log.error("%s", submit.failure_report(run_dir, job_id, state, code))
+        return 1
+    print(f"job {job_id} COMPLETED; outputs in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        logging.getLogger("launcher").error("%s", e)
+        sys.exit(2)

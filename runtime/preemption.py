@@ -1,0 +1,40 @@
+"""Stopping early without losing work: SIGTERM/SIGUSR1 (Slurm preemption, the time-limit signal) or a
+stop file (created by slurm/torchrun.sh) ask the run to stop after the current batch; the ranks agree
+on it between batches, rank 0 has flushed everything by then, and a re-run resumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request; run again to finish
+
+
+class StopRequest:
+    """Set by a stop signal or by the file named in $GPTOSS_STOP_FILE; checked between batches."""
+
+    def __init__(self, stop_file: str | None = None) -> None:
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.signalled: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_signal)
+
+    @classmethod
+    def from_env(cls) -> StopRequest:
+        return cls(os.environ.get("GPTOSS_STOP_FILE"))
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signalled is None:
+            log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
+        self.signalled = signum
+
+    def __call__(self) -> bool:
+        return self.signalled is not None or (self.stop_file is not None and self.stop_file.exists())
