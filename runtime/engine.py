@@ -61,6 +61,22 @@ def render_harmony(req: Request, default_effort: str) -> list[int]:
 
 
 @dataclass
+class Decoded:
+    """What one decode call produced (on the CPU) and how long it took."""
+
+    tokens: torch.Tensor
+    """[B, max_new_tokens] generated ids; pad after a row's stop token."""
+    lengths: torch.Tensor
+    """[B] generated tokens per row, the stop token included."""
+    stopped: torch.Tensor
+    """[B] whether the row ended on a stop token (else it hit max_new_tokens)."""
+    prefill_seconds: float
+    """Prefill and sampling the first token: the time to first token."""
+    step_seconds: list[float]
+    """One entry per later token: a decode step's forward and sampling (time per output token)."""
+
+
+@dataclass
 class Stats:
     """Counters for the run record."""
 
@@ -131,41 +147,38 @@ class Engine:
     # ------------------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def generate_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
-        """Generate for one batch on this replica; every rank of the replica gets the records."""
-        if not requests:
-            return []
-        gen = self.cfg.generation
-        prompts = [self.render(r) for r in requests]
+    def decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, ignore_eos: bool = False) -> Decoded:
+        """Prefill the left-padded prompts, then decode up to max_new_tokens per row.
+
+        Rows end at a stop token unless `ignore_eos` (fixed output lengths, as benchmarks run). Step
+        times are taken with CUDA events, so timing adds no host sync; with `ignore_eos` the loop has
+        none at all until the end.
+        """
         ids, mask = _left_pad(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = len(prompts)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out_tokens = torch.full((batch, gen.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        lengths = torch.full((batch,), gen.max_new_tokens, dtype=torch.long, device=self.device)
+        lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=self.device)
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-
-        t0 = time.perf_counter()
+        clock = _Clock(self.device)
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
-        _sync(self.device)
-        t_prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        steps = 0
-        for step in range(gen.max_new_tokens):
+        for step in range(max_new_tokens):
             token = self._sample(logits)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            if not ignore_eos:
+                token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                hit = torch.isin(token, stop) & ~done
+                lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
+                done = done | hit
             out_tokens[:, step] = token
-            hit = torch.isin(token, stop) & ~done
-            lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
-            done = done | hit
-            steps += 1
-            if bool(done.all()) or step + 1 == gen.max_new_tokens:
+            clock.mark()  # token `step` exists: the first mark is the time to first token
+            if step + 1 == max_new_tokens or (not ignore_eos and bool(done.all())):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions[:, -1:] + 1
@@ -173,23 +186,29 @@ class Engine:
                 input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1]
-        _sync(self.device)
-        t_decode = time.perf_counter() - t1
+        times = clock.intervals()
+        return Decoded(out_tokens.cpu(), lengths.cpu(), done.cpu(), prefill_seconds=times[0], step_seconds=times[1:])
 
-        records = []
-        for i, req in enumerate(requests):
-            n = int(lengths[i])
-            completion = out_tokens[i, :n].tolist()
-            records.append(self._record(req, prompts[i], completion, bool(done[i])))
+    def generate_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+        """Generate for one batch on this replica; every rank of the replica gets the records."""
+        if not requests:
+            return []
+        prompts = [self.render(r) for r in requests]
+        out = self.decode(prompts, self.cfg.generation.max_new_tokens)
+        records = [
+            self._record(req, prompts[i], out.tokens[i, : int(out.lengths[i])].tolist(), bool(out.stopped[i]))
+            for i, req in enumerate(requests)
+        ]
         s = self.stats
-        s.prompts += batch
-        s.prompt_tokens += sum(len(p) for p in prompts)
         new_tokens = sum(r["completion_tokens"] for r in records)
+        s.prompts += len(requests)
+        s.prompt_tokens += sum(len(p) for p in prompts)
         s.completion_tokens += new_tokens
-        s.prefill_seconds += t_prefill
-        s.decode_seconds += t_decode
-        s.decode_steps += steps
-        s.batches.append({"size": batch, "prefill_s": t_prefill, "decode_s": t_decode, "new_tokens": new_tokens})
+        s.prefill_seconds += out.prefill_seconds
+        s.decode_seconds += sum(out.step_seconds)
+        s.decode_steps += len(out.step_seconds)
+        s.batches.append({"size": len(requests), "prefill_s": out.prefill_seconds,
+                          "decode_s": sum(out.step_seconds), "new_tokens": new_tokens})
         return records
 
     def generate(
@@ -307,6 +326,25 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids.to(device), mask.to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Clock:
+    """Marks points in the stream of work: CUDA events on a GPU (no host sync), wall time on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (synchronizes once)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
