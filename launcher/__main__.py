@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import build, submit
-from launcher.config import JOBS
+from launcher.config import JOBS, OUTPUTS
 from runtime import config as runtime_config
 from runtime.errors import UserError
 
@@ -59,8 +59,9 @@ def main(argv: list[str]) -> int:
     job, lc = launch.job, launch.launcher
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = (Path(lc.run_root) / f"{job}-{stamp}").resolve()
-    if not any(o.split("=", 1)[0].lstrip("+") == "output.path" for o in theirs):
-        theirs = [*theirs, f"output.path={run_dir}/completions.jsonl"]
+    key, name = OUTPUTS[job]
+    if not any(o.split("=", 1)[0].lstrip("+") == key for o in theirs):
+        theirs = [*theirs, f"{key}={run_dir}/{name}"]
     cfg = runtime_config.compose(job, theirs)  # refuses unknown keys before anything is submitted
     par = cfg.parallel
     sh = build.shape(lc, par.tp_size, par.ep_size, par.dp_size)

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-JOBS = {"generate": "runtime.generate"}
+JOBS = {"generate": "runtime.generate", "bench": "runtime.bench"}
 """job name -> the runtime entry module every launch path ends in."""
+OUTPUTS = {"generate": ("output.path", "completions.jsonl"), "bench": ("bench.out_dir", "bench")}
+"""job name -> (the override that places its outputs, the name inside the run directory)."""
 
 
 @dataclass
@@ -68,7 +70,7 @@ class LaunchConfig:
     """Root of `python -m launcher` (conf/launch.yaml)."""
 
     job: str = "generate"
-    """Which runtime entry to launch: generate (more with the benchmark and server)."""
+    """Which runtime entry to launch: generate or bench."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 

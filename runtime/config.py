@@ -143,6 +143,52 @@ class GenerateJobConfig:
 
 
 @dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
+    """Sequences decoded together per data-parallel replica; one measurement per value."""
+    input_len: int = 1024
+    """Prompt tokens per sequence (random token ids, fixed length) in `fixed` mode."""
+    output_len: int = 128
+    """Generated tokens per sequence, EOS ignored (as vLLM / TensorRT-LLM benchmark) in `fixed` mode."""
+    mode: str = "fixed"
+    """`fixed` (input_len/output_len, EOS ignored) or `replay` (the prompts config, harmony-rendered,
+    generation.max_new_tokens, stopping at EOS)."""
+    warmup: int = 1
+    """Untimed runs per batch size before the timed ones (compilation, allocator, caches)."""
+    repetitions: int = 3
+    """Timed runs per batch size; medians and percentiles are taken over them."""
+    baseline: bool = False
+    """Also run the seed recipe in this process on the same weights: transformers from_pretrained() +
+    generate() with defaults (tp_plan="auto" under torchrun); report our/baseline ratios."""
+    baseline_repetitions: int = 1
+    """Timed runs per batch size for the (slow) baseline."""
+    out_dir: str | None = None
+    """Directory for results.json, results.csv and the plots; null: outputs/bench/<time>-<model>-<layout>."""
+    table: str = "outputs/bench/results.csv"
+    """A results table every run appends its rows to (the Pareto plot is drawn from it too)."""
+    plots: bool = True
+    """Draw throughput-per-GPU vs tokens/s-per-user and latency-vs-batch PNGs."""
+    seed: int = 0
+    """Seed of the random prompts."""
+    spawn: bool = True
+    """Started as one process with tp*ep*dp > 1: re-run itself under torchrun with that many ranks."""
+
+
+@dataclass
+class BenchJobConfig:
+    """Root of `python -m runtime.bench` (conf/bench.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+@dataclass
 class SynthConfig:
     out: str = MISSING
     """Directory to write the synthetic checkpoint into (created; must be empty or absent)."""
@@ -162,7 +208,7 @@ class SynthJobConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
-ROOTS: dict[str, type] = {"generate": GenerateJobConfig, "synth": SynthJobConfig}
+ROOTS: dict[str, type] = {"generate": GenerateJobConfig, "synth": SynthJobConfig, "bench": BenchJobConfig}
 
 
 def register() -> None:
@@ -170,6 +216,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="generate_schema", node=GenerateJobConfig)
     cs.store(name="synth_schema", node=SynthJobConfig)
+    cs.store(name="bench_schema", node=BenchJobConfig)
 
 
 register()

@@ -1,0 +1,320 @@
+"""What gpt-oss gives per GPU and per user, measured, with the plain transformers recipe beside it.
+
+    python -m runtime.bench model=gpt-oss-20b model.synthetic=true model.synthetic_format=bf16 bench.baseline=true
+    torchrun --nproc_per_node=8 -m runtime.bench model=gpt-oss-120b model.path=... parallel.tp_size=8 \
+        bench.batch_sizes=[1,8,64,256] bench.input_len=1024 bench.output_len=1024
+    python -m runtime.bench --multirun parallel.tp_size=1,2,4       # each job re-runs itself under torchrun
+    python -m launcher job=bench launcher=slurm launcher.num_nodes=4 ...
+
+Per batch size: time to first token and time per output token (p50/p99 over CUDA-event-timed runs,
+warm-up excluded), end-to-end latency, output tokens/s in total, per GPU and per user, prefill
+tokens/s, peak memory per rank, load time, and the bytes a decode step must read over the measured
+step time, as GB/s and as a fraction of this GPU's copy bandwidth measured in the same run. Fixed
+lengths with EOS ignored by default; `bench.mode=replay` replays the prompts config. Rank 0 writes
+results.json / results.csv / PNG plots and appends to a results table. Fields: runtime/config.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from runtime import checkpoint, config, distributed, report, roofline
+from runtime.engine import Engine, render_harmony
+from runtime.errors import UserError
+
+log = logging.getLogger("runtime.bench")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes, iters = 1 << 26, 3
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dst.copy_(src)
+        seconds = time.perf_counter() - t0
+    return 2 * nbytes * iters / seconds
+
+
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    """Token ids below the harmony special tokens, so every prompt is plain text of exactly `length`."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 199_998, (batch, length), generator=gen).tolist()
+
+
+def peak_memory(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Bench:
+    """Measurements on every rank of the job; rows are assembled on rank 0."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.b = cfg.bench
+        if self.b.mode not in ("fixed", "replay"):
+            raise UserError(f"bench.mode={self.b.mode!r}: use fixed or replay")
+        if not self.b.batch_sizes or min(self.b.batch_sizes) < 1:
+            raise UserError(f"bench.batch_sizes={list(self.b.batch_sizes)}: give positive batch sizes")
+        if self.b.repetitions < 1 or self.b.baseline_repetitions < 1:
+            raise UserError("bench.repetitions and bench.baseline_repetitions must be >= 1")
+        if self.b.mode == "fixed" and (self.b.input_len < 1 or self.b.output_len < 2):
+            raise UserError("bench.input_len must be >= 1 and bench.output_len >= 2 (one decode step at least)")
+        self.replay = None
+        if self.b.mode == "replay":
+            from runtime.generate import load_requests
+
+            self.replay = load_requests(cfg)
+        self.engine = Engine(cfg)
+        self.layout = self.engine.layout
+        self.device = self.engine.device
+        self.copy_bw = copy_bandwidth(self.device)
+        self.mxfp4 = checkpoint.is_mxfp4(self.engine.hf_config)
+
+    def prompts(self, batch: int) -> tuple[list[list[int]], int, bool]:
+        """(prompt ids, max new tokens, ignore_eos) for one run at `batch`."""
+        if self.replay is None:
+            return random_prompts(batch, self.b.input_len, self.b.seed), self.b.output_len, True
+        reqs = [self.replay[i % len(self.replay)] for i in range(batch)]
+        effort = self.cfg.generation.reasoning_effort
+        return [render_harmony(r, effort) for r in reqs], self.cfg.generation.max_new_tokens, False
+
+    def measure_ours(self, batch: int) -> dict[str, Any]:
+        prompts, new_tokens, ignore_eos = self.prompts(batch)
+        for _ in range(self.b.warmup):
+            self.engine.decode(prompts, min(new_tokens, 16), ignore_eos=True)
+        reset_peak(self.device)
+        ttft, tpot, e2e, generated = [], [], [], 0
+        for _ in range(self.b.repetitions):
+            out = self.engine.decode(prompts, new_tokens, ignore_eos=ignore_eos)
+            ttft.append(out.prefill_seconds)
+            tpot.extend(out.step_seconds)
+            e2e.append(out.prefill_seconds + sum(out.step_seconds))
+            generated += int(out.lengths.sum())
+        return self._row("ours", batch, prompts, new_tokens, ttft, tpot, e2e, generated,
+                         load_seconds=self.engine.load_seconds)
+
+    def _row(self, impl: str, batch: int, prompts: list[list[int]], new_tokens: int, ttft: list[float],
+             tpot: list[float], e2e: list[float], generated: int, load_seconds: float) -> dict[str, Any]:
+        lay, cfg = self.layout, self.cfg
+        runs = len(e2e)
+        per_run = generated / runs / batch  # mean new tokens per sequence
+        e2e_p50 = percentile(e2e, 50)
+        ttft_p50 = percentile(ttft, 50)
+        tpot_p50 = percentile(tpot, 50) if tpot else float("nan")
+        total = lay.dp_size * batch * per_run / e2e_p50
+        context = int(sum(len(p) for p in prompts) / batch + per_run / 2)
+        # Weights as resident: MXFP4 experts are dequantized to the compute dtype at load (both paths).
+        elem = torch.empty((), dtype=self.engine.dtype).element_size()
+        ours = impl == "ours"  # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas
+        sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem, expert_bytes=elem,
+                                        tp_size=lay.tp_size if ours else 1, ep_size=lay.ep_size if ours else 1)
+        achieved = sb.total / tpot_p50
+        return {
+            "impl": impl,
+            "model": cfg.model.name,
+            "format": "mxfp4" if self.mxfp4 else "bf16",
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
+            "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
+            "mode": self.b.mode, "batch_size": batch,
+            "input_len": round(sum(len(p) for p in prompts) / batch, 1), "output_len": new_tokens,
+            "runs": runs, "generated_tokens": generated, "expected_tokens": runs * batch * new_tokens,
+            "ttft_p50_ms": ttft_p50 * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+            "tpot_p50_ms": tpot_p50 * 1e3, "tpot_p99_ms": (percentile(tpot, 99) if tpot else float("nan")) * 1e3,
+            "e2e_p50_s": e2e_p50,
+            "output_tok_s": total, "output_tok_s_per_gpu": total / lay.world_size,
+            "output_tok_s_per_user": 1.0 / tpot_p50,
+            "prefill_tok_s": lay.dp_size * sum(len(p) for p in prompts) / ttft_p50,
+            "load_s": load_seconds,
+            "step_bytes_gb": sb.total / 1e9, "achieved_gb_s": achieved / 1e9,
+            "copy_bw_gb_s": self.copy_bw / 1e9, "bw_fraction": achieved / self.copy_bw,
+            "peak_mem_gib": peak_memory(self.device) / 2**30,
+        }
+
+    def measure_baseline(self) -> list[dict[str, Any]]:
+        """The seed recipe on the same weights: from_pretrained() + generate() with defaults."""
+        from transformers import AutoModelForCausalLM
+
+        self.engine.model = None  # free ours first: both rarely fit at once
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        kw: dict[str, Any] = {"dtype": self.engine.dtype}
+        if self.layout.world_size > 1:
+            kw["tp_plan"] = "auto"
+        else:
+            kw["device_map"] = str(self.device)
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(self.engine.checkpoint, **kw).eval()
+        load_seconds = time.perf_counter() - t0
+        rows = []
+        for batch in self.b.batch_sizes:
+            prompts, new_tokens, ignore_eos = self.prompts(batch)
+            ids, mask = _left_pad_batch(prompts, self.engine.pad_id, model.device)
+            fixed = {"min_new_tokens": new_tokens} if ignore_eos else {}
+            torch.manual_seed(self.b.seed)
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2)  # warm-up
+                reset_peak(self.device)
+                ttft, e2e, generated = [], [], 0
+                for _ in range(self.b.baseline_repetitions):
+                    ttft.append(_timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=1,
+                                                              min_new_tokens=1), self.device)[0])
+                    seconds, out = _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                                 **fixed), self.device)
+                    e2e.append(seconds)
+                    generated += _new_tokens(out, ids.shape[1], self.engine.stop_ids, self.engine.pad_id)
+            per_seq = generated / len(e2e) / batch
+            tpot = [(e - t) / max(per_seq - 1, 1) for e, t in zip(e2e, ttft)]
+            rows.append(self._row("baseline", batch, prompts, new_tokens, ttft, tpot, e2e, generated, load_seconds))
+        del model
+        return rows
+
+
+def _timed(fn: Any, device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def _left_pad_batch(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from runtime.engine import _left_pad
+
+    return _left_pad(prompts, pad_id, device)
+
+
+def _new_tokens(out: torch.Tensor, prompt_len: int, stop_ids: set[int], pad_id: int) -> int:
+    """Tokens generate() produced per row, up to and including its first stop token."""
+    total = 0
+    for row in out[:, prompt_len:].tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in stop_ids:
+                n = i + 1
+                break
+        total += n
+    return total
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Measure; on rank 0 write the results and return them."""
+    config.check_schema(cfg, config.BenchJobConfig)
+    layout = distributed.make_layout(cfg.parallel.tp_size, cfg.parallel.ep_size, cfg.parallel.dp_size)
+    distributed.silence_non_writers(layout)
+    bench = Bench(cfg)
+    rows = []
+    for batch in cfg.bench.batch_sizes:
+        rows.append(bench.measure_ours(batch))
+        log.info("ours  batch %4d: %8.1f tok/s  TTFT %7.1f ms  TPOT %6.2f ms  %.0f%% of bandwidth", batch,
+                 rows[-1]["output_tok_s"], rows[-1]["ttft_p50_ms"], rows[-1]["tpot_p50_ms"],
+                 100 * rows[-1]["bw_fraction"])
+    ranks = distributed.gather_to_writer(
+        {"rank": layout.rank, "peak_mem_gib": [r["peak_mem_gib"] for r in rows], "copy_bw_gb_s": bench.copy_bw / 1e9,
+         "param_bytes": bench.engine.param_bytes, "device": str(bench.device)}, layout)
+    base_rows: list[dict[str, Any]] = []
+    if cfg.bench.baseline:
+        base_rows = bench.measure_baseline()
+        for r in base_rows:
+            log.info("recipe batch %4d: %8.1f tok/s  TTFT %7.1f ms  TPOT %6.2f ms", r["batch_size"],
+                     r["output_tok_s"], r["ttft_p50_ms"], r["tpot_p50_ms"])
+        base_ranks = distributed.gather_to_writer([r["peak_mem_gib"] for r in base_rows], layout)
+    if not layout.is_writer:
+        bench.engine.close()
+        return None
+    for i, row in enumerate(rows):  # peak memory: the largest rank's
+        row["peak_mem_gib"] = max(rk["peak_mem_gib"][i] for rk in ranks)
+    for i, row in enumerate(base_rows):
+        row["peak_mem_gib"] = max(rk[i] for rk in base_ranks)
+    report.add_ratios(rows, base_rows)
+    from runtime.generate import versions
+
+    result = {
+        "command": sys.argv,
+        "config": config.to_container(cfg),
+        "layout": layout.describe(),
+        "checkpoint": str(bench.engine.checkpoint),
+        "versions": versions(),
+        "ranks": ranks,
+        "rows": rows + base_rows,
+    }
+    out_dir = Path(cfg.bench.out_dir or report.default_dir(cfg))
+    report.write(out_dir, result, Path(cfg.bench.table), plots=cfg.bench.plots)
+    log.info("results in %s (table %s)", out_dir, cfg.bench.table)
+    bench.engine.close()
+    return result
+
+
+def respawn_under_torchrun(cfg: DictConfig) -> int | None:
+    """`python -m runtime.bench parallel.tp_size=2` from one process: run the same job under torchrun."""
+    world = cfg.parallel.tp_size * cfg.parallel.ep_size * cfg.parallel.dp_size
+    if distributed.env_world()[0] != 1 or world == 1 or not cfg.bench.spawn:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "runtime.bench", *overrides]
+    log.info("starting %d ranks: %s", world, " ".join(cmd))
+    return subprocess.run(cmd, env={**os.environ}).returncode
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        code = respawn_under_torchrun(cfg)
+        if code is not None:
+            if code:
+                sys.exit(code)
+            return
+        run(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Benchmark results on disk: one JSON and one CSV per run, rows appended to a results table, and the
+plots engines publish (throughput per GPU vs tokens/s per user; latency vs batch size)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+COLUMNS = [
+    "run", "impl", "model", "format", "dtype", "world_size", "tp_size", "ep_size", "dp_size", "attention", "experts",
+    "mode", "batch_size", "input_len", "output_len", "runs", "generated_tokens", "expected_tokens",
+    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "output_tok_s", "output_tok_s_per_gpu",
+    "output_tok_s_per_user", "prefill_tok_s", "load_s", "step_bytes_gb", "achieved_gb_s", "copy_bw_gb_s",
+    "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline",
+]
+
+
+def default_dir(cfg: DictConfig) -> str:
+    p = cfg.parallel
+    return f"outputs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.model.name}-tp{p.tp_size}ep{p.ep_size}dp{p.dp_size}"
+
+
+def add_ratios(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> None:
+    """Ours over the recipe at the same batch size: output tokens/s ratio (the headline) and TTFT ratio."""
+    base = {r["batch_size"]: r for r in baseline}
+    for r in rows:
+        b = base.get(r["batch_size"])
+        r["speedup_vs_baseline"] = r["output_tok_s"] / b["output_tok_s"] if b else None
+        r["ttft_ratio_vs_baseline"] = b["ttft_p50_ms"] / r["ttft_p50_ms"] if b else None
+    for b in baseline:
+        b["speedup_vs_baseline"], b["ttft_ratio_vs_baseline"] = 1.0, 1.0
+
+
+def write(out_dir: Path, result: dict[str, Any], table: Path, plots: bool = True) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = out_dir.name
+    for r in result["rows"]:
+        r["run"] = run_id
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    _write_csv(out_dir / "results.csv", result["rows"], append=False)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(table, result["rows"], append=True)
+    if plots:
+        draw(out_dir, result["rows"], _read_csv(table))
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], append: bool) -> None:
+    new = not (append and path.exists() and path.stat().st_size)
+    with path.open("a" if append else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> None:
+    """pareto.png (every run in the table) and latency.png (this run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for r in table:
+        label = f"{r['impl']} {r['model']} {r['format']} tp{r['tp_size']}ep{r['ep_size']}dp{r['dp_size']}"
+        series.setdefault(label, []).append(
+            (float(r["output_tok_s_per_user"]), float(r["output_tok_s_per_gpu"]), r["batch_size"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y, b in pts:
+            ax.annotate(f"b{b}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("output tokens/s per user")
+    ax.set_ylabel("output tokens/s per GPU")
+    ax.set_title("throughput per GPU vs speed per user")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in sorted({r["impl"] for r in rows}):
+        mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["batch_size"])
+        bs = [r["batch_size"] for r in mine]
+        axes[0].plot(bs, [r["tpot_p50_ms"] for r in mine], marker="o", label=impl)
+        axes[1].plot(bs, [r["ttft_p50_ms"] for r in mine], marker="o", label=impl)
+    for ax, what in zip(axes, ("time per output token p50 (ms)", "time to first token p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency.png", dpi=120)
+    plt.close(fig)
