@@ -175,9 +175,7 @@ class Bench:
         from transformers import AutoModelForCausalLM
 
         self.engine.model = None  # free ours first: both rarely fit at once
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(self.device)
         kw: dict[str, Any] = {"dtype": self.engine.dtype}
         if self.layout.world_size > 1:
             kw["tp_plan"] = "auto"
@@ -188,26 +186,39 @@ class Bench:
         load_seconds = time.perf_counter() - t0
         rows = []
         for batch in self.b.batch_sizes:
-            prompts, new_tokens, ignore_eos = self.prompts(batch)
-            ids, mask = _left_pad_batch(prompts, self.engine.pad_id, model.device)
-            fixed = {"min_new_tokens": new_tokens} if ignore_eos else {}
-            torch.manual_seed(self.b.seed)
-            with torch.inference_mode():
-                model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2)  # warm-up
-                reset_peak(self.device)
-                ttft, e2e, generated = [], [], 0
-                for _ in range(self.b.baseline_repetitions):
-                    ttft.append(_timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=1,
-                                                              min_new_tokens=1), self.device)[0])
-                    seconds, out = _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                                 **fixed), self.device)
-                    e2e.append(seconds)
-                    generated += _new_tokens(out, ids.shape[1], self.engine.stop_ids, self.engine.pad_id)
-            per_seq = generated / len(e2e) / batch
-            tpot = [(e - t) / max(per_seq - 1, 1) for e, t in zip(e2e, ttft)]
-            rows.append(self._row("baseline", batch, prompts, new_tokens, ttft, tpot, e2e, generated, load_seconds))
+            try:
+                rows.append(self._baseline_at(model, batch, load_seconds))
+            except torch.OutOfMemoryError:
+                log.warning("recipe batch %4d: out of memory, skipped", batch)
+                _free(self.device)
         del model
         return rows
+
+    def _baseline_at(self, model: Any, batch: int, load_seconds: float) -> dict[str, Any]:
+        prompts, new_tokens, ignore_eos = self.prompts(batch)
+        ids, mask = _left_pad_batch(prompts, self.engine.pad_id, model.device)
+        fixed = {"min_new_tokens": new_tokens} if ignore_eos else {}
+        torch.manual_seed(self.b.seed)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2)  # warm-up
+            reset_peak(self.device)
+            ttft, e2e, generated = [], [], 0
+            for _ in range(self.b.baseline_repetitions):
+                ttft.append(_timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=1,
+                                                          min_new_tokens=1), self.device)[0])
+                seconds, out = _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                             **fixed), self.device)
+                e2e.append(seconds)
+                generated += _new_tokens(out, ids.shape[1], self.engine.stop_ids, self.engine.pad_id)
+        per_seq = generated / len(e2e) / batch
+        tpot = [(e - t) / max(per_seq - 1, 1) for e, t in zip(e2e, ttft)]
+        return self._row("baseline", batch, prompts, new_tokens, ttft, tpot, e2e, generated, load_seconds)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _timed(fn: Any, device: torch.device) -> tuple[float, Any]:
@@ -247,7 +258,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     bench = Bench(cfg)
     rows = []
     for batch in cfg.bench.batch_sizes:
-        rows.append(bench.measure_ours(batch))
+        try:
+            rows.append(bench.measure_ours(batch))
+        except torch.OutOfMemoryError:
+            log.warning("ours  batch %4d: out of memory, skipped", batch)
+            _free(bench.device)
+            continue
         log.info("ours  batch %4d: %8.1f tok/s  TTFT %7.1f ms  TPOT %6.2f ms  %.0f%% of bandwidth", batch,
                  rows[-1]["output_tok_s"], rows[-1]["ttft_p50_ms"], rows[-1]["tpot_p50_ms"],
                  100 * rows[-1]["bw_fraction"])
