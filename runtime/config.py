@@ -163,7 +163,8 @@ class BenchConfig:
     baseline_repetitions: int = 1
     """Timed runs per batch size for the (slow) baseline."""
     out_dir: str | None = None
-    """Directory for results.json, results.csv and the plots; null: outputs/bench/<time>-<model>-<layout>."""
+    """Directory for results.json, results.csv and the plots; null: beside `table`, named
+    <time>-<model>-tp<t>ep<e>dp<d>."""
     table: str = "outputs/bench/results.csv"
     """A results table every run appends its rows to (the Pareto plot is drawn from it too)."""
     plots: bool = True

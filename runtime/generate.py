@@ -45,7 +45,8 @@ def load_requests(cfg: DictConfig) -> list[Request]:
 
 
 def versions() -> dict[str, str]:
-    import openai_harmony
+    import importlib.metadata
+
     import torch
     import transformers
 
@@ -53,7 +54,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "openai_harmony": getattr(openai_harmony, "__version__", "unknown"),
+        "openai_harmony": importlib.metadata.version("openai-harmony"),
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()

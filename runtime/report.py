@@ -20,9 +20,11 @@ COLUMNS = [
 ]
 
 
-def default_dir(cfg: DictConfig) -> str:
+def default_dir(cfg: DictConfig) -> Path:
+    """<directory of bench.table>/<time>-<model>-tp<t>ep<e>dp<d>."""
     p = cfg.parallel
-    return f"outputs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.model.name}-tp{p.tp_size}ep{p.ep_size}dp{p.dp_size}"
+    name = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.model.name}-tp{p.tp_size}ep{p.ep_size}dp{p.dp_size}"
+    return Path(cfg.bench.table).parent / name
 
 
 def add_ratios(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> None:

@@ -249,6 +249,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Start batch jobs at once (default: up to 3 s later).
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
@@ -361,8 +363,14 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
                 pids.append(int(d.name))
         return pids
 
-    def stop(self, timeout: float = 10) -> None:
-        """Cancels all jobs, stops every daemon and kills whatever of ours is left; keeps all files."""
+    def stop(self, timeout: float = 5) -> None:
+        """Cancels all jobs, stops every daemon and kills whatever of ours is left; keeps all files.
+
+        A slurmd that still has a job completing ignores SIGTERM for a while, so jobs are
+        cancelled first (up to `timeout` s), then daemons get SIGTERM and, after up to
+        `timeout` s more, SIGKILL; job processes left over (slurmstepd and tasks are not our
+        children) are found by the marker in their environment and killed.
+        """
         if not self._procs:
             return
         ctld = self._procs.get("slurmctld")
@@ -370,7 +378,12 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
             try:
                 jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=5).stdout.split()
                 if jobs:
-                    self.run(["scancel", "--full", *jobs], timeout=5)
+                    self.run(["scancel", *jobs], timeout=5)
+                    deadline = time.monotonic() + timeout
+                    while self.run(["squeue", "-h", "-o", "%i"], timeout=5).stdout.split():
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.05)
             except subprocess.SubprocessError:
                 pass
         # slurmd first (they kill their steps' processes), then slurmctld, then munged.
@@ -385,7 +398,7 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
             if p is None:
                 continue
             try:
-                p.wait(max(deadline - time.monotonic(), 0.1))
+                p.wait(max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
@@ -432,18 +445,40 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
     def job_state(self, job_id: str | int) -> str:
         return self.job_info(job_id)["JobState"]
 
-    def wait_job(self, job_id: str | int, timeout: float = 60, states: frozenset[str] = FINAL_STATES) -> str:
-        """Polls until the job's state is in `states` (default: a final state) and returns it."""
+    def wait_job(self, job_id: str | int, timeout: float = 60, states: frozenset[str] | set[str] = FINAL_STATES,
+                 hurry_requeued: bool = True) -> str:
+        """Polls `scontrol show job` until the job's state is in `states` (default: a final one); returns it.
+
+        A requeued job waits 120 s (Reason=BeginTime) before it may start again; with
+        `hurry_requeued` such a job is made eligible at once (scontrol update StartTime=now).
+        """
         deadline = time.monotonic() + timeout
-        state = "?"
         while True:
-            state = self.job_state(job_id)
+            info = self.job_info(job_id)
+            state = info["JobState"]
             if state in states:
                 return state
+            if (hurry_requeued and state == "PENDING" and info.get("Reason") == "BeginTime"
+                    and info.get("Restarts", "0") != "0"):
+                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=10)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n"
                                    f"{self.run(['scontrol', 'show', 'job', str(job_id)]).stdout}")
             time.sleep(0.1)
+
+    def requeue(self, job_id: str | int) -> None:
+        """`scontrol requeue ID`; `wait_job` then skips the 120 s delay before it runs again."""
+        p = self.run(["scontrol", "requeue", str(job_id)], timeout=10)
+        if p.returncode != 0:
+            raise RuntimeError(f"scontrol requeue {job_id} failed ({p.returncode}): {p.stderr.strip()}")
+
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancels every job in the queue and waits until none is left running."""
+        jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=10).stdout.split()
+        if jobs:
+            self.run(["scancel", *jobs], timeout=10)
+            for j in jobs:
+                self.wait_job(j, timeout, hurry_requeued=False)
 
 
 def _unavailable(reason: str) -> None:

@@ -1,0 +1,106 @@
+"""runtime.bench on the tiny model (CPU): every field present and consistent, the recipe ran, results
+gathered from every rank, tables appended, plots drawn; the bandwidth model against known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from runtime import checkpoint, config, report, roofline
+from runtime.bench import percentile, run
+from tests.conftest import CPU, ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(tmp_path: Path, *overrides: str) -> dict:
+    cfg = config.compose("bench", [*CPU, "bench=quick", f"bench.out_dir={tmp_path}/run",
+                                   f"bench.table={tmp_path}/table.csv", *overrides])
+    return run(cfg)
+
+
+def test_fields_are_present_and_consistent(tmp_path: Path) -> None:
+    result = bench(tmp_path, "bench.baseline=true", "bench.batch_sizes=[1,3]", "bench.output_len=6")
+    rows = result["rows"]
+    assert [(r["impl"], r["batch_size"]) for r in rows] == [("ours", 1), ("ours", 3), ("baseline", 1), ("baseline", 3)]
+    for r in rows:
+        assert set(report.COLUMNS) <= set(r), set(report.COLUMNS) - set(r)
+        assert r["generated_tokens"] == r["expected_tokens"] == r["runs"] * r["batch_size"] * 6
+        assert r["output_tok_s_per_gpu"] == pytest.approx(r["output_tok_s"] / r["world_size"])
+        assert r["output_tok_s"] == pytest.approx(r["batch_size"] * 6 / r["e2e_p50_s"])
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["tpot_p50_ms"] <= r["tpot_p99_ms"]
+        assert r["prefill_tok_s"] == pytest.approx(r["batch_size"] * 32 / (r["ttft_p50_ms"] / 1e3))
+        assert r["bw_fraction"] == pytest.approx(r["achieved_gb_s"] / r["copy_bw_gb_s"])
+        assert r["achieved_gb_s"] == pytest.approx(r["step_bytes_gb"] / (r["tpot_p50_ms"] / 1e3))
+        assert r["load_s"] > 0 and r["copy_bw_gb_s"] > 0
+    ours, base = rows[:2], rows[2:]
+    for o, b in zip(ours, base):
+        assert o["speedup_vs_baseline"] == pytest.approx(o["output_tok_s"] / b["output_tok_s"])
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(on_disk["rows"]) == 4 and on_disk["versions"]["transformers"] and len(on_disk["ranks"]) == 1
+    with (tmp_path / "run" / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    for png in ("pareto.png", "latency.png"):
+        assert (tmp_path / "run" / png).read_bytes().startswith(PNG)
+
+
+def test_table_accumulates_and_replay_mode(tmp_path: Path) -> None:
+    bench(tmp_path, "bench.batch_sizes=[2]")
+    result = bench(tmp_path, "bench.mode=replay", "bench.batch_sizes=[2]", "generation.max_new_tokens=5")
+    (row,) = result["rows"]
+    assert row["mode"] == "replay" and row["output_len"] == 5
+    assert 0 < row["generated_tokens"] <= row["expected_tokens"]  # EOS honoured
+    with (tmp_path / "table.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [t["mode"] for t in table] == ["fixed", "replay"]
+
+
+def test_multirun_sweep_gathers_every_rank(tmp_path: Path) -> None:
+    """`--multirun parallel.tp_size=1,2` from one process: the tp=2 job re-runs itself under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.bench", "--multirun", "parallel.tp_size=1,2", *CPU, "bench=quick",
+         "bench.batch_sizes=[2]", f"bench.table={tmp_path}/table.csv", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "table.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [(t["tp_size"], t["world_size"]) for t in table] == [("1", "1"), ("2", "2")]
+    two = table[1]
+    assert float(two["output_tok_s_per_gpu"]) == pytest.approx(float(two["output_tok_s"]) / 2)
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]  # beside the table
+    (one,) = [r for r in runs if r["layout"]["world_size"] == 1]
+    (results,) = [r for r in runs if r["layout"]["world_size"] == 2]
+    assert [rk["rank"] for rk in results["ranks"]] == [0, 1]  # every rank's numbers, gathered on rank 0
+    full = one["ranks"][0]["param_bytes"]["attention"]
+    assert all(full / 2 <= rk["param_bytes"]["attention"] <= full / 2 * 1.05 for rk in results["ranks"])
+
+
+def test_percentile() -> None:
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_roofline_reproduces_the_measured_bounds() -> None:
+    """NOTES.md: 20b bf16 batch 1 reads 1.16 GB lm_head + 1.27 GB attention + 4.78 GB experts = 7.2 GB."""
+    cfg = SimpleNamespace(**checkpoint.synthetic_config({}, "bf16"))
+    one = roofline.decode_step_bytes(cfg, batch=1, context=1)
+    assert one.attention / 1e9 == pytest.approx(1.27, abs=0.01)
+    assert one.experts / 1e9 == pytest.approx(4.78, abs=0.01)
+    assert one.total / 1e9 == pytest.approx(7.2, abs=0.03)
+    assert roofline.expected_active_experts(32, 4, 8) == pytest.approx(21.0, abs=0.1)  # "about 20 of 32"
+    assert roofline.expected_active_experts(32, 4, 64) == pytest.approx(32.0, abs=0.01)
+    mx = roofline.decode_step_bytes(cfg, batch=1, context=1, expert_bytes=roofline.MXFP4_BYTES_PER_PARAM)
+    assert mx.total / 1e9 == pytest.approx(3.7, abs=0.1)  # NOTES: ~3.7 GB with MXFP4 experts
+    sharded = roofline.decode_step_bytes(cfg, batch=1, context=1, tp_size=2, ep_size=2)
+    assert sharded.attention == pytest.approx(one.attention / 2) and sharded.experts == pytest.approx(one.experts / 4)
