@@ -104,5 +104,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:
-        logging.getLogger("launcher").error("%s", e)
+        logging.getLogger("launcher").error("error: %s", e)
         sys.exit(2)

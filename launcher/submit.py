@@ -66,7 +66,7 @@ def wait(job_id: str, poll_seconds: float, timeout: float | None = None) -> tupl
 def failure_report(run_dir: Path, job_id: str, state: str, code: str, tail_lines: int = 30) -> str:
     """The failing rank's log tail: the first per-rank stderr with a traceback, else the node logs."""
     logs = sorted((run_dir / "logs").rglob("stderr.log")) if (run_dir / "logs").is_dir() else []
-    failing = [p for p in logs if "Traceback" in p.read_text(errors="replace")]
+    failing = [p for p in logs if re.search(r"Traceback|: error: ", p.read_text(errors="replace"))]
     picks = failing[:1] or sorted((run_dir / "logs").glob("node*.log"))[:2] or sorted(run_dir.glob("slurm-*.out"))
     parts = [f"job {job_id} ended {state} (exit code {code}); run directory {run_dir}"]
     for p in picks:

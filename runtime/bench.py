@@ -328,7 +328,7 @@ def main(cfg: DictConfig) -> None:
             return
         run(cfg)
     except UserError as e:
-        log.error("%s", e)
+        log.error("error: %s", e)
         sys.exit(2)
 
 

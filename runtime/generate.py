@@ -154,7 +154,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UserError as e:
-        log.error("%s", e)
+        log.error("error: %s", e)
         sys.exit(2)
 
 

@@ -30,13 +30,13 @@ def main(cfg: DictConfig) -> None:
     try:
         config.check_schema(cfg, config.SynthJobConfig)
     except UserError as e:
-        log.error("%s", e)
+        log.error("error: %s", e)
         sys.exit(2)
     hf = checkpoint.synthetic_config(OmegaConf.to_container(cfg.model.arch), s.format)
     try:
         out = checkpoint.write_synthetic(Path(s.out), hf, s.format, seed=s.seed, max_shard_bytes=s.max_shard_bytes)
     except UserError as e:
-        log.error("%s", e)
+        log.error("error: %s", e)
         sys.exit(2)
     log.info("wrote %s (%s, %d layers, %d experts)", out, s.format, hf["num_hidden_layers"], hf["num_local_experts"])
 

@@ -22,6 +22,7 @@ Things a user of the cluster must know:
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import random
@@ -33,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 import pytest
 
@@ -70,7 +72,8 @@ def _apt(args: list[str], timeout: float) -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "-q", "-y", "-o", "DPkg::Lock::Timeout=120", *args]
     try:
-        p = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                           check=False)
     except subprocess.TimeoutExpired:
         return f"`apt-get {' '.join(args)}` took longer than {timeout:.0f} s"
     except OSError as e:
@@ -99,9 +102,10 @@ def install_slurm(timeout: float = 600) -> str | None:
         return f"Slurm binaries missing ({', '.join(missing)}) and no apt-get to install them"
     deadline = time.monotonic() + timeout
     install = ["install", "--no-install-recommends", *PACKAGES]
-    err = _apt(install, max(deadline - time.monotonic(), 1))
+    left = lambda: max(deadline - time.monotonic(), 1)
+    err = _apt(install, left())
     if err is not None:  # maybe the package lists are missing or stale
-        err = _apt(["update"], max(deadline - time.monotonic(), 1)) or _apt(install, max(deadline - time.monotonic(), 1))
+        err = _apt(["update"], left()) or _apt(install, left())
     if err is not None:
         return err
     missing = _missing()
@@ -180,8 +184,8 @@ class SlurmCluster:
         """The environment for slurm commands and the jobs they submit (sbatch --export=ALL)."""
         if self._env is None:
             # Drop what an enclosing Slurm job would leak into ours.
-            base = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SCONTROL_"))}
+            leaks = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SCONTROL_")
+            base = {k: v for k, v in os.environ.items() if not k.startswith(leaks)}
             # This interpreter's directory (the venv) first, so jobs find the same python.
             path = _search_path(os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")]))
             k, v = self.marker.split("=", 1)
@@ -221,6 +225,8 @@ class SlurmCluster:
         mem = max(_total_memory_mb() // max(self.nodes, 1) - 256, 256)
         nodes = f"n[1-{self.nodes}]" if self.nodes > 1 else "n1"
         ports = f"{node_ports[0]}-{node_ports[-1]}" if self.nodes > 1 else str(node_ports[0])
+        node_line = (f"NodeName={nodes} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} "
+                     f"CPUs={self.cpus_per_node} RealMemory={mem} State=UNKNOWN")
         self.conf.write_text(f"""\
 # Written by tests/slurm_cluster.py: a throwaway cluster on one machine.
 ClusterName=test
@@ -249,7 +255,7 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# Start batch jobs at once (default: up to 3 s later).
+# Start batch jobs within ~1 s of sbatch (default: ~2-3 s).
 SchedulerParameters=batch_sched_delay=0,sched_interval=1
 MpiDefault=none
 MailProg=/bin/true
@@ -264,7 +270,7 @@ MessageTimeout=10
 SlurmctldTimeout=30
 SlurmdTimeout=60
 UnkillableStepTimeout=30
-NodeName={nodes} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} CPUs={self.cpus_per_node} RealMemory={mem} State=UNKNOWN
+{node_line}
 PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
 
@@ -280,12 +286,9 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
 
     # ----------------------------------------------------------------- lifecycle
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        out = open(self.logdir / f"{name}.out", "ab")
-        try:
+        with open(self.logdir / f"{name}.out", "ab") as out:
             self._procs[name] = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                                  stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
-        finally:
-            out.close()
 
     def _check_alive(self) -> None:
         for name, p in self._procs.items():
@@ -293,11 +296,13 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
                 raise RuntimeError(f"{name} exited ({p.returncode}) while starting the cluster\n{self.log_tails()}")
 
     def log_tails(self, lines: int = 15) -> str:
-        files = [self.logdir / "munged.log", self.logdir / "munged.out", self.logdir / "slurmctld.log",
-                 self.logdir / "slurmctld.out"]
-        for n in self.node_names:
-            files += [self.logdir / f"slurmd-{n}.log", self.logdir / f"slurmd-{n}.out"]
-        return "\n".join(_tail(f, lines) for f in files if f.exists())
+        """The last lines of each daemon's log (its stderr where it has no log file yet)."""
+        tails = [_tail(self.logdir / "munged.out", lines)]
+        for name in ["slurmctld", *(f"slurmd-{n}" for n in self.node_names)]:
+            log, out = self.logdir / f"{name}.log", self.logdir / f"{name}.out"
+            has_log = log.exists() and log.stat().st_size > 0
+            tails += [_tail(log if has_log else out, lines)]
+        return "\n".join(tails)
 
     def _wait(self, what: str, ok, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -315,17 +320,19 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
                                    f"(last: {last!r})\n{self.log_tails()}")
             time.sleep(0.05)
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         """Writes the configuration, starts the daemons and waits until every node is idle."""
         if self._procs:
             raise RuntimeError("cluster already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_config()
+        atexit.register(self.stop)  # daemons run in their own sessions: don't leave them behind
         try:
             sock = self.munge_socket
-            self._spawn("munged", [_which("munged"), "-F", "-f", f"--socket={sock}", f"--key-file={self.workdir}/munge.key",
-                                   f"--pid-file={self.workdir}/run/munged.pid", f"--seed-file={self.workdir}/run/munged.seed",
-                                   f"--log-file={self.logdir}/munged.log", "--num-threads=4"])
+            w = self.workdir  # munged -F logs to stderr: log/munged.out
+            self._spawn("munged", [_which("munged"), "-F", "-f", f"--socket={sock}", f"--key-file={w}/munge.key",
+                                   f"--pid-file={w}/run/munged.pid", f"--seed-file={w}/run/munged.seed",
+                                   "--num-threads=4"])
             self._wait("munged socket", lambda: sock.exists(), timeout)
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait("slurmctld answering", lambda: self.run(["scontrol", "ping"], timeout=10).stdout.count("UP") > 0,
@@ -414,10 +421,11 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
                     pass
             time.sleep(0.1)
         self._procs.clear()
+        atexit.unregister(self.stop)
         if self._munge_dir is not None and self._munge_dir.parent != self.workdir:
             shutil.rmtree(self._munge_dir, ignore_errors=True)
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> Self:
         return self.start() if not self._procs else self
 
     def __exit__(self, *exc) -> None:
@@ -450,21 +458,33 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
         """Polls `scontrol show job` until the job's state is in `states` (default: a final one); returns it.
 
         A requeued job waits 120 s (Reason=BeginTime) before it may start again; with
-        `hurry_requeued` such a job is made eligible at once (scontrol update StartTime=now).
+        `hurry_requeued` it is made eligible 2 s from now (scontrol update StartTime=now+2)
+        once the slurmstepd of its previous run are gone.  Not at once: slurmd revokes the
+        job's credential when the old run is killed, with a resolution of one second, and a
+        launch in that same second is refused ("Job credential revoked"): the job ends FAILED
+        without running again.
         """
         deadline = time.monotonic() + timeout
+        hurried = "0"  # the restart count last hurried
         while True:
             info = self.job_info(job_id)
             state = info["JobState"]
             if state in states:
                 return state
+            restarts = info.get("Restarts", "0")
             if (hurry_requeued and state == "PENDING" and info.get("Reason") == "BeginTime"
-                    and info.get("Restarts", "0") != "0"):
-                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=10)
+                    and restarts != hurried and not self._job_steps_alive(job_id)):
+                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], timeout=10)
+                hurried = restarts
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n"
                                    f"{self.run(['scontrol', 'show', 'job', str(job_id)]).stdout}")
             time.sleep(0.1)
+
+    def _job_steps_alive(self, job_id: str | int) -> bool:
+        """Whether a slurmstepd of the job is still there (its socket in a node's spool dir)."""
+        spool = self.workdir / "spool"
+        return any(spool.glob(f"*/*_{job_id}.*")) or any(spool.glob(f"*/job{int(job_id):05d}"))
 
     def requeue(self, job_id: str | int) -> None:
         """`scontrol requeue ID`; `wait_job` then skips the 120 s delay before it runs again."""

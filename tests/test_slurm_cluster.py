@@ -48,7 +48,8 @@ def test_two_idle_nodes_in_debug(slurm: SlurmCluster) -> None:
 
 def test_batch_job_spans_both_nodes(slurm: SlurmCluster, tmp_path: Path) -> None:
     script = f"""#!/bin/bash
-srun -o {tmp_path}/task-%t.out bash -c 'echo $SLURM_NODEID $SLURM_PROCID $SLURM_LOCALID $SLURM_JOB_NODELIST $SLURMD_NODENAME'
+srun -o {tmp_path}/task-%t.out bash -c \
+    'echo $SLURM_NODEID $SLURM_PROCID $SLURM_LOCALID $SLURM_JOB_NODELIST $SLURMD_NODENAME'
 echo "batch on $SLURMD_NODENAME"
 """
     job = slurm.sbatch(script, [*JOB, "-o", f"{tmp_path}/batch-%j.out"])
@@ -110,9 +111,34 @@ echo "done ${SLURM_RESTART_COUNT:-0}"
     assert slurm.job_info(job)["Restarts"] == "1"
 
 
+def test_job_requeues_itself_on_usr1(slurm: SlurmCluster, tmp_path: Path) -> None:
+    # The launcher's pattern: a trap that requeues its own job; slurm then SIGTERMs the old run.
+    out = tmp_path / "self.out"
+    script = """#!/bin/bash
+echo "run ${SLURM_RESTART_COUNT:-0}"
+trap 'echo requeue; scontrol requeue $SLURM_JOB_ID; echo "requeue rc $?"; sleep 2; echo not-reached' USR1
+trap 'echo "TERM"; exit 5' TERM
+if [ -z "$SLURM_RESTART_COUNT" ]; then
+    srun sleep 300 &
+    echo ready
+    while true; do sleep 1 & wait $!; done
+fi
+"""
+    job = slurm.sbatch(script, [*JOB, "--open-mode=append", "-o", str(out)])  # JobRequeue=1: --requeue is the default
+    _wait_for(out, "ready")
+    time.sleep(0.5)  # let srun start its step
+    assert slurm.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
+    assert slurm.wait_job(job, 60) == "COMPLETED"
+    lines = out.read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith(("run", "requeue", "TERM", "not-reached"))] == [
+        "run 0", "requeue", "requeue rc 0", "TERM", "run 1"], lines
+    assert slurm.job_info(job)["Restarts"] == "1"
+
+
 SIGNAL_SCRIPT = """#!/bin/bash
 trap 'echo "batch got USR1"; kill $step; wait; exit 0' USR1
-srun bash -c 'trap "echo step $SLURM_PROCID got USR1" USR1; echo "step $SLURM_PROCID ready"; sleep 300 & wait; sleep 300' &
+srun bash -c 'trap "echo step $SLURM_PROCID got USR1" USR1; echo "step $SLURM_PROCID ready"
+              sleep 300 & wait; sleep 300' &
 step=$!
 echo ready
 while true; do sleep 1 & wait $!; done  # a trap runs only between commands: wait, not a long sleep
@@ -159,3 +185,21 @@ def test_stop_kills_daemons_and_job_processes(slurm: SlurmCluster, tmp_path: Pat
     assert (tmp_path / "cluster" / "log" / "slurmctld.log").stat().st_size > 0  # logs are kept
     # the session's cluster is untouched
     assert set(slurm.node_states()) == {"n1", "n2"}
+
+
+def test_install_reason_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster, "_missing", lambda: ["slurmctld"])
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    reason = slurm_cluster.install_slurm(timeout=5)
+    assert reason is not None and "not root" in reason and "slurmctld" in reason
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_unavailable_fails_under_ci_and_skips_otherwise(monkeypatch: pytest.MonkeyPatch, ci: str, outcome) -> None:
+    from tests import slurm_cluster
+
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="no Slurm cluster: because"):
+        slurm_cluster._unavailable("because")
