@@ -72,6 +72,7 @@ class LaunchConfig:
     job: str = "generate"
     """Which runtime entry to launch: generate or bench."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """Where and how many processes (conf/launcher/local.yaml, slurm.yaml)."""
 
 
 ConfigStore.instance().store(name="launch_schema", node=LaunchConfig)
