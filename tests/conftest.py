@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.slurm_cluster import slurm  # noqa: F401  (a real two-node Slurm, one per session)
+
 ROOT = Path(__file__).resolve().parent.parent
 CPU = ["model.device=cpu"]  # CPU tests stay on the CPU on a GPU machine too
 

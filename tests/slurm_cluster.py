@@ -17,7 +17,18 @@ Things a user of the cluster must know:
 - ``$SLURM_NODEID`` in a batch script's body is node 0's: per-node values need
   ``srun bash -c '...'``;
 - accounting is off (no sacct): ``wait_job`` reads ``scontrol show job``; finished jobs stay
-  visible for an hour (MinJobAge=3600).
+  visible for an hour (MinJobAge=3600);
+- ``%N`` in -o/--output is the machine's hostname on every "node": tell nodes apart with
+  ``%n`` (node id) or ``%t`` (task id) in ``srun -o``;
+- signals: ``--signal=B:SIG@N`` and ``scancel --signal=SIG --batch`` reach the batch shell only;
+  ``--signal=SIG@N`` and plain ``scancel --signal=SIG`` reach the job steps' tasks only;
+  ``scancel --signal=SIG --full`` reaches both.  ``@N`` is checked every 30 s (it comes up to
+  ~30 s early) and time limits are whole minutes.  A bash trap runs only between commands:
+  ``sleep 1 & wait $!``, not a long foreground command;
+- requeue: the job keeps its id, SLURM_RESTART_COUNT is unset in the first run and 1 in the
+  second, the old run gets SIGTERM (SIGKILL KillWait=5 s later), the output file is truncated
+  unless ``--open-mode=append``, and the job waits 120 s (Reason=BeginTime) before running
+  again, which ``wait_job`` shortens to ~2 s.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, generate, read_jsonl
-from tests.slurm_cluster import SlurmCluster, slurm  # noqa: F401  (the fixture)
+from tests.slurm_cluster import SlurmCluster
 
 CPU_JOB = ["launcher=slurm", "launcher.num_nodes=2", "launcher.gpus_per_node=0", "launcher.procs_per_node=1",
            "launcher.time=00:10:00", "launcher.poll_seconds=0.5", "parallel.tp_size=2", "model.device=cpu",
@@ -35,7 +35,7 @@ def submitted(proc: subprocess.CompletedProcess) -> tuple[str, Path]:
     return m.group(1), Path(m.group(2))
 
 
-def test_two_node_tensor_parallel_job_equals_one_process(slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_two_node_tensor_parallel_job_equals_one_process(slurm: SlurmCluster, tmp_path: Path) -> None:
     proc = launch(slurm, tmp_path, *CPU_JOB, "generation.max_new_tokens=10", "launcher.wait=true")
     job_id, run_dir = submitted(proc)
     assert f"job {job_id} COMPLETED" in proc.stdout
@@ -62,7 +62,7 @@ def _wait_for_records(path: Path, n: int, timeout: float) -> None:
 
 
 @pytest.mark.parametrize("how", ["signal", "requeue"])
-def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, tmp_path: Path, how: str) -> None:  # noqa: F811
+def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, tmp_path: Path, how: str) -> None:
     """signal: USR1 to the batch shell (as --signal=B:USR1@N does before the time limit): the ranks stop
     after the current batch and the job requeues itself. requeue: `scontrol requeue` kills the job."""
     prompts = tmp_path / "p.jsonl"
@@ -88,14 +88,14 @@ def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, 
         assert "stop requested" in log and "requeueing job" in log
 
 
-def test_failed_job_shows_exit_code_and_log_tail(slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_failed_job_shows_exit_code_and_log_tail(slurm: SlurmCluster, tmp_path: Path) -> None:
     proc = launch(slurm, tmp_path, *CPU_JOB, "model=gpt-oss-20b", "model.path=/no/such/checkpoint", "launcher.wait=true")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert re.search(r"job \d+ ended FAILED \(exit code [1-9]", proc.stderr), proc.stderr
     assert "model.path=/no/such/checkpoint does not exist" in proc.stderr  # the failing rank's log tail
 
 
-def test_unknown_partition_is_reported(slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_unknown_partition_is_reported(slurm: SlurmCluster, tmp_path: Path) -> None:
     proc = launch(slurm, tmp_path, *CPU_JOB, "launcher.partition=nosuchpart")
     assert proc.returncode == 2
     assert "sbatch refused" in proc.stderr and "partition" in proc.stderr.lower() and "sinfo -s" in proc.stderr
