@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import conftest
 from tests.slurm_cluster import SlurmCluster, _alive
-
-if not hasattr(conftest, "slurm"):  # the fixture, unless conftest already provides it (else: two clusters)
-    from tests.slurm_cluster import slurm  # noqa: F401
 
 JOB = ["-N2", "--ntasks-per-node=1", "-t", "5"]
 
