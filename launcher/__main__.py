@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import build, submit
 from launcher.config import JOBS, OUTPUTS
 from runtime import config as runtime_config
-from runtime.errors import UserError
+from runtime.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("launcher")
 
@@ -101,8 +101,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_user_error(log):
         sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        logging.getLogger("launcher").error("error: %s", e)
-        sys.exit(2)

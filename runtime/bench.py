@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from runtime import checkpoint, config, distributed, report, roofline
 from runtime.engine import Engine, render_harmony
-from runtime.errors import UserError
+from runtime.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("runtime.bench")
 
@@ -320,16 +320,13 @@ def respawn_under_torchrun(cfg: DictConfig) -> int | None:
 @hydra.main(config_path="../conf", config_name="bench", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+    with exit_on_user_error(log):
         code = respawn_under_torchrun(cfg)
         if code is not None:
             if code:
                 sys.exit(code)
             return
         run(cfg)
-    except UserError as e:
-        log.error("error: %s", e)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -176,16 +176,9 @@ class BenchConfig:
 
 
 @dataclass
-class BenchJobConfig:
-    """Root of `python -m runtime.bench` (conf/bench.yaml)."""
+class BenchJobConfig(GenerateJobConfig):
+    """Root of `python -m runtime.bench` (conf/bench.yaml): the generate job's groups plus `bench`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import collect, config, distributed
 from runtime.engine import Engine, Request, render_harmony
-from runtime.errors import UserError
+from runtime.errors import UserError, exit_on_user_error
 from runtime.preemption import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger("runtime.generate")
@@ -151,11 +151,8 @@ def _progress(total: int) -> Any:
 
 @hydra.main(config_path="../conf", config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(log):
         run(cfg)
-    except UserError as e:
-        log.error("error: %s", e)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ The result loads with `model.path=DIR` here and with transformers' `from_pretrai
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, config  # noqa: F401  (config registers the schemas)
-from runtime.errors import UserError
+from runtime.errors import exit_on_user_error
 
 log = logging.getLogger("runtime.synth")
 
@@ -27,17 +26,10 @@ log = logging.getLogger("runtime.synth")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     s = cfg.synth
-    try:
+    with exit_on_user_error(log):
         config.check_schema(cfg, config.SynthJobConfig)
-    except UserError as e:
-        log.error("error: %s", e)
-        sys.exit(2)
-    hf = checkpoint.synthetic_config(OmegaConf.to_container(cfg.model.arch), s.format)
-    try:
+        hf = checkpoint.synthetic_config(OmegaConf.to_container(cfg.model.arch), s.format)
         out = checkpoint.write_synthetic(Path(s.out), hf, s.format, seed=s.seed, max_shard_bytes=s.max_shard_bytes)
-    except UserError as e:
-        log.error("error: %s", e)
-        sys.exit(2)
     log.info("wrote %s (%s, %d layers, %d experts)", out, s.format, hf["num_hidden_layers"], hf["num_local_experts"])
 
 
