@@ -105,6 +105,11 @@ class GenerationConfig:
     """Seed of the sampler, identical on every rank so tensor-parallel ranks agree."""
     reasoning_effort: str = "medium"
     """Harmony reasoning effort for prompts that do not set their own: `low`, `medium` or `high`."""
+    kv_cache: str = "static"
+    """`static`: fixed KV buffers and GPU-side masks (runtime/graph_decode.py), the fast path;
+    `dynamic`: transformers' DynamicCache and mask building, the reference."""
+    cuda_graph: bool = True
+    """With the static cache on a GPU: capture the decode step once as a CUDA graph and replay it."""
 
 
 @dataclass

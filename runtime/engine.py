@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
 from runtime.errors import UserError
+from runtime.graph_decode import GraphDecoder
 from runtime import model as modeling
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Engine:
         self.load_seconds = loaded.load_seconds
         self.param_bytes = modeling.param_bytes(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed)
+        self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph)
         self.stats = Stats()
         self.stopped_early = False
 
@@ -154,6 +156,14 @@ class Engine:
         times are taken with CUDA events, so timing adds no host sync; with `ignore_eos` the loop has
         none at all until the end.
         """
+        if self.cfg.generation.kv_cache == "static":
+            ids, mask = _left_pad(prompts, self.pad_id, self.device)
+            stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+            clock = _Clock(self.device)
+            st = self.graph_decoder.run(ids, mask, max_new_tokens, self._sample, stop, self.pad_id, ignore_eos, clock)
+            times = clock.intervals()
+            return Decoded(st.tokens.cpu(), st.lengths.cpu(), st.stopped.cpu(), prefill_seconds=times[0],
+                           step_seconds=times[1:])
         ids, mask = _left_pad(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = len(prompts)
@@ -299,6 +309,8 @@ def _check_generation(gen: Any) -> None:
         raise UserError(f"generation.temperature={gen.temperature} must be > 0 (or generation.do_sample=false)")
     if not 0 < gen.top_p <= 1:
         raise UserError(f"generation.top_p={gen.top_p} must be in (0, 1]")
+    if gen.kv_cache not in ("static", "dynamic"):
+        raise UserError(f"generation.kv_cache={gen.kv_cache!r}: use static or dynamic")
     if gen.reasoning_effort not in ("low", "medium", "high"):
         raise UserError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
 

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime import checkpoint, parallelize
+from runtime import checkpoint, kernels, parallelize
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ATTENTION = ("eager", "flex_attention")
+ATTENTION = ("eager", "flex_attention", "gqa_sinks")
 EXPERTS = ("grouped_mm", "batched_mm", "eager")
 
 
@@ -116,6 +116,7 @@ def build(
     model.eval()
     model.requires_grad_(False)
     if attention != "eager":
+        kernels.register()
         model.set_attn_implementation(attention)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",

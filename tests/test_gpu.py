@@ -36,3 +36,25 @@ def test_bf16_logits_close_to_fp32() -> None:
     # bf16 rounding compounds over the layers: 0.030 measured on an H100 (transformers 5.17, torch 2.11)
     assert (out - ref).norm() / ref.norm() < 5e-2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_decode_equals_eager_decode(dtype: str) -> None:
+    """The captured decode step replays exactly what the same code computes eagerly."""
+    runs = {}
+    for graph in ("true", "false"):
+        eng = Engine(compose("generate", ["model.device=cuda", f"model.dtype={dtype}", "attention=gqa_sinks",
+                                          f"generation.cuda_graph={graph}", "generation.max_new_tokens=40",
+                                          "output.token_ids=true"]))
+        runs[graph] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
+        runs[graph + "-again"] = [r["completion_ids"] for r in eng.generate(PROMPTS)]  # graph reused
+    assert runs["true"] == runs["false"] == runs["true-again"] == runs["false-again"]
+
+
+def test_static_cache_equals_dynamic_cache_fp32() -> None:
+    runs = {}
+    for cache in ("static", "dynamic"):
+        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", f"generation.kv_cache={cache}",
+                                          "generation.max_new_tokens=40", "output.token_ids=true"]))
+        runs[cache] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
+    assert runs["static"] == runs["dynamic"]

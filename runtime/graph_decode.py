@@ -1,0 +1,183 @@
+"""Static KV cache and the decode loop replayed as one CUDA graph per step.
+
+transformers' model forward is used as it is; what changes is what it is given:
+- a KV cache of fixed buffers [B, kv_heads, S, D] per layer, written at slot indices held in a tensor
+  (`StaticKVCache`), so every step has the same shapes and addresses;
+- ready-made additive masks for the full and the sliding layers, computed on the GPU from a table of
+  the position held in each cache slot (left padding, the causal rule and the 128-token window all
+  follow from it), so transformers builds no mask and the Python side holds no per-step values;
+- position ids in a tensor that the loop advances on the GPU.
+On CUDA the mask computation and the forward of a decode step are captured once as a CUDA graph and
+replayed; sampling and the stop bookkeeping run after it without any host sync (the host looks at
+the stop flags only every `SYNC_EVERY` steps). On the CPU the same code runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+SYNC_EVERY = 16  # steps between host checks of "have all rows stopped?"
+
+
+class StaticKVCache:
+    """Fixed K/V buffers per layer; `update` writes the new keys at `self.slots` and returns the buffers.
+
+    Duck-types the part of transformers' Cache that GptOssAttention uses (`update`).
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [T] slots written by this forward
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        self.k[layer_idx].index_copy_(2, self.slots, key)
+        self.v[layer_idx].index_copy_(2, self.slots, value)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def masks(slot_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Additive masks [B, 1, T, S]: a query at position p sees the slots holding positions <= p
+    (and > p - window on sliding layers); empty slots (position -1) and pad queries see nothing."""
+    held = slot_pos[:, None, None, :]  # [B, 1, 1, S]
+    q = query_pos[:, None, :, None]  # [B, 1, T, 1]
+    full = (held >= 0) & (held <= q) & (q >= 0)
+    neg = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype, device=slot_pos.device)
+    out = {"full_attention": torch.where(full, zero, neg)}
+    sliding = full & (held > q - window) if window else full
+    out["sliding_attention"] = torch.where(sliding, zero, neg)
+    return out
+
+
+@dataclass
+class DecodeState:
+    """What a decode call leaves behind: tokens [B, N], lengths [B], stopped [B] (on the device)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+
+
+class GraphDecoder:
+    """Prefill + decode over a StaticKVCache; the decode step is a CUDA graph on GPUs."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, use_graph: bool) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.dtype, self.device = dtype, device
+        self.use_graph = use_graph and device.type == "cuda"
+        attn = model.model.layers[0].self_attn
+        self.kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
+        self.window = getattr(self.cfg, "sliding_window", None)
+        self._graph: dict[str, Any] | None = None  # the captured step and its static buffers
+
+    def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
+        """Static buffers for (batch, max_len); the graph is kept for the next call of the same shape."""
+        g = self._graph
+        if g is not None and g["key"] == (batch, max_len):
+            return g
+        self._graph = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        cfg = self.cfg
+        cache = StaticKVCache(cfg.num_hidden_layers, batch, self.kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
+        dev = self.device
+        self._graph = {
+            "key": (batch, max_len), "cache": cache, "graph": None,
+            "ids": torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            "pos": torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            "slot_pos": torch.full((batch, max_len), -1, dtype=torch.long, device=dev),
+            "logits": None,
+        }
+        return self._graph
+
+    def _forward(self, buf: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of the last token of each row: [B, V]."""
+        m = masks(buf["slot_pos"], pos, self.window, self.dtype)
+        out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
+                         past_key_values=buf["cache"], use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _step(self, buf: dict[str, Any]) -> torch.Tensor:
+        """One decode step from the static buffers (replayed from a CUDA graph when available)."""
+        if not self.use_graph:
+            return self._forward(buf, buf["ids"], buf["pos"])
+        if buf["graph"] is None:
+            saved = {k: buf[k].clone() for k in ("ids", "pos", "slot_pos")}
+            saved_slot = buf["cache"].slots.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy inits)
+                self._forward(buf, buf["ids"], buf["pos"])
+            torch.cuda.current_stream().wait_stream(side)
+            for k, t in saved.items():
+                buf[k].copy_(t)
+            buf["cache"].slots.copy_(saved_slot)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                buf["logits"] = self._forward(buf, buf["ids"], buf["pos"])
+            buf["graph"] = graph
+        buf["graph"].replay()
+        return buf["logits"]
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, sample: Callable[[torch.Tensor], torch.Tensor],
+            stop: torch.Tensor, pad_id: int, ignore_eos: bool, clock: Any) -> DecodeState:
+        """ids/mask: the left-padded prompts [B, T]. Marks `clock` after each token exists."""
+        batch, width = ids.shape
+        max_len = width + max_new_tokens
+        buf = self._buffers(batch, _round_up(max_len, 64))
+        cache = buf["cache"]
+        positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.full_like(mask, -1))  # [B, T]; pads -1
+        buf["slot_pos"].fill_(-1)
+        buf["slot_pos"][:, :width] = positions
+        cache.slots = torch.arange(width, device=self.device)
+        logits = self._forward(buf, ids, positions)  # prefill: not graphed (its shape changes per batch)
+        cache.slots = torch.full((1,), width, dtype=torch.long, device=self.device)
+        if buf["graph"] is not None:  # the graph recorded the slot tensor it was captured with
+            buf["captured_slots"].fill_(width)
+            cache.slots = buf["captured_slots"]
+        else:
+            buf["captured_slots"] = cache.slots
+        buf["pos"].copy_(positions[:, -1:])
+        tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            token = sample(logits)
+            if not ignore_eos:
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                hit = torch.isin(token, stop) & ~done
+                lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
+                done = done | hit
+            tokens[:, step] = token
+            clock.mark()
+            if step + 1 == max_new_tokens:
+                break
+            if not ignore_eos and (step + 1) % SYNC_EVERY == 0 and bool(done.all()):
+                break
+            # the new token goes into the next free slot, at the next position
+            buf["ids"].copy_(token[:, None])
+            buf["pos"].add_(1)
+            buf["slot_pos"].index_copy_(1, cache.slots, buf["pos"])
+            logits = self._step(buf)
+            cache.slots.add_(1)
+        return DecodeState(tokens, lengths, done)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple

@@ -1,0 +1,58 @@
+"""The fast decode path against the references, on the CPU: the static cache and GPU-side masks give
+transformers' DynamicCache tokens; our GQA attention with sinks equals transformers' eager attention."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+from runtime.graph_decode import masks
+from runtime.kernels import attention
+from tests.conftest import generate, read_jsonl
+
+
+@pytest.mark.parametrize("t", [1, 7])
+def test_gqa_sinks_attention_equals_eager(monkeypatch: pytest.MonkeyPatch, t: int) -> None:
+    gen = torch.Generator().manual_seed(t)
+    b, hq, hkv, s, d = 3, 8, 2, 11, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h, n in ((hq, t), (hkv, s), (hkv, s)))
+    mask = torch.where(torch.rand(b, 1, t, s, generator=gen) < 0.3, torch.finfo(torch.float32).min, 0.0)
+    mask[0, :, 0, :] = torch.finfo(torch.float32).min  # a query that sees nothing (a left-pad row)
+    module = SimpleNamespace(sinks=torch.randn(hq, generator=gen), num_key_value_groups=hq // hkv, training=False)
+    ref, _ = eager_attention_forward(module, q, k, v, mask, scaling=d**-0.5)
+    monkeypatch.setattr(attention, "SCORE_BYTES_BUDGET", hq * t * s * 4)  # one sequence at a time
+    out, _ = attention.gqa_sinks_attention(module, q, k, v, mask, scaling=d**-0.5)
+    assert out.shape == ref.shape == (b, t, hq, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_follow_positions_and_window() -> None:
+    # row 0: two pad slots, then positions 0..3; row 1: positions 0..5; query at position 4 / 6 (slot 6)
+    slot_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 5, 6, -1]])
+    q = torch.tensor([[4], [6]])
+    m = masks(slot_pos, q, window=3, dtype=torch.float32)
+    seen_full = (m["full_attention"][:, 0, 0] == 0).int().tolist()
+    seen_sliding = (m["sliding_attention"][:, 0, 0] == 0).int().tolist()
+    assert seen_full == [[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 0]]
+    assert seen_sliding == [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 0]]
+    pad_query = masks(slot_pos, torch.tensor([[-1], [-1]]), window=3, dtype=torch.float32)
+    assert (pad_query["full_attention"] != 0).all()
+
+
+@pytest.mark.parametrize("attn", ["eager", "gqa_sinks"])
+def test_static_cache_gives_the_dynamic_cache_tokens(tmp_path: Path, attn: str) -> None:
+    prompts = tmp_path / "p.jsonl"
+    texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3, "2+2?"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    runs = {}
+    for cache in ("dynamic", "static"):
+        out = tmp_path / f"{cache}.jsonl"
+        generate([f"prompts.path={prompts}", f"output.path={out}", "output.token_ids=true", f"attention={attn}",
+                  f"generation.kv_cache={cache}", "generation.max_new_tokens=40", "generation.batch_size=3"])
+        runs[cache] = [r["completion_ids"] for r in read_jsonl(out)]
+    assert runs["static"] == runs["dynamic"]
