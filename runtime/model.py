@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from runtime import checkpoint, kernels, parallelize
+from runtime.kernels import moe
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATTENTION = ("eager", "flex_attention", "gqa_sinks")
-EXPERTS = ("grouped_mm", "batched_mm", "eager")
+EXPERTS = ("grouped_mm", "batched_mm", "eager", "triton")
 
 
 class KernelError(UserError):
@@ -86,6 +87,9 @@ def build(
     from transformers import GptOssForCausalLM
 
     t0 = time.perf_counter()
+    kernels.register()
+    if experts == "triton" and not moe.triton_usable(device):
+        log.info("experts=triton: no GPU here, using its torch reference (same function, slower)")
     mxfp4 = checkpoint.is_mxfp4(hf_config)
     hf_config = hf_config.__class__.from_dict({k: v for k, v in hf_config.to_dict().items() if k != "quantization_config"})
     hf_config._attn_implementation = "eager"
@@ -116,7 +120,6 @@ def build(
     model.eval()
     model.requires_grad_(False)
     if attention != "eager":
-        kernels.register()
         model.set_attn_implementation(attention)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",

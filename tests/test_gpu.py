@@ -12,15 +12,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 PROMPTS = [Request(id=str(i), prompt=p) for i, p in enumerate(["Hello", "What is 2+2?", "Name a colour." * 20])]
 
 
-def tokens(device: str, dtype: str, experts: str = "grouped_mm") -> list[list[int]]:
+def tokens(device: str, dtype: str, experts: str = "grouped_mm", attention: str = "gqa_sinks") -> list[list[int]]:
     eng = Engine(compose("generate", [f"model.device={device}", f"model.dtype={dtype}", f"experts={experts}",
-                                      "generation.max_new_tokens=16", "output.token_ids=true"]))
+                                      f"attention={attention}", "generation.max_new_tokens=16",
+                                      "output.token_ids=true"]))
     return [r["completion_ids"] for r in eng.generate(PROMPTS)]
 
 
 def test_fp32_gpu_equals_cpu() -> None:
     cpu = tokens("cpu", "float32")
-    for experts in ("grouped_mm", "batched_mm", "eager"):
+    for experts in ("grouped_mm", "batched_mm", "eager", "triton"):
         assert tokens("cuda", "float32", experts) == cpu, experts
 
 
@@ -58,3 +59,55 @@ def test_static_cache_equals_dynamic_cache_fp32() -> None:
                                           "generation.max_new_tokens=40", "output.token_ids=true"]))
         runs[cache] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
     assert runs["static"] == runs["dynamic"]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64, 1024])
+def test_triton_moe_real_shapes(tokens: int) -> None:
+    """gpt-oss-20b experts (32 x 2880 x 2880, top-4), bf16, decode and prefill token counts."""
+    from runtime.kernels import moe
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    e, h, i, k = 32, 2880, 2880, 4
+    x = torch.randn(tokens, h, device="cuda", generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(e, device="cuda", generator=g)[:k] for _ in range(tokens)])
+    w = torch.softmax(torch.randn(tokens, k, device="cuda", generator=g), -1).bfloat16()
+    gu = (torch.randn(e, h, 2 * i, device="cuda", generator=g) * 0.02).bfloat16()
+    gb = (torch.randn(e, 2 * i, device="cuda", generator=g) * 0.02).bfloat16()
+    dn = (torch.randn(e, i, h, device="cuda", generator=g) * 0.02).bfloat16()
+    db = (torch.randn(e, h, device="cuda", generator=g) * 0.02).bfloat16()
+    out = moe.fused_experts(x, idx, w, gu, gb, dn, db)
+    ref = moe.reference_experts(x, idx, w, gu, gb, dn, db)
+    assert not out.isnan().any() and _rel(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize(("b", "t", "s"), [(1, 1, 1100), (8, 1, 300), (64, 1, 1280), (2, 512, 512)])
+def test_gqa_sinks_attention_bf16(b: int, t: int, s: int) -> None:
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from runtime.kernels import attention
+
+    g = torch.Generator(device="cuda").manual_seed(b * t)
+    q = torch.randn(b, 64, t, 64, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(b, 8, s, 64, device="cuda", generator=g).bfloat16() for _ in range(2))
+    mask = torch.where(torch.rand(b, 1, t, s, device="cuda", generator=g) < 0.2, torch.finfo(torch.bfloat16).min,
+                       0.0).bfloat16()
+    module = SimpleNamespace(sinks=torch.randn(64, device="cuda", generator=g).bfloat16(), num_key_value_groups=8,
+                             training=False)
+    out, _ = attention.gqa_sinks_attention(module, q, k, v, mask, scaling=0.125)
+    ref, _ = eager_attention_forward(module, q.float(), k.float(), v.float(), mask.float(), scaling=0.125)
+    assert not out.isnan().any() and _rel(out, ref) <= 1e-2
+
+
+def test_fast_path_tokens_equal_reference_path() -> None:
+    """Tiny model, fp32 on the GPU: static cache + CUDA graph + gqa_sinks + triton = dynamic + eager + grouped_mm."""
+    fast = tokens("cuda", "float32", "triton")
+    eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "generation.kv_cache=dynamic",
+                                      "attention=eager", "experts=grouped_mm", "generation.max_new_tokens=16",
+                                      "output.token_ids=true"]))
+    assert fast == [r["completion_ids"] for r in eng.generate(PROMPTS)]

@@ -12,11 +12,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from runtime.kernels import attention
+    from runtime.kernels import attention, moe
 
     ALL_ATTENTION_FUNCTIONS.register(attention.NAME, attention.gqa_sinks_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(attention.NAME, eager_mask)
+    ALL_EXPERTS_FUNCTIONS.register(moe.NAME, moe.experts_forward)
     _registered = True

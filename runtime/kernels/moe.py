@@ -1,0 +1,210 @@
+"""Fused MoE experts in Triton: every needed expert's weights are read once per step.
+
+Registered with transformers as the experts implementation `triton` (conf/experts/triton.yaml), so
+`experts=triton` swaps it into transformers' own GptOssExperts modules. Same function as
+transformers' eager experts: for each (token, expert) pair, gate_up = x @ W_gu[e] + b_gu[e] (gate and
+up interleaved), out = ((clamp(up) + 1) * g * sigmoid(1.702 g)) @ W_d[e] + b_d[e] with g = min(gate,
+limit), weighted by the routing weight and summed over the token's experts.
+
+How: the (token, expert) pairs are sorted by expert and laid out in blocks of BLOCK_M rows, each
+block holding pairs of one expert only (padded). One kernel computes gate_up + bias + SwiGLU for a
+block x a slice of the expert's hidden units, a second one the down projection + bias, times the
+routing weight. A block reads its expert's weight tile once for all its rows, so at decode (a few
+pairs per expert) each active expert's weights cross memory once. The layout is computed with torch
+ops of fixed shapes (no host sync), so the whole thing can be captured in a CUDA graph. Expert id
+`num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
+
+Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1) the torch reference below is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "triton"
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA torch and is pinned for CPU
+    HAVE_TRITON = False
+
+
+def triton_usable(device: torch.device) -> bool:
+    return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, b_ptr, h_ptr, pair_ptr, block_expert_ptr,
+        num_pairs, num_experts, hidden, inter, limit, alpha,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e >= num_experts:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ptr + rows)
+        valid = pair < num_pairs
+        tok = pair // TOP_K
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units of the expert
+        n_ok = n < inter
+        w_base = w_ptr + e.to(tl.int64) * hidden * (2 * inter)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < hidden
+            a = tl.load(x_ptr + tok[:, None].to(tl.int64) * hidden + kk[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w_rows = w_base + kk[:, None].to(tl.int64) * (2 * inter)
+            wg = tl.load(w_rows + 2 * n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(w_rows + 2 * n[None, :] + 1, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc_g += tl.dot(a, wg, input_precision="ieee")
+                acc_u += tl.dot(a, wu, input_precision="ieee")
+            else:
+                acc_g += tl.dot(a, wg)
+                acc_u += tl.dot(a, wu)
+        b_base = b_ptr + e.to(tl.int64) * (2 * inter)
+        gate = acc_g + tl.load(b_base + 2 * n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        up = acc_u + tl.load(b_base + 2 * n + 1, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
+        tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr,
+        num_pairs, num_experts, hidden, inter,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e >= num_experts:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ptr + rows)
+        valid = pair < num_pairs
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+        n_ok = n < hidden
+        w_base = w_ptr + e.to(tl.int64) * inter * hidden
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < inter
+            a = tl.load(h_ptr + pair[:, None].to(tl.int64) * inter + kk[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * weight[:, None]
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc, mask=valid[:, None] & n_ok[None, :])
+
+
+def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert in blocks of `block_m` rows of one expert each.
+
+    expert_ids: [P] expert of each (token, expert) pair; `num_experts` = not on this rank.
+    Returns (pair id per padded row [num_blocks * block_m], P marks an empty row;
+             expert per block [num_blocks], num_experts marks an empty block).
+    num_blocks = ceil(P / block_m) + num_experts, an upper bound, so shapes never depend on routing.
+    """
+    p = expert_ids.numel()
+    dev = expert_ids.device
+    num_blocks = -(-p // block_m) + num_experts
+    _, order = torch.sort(expert_ids, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    raw_start = torch.cumsum(counts, 0) - counts
+    rows = torch.arange(num_blocks * block_m, device=dev)
+    block_expert = torch.searchsorted(pad_end, torch.arange(num_blocks, device=dev) * block_m, right=True)
+    e = block_expert[rows // block_m]
+    e_c = e.clamp(max=num_experts - 1)
+    off = rows - pad_start[e_c]
+    valid = (e < num_experts) & (off < counts[e_c])
+    pair = torch.where(valid, order[(raw_start[e_c] + off).clamp(max=p - 1)], torch.full_like(rows, p))
+    return pair, block_expert
+
+
+def fused_experts(
+    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+    limit: float = 7.0, alpha: float = 1.702,
+) -> torch.Tensor:
+    """x [T, H], top_k_index/top_k_weights [T, k], gate_up [E, H, 2I], down [E, I, H] -> [T, H]."""
+    t, hidden = x.shape
+    top_k = top_k_index.shape[1]
+    num_experts, _, two_inter = gate_up.shape
+    inter = two_inter // 2
+    p = t * top_k
+    block_m = 16 if p <= 256 else 64
+    pair, block_expert = block_layout(top_k_index.reshape(-1), num_experts, block_m)
+    h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
+    out = torch.zeros((p, hidden), dtype=torch.float32, device=x.device)
+    ieee = x.dtype == torch.float32
+    num_blocks = block_expert.numel()
+    bn, bk = 64, 64
+    x = x.contiguous()
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
+        x, gate_up, gate_up_bias, h, pair, block_expert, p, num_experts, hidden, inter, float(limit), float(alpha),
+        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=4,
+    )
+    weights = top_k_weights.reshape(-1).float().contiguous()
+    _down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
+        h, down, down_bias, weights, out, pair, block_expert, p, num_experts, hidden, inter,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=4,
+    )
+    return out.view(t, top_k, hidden).sum(1).to(x.dtype)
+
+
+def reference_experts(
+    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+    limit: float = 7.0, alpha: float = 1.702,
+) -> torch.Tensor:
+    """The same function in plain torch, one expert at a time (the CPU fallback and the test oracle)."""
+    num_experts = gate_up.shape[0]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(num_experts):
+        tok, slot = torch.where(top_k_index == e)
+        if tok.numel() == 0:
+            continue
+        gu = x[tok].float() @ gate_up[e].float() + gate_up_bias[e].float()
+        gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(-limit, limit)
+        hid = (up + 1) * gate * torch.sigmoid(gate * alpha)
+        y = hid.to(x.dtype).float() @ down[e].float() + down_bias[e].float()
+        out.index_add_(0, tok, y * top_k_weights[tok, slot, None].float())
+    return out.to(x.dtype)
+
+
+def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts-implementation signature, for GptOssExperts modules."""
+    fn = fused_experts if triton_usable(hidden_states.device) else reference_experts
+    return fn(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_bias,
+              self.down_proj, self.down_proj_bias, limit=self.limit, alpha=self.alpha)
