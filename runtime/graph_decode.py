@@ -14,11 +14,14 @@ the stop flags only every `SYNC_EVERY` steps). On the CPU the same code runs eag
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SYNC_EVERY = 16  # steps between host checks of "have all rows stopped?"
 
@@ -79,7 +82,8 @@ class GraphDecoder:
         self.model = model
         self.cfg = model.config
         self.dtype, self.device = dtype, device
-        self.use_graph = use_graph and device.type == "cuda"
+        # transformers' eager experts loop syncs with the host every layer: nothing to capture
+        self.use_graph = use_graph and device.type == "cuda" and self.cfg._experts_implementation != "eager"
         attn = model.model.layers[0].self_attn
         self.kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         self.window = getattr(self.cfg, "sliding_window", None)
@@ -128,8 +132,15 @@ class GraphDecoder:
                 buf[k].copy_(t)
             buf["cache"].slots.copy_(saved_slot)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                buf["logits"] = self._forward(buf, buf["ids"], buf["pos"])
+            try:
+                with torch.cuda.graph(graph):
+                    buf["logits"] = self._forward(buf, buf["ids"], buf["pos"])
+            except RuntimeError as e:  # an op that syncs with the host (e.g. grouped_mm's fp32 fallback)
+                log.warning("decode step cannot be captured as a CUDA graph (%s); running it eagerly",
+                            str(e).splitlines()[0][:160])
+                self.use_graph = False
+                torch.cuda.synchronize()
+                return self._forward(buf, buf["ids"], buf["pos"])
             buf["graph"] = graph
         buf["graph"].replay()
         return buf["logits"]

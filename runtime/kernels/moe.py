@@ -61,26 +61,24 @@ if HAVE_TRITON:
         tok = pair // TOP_K
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units of the expert
         n_ok = n < inter
+        # gate/up are interleaved per hidden unit: the 2*BLOCK_N columns of these units are contiguous
+        c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        c_ok = c < 2 * inter
         w_base = w_ptr + e.to(tl.int64) * hidden * (2 * inter)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < hidden
             a = tl.load(x_ptr + tok[:, None].to(tl.int64) * hidden + kk[None, :],
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w_rows = w_base + kk[:, None].to(tl.int64) * (2 * inter)
-            wg = tl.load(w_rows + 2 * n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(w_rows + 2 * n[None, :] + 1, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(w_base + kk[:, None].to(tl.int64) * (2 * inter) + c[None, :],
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
             if IEEE:
-                acc_g += tl.dot(a, wg, input_precision="ieee")
-                acc_u += tl.dot(a, wu, input_precision="ieee")
+                acc += tl.dot(a, w, input_precision="ieee")
             else:
-                acc_g += tl.dot(a, wg)
-                acc_u += tl.dot(a, wu)
-        b_base = b_ptr + e.to(tl.int64) * (2 * inter)
-        gate = acc_g + tl.load(b_base + 2 * n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        up = acc_u + tl.load(b_base + 2 * n + 1, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                acc += tl.dot(a, w)
+        acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
