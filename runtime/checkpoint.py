@@ -271,14 +271,17 @@ def tensor_specs(cfg: dict[str, Any], fmt: str) -> Iterator[tuple[str, tuple[int
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
     # Magnitudes like a trained model's, so activations neither vanish nor overflow in bf16.
+    dev = gen.device
     if kind == "blocks":
-        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    if kind == "scales":  # 2^-7..2^-5 times E2M1 values up to 6: weights of order 0.02
-        return torch.randint(120, 123, shape, dtype=torch.uint8, generator=gen)
-    if kind == "norm":
-        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-    std = {"weight": 0.02, "bias": 0.02, "sinks": 1.0}[kind]
-    return (std * torch.randn(shape, generator=gen)).to(dtype)
+        t = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen, device=dev)
+    elif kind == "scales":  # 2^-7..2^-5 times E2M1 values up to 6: weights of order 0.02
+        t = torch.randint(120, 123, shape, dtype=torch.uint8, generator=gen, device=dev)
+    elif kind == "norm":
+        t = (1.0 + 0.1 * torch.randn(shape, generator=gen, device=dev)).to(dtype)
+    else:
+        std = {"weight": 0.02, "bias": 0.02, "sinks": 1.0}[kind]
+        t = (std * torch.randn(shape, generator=gen, device=dev)).to(dtype)
+    return t.cpu()
 
 
 def write_synthetic(
@@ -305,7 +308,8 @@ def write_synthetic(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
+    # A GPU draws the 20-120 B random values in seconds (the CPU takes minutes); values differ by device.
+    gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     weight_map: dict[str, str] = {}
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"synth {out.name}", disable=None)
     for n, members in enumerate(shards, start=1):
