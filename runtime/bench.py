@@ -174,7 +174,7 @@ class Bench:
         """The seed recipe on the same weights: from_pretrained() + generate() with defaults."""
         from transformers import AutoModelForCausalLM
 
-        self.engine.model = None  # free ours first: both rarely fit at once
+        self.engine.model = self.engine.graph_decoder = None  # free ours (weights, KV cache, graph) first
         _free(self.device)
         kw: dict[str, Any] = {"dtype": self.engine.dtype}
         if self.layout.world_size > 1:

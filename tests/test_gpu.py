@@ -34,8 +34,10 @@ def test_bf16_logits_close_to_fp32() -> None:
             logits[dtype] = eng.model(ids).logits.float()
     ref, out = logits["float32"], logits["bfloat16"]
     assert torch.isfinite(out).all()
-    # bf16 rounding compounds over the layers: 0.030 measured on an H100 (transformers 5.17, torch 2.11)
-    assert (out - ref).norm() / ref.norm() < 5e-2
+    # Per token: bf16 rounding can flip a router's top-4 choice, which changes that token a lot, so the
+    # check is on the typical token (median) and on the next-token choice, not on a global norm.
+    per_token = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_token.median() < 3e-2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 

@@ -41,8 +41,20 @@ def triton_usable(device: torch.device) -> bool:
     return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _configs() -> list:
+    """Tile shapes tried once per problem shape on the GPU (Triton's autotuner, outside any graph)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bn, bk, w, st in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 256, 4, 3),
+                              (128, 128, 8, 3))
+    ]
+
+
 if HAVE_TRITON:
 
+    @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
     @triton.jit
     def _gate_up_kernel(
         x_ptr, w_ptr, b_ptr, h_ptr, pair_ptr, block_expert_ptr,
@@ -85,6 +97,7 @@ if HAVE_TRITON:
         tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
+    @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
     @triton.jit
     def _down_kernel(
         h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr,
@@ -166,16 +179,15 @@ def fused_experts(
     out = torch.zeros((p, hidden), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     num_blocks = block_expert.numel()
-    bn, bk = 64, 64
     x = x.contiguous()
-    _gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
+    _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
         x, gate_up, gate_up_bias, h, pair, block_expert, p, num_experts, hidden, inter, float(limit), float(alpha),
-        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=4,
+        TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee,
     )
     weights = top_k_weights.reshape(-1).float().contiguous()
-    _down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
+    _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]))](
         h, down, down_bias, weights, out, pair, block_expert, p, num_experts, hidden, inter,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=4,
+        BLOCK_M=block_m, IEEE=ieee,
     )
     return out.view(t, top_k, hidden).sum(1).to(x.dtype)
 
