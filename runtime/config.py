@@ -110,6 +110,9 @@ class GenerationConfig:
     `dynamic`: transformers' DynamicCache and mask building, the reference."""
     cuda_graph: bool = True
     """With the static cache on a GPU: capture the decode step once as a CUDA graph and replay it."""
+    compile: bool = False
+    """With the static cache: torch.compile the decode step (fuses the small elementwise kernels;
+    compiles once per batch shape, which takes a while) before it is captured."""
 
 
 @dataclass

@@ -129,7 +129,8 @@ class Engine:
         self.load_seconds = loaded.load_seconds
         self.param_bytes = modeling.param_bytes(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed)
-        self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph)
+        self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph,
+                                          compile=cfg.generation.compile)
         self.stats = Stats()
         self.stopped_early = False
 

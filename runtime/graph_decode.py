@@ -78,7 +78,8 @@ class DecodeState:
 class GraphDecoder:
     """Prefill + decode over a StaticKVCache; the decode step is a CUDA graph on GPUs."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, use_graph: bool) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, use_graph: bool,
+                 compile: bool = False) -> None:
         self.model = model
         self.cfg = model.config
         self.dtype, self.device = dtype, device
@@ -88,6 +89,7 @@ class GraphDecoder:
         self.kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         self.window = getattr(self.cfg, "sliding_window", None)
         self._graph: dict[str, Any] | None = None  # the captured step and its static buffers
+        self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
         """Static buffers for (batch, max_len); the graph is kept for the next call of the same shape."""
@@ -119,14 +121,14 @@ class GraphDecoder:
     def _step(self, buf: dict[str, Any]) -> torch.Tensor:
         """One decode step from the static buffers (replayed from a CUDA graph when available)."""
         if not self.use_graph:
-            return self._forward(buf, buf["ids"], buf["pos"])
+            return self._decode_forward(buf, buf["ids"], buf["pos"])
         if buf["graph"] is None:
             saved = {k: buf[k].clone() for k in ("ids", "pos", "slot_pos")}
             saved_slot = buf["cache"].slots.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy inits)
-                self._forward(buf, buf["ids"], buf["pos"])
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, compiling)
+                self._decode_forward(buf, buf["ids"], buf["pos"])
             torch.cuda.current_stream().wait_stream(side)
             for k, t in saved.items():
                 buf[k].copy_(t)
@@ -134,7 +136,7 @@ class GraphDecoder:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    buf["logits"] = self._forward(buf, buf["ids"], buf["pos"])
+                    buf["logits"] = self._decode_forward(buf, buf["ids"], buf["pos"])
             except RuntimeError as e:  # an op that syncs with the host (e.g. grouped_mm's fp32 fallback)
                 log.warning("decode step cannot be captured as a CUDA graph (%s); running it eagerly",
                             str(e).splitlines()[0][:160])
