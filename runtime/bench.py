@@ -162,6 +162,7 @@ class Bench:
             "tpot_p50_ms": tpot_p50 * 1e3, "tpot_p99_ms": (percentile(tpot, 99) if tpot else float("nan")) * 1e3,
             "e2e_p50_s": e2e_p50,
             "output_tok_s": total, "output_tok_s_per_gpu": total / lay.world_size,
+            "decode_tok_s": lay.dp_size * batch / tpot_p50,
             "output_tok_s_per_user": 1.0 / tpot_p50,
             "prefill_tok_s": lay.dp_size * sum(len(p) for p in prompts) / ttft_p50,
             "load_s": load_seconds,

@@ -153,7 +153,7 @@ class GraphDecoder:
         """ids/mask: the left-padded prompts [B, T]. Marks `clock` after each token exists."""
         batch, width = ids.shape
         max_len = width + max_new_tokens
-        buf = self._buffers(batch, _round_up(max_len, 64))
+        buf = self._buffers(batch, _round_up(max_len, 256))  # fewer distinct shapes: graphs/compiles are reused
         cache = buf["cache"]
         positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.full_like(mask, -1))  # [B, T]; pads -1
         buf["slot_pos"].fill_(-1)

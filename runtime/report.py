@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 COLUMNS = [
     "run", "impl", "model", "format", "dtype", "world_size", "tp_size", "ep_size", "dp_size", "attention", "experts",
     "mode", "batch_size", "input_len", "output_len", "runs", "generated_tokens", "expected_tokens",
-    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "output_tok_s", "output_tok_s_per_gpu",
+    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "output_tok_s", "output_tok_s_per_gpu", "decode_tok_s",
     "output_tok_s_per_user", "prefill_tok_s", "load_s", "step_bytes_gb", "achieved_gb_s", "copy_bw_gb_s",
     "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline",
 ]

@@ -35,6 +35,7 @@ def test_fields_are_present_and_consistent(tmp_path: Path) -> None:
         assert r["generated_tokens"] == r["expected_tokens"] == r["runs"] * r["batch_size"] * 6
         assert r["output_tok_s_per_gpu"] == pytest.approx(r["output_tok_s"] / r["world_size"])
         assert r["output_tok_s"] == pytest.approx(r["batch_size"] * 6 / r["e2e_p50_s"])
+        assert r["decode_tok_s"] == pytest.approx(r["batch_size"] / (r["tpot_p50_ms"] / 1e3))
         assert r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["tpot_p50_ms"] <= r["tpot_p99_ms"]
         assert r["prefill_tok_s"] == pytest.approx(r["batch_size"] * 32 / (r["ttft_p50_ms"] / 1e3))
         assert r["bw_fraction"] == pytest.approx(r["achieved_gb_s"] / r["copy_bw_gb_s"])

@@ -113,3 +113,13 @@ def test_fast_path_tokens_equal_reference_path() -> None:
                                       "attention=eager", "experts=grouped_mm", "generation.max_new_tokens=16",
                                       "output.token_ids=true"]))
     assert fast == [r["completion_ids"] for r in eng.generate(PROMPTS)]
+
+
+def test_compiled_decode_step_equals_plain() -> None:
+    runs = {}
+    for comp in ("true", "false"):
+        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=gqa_sinks",
+                                          "experts=triton", f"generation.compile={comp}", "generation.max_new_tokens=24",
+                                          "output.token_ids=true"]))
+        runs[comp] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
+    assert runs["true"] == runs["false"]
