@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from runtime import checkpoint, config, distributed, report, roofline
-from runtime.engine import Engine, render_harmony
+from runtime.engine import Engine, left_pad, render_harmony
 from runtime.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("runtime.bench")
@@ -197,7 +197,7 @@ class Bench:
 
     def _baseline_at(self, model: Any, batch: int, load_seconds: float) -> dict[str, Any]:
         prompts, new_tokens, ignore_eos = self.prompts(batch)
-        ids, mask = _left_pad_batch(prompts, self.engine.pad_id, model.device)
+        ids, mask = left_pad(prompts, self.engine.pad_id, model.device)
         fixed = {"min_new_tokens": new_tokens} if ignore_eos else {}
         torch.manual_seed(self.b.seed)
         with torch.inference_mode():
@@ -230,12 +230,6 @@ def _timed(fn: Any, device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0, out
-
-
-def _left_pad_batch(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from runtime.engine import _left_pad
-
-    return _left_pad(prompts, pad_id, device)
 
 
 def _new_tokens(out: torch.Tensor, prompt_len: int, stop_ids: set[int], pad_id: int) -> int:
@@ -328,6 +322,7 @@ def main(cfg: DictConfig) -> None:
                 sys.exit(code)
             return
         run(cfg)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from runtime.errors import UserError
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -211,8 +212,24 @@ def barrier(layout: WorldLayout) -> None:
 
 
 def shutdown() -> None:
+    """Wait for every rank, then release the process group (NCCL); gloo's is left to `finish`."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.destroy_process_group()
+
+
+def finish(code: int = 0) -> None:
+    """End an entry point. Under torchrun the process leaves with os._exit once its output is flushed:
+    gloo's threads can otherwise abort the interpreter's teardown ("terminate called without an active
+    exception"), turning a finished run into a failed one."""
+    if env_world()[0] > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def silence_non_writers(layout: WorldLayout) -> None:

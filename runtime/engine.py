@@ -158,14 +158,14 @@ class Engine:
         none at all until the end.
         """
         if self.cfg.generation.kv_cache == "static":
-            ids, mask = _left_pad(prompts, self.pad_id, self.device)
+            ids, mask = left_pad(prompts, self.pad_id, self.device)
             stop = torch.tensor(sorted(self.stop_ids), device=self.device)
             clock = _Clock(self.device)
             st = self.graph_decoder.run(ids, mask, max_new_tokens, self._sample, stop, self.pad_id, ignore_eos, clock)
             times = clock.intervals()
             return Decoded(st.tokens.cpu(), st.lengths.cpu(), st.stopped.cpu(), prefill_seconds=times[0],
                            step_seconds=times[1:])
-        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = len(prompts)
         from transformers import DynamicCache
@@ -329,7 +329,7 @@ def _stop_ids(ckpt: Path) -> set[int]:
     return ids
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

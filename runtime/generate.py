@@ -104,9 +104,14 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         log.info("%d prompts, %d already in %s, %d to generate", len(requests), len(requests) - len(todo), out_path, len(todo))
     bar = _progress(len(todo)) if writer is not None else None
 
+    counts = {"prompts": 0, "prompt_tokens": 0, "completion_tokens": 0}  # every replica's, from the records
+
     def on_round(records: list[dict[str, Any]]) -> None:
         writer.append(records)  # type: ignore[union-attr]
         bar.update(len(records))  # type: ignore[union-attr]
+        counts["prompts"] += len(records)
+        counts["prompt_tokens"] += sum(r["prompt_tokens"] for r in records)
+        counts["completion_tokens"] += sum(r["completion_tokens"] for r in records)
 
     t0 = time.perf_counter()
     status = "interrupted"
@@ -122,24 +127,24 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             record.update(
                 status=status,
                 generate_seconds=wall,
-                prompts_generated=s.prompts,
-                prompt_tokens=s.prompt_tokens,
-                completion_tokens=s.completion_tokens,
-                prefill_seconds=s.prefill_seconds,
-                decode_seconds=s.decode_seconds,
-                decode_steps=s.decode_steps,
-                output_tokens_per_second=s.completion_tokens / wall if wall > 0 else 0.0,
-                batches=s.batches,
+                prompts_generated=counts["prompts"],
+                prompt_tokens=counts["prompt_tokens"],
+                completion_tokens=counts["completion_tokens"],
+                output_tokens_per_second=counts["completion_tokens"] / wall if wall > 0 else 0.0,
+                replica0={  # timings of the first data-parallel replica (rank 0 measures its own batches)
+                    "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+                    "decode_steps": s.decode_steps, "batches": s.batches,
+                },
             )
             collect.write_json_atomic(out_path.with_name(out_path.name + ".run.json"), record)
             log.info(
-                "%s: %d prompts, %d new tokens in %.1f s (%.1f tok/s) -> %s",
-                status, s.prompts, s.completion_tokens, wall, record["output_tokens_per_second"], out_path,
+                "%s: %d prompts, %d new tokens in %.1f s (%.1f tok/s) -> %s", status, counts["prompts"],
+                counts["completion_tokens"], wall, record["output_tokens_per_second"], out_path,
             )
     engine.close()
     if status == "stopped":
         log.warning("stopped early on request: run the same command again to finish the remaining prompts")
-        sys.exit(EXIT_STOPPED)
+        distributed.finish(EXIT_STOPPED)
     return record if layout.is_writer else None
 
 
@@ -153,6 +158,7 @@ def _progress(total: int) -> Any:
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error(log):
         run(cfg)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

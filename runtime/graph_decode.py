@@ -107,6 +107,7 @@ class GraphDecoder:
             "ids": torch.zeros(batch, 1, dtype=torch.long, device=dev),
             "pos": torch.zeros(batch, 1, dtype=torch.long, device=dev),
             "slot_pos": torch.full((batch, max_len), -1, dtype=torch.long, device=dev),
+            "slot": torch.zeros(1, dtype=torch.long, device=dev),  # the decode step's slot (the graph reads it)
             "logits": None,
         }
         return self._graph
@@ -123,8 +124,7 @@ class GraphDecoder:
         if not self.use_graph:
             return self._decode_forward(buf, buf["ids"], buf["pos"])
         if buf["graph"] is None:
-            saved = {k: buf[k].clone() for k in ("ids", "pos", "slot_pos")}
-            saved_slot = buf["cache"].slots.clone()
+            saved = {k: buf[k].clone() for k in ("ids", "pos", "slot_pos", "slot")}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, compiling)
@@ -132,7 +132,6 @@ class GraphDecoder:
             torch.cuda.current_stream().wait_stream(side)
             for k, t in saved.items():
                 buf[k].copy_(t)
-            buf["cache"].slots.copy_(saved_slot)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
@@ -160,12 +159,8 @@ class GraphDecoder:
         buf["slot_pos"][:, :width] = positions
         cache.slots = torch.arange(width, device=self.device)
         logits = self._forward(buf, ids, positions)  # prefill: not graphed (its shape changes per batch)
-        cache.slots = torch.full((1,), width, dtype=torch.long, device=self.device)
-        if buf["graph"] is not None:  # the graph recorded the slot tensor it was captured with
-            buf["captured_slots"].fill_(width)
-            cache.slots = buf["captured_slots"]
-        else:
-            buf["captured_slots"] = cache.slots
+        buf["slot"].fill_(width)
+        cache.slots = buf["slot"]  # decode steps write at buf["slot"], which the loop advances in place
         buf["pos"].copy_(positions[:, -1:])
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=self.device)

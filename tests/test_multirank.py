@@ -33,6 +33,8 @@ def test_parallel_run_matches_one_process(tmp_path: Path, single: tuple[list[dic
     assert [r["text"] for r in recs] == [r["text"] for r in ref]
     run = json.loads(Path(f"{out}.run.json").read_text())
     assert run["layout"] == {"world_size": nproc, "tp_size": tp, "ep_size": ep, "dp_size": dp}
+    assert run["status"] == "done" and run["prompts_generated"] == len(ref)  # every replica's prompts
+    assert run["completion_tokens"] == sum(r["completion_tokens"] for r in recs)
     full = ref_record["param_bytes_per_rank"][0]
     per_rank = run["param_bytes_per_rank"]
     assert len(per_rank) == nproc
