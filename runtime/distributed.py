@@ -206,11 +206,6 @@ def any_rank(flag: bool, layout: WorldLayout, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def barrier(layout: WorldLayout) -> None:
-    if layout.world_size > 1:
-        dist.barrier()
-
-
 def shutdown() -> None:
     """Wait for every rank, then release the process group (NCCL); gloo's is left to `finish`."""
     if dist.is_initialized():
@@ -247,10 +242,11 @@ __all__ = [
     "LayoutError",
     "WorldLayout",
     "all_reduce_",
-    "barrier",
+    "any_rank",
     "broadcast_from_leader_",
     "broadcast_object",
     "env_world",
+    "finish",
     "gather_to_writer",
     "init",
     "make_layout",
