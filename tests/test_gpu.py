@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -123,3 +125,31 @@ def test_compiled_decode_step_equals_plain() -> None:
                                           "output.token_ids=true"]))
         runs[comp] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
     assert runs["true"] == runs["false"]
+
+
+@pytest.mark.skipif(not os.environ.get("GPTOSS_SYNTH_20B"),
+                    reason="set GPTOSS_SYNTH_20B to a `runtime.synth model=gpt-oss-20b` checkpoint directory")
+def test_fast_kernels_match_reference_logits_on_20b() -> None:
+    """Synthetic gpt-oss-20b, bf16: gqa_sinks + triton vs transformers' eager + grouped_mm, one decoder
+    layer at a time (a sliding and a full one). Through all 24 random layers bf16 differences are
+    amplified chaotically: transformers' own eager and grouped_mm experts already differ by 26% (median
+    per token) on this checkpoint, while one layer agrees to 0.4%."""
+    eng = Engine(compose("generate", ["model=gpt-oss-20b", f"model.path={os.environ['GPTOSS_SYNTH_20B']}",
+                                      "model.device=cuda"]))
+    m = eng.model
+    layers, types = m.model.layers, list(m.config.layer_types)
+    ids = torch.randint(0, 199_998, (4, 300), generator=torch.Generator().manual_seed(0)).cuda()
+    for i in (0, 1):
+        m.model.layers = layers[i : i + 1]
+        m.config.layer_types, m.config.num_hidden_layers = [types[i]], 1
+        out = {}
+        with torch.no_grad():
+            for attn, experts in (("gqa_sinks", "triton"), ("eager", "grouped_mm")):
+                m.set_attn_implementation(attn)
+                m.set_experts_implementation(experts)
+                out[attn] = m(ids, use_cache=False).logits.float()
+        fast, ref = out["gqa_sinks"], out["eager"]
+        assert torch.isfinite(fast).all()
+        per_token = (fast - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert per_token.median() < 1e-2, (types[i], per_token.median().item())
+        assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
