@@ -168,6 +168,8 @@ def fused_experts(
     limit: float = 7.0, alpha: float = 1.702,
 ) -> torch.Tensor:
     """x [T, H], top_k_index/top_k_weights [T, k], gate_up [E, H, 2I], down [E, I, H] -> [T, H]."""
+    if not HAVE_TRITON:
+        raise RuntimeError("experts=triton needs the triton package: pip install triton (CUDA torch brings it)")
     t, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_experts, _, two_inter = gate_up.shape
