@@ -12,7 +12,9 @@ timings). Every field: runtime/config.py.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -86,6 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     param_bytes = distributed.gather_to_writer(engine.param_bytes, layout)
     if writer is not None:
         OmegaConf.save(cfg, out_path.with_name(out_path.name + ".config.yaml"), resolve=True)
+        run_json = out_path.with_name(out_path.name + ".run.json")
+        earlier = json.loads(run_json.read_text()) if run_json.exists() else None
         record = {
             "status": "running",
             "command": sys.argv,
@@ -99,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             "param_bytes_per_rank": param_bytes,
             "prompts_total": len(requests),
             "prompts_skipped": len(requests) - len(todo),
+            # a resumed run keeps the records of the runs before it
+            "earlier_runs": ([*earlier.pop("earlier_runs", []), earlier] if earlier else []),
         }
         collect.write_json_atomic(out_path.with_name(out_path.name + ".run.json"), record)
         log.info("%d prompts, %d already in %s, %d to generate", len(requests), len(requests) - len(todo), out_path, len(todo))
@@ -144,6 +150,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     engine.close()
     if status == "stopped":
         log.warning("stopped early on request: run the same command again to finish the remaining prompts")
+        if layout.is_writer and os.environ.get("GPTOSS_STOP_FILE"):  # tells slurm/torchrun.sh to requeue
+            Path(os.environ["GPTOSS_STOP_FILE"] + "PED").touch()
         distributed.finish(EXIT_STOPPED)
     return record if layout.is_writer else None
 

@@ -14,6 +14,7 @@ the stop flags only every `SYNC_EVERY` steps). On the CPU the same code runs eag
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,11 +94,11 @@ class GraphDecoder:
 
     def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
         """Static buffers for (batch, max_len); the graph is kept for the next call of the same shape."""
-        g = self._graph
-        if g is not None and g["key"] == (batch, max_len):
-            return g
-        self._graph = None
+        if self._graph is not None and self._graph["key"] == (batch, max_len):
+            return self._graph
+        self._graph = None  # free the old cache and graph pool before allocating the new ones
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
         cfg = self.cfg
         cache = StaticKVCache(cfg.num_hidden_layers, batch, self.kv_heads, max_len, cfg.head_dim, self.dtype, self.device)

@@ -13,8 +13,8 @@
 #
 # Preemption: the batch shell traps USR1/TERM (sbatch --signal=B:USR1@120 sends USR1 before the time
 # limit) and creates $GPTOSS_RUN_DIR/STOP; rank 0 sees it between batches, all ranks stop after the
-# current batch with everything flushed, and this script requeues the job. The requeued run skips the
-# prompts already written.
+# current batch with everything flushed (rank 0 then writes STOPPED), and this script requeues the
+# job. The requeued run skips the prompts already written. signal_seconds must exceed one batch.
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -40,7 +40,8 @@ HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}
 
 mkdir -p "$RUN_DIR/logs"
 export GPTOSS_STOP_FILE="$RUN_DIR/STOP"
-rm -f "$GPTOSS_STOP_FILE"
+STOPPED="${GPTOSS_STOP_FILE}PED"  # written by rank 0 when it stopped early with prompts left
+rm -f "$GPTOSS_STOP_FILE" "$STOPPED"
 trap 'echo "[torchrun.sh] $(date -Is) stop requested: ranks finish the current batch"; touch "$GPTOSS_STOP_FILE"' USR1 TERM
 
 echo "[torchrun.sh] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $PROCS rank(s)," \
@@ -60,7 +61,8 @@ while true; do
     kill -0 "$pid" 2>/dev/null || break
 done
 
-if [ -e "$GPTOSS_STOP_FILE" ] && [ "${GPTOSS_REQUEUE:-1}" = 1 ]; then
+# Requeue only a run that stopped with prompts left (not one that finished while the stop was asked).
+if [ -e "$STOPPED" ] && [ "${GPTOSS_REQUEUE:-1}" = 1 ]; then
     echo "[torchrun.sh] $(date -Is) stopped early (srun exit $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || echo "[torchrun.sh] requeue refused; resubmit to finish" >&2
     exit 0

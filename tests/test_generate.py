@@ -53,6 +53,7 @@ def test_resume_skips_done_and_repairs_a_crash(tmp_path: Path) -> None:
     record = generate(args)
     assert record["prompts_skipped"] == 2 and record["prompts_generated"] == 2
     assert out.read_text().splitlines() == full  # same records, input order, no duplicates
+    assert [r["prompts_generated"] for r in record["earlier_runs"]] == [4, 0]  # earlier runs kept
 
 
 def test_batching_and_left_padding_do_not_change_tokens(tmp_path: Path) -> None:

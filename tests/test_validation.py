@@ -105,3 +105,10 @@ def test_bad_run_fails_before_loading(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model.path=/definitely/missing does not exist"):
         generate(["model=gpt-oss-20b", "model.path=/definitely/missing", f"output.path={tmp_path}/o.jsonl"])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_flash_kernel_needs_the_dynamic_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("kernels")
+    monkeypatch.setenv("LOCAL_KERNELS", f"kernels-community/vllm-flash-attn3={tmp_path}")
+    with pytest.raises(UserError, match="generation.kv_cache=dynamic"):
+        generate(["attention=vllm-flash-attn3", f"output.path={tmp_path}/o.jsonl"])
