@@ -83,7 +83,7 @@ def sbatch_script(job: str, overrides: list[str], sh: Shape, lc: LauncherConfig,
     }
     lines = ["#!/bin/bash", f"# Rendered by `python -m launcher job={job} launcher=slurm`; usable by hand: sbatch {run_dir}/job.sbatch"]
     lines += [f"#SBATCH {o}" for o in opts]
-    lines += ["set -euo pipefail", *lc.setup]
+    lines += [*lc.setup, "set -euo pipefail"]  # setup first: some activate scripts trip over `set -u`
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines += [f"cd {shlex.quote(str(REPO))}"]
     lines += [" ".join(["exec", shlex.quote(str(NODE_SCRIPT)), JOBS[job], *map(shlex.quote, overrides)])]

@@ -54,9 +54,11 @@ def job_state(job_id: str) -> tuple[str, str]:
 def wait(job_id: str, poll_seconds: float, timeout: float | None = None) -> tuple[str, str]:
     """Poll until the job reaches a final state (requeues pass through PENDING and go on)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    unknown = 0
     while True:
         state, code = job_state(job_id)
-        if state in FINAL_STATES or state == "UNKNOWN":
+        unknown = unknown + 1 if state == "UNKNOWN" else 0
+        if state in FINAL_STATES or unknown >= 3:  # a controller hiccup is not the end of the job
             return state, code
         if deadline is not None and time.monotonic() > deadline:
             raise LaunchError(f"job {job_id} still {state} after {timeout:.0f} s")

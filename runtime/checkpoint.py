@@ -145,11 +145,12 @@ class CheckpointReader:
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[..., G, 16] uint8 blocks + [..., G] uint8 exponents -> [..., G*32] values."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    lo, hi = (blocks & 0x0F).long(), (blocks >> 4).long()
+    work = torch.float32 if dtype == torch.float16 else dtype  # fp16 would flush small scales to zero
+    lut = torch.tensor(FP4_VALUES, dtype=work, device=blocks.device)
+    lo, hi = (blocks & 0x0F).int(), (blocks >> 4).int()
     vals = torch.stack((lut[lo], lut[hi]), dim=-1).flatten(-2)  # [..., G, 32], even element = low nibble
-    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
-    return vals.flatten(-2)
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1).to(work))
+    return vals.flatten(-2).to(dtype)
 
 
 def quantize_mxfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     layout = distributed.make_layout(cfg.parallel.tp_size, cfg.parallel.ep_size, cfg.parallel.dp_size)
     distributed.silence_non_writers(layout)
     requests = load_requests(cfg)  # validated on every rank before any weight is read
+    stop = StopRequest.from_env()  # a stop signal during loading is honoured before the first batch
     engine = Engine(cfg)
     out_path = Path(cfg.output.path)
     writer: collect.JsonlWriter | None = None
@@ -122,7 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     status = "interrupted"
     try:
-        engine.generate(todo, on_round=on_round, should_stop=StopRequest.from_env())
+        engine.generate(todo, on_round=on_round, should_stop=stop)
         status = "stopped" if engine.stopped_early else "done"
     finally:
         if writer is not None:
