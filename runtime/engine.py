@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
 from runtime.errors import UserError
-from runtime.graph_decode import GraphDecoder
+from runtime.graph_decode import DecodeState, GraphDecoder, mark_stops
 from runtime import model as modeling
 
 log = logging.getLogger(__name__)
@@ -162,25 +162,28 @@ class Engine:
         times are taken with CUDA events, so timing adds no host sync; with `ignore_eos` the loop has
         none at all until the end.
         """
-        if self.cfg.generation.kv_cache == "static":
-            ids, mask = left_pad(prompts, self.pad_id, self.device)
-            stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-            clock = _Clock(self.device)
-            st = self.graph_decoder.run(ids, mask, max_new_tokens, self._sample, stop, self.pad_id, ignore_eos, clock)
-            times = clock.intervals()
-            return Decoded(st.tokens.cpu(), st.lengths.cpu(), st.stopped.cpu(), prefill_seconds=times[0],
-                           step_seconds=times[1:])
         ids, mask = left_pad(prompts, self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = len(prompts)
+        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+        clock = _Clock(self.device)
+        if self.cfg.generation.kv_cache == "static":
+            st = self.graph_decoder.run(ids, mask, max_new_tokens, self._sample, stop, self.pad_id, ignore_eos, clock)
+        else:
+            st = self._decode_dynamic(ids, mask, max_new_tokens, stop, ignore_eos, clock)
+        times = clock.intervals()
+        return Decoded(st.tokens.cpu(), st.lengths.cpu(), st.stopped.cpu(), prefill_seconds=times[0],
+                       step_seconds=times[1:])
+
+    def _decode_dynamic(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: torch.Tensor,
+                        ignore_eos: bool, clock: _Clock) -> DecodeState:
+        """The reference loop: transformers' DynamicCache and mask building, one forward per token."""
         from transformers import DynamicCache
 
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = ids.shape[0]
         cache = DynamicCache(config=self.model.config)
         out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=self.device)
-        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-        clock = _Clock(self.device)
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
             use_cache=True, logits_to_keep=1,
@@ -188,10 +191,7 @@ class Engine:
         for step in range(max_new_tokens):
             token = self._sample(logits)
             if not ignore_eos:
-                token = torch.where(done, torch.full_like(token, self.pad_id), token)
-                hit = torch.isin(token, stop) & ~done
-                lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
-                done = done | hit
+                token, done, lengths = mark_stops(token, done, lengths, step, stop, self.pad_id)
             out_tokens[:, step] = token
             clock.mark()  # token `step` exists: the first mark is the time to first token
             if step + 1 == max_new_tokens or (not ignore_eos and bool(done.all())):
@@ -202,8 +202,7 @@ class Engine:
                 input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1]
-        times = clock.intervals()
-        return Decoded(out_tokens.cpu(), lengths.cpu(), done.cpu(), prefill_seconds=times[0], step_seconds=times[1:])
+        return DecodeState(out_tokens, lengths, done)
 
     def generate_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
         """Generate for one batch on this replica; every rank of the replica gets the records."""

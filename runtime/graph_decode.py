@@ -67,6 +67,15 @@ def masks(slot_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None, d
     return out
 
 
+def mark_stops(token: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor, step: int, stop: torch.Tensor,
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows already stopped emit pad; a row emitting a stop token ends with length step + 1 (on the GPU)."""
+    token = torch.where(done, torch.full_like(token, pad_id), token)
+    hit = torch.isin(token, stop) & ~done
+    lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
+    return token, done | hit, lengths
+
+
 @dataclass
 class DecodeState:
     """What a decode call leaves behind: tokens [B, N], lengths [B], stopped [B] (on the device)."""
@@ -169,10 +178,7 @@ class GraphDecoder:
         for step in range(max_new_tokens):
             token = sample(logits)
             if not ignore_eos:
-                token = torch.where(done, torch.full_like(token, pad_id), token)
-                hit = torch.isin(token, stop) & ~done
-                lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
-                done = done | hit
+                token, done, lengths = mark_stops(token, done, lengths, step, stop, pad_id)
             tokens[:, step] = token
             clock.mark()
             if step + 1 == max_new_tokens:
