@@ -141,7 +141,8 @@ class Bench:
         ttft_p50 = percentile(ttft, 50)
         tpot_p50 = percentile(tpot, 50) if tpot else float("nan")
         total = lay.dp_size * batch * per_run / e2e_p50
-        context = int(sum(len(p) for p in prompts) / batch + per_run / 2)
+        prompt_tokens = sum(len(p) for p in prompts)
+        context = int(prompt_tokens / batch + per_run / 2)
         # Weights as resident: MXFP4 experts are dequantized to the compute dtype at load (both paths).
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
         ours = impl == "ours"  # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas
@@ -156,7 +157,7 @@ class Bench:
             "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
             "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
             "mode": self.b.mode, "batch_size": batch,
-            "input_len": round(sum(len(p) for p in prompts) / batch, 1), "output_len": new_tokens,
+            "input_len": round(prompt_tokens / batch, 1), "output_len": new_tokens,
             "runs": runs, "generated_tokens": generated, "expected_tokens": runs * batch * new_tokens,
             "ttft_p50_ms": ttft_p50 * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
             "tpot_p50_ms": tpot_p50 * 1e3, "tpot_p99_ms": (percentile(tpot, 99) if tpot else float("nan")) * 1e3,
@@ -164,7 +165,7 @@ class Bench:
             "output_tok_s": total, "output_tok_s_per_gpu": total / lay.world_size,
             "decode_tok_s": lay.dp_size * batch / tpot_p50,
             "output_tok_s_per_user": 1.0 / tpot_p50,
-            "prefill_tok_s": lay.dp_size * sum(len(p) for p in prompts) / ttft_p50,
+            "prefill_tok_s": lay.dp_size * prompt_tokens / ttft_p50,
             "load_s": load_seconds,
             "step_bytes_gb": sb.total / 1e9, "achieved_gb_s": achieved / 1e9,
             "copy_bw_gb_s": self.copy_bw / 1e9, "bw_fraction": achieved / self.copy_bw,
