@@ -86,7 +86,13 @@ class AttentionConfig:
 @dataclass
 class ExpertsConfig:
     implementation: str = "grouped_mm"
-    """transformers experts implementation: `grouped_mm`, `batched_mm` or `eager`."""
+    """Experts implementation. transformers': `grouped_mm` (default), `batched_mm`, `eager`; ours:
+    `triton` (fused Triton MoE on bf16 weights, runtime/kernels/moe.py) and `mxfp4` (fused Triton MoE
+    run straight from an MXFP4 checkpoint's 4-bit blocks and scales, dequantized in registers; the
+    experts stay in 4.25 bits per weight in memory, runtime/kernels/moe_mxfp4.py; needs an MXFP4
+    checkpoint, a GPU of compute capability >= 8.0 (the CPU runs its torch reference), and
+    intermediate_size / tp_size a multiple of 32). With an MXFP4 checkpoint every other choice
+    dequantizes the experts to the compute dtype at load."""
 
 
 @dataclass

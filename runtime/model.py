@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from runtime import checkpoint, kernels, parallelize
-from runtime.kernels import moe
+from runtime.kernels import moe, moe_mxfp4
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATTENTION = ("eager", "flex_attention", "gqa_sinks")
-EXPERTS = ("grouped_mm", "batched_mm", "eager", "triton")
+EXPERTS = ("grouped_mm", "batched_mm", "eager", "triton", "mxfp4")
 
 
 class KernelError(UserError):
@@ -88,23 +88,38 @@ def build(
 
     t0 = time.perf_counter()
     kernels.register()
-    if experts == "triton" and not moe.triton_usable(device):
-        log.info("experts=triton: no GPU here, using its torch reference (same function, slower)")
+    if experts in ("triton", "mxfp4") and not moe.triton_usable(device):
+        log.info("experts=%s: no GPU here, using its torch reference (same function, slower)", experts)
     mxfp4 = checkpoint.is_mxfp4(hf_config)
+    if experts == "mxfp4":  # before any weight is read
+        if not mxfp4:
+            raise KernelError(
+                f"experts=mxfp4 runs MXFP4 experts, but {ckpt} stores its experts in bf16 (no MXFP4 "
+                f"quantization_config): use experts=triton or experts=grouped_mm, or an MXFP4 checkpoint "
+                f"(model.synthetic_format=mxfp4 for synthetic ones)"
+            )
+        parallelize.check_mxfp4_split(hf_config, layout.tp_size)
+        moe_mxfp4.check_device(device)
     hf_config = hf_config.__class__.from_dict({k: v for k, v in hf_config.to_dict().items() if k != "quantization_config"})
     hf_config._attn_implementation = "eager"
     hf_config._experts_implementation = experts
     with init_empty_weights(include_buffers=False):  # parameters on meta, rope buffers real
         model = GptOssForCausalLM(hf_config)
+    if experts == "mxfp4":  # keep the checkpoint's uint8 blocks/scales: no bf16 expert weight ever exists
+        for layer in model.model.layers:
+            moe_mxfp4.use_mxfp4_params(layer.mlp.experts)
+        log.info("MXFP4 experts kept in 4 bits (experts=mxfp4)")
+    elif mxfp4:
+        log.info("MXFP4 experts dequantized to %s at load (experts=mxfp4 keeps them in 4 bits)", dtype)
     plan = parallelize.shard(model, layout, groups)
-    if mxfp4:
-        log.info("MXFP4 experts dequantized to %s at load (no MXFP4 kernel in this runtime yet)", dtype)
     reader = checkpoint.CheckpointReader(ckpt)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, param in list(model.named_parameters()):
         spec = plan[name]
         module_name, leaf = name.rsplit(".", 1)
         want = torch.float32 if any(f".{m}." in f".{name}" for m in keep_fp32) else dtype
+        if param.dtype == torch.uint8:  # MXFP4 blocks/scales, read as stored
+            want = torch.uint8
         if spec.zero:
             value = torch.zeros(param.shape, dtype=want)
         else:
@@ -129,7 +144,8 @@ def build(
 
 
 def param_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of this rank's attention, expert and other parameters (for sharding checks and records)."""
+    """Bytes of this rank's attention, expert and other parameters (for sharding checks and records);
+    MXFP4 experts count as held: their uint8 blocks and scales, and the biases."""
     out = {"attention": 0, "experts": 0, "other": 0}
     for name, p in model.named_parameters():
         kind = "attention" if ".self_attn." in name else "experts" if ".experts." in name else "other"

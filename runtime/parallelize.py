@@ -9,7 +9,9 @@ transformers' `tp_plan="auto"` shards nothing of gpt-oss but lm_head, so the pla
   rank keeps experts [ep_rank*E/ep, (ep_rank+1)*E/ep) and, of each, the hidden units
   [tp_rank*I/tp, ...): gate_up columns (gate/up interleaved, so a contiguous range), down_proj rows.
   Tokens routed elsewhere get weight 0 here; the partial outputs are summed over the tp*ep ranks
-  of the replica. down_proj's bias lives on tp rank 0 only.
+  of the replica. down_proj's bias lives on tp rank 0 only. With experts=mxfp4 the same split is
+  taken of the checkpoint's uint8 blocks/scales: gate_up rows (out features) of this rank's units,
+  down's input groups of 32 of this rank's units (so I/tp must be a multiple of 32).
 - router, norms, embeddings and lm_head stay replicated.
 
 The model is built on the meta device; `shard` shrinks the meta parameters and returns, for each
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.distributed import Groups, WorldLayout, all_reduce_
+from runtime.checkpoint import MXFP4_GROUP
+from runtime.distributed import Groups, LayoutError, WorldLayout, all_reduce_
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,20 @@ class ParallelMoE(nn.Module):
         return out.reshape(batch, seq, hidden), scores
 
 
+def check_mxfp4_split(hf_config: object, tp_size: int) -> None:
+    """experts=mxfp4 keeps each expert's 4-bit groups whole: a tp rank's hidden units must be whole
+    groups of 32 (down_proj's input is split by tp)."""
+    inter = hf_config.intermediate_size
+    if (inter // tp_size) % MXFP4_GROUP:
+        ok = [d for d in range(1, inter // MXFP4_GROUP + 1) if (inter // MXFP4_GROUP) % d == 0]
+        raise LayoutError(
+            f"experts=mxfp4 with parallel.tp_size={tp_size} gives each rank {inter}/{tp_size} = {inter / tp_size:g} "
+            f"hidden units per expert, not a multiple of the MXFP4 group of {MXFP4_GROUP}: use a tp_size dividing "
+            f"{inter // MXFP4_GROUP} (one of {ok}) and split the rest with parallel.ep_size, or experts=grouped_mm "
+            f"(dequantizes the experts to bf16 at load)"
+        )
+
+
 def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Shard]:
     """Shard a meta-device GptOssForCausalLM in place; returns {param name: Shard} for every parameter."""
     cfg = model.config
@@ -112,13 +129,26 @@ def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Sh
         experts = layer.mlp.experts
         n_local, i_local = e_sl.stop - e_sl.start, i_sl.stop - i_sl.start
         x = p + "mlp.experts."
-        _set_meta(experts, "gate_up_proj", (n_local, cfg.hidden_size, 2 * i_local))
+        if hasattr(experts, "gate_up_proj_blocks"):  # experts=mxfp4: the checkpoint's 4-bit tensors
+            groups, i_groups = cfg.hidden_size // MXFP4_GROUP, i_local // MXFP4_GROUP
+            # gate_up rows (out features) of this rank's units; down's input groups of this rank's units
+            g_sl = slice(i_sl.start // MXFP4_GROUP, i_sl.stop // MXFP4_GROUP)
+            _set_meta(experts, "gate_up_proj_blocks", (n_local, 2 * i_local, groups, 16))
+            _set_meta(experts, "gate_up_proj_scales", (n_local, 2 * i_local, groups))
+            _set_meta(experts, "down_proj_blocks", (n_local, cfg.hidden_size, i_groups, 16))
+            _set_meta(experts, "down_proj_scales", (n_local, cfg.hidden_size, i_groups))
+            for name in ("gate_up_proj_blocks", "gate_up_proj_scales"):
+                plan[x + name] = Shard((e_sl, gu_sl))
+            for name in ("down_proj_blocks", "down_proj_scales"):
+                plan[x + name] = Shard((e_sl, slice(None), g_sl))
+        else:
+            _set_meta(experts, "gate_up_proj", (n_local, cfg.hidden_size, 2 * i_local))
+            _set_meta(experts, "down_proj", (n_local, i_local, cfg.hidden_size))
+            plan[x + "gate_up_proj"] = Shard((e_sl, slice(None), gu_sl))
+            plan[x + "down_proj"] = Shard((e_sl, i_sl))
         _set_meta(experts, "gate_up_proj_bias", (n_local, 2 * i_local))
-        _set_meta(experts, "down_proj", (n_local, i_local, cfg.hidden_size))
         _set_meta(experts, "down_proj_bias", (n_local, cfg.hidden_size))
-        plan[x + "gate_up_proj"] = Shard((e_sl, slice(None), gu_sl))
         plan[x + "gate_up_proj_bias"] = Shard((e_sl, gu_sl))
-        plan[x + "down_proj"] = Shard((e_sl, i_sl))
         plan[x + "down_proj_bias"] = Shard((e_sl,), zero=tp_rank != 0)
         experts.num_experts, experts.intermediate_size = n_local, i_local
         layer.mlp = ParallelMoE(layer.mlp, e_sl.start, groups.mp)
