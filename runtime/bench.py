@@ -143,11 +143,14 @@ class Bench:
         total = lay.dp_size * batch * per_run / e2e_p50
         prompt_tokens = sum(len(p) for p in prompts)
         context = int(prompt_tokens / batch + per_run / 2)
-        # Weights as resident: MXFP4 experts are dequantized to the compute dtype at load (both paths).
+        # Weights as resident: experts=mxfp4 keeps MXFP4 experts in 4.25 bits; every other path (the recipe
+        # offline included) dequantizes them to the compute dtype at load.
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
         ours = impl == "ours"  # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas
-        sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem, expert_bytes=elem,
-                                        tp_size=lay.tp_size if ours else 1, ep_size=lay.ep_size if ours else 1)
+        expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
+        sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,
+                                        expert_bytes=expert_bytes, tp_size=lay.tp_size if ours else 1,
+                                        ep_size=lay.ep_size if ours else 1)
         achieved = sb.total / tpot_p50
         return {
             "impl": impl,
@@ -184,7 +187,13 @@ class Bench:
         else:
             kw["device_map"] = str(self.device)
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(self.engine.checkpoint, **kw).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.engine.checkpoint, **kw).eval()
+        except torch.OutOfMemoryError:  # e.g. gpt-oss-120b dequantized to bf16 (~233 GB) on one GPU
+            log.warning("recipe: out of memory while loading (it dequantizes MXFP4 experts to %s offline): "
+                        "no baseline rows", self.engine.dtype)
+            _free(self.device)
+            return []
         load_seconds = time.perf_counter() - t0
         rows = []
         for batch in self.b.batch_sizes:

@@ -130,11 +130,11 @@ def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Sh
         n_local, i_local = e_sl.stop - e_sl.start, i_sl.stop - i_sl.start
         x = p + "mlp.experts."
         if hasattr(experts, "gate_up_proj_blocks"):  # experts=mxfp4: the checkpoint's 4-bit tensors
-            groups, i_groups = cfg.hidden_size // MXFP4_GROUP, i_local // MXFP4_GROUP
+            h_groups, i_groups = cfg.hidden_size // MXFP4_GROUP, i_local // MXFP4_GROUP
             # gate_up rows (out features) of this rank's units; down's input groups of this rank's units
             g_sl = slice(i_sl.start // MXFP4_GROUP, i_sl.stop // MXFP4_GROUP)
-            _set_meta(experts, "gate_up_proj_blocks", (n_local, 2 * i_local, groups, 16))
-            _set_meta(experts, "gate_up_proj_scales", (n_local, 2 * i_local, groups))
+            _set_meta(experts, "gate_up_proj_blocks", (n_local, 2 * i_local, h_groups, 16))
+            _set_meta(experts, "gate_up_proj_scales", (n_local, 2 * i_local, h_groups))
             _set_meta(experts, "down_proj_blocks", (n_local, cfg.hidden_size, i_groups, 16))
             _set_meta(experts, "down_proj_scales", (n_local, cfg.hidden_size, i_groups))
             for name in ("gate_up_proj_blocks", "gate_up_proj_scales"):

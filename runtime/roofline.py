@@ -26,6 +26,12 @@ class StepBytes:
         return self.attention + self.experts + self.other + self.kv_cache
 
 
+def expert_bytes_per_param(experts: str, weight_bytes: float) -> float:
+    """Bytes per expert weight as held in memory: 4.25 bits with experts=mxfp4 (4-bit values plus one
+    8-bit scale per 32); every other implementation dequantizes MXFP4 at load to `weight_bytes`."""
+    return MXFP4_BYTES_PER_PARAM if experts == "mxfp4" else weight_bytes
+
+
 def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
     """Distinct experts hit by `tokens` tokens each routed to top_k of num_experts (uniform routing)."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)

@@ -1,0 +1,224 @@
+"""experts=mxfp4 on the CPU: the torch reference against dequantize-then-matmul, the Triton kernel in
+Triton's interpreter against the reference, loading (uint8 blocks/scales on the module, per-rank slices,
+no bf16 expert weights), clear errors, and the tiny MXFP4 model's greedy tokens against its dequantized
+twin, in one process and under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import checkpoint, roofline
+from runtime import model as modeling
+from runtime.distributed import Groups, LayoutError, make_layout
+from runtime.kernels import moe, moe_mxfp4
+from tests.conftest import ROOT, generate, read_jsonl, torchrun
+
+MX = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+
+
+def random_experts(e: int, h: int, i: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple:
+    """Random MXFP4 experts in the checkpoint layout, scales near a trained model's (weights ~0.02-0.1)."""
+    return (torch.randint(0, 256, (e, 2 * i, h // 32, 16), dtype=torch.uint8, generator=gen),
+            torch.randint(118, 126, (e, 2 * i, h // 32), dtype=torch.uint8, generator=gen),
+            (torch.randn(e, 2 * i, generator=gen) * 0.1).to(dtype),
+            torch.randint(0, 256, (e, h, i // 32, 16), dtype=torch.uint8, generator=gen),
+            torch.randint(118, 126, (e, h, i // 32), dtype=torch.uint8, generator=gen),
+            (torch.randn(e, h, generator=gen) * 0.1).to(dtype))
+
+
+def test_reference_equals_dequantize_then_matmul() -> None:
+    """reference_mxfp4_experts = the bf16 experts reference on checkpoint.dequantize_mxfp4's weights."""
+    gen = torch.Generator().manual_seed(0)
+    t, e, k, h, i = 9, 5, 2, 64, 96
+    gub, gus, gb, dnb, dns, db = random_experts(e, h, i, gen)
+    x = torch.randn(t, h, generator=gen)
+    idx = torch.stack([torch.randperm(e + 1, generator=gen)[:k] for _ in range(t)])  # e: another rank's
+    w = torch.softmax(torch.randn(t, k, generator=gen), -1) * (idx < e)
+    gu = checkpoint.dequantize_mxfp4(gub, gus, torch.float32).transpose(1, 2)  # [E, H, 2I], transformers' layout
+    dn = checkpoint.dequantize_mxfp4(dnb, dns, torch.float32).transpose(1, 2)  # [E, I, H]
+    ref = moe.reference_experts(x, idx, w, gu, gb, dn, db)
+    ours = moe_mxfp4.reference_mxfp4_experts(x, idx, w, gub, gus, gb, dnb, dns, db)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_launch_plan_depends_on_pair_count_only() -> None:
+    assert moe_mxfp4.plan(4) == moe_mxfp4.plan(64) == 1  # decode: one GEMV program per pair
+    assert moe_mxfp4.plan(65) == moe_mxfp4.plan(256) == 16 and moe_mxfp4.plan(4096) == 64
+
+
+def test_old_gpus_get_a_clear_error() -> None:
+    with pytest.raises(moe_mxfp4.MXFP4KernelError, match="experts=grouped_mm"):
+        moe_mxfp4.check_device(torch.device("cuda"), capability=(7, 5))
+    moe_mxfp4.check_device(torch.device("cuda"), capability=(9, 0))
+    moe_mxfp4.check_device(torch.device("cpu"))
+
+
+def test_roofline_counts_mxfp4_experts_at_4_25_bits() -> None:
+    assert roofline.expert_bytes_per_param("mxfp4", 2) == 4.25 / 8
+    assert roofline.expert_bytes_per_param("triton", 2) == roofline.expert_bytes_per_param("grouped_mm", 2) == 2
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    import triton
+    import triton.language as tl
+    from runtime import checkpoint
+    from runtime.kernels import moe_mxfp4 as mx
+    from tests.test_mxfp4 import random_experts
+
+    @triton.jit
+    def decode_bytes(b_ptr, s_ptr, lo_ptr, hi_ptr):
+        i = tl.arange(0, 256)
+        lo, hi = mx._e2m1(tl.load(b_ptr + i))
+        scale = mx._scale(tl.load(s_ptr + i))
+        tl.store(lo_ptr + i, lo * scale)
+        tl.store(hi_ptr + i, hi * scale)
+
+    # every byte value, with scales from 2^-27 to 2^113: the in-register decoding is exact
+    b = torch.arange(256, dtype=torch.uint8)
+    s = torch.linspace(100, 240, 256).to(torch.uint8)
+    lo, hi = torch.empty(256), torch.empty(256)
+    decode_bytes[(1,)](b, s, lo, hi)
+    ref = checkpoint.dequantize_mxfp4(b.view(256, 1, 1).expand(256, 1, 16).contiguous(), s.view(256, 1),
+                                      torch.float32)
+    assert torch.equal(lo, ref[:, 0]) and torch.equal(hi, ref[:, 1]), (lo, hi, ref[:, :2])
+    assert torch.equal(torch.signbit(lo), torch.signbit(ref[:, 0]))  # -0.0 keeps its sign
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    # (tokens, experts, top_k, H, I, block_m, config): decode GEMV (block_m 1) and tl.dot blocks, H or I
+    # not a multiple of BLOCK_K (masked groups), automatic and forced launch choices
+    cases = ((1, 4, 2, 64, 64, None, None), (5, 6, 3, 64, 96, None, None),
+             (3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (40, 4, 2, 64, 96, None, None),
+             (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None))
+    for dtype in (torch.float32, torch.float16):
+        for t, E, k, H, I, block_m, config in cases:
+            x = torch.randn(t, H, generator=g).to(dtype)
+            idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
+            w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
+            experts = random_experts(E, H, I, g, dtype)
+            ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+            out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config).float()
+            assert not out.isnan().any()
+            worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    print("worst", worst)
+""")
+
+
+def _interpret(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_triton_kernel_in_the_interpreter() -> None:
+    proc = _interpret(KERNEL_CHECK)
+    assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+
+
+def _build(ckpt: Path, tp: int = 1, ep: int = 1, rank: int = 0, experts: str = "mxfp4") -> modeling.LoadedModel:
+    hf = checkpoint.read_config(ckpt)
+    return modeling.build(ckpt, hf, make_layout(tp, ep, 1, world=(tp * ep, rank, rank)), Groups(),
+                          torch.device("cpu"), torch.float32, "eager", experts)
+
+
+def test_experts_stay_in_mxfp4(tiny_checkpoint: Path) -> None:
+    """The modules hold the checkpoint's uint8 tensors as stored; no bf16/fp32 expert weight exists."""
+    lm = _build(tiny_checkpoint)
+    reader = checkpoint.CheckpointReader(tiny_checkpoint)
+    for i, layer in enumerate(lm.model.model.layers):
+        ex = layer.mlp.experts
+        assert not hasattr(ex, "gate_up_proj") and not hasattr(ex, "down_proj")
+        for name in MX:
+            held = getattr(ex, name)
+            assert held.dtype == torch.uint8 and torch.equal(held, reader.read(f"model.layers.{i}.mlp.experts.{name}"))
+        assert ex.gate_up_proj_bias.dtype == torch.float32
+    assert all(p.dtype == torch.uint8 for n, p in lm.model.named_parameters() if n.endswith(MX))
+    # param_bytes counts them as experts: 4.25 bits per weight plus the biases
+    hf = lm.hf_config
+    n, h, i = hf.num_local_experts * hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size
+    weights = n * 3 * h * i * 17 // 32
+    assert modeling.param_bytes(lm.model)["experts"] == weights + n * (2 * i + h) * 4
+    bf = _build(tiny_checkpoint, experts="grouped_mm")
+    assert modeling.param_bytes(lm.model)["experts"] < modeling.param_bytes(bf.model)["experts"] / 5
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
+def test_each_rank_holds_its_blocks(tiny_checkpoint: Path, tp: int, ep: int) -> None:
+    """EP splits the experts, TP the hidden units: gate_up rows (gate/up interleaved, so a contiguous
+    range) and down's input groups; the ranks' 4-bit tensors tile the checkpoint's."""
+    full = {n: p for n, p in _build(tiny_checkpoint).model.named_parameters()}
+    ranks = [dict(_build(tiny_checkpoint, tp, ep, r).model.named_parameters()) for r in range(tp * ep)]
+    for name in [n for n in full if n.endswith(MX)]:
+        gate_up = ".gate_up_proj_" in name
+        for shard in ranks:
+            assert shard[name].dtype == torch.uint8
+        rebuilt = torch.cat([torch.cat([ranks[e * tp + t][name] for t in range(tp)], dim=1 if gate_up else 2)
+                             for e in range(ep)], dim=0)
+        assert torch.equal(rebuilt, full[name]), name
+    bytes_full = sum(p.numel() for n, p in full.items() if n.endswith(MX))
+    for shard in ranks:
+        assert sum(p.numel() for n, p in shard.items() if n.endswith(MX)) == bytes_full // (tp * ep)
+
+
+def test_clear_errors(tiny_checkpoint: Path) -> None:
+    with pytest.raises(LayoutError, match=r"tp_size=4 .* 16 hidden units.*ep_size"):
+        _build(tiny_checkpoint, tp=4, ep=1)  # tiny: intermediate_size 64 = 2 groups of 32
+    hf = checkpoint.read_config(tiny_checkpoint)
+    del hf.quantization_config  # the bf16 twin's config
+    with pytest.raises(modeling.KernelError, match="stores its experts in bf16.*experts=triton"):
+        modeling.build(tiny_checkpoint, hf, make_layout(1, 1, 1, world=(1, 0, 0)), Groups(), torch.device("cpu"),
+                       torch.float32, "eager", "mxfp4")
+
+
+COMMON = ["output.token_ids=true", "generation.max_new_tokens=12", "generation.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def dequantized_twin(tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    """Greedy tokens of the tiny MXFP4 model with its experts dequantized at load (grouped_mm)."""
+    out = tmp_path_factory.mktemp("twin") / "out.jsonl"
+    generate([f"output.path={out}", "experts=grouped_mm", *COMMON])
+    return [r["completion_ids"] for r in read_jsonl(out)]
+
+
+def test_greedy_tokens_equal_the_dequantized_twin(tmp_path: Path, dequantized_twin: list[list[int]]) -> None:
+    out = tmp_path / "out.jsonl"
+    generate([f"output.path={out}", "experts=mxfp4", *COMMON])
+    assert [r["completion_ids"] for r in read_jsonl(out)] == dequantized_twin
+
+
+END_TO_END = textwrap.dedent("""
+    from runtime import Engine, Request, compose
+    reqs = [Request(id="0", prompt="Hello"), Request(id="1", prompt="Name a colour. " * 6)]
+    runs = {}
+    for experts in ("mxfp4", "grouped_mm"):
+        eng = Engine(compose("generate", ["model.device=cpu", f"experts={experts}", "generation.max_new_tokens=4",
+                                          "output.token_ids=true"]))
+        runs[experts] = [r["completion_ids"] for r in eng.generate(reqs)]
+    assert runs["mxfp4"] == runs["grouped_mm"], runs
+    print("ok")
+""")
+
+
+def test_triton_kernel_generates_the_twin_tokens_in_the_interpreter() -> None:
+    """The whole model with the Triton kernel (prefill: tl.dot blocks; decode: GEMV) in the interpreter."""
+    assert _interpret(END_TO_END).stdout.split()[-1] == "ok"
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
+def test_parallel_mxfp4_matches_one_process(tmp_path: Path, dequantized_twin: list[list[int]], tp: int,
+                                            ep: int) -> None:
+    out = tmp_path / "out.jsonl"
+    torchrun(tp * ep, "runtime.generate", [f"parallel.tp_size={tp}", f"parallel.ep_size={ep}", "experts=mxfp4",
+                                     f"output.path={out}", *COMMON])
+    assert [r["completion_ids"] for r in read_jsonl(out)] == dequantized_twin
