@@ -18,6 +18,11 @@ Same function as runtime/kernels/moe.py (and transformers' eager experts): per (
 gate_up = x @ W_gu[e]^T + b_gu[e], out = ((clamp(up) + 1) * g * sigmoid(1.702 g)) @ W_d[e]^T + b_d[e]
 with g = min(gate, limit), times the routing weight, summed over the token's experts.
 
+Dequantizing in registers: a byte's two E2M1 codes are moved into the fp16 bit layout with a few
+integer ops (an fp16 read of a code is its value * 2^-14, exactly), widened to fp32, and scaled by
+2^(scale - 113) built from the E8M0 byte. The activations are fed in split order (even inputs, then
+odd ones) so that the inputs a byte's low and high nibbles multiply are contiguous runs.
+
 Two launch shapes, chosen from the number of (token, expert) pairs P = tokens * top_k alone (never
 from the routing, so shapes are fixed and the whole thing is capturable in a CUDA graph):
 - decode (P <= DECODE_MAX_PAIRS): one program per pair and tile of output rows, a GEMV with FMAs (no
@@ -118,13 +123,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv(x_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """sum_k x[k] * W[rows, k] for one input row x [K] and MXFP4 rows of W -> [BLOCK_R] fp32."""
-        NG: tl.constexpr = BLOCK_K // 32
+        """sum_k x[k] * W[rows, k] for one input row and MXFP4 rows of W -> [BLOCK_R] fp32.
+
+        x_ptr: the row in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd).
+        """
         groups = K // 32
-        gi = tl.arange(0, NG)
+        gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
         row_off = rows.to(tl.int64) * groups
-        acc = tl.zeros((BLOCK_R, NG), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi  # [NG] groups of this tile
             g_ok = g < groups
@@ -132,9 +139,9 @@ if HAVE_TRITON:
             wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
                          mask=w_mask, other=0)  # [R, NG, 16] bytes
             s = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0)
-            k = g[:, None] * 32 + 2 * bi[None, :]  # [NG, 16] even inputs
-            xe = tl.load(x_ptr + k, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + k + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            j = g[:, None] * 16 + bi[None, :]  # [NG, 16] byte j holds inputs 2j and 2j+1
+            xe = tl.load(x_ptr + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + K // 2 + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
             lo, hi = _e2m1(wb)
             part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [R, NG], unscaled
             acc += part * _scale(s)
@@ -143,10 +150,10 @@ if HAVE_TRITON:
     @triton.jit
     def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32."""
-        NG: tl.constexpr = BLOCK_K // 32
+        """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32 (x rows in split
+        order, as in _gemv)."""
         groups = K // 32
-        gi = tl.arange(0, NG)
+        gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
         j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile = inputs 2j (low nibble), 2j+1 (high)
         row_off = rows.to(tl.int64) * groups
@@ -162,10 +169,10 @@ if HAVE_TRITON:
             lo, hi = _e2m1(wb)
             lo = tl.reshape(lo * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
             hi = tl.reshape(hi * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
-            k = k0 + 2 * j
-            x_mask = x_ok[:, None] & (k < K)[None, :]
-            xe = tl.load(x_base + k[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2]
-            xo = tl.load(x_base + k[None, :] + 1, mask=x_mask, other=0.0)
+            jj = k0 // 2 + j
+            x_mask = x_ok[:, None] & (jj < K // 2)[None, :]
+            xe = tl.load(x_base + jj[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2] even inputs
+            xo = tl.load(x_base + K // 2 + jj[None, :], mask=x_mask, other=0.0)  # odd inputs
             if IEEE:
                 acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
                 acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
@@ -181,7 +188,10 @@ if HAVE_TRITON:
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows)."""
+        """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
+
+        x rows and h rows are in split order (even inputs, then odd: see _gemv), h ready for _down_kernel.
+        """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(expert_ptr + pid_m)  # decode: the pair's expert; blocks: the block's expert
@@ -207,7 +217,8 @@ if HAVE_TRITON:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
-        tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
+        col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
+        tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + col[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & (n < inter)[None, :])
 
     @triton.jit
@@ -291,7 +302,9 @@ def fused_mxfp4_experts(
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
     num_rows = expert.numel()
-    x = x.contiguous()
+    # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
+    # multiply are then contiguous runs (vector loads); gate_up writes h in the same order.
+    xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)  # [T, H], one small copy
     h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
     weights = top_k_weights.reshape(-1).float().contiguous()
@@ -304,7 +317,7 @@ def fused_mxfp4_experts(
         common.update(config)
     bucket = _bucket(p)
     gate_up[lambda meta: (num_rows, triton.cdiv(inter, meta["BLOCK_N"]))](
-        x, gate_up_blocks, gate_up_scales, gate_up_bias, h, pair, expert, p, num_experts, hidden, inter, bucket,
+        xs, gate_up_blocks, gate_up_scales, gate_up_bias, h, pair, expert, p, num_experts, hidden, inter, bucket,
         float(limit), float(alpha), TOP_K=top_k, **common,
     )
     down[lambda meta: (num_rows, triton.cdiv(hidden, meta["BLOCK_N"]))](
