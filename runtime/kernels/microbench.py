@@ -1,15 +1,29 @@
-"""Time one MoE layer of gpt-oss-20b (32 experts, 2880 x 2880, top-4, bf16) on the GPU: our Triton
-kernel against transformers' grouped_mm, each replayed from a CUDA graph as in the decode loop, with
-the bytes each must read and the bandwidth reached.
+"""Time one MoE layer of gpt-oss (2880 x 2880 experts, top-4) on the GPU, each implementation replayed
+from a CUDA graph as in the decode loop, with the bytes each must read and the bandwidth reached.
 
-    python -m runtime.kernels.microbench [--tokens 1 8 64 1024]
+bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weights.
+--format mxfp4: our MXFP4 kernel on 4-bit experts against our bf16 Triton kernel on the same weights
+dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
+
+    python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
+
+
+def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """fn captured as a CUDA graph (compiled / autotuned first, outside the capture)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # as in the decode loop: no launch overhead in the timing
+        fn()
+    return graph.replay
 
 
 def main() -> None:
@@ -17,38 +31,67 @@ def main() -> None:
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    from runtime import kernels
+    from runtime import checkpoint, kernels
+    from runtime.kernels import moe, moe_mxfp4
+    from runtime.roofline import MXFP4_BYTES_PER_PARAM
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
+    ap.add_argument("--format", choices=["bf16", "mxfp4"], default="bf16")
+    ap.add_argument("--experts", type=int, default=32, help="experts per layer: 32 (20b) or 128 (120b)")
     args = ap.parse_args()
     kernels.register()
-    cfg = GptOssConfig(num_local_experts=32, num_experts_per_tok=4)
-    ex = GptOssExperts(cfg).cuda().bfloat16()
-    for p in ex.parameters():
-        p.data.normal_(0, 0.02)
-    e, h, i, k = 32, cfg.hidden_size, cfg.intermediate_size, 4
+    e, k = args.experts, 4
+    cfg = GptOssConfig(num_local_experts=e, num_experts_per_tok=k)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.format == "mxfp4":
+        blocks_scales = {
+            "gu": (torch.randint(0, 256, (e, 2 * i, h // 32, 16), dtype=torch.uint8, device="cuda", generator=gen),
+                   torch.randint(118, 126, (e, 2 * i, h // 32), dtype=torch.uint8, device="cuda", generator=gen)),
+            "dn": (torch.randint(0, 256, (e, h, i // 32, 16), dtype=torch.uint8, device="cuda", generator=gen),
+                   torch.randint(118, 126, (e, h, i // 32), dtype=torch.uint8, device="cuda", generator=gen)),
+        }
+        gb = (torch.randn(e, 2 * i, device="cuda", generator=gen) * 0.02).bfloat16()
+        db = (torch.randn(e, h, device="cuda", generator=gen) * 0.02).bfloat16()
+        # the same weights dequantized, in transformers' layout, for the bf16 kernel
+        gu = checkpoint.dequantize_mxfp4(*blocks_scales["gu"], torch.bfloat16).transpose(1, 2).contiguous()
+        dn = checkpoint.dequantize_mxfp4(*blocks_scales["dn"], torch.bfloat16).transpose(1, 2).contiguous()
+        impls = {
+            "mxfp4": (lambda x, idx, w: moe_mxfp4.fused_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb,
+                                                                       *blocks_scales["dn"], db),
+                      MXFP4_BYTES_PER_PARAM),
+            "triton-bf16": (lambda x, idx, w: moe.fused_experts(x, idx, w, gu, gb, dn, db), 2.0),
+        }
+    else:
+        ex = GptOssExperts(cfg).cuda().bfloat16()
+        for p in ex.parameters():
+            p.data.normal_(0, 0.02)
+
+        def run_with(impl: str) -> Callable:
+            def fn(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                cfg._experts_implementation = impl
+                return ex(x, idx, w)
+            return fn
+
+        impls = {impl: (run_with(impl), 2.0) for impl in ("triton", "grouped_mm")}
     src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
     copy_bw = 2 * src.numel() / copy_ms / 1e6
-    print(f"copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'tokens':>6} {'impl':>10} {'ms':>8} {'GB read':>8} {'GB/s':>8} {'of copy':>8}")
+    print(f"{args.format} experts={e} H={h} I={i} top-{k}; copy bandwidth {copy_bw:.0f} GB/s")
+    print(f"{'tokens':>6} {'impl':>12} {'ms':>8} {'GB read':>8} {'GB/s':>8} {'of copy':>8}")
     for t in args.tokens:
         x = torch.randn(t, h, device="cuda").bfloat16()
         idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
         w = torch.softmax(torch.randn(t, k, device="cuda"), -1).bfloat16()
         active = idx.unique().numel()
-        nbytes = active * (3 * h * i + 2 * i + h) * 2
-        for impl in ("triton", "grouped_mm"):
-            cfg._experts_implementation = impl
-            ex(x, idx, w)  # compile / autotune outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # as in the decode loop: no launch overhead in the timing
-                ex(x, idx, w)
-            ms = triton.testing.do_bench(graph.replay, return_mode="median")
+        for name, (fn, weight_bytes) in impls.items():
+            nbytes = active * (3 * h * i * weight_bytes + (2 * i + h) * 2)
+            replay = _graphed(lambda fn=fn: fn(x, idx, w))
+            ms = triton.testing.do_bench(replay, return_mode="median")
             gbs = nbytes / ms / 1e6
-            print(f"{t:>6} {impl:>10} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}")
+            print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}")
 
 
 if __name__ == "__main__":
