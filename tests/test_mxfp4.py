@@ -222,3 +222,16 @@ def test_parallel_mxfp4_matches_one_process(tmp_path: Path, dequantized_twin: li
     torchrun(tp * ep, "runtime.generate", [f"parallel.tp_size={tp}", f"parallel.ep_size={ep}", "experts=mxfp4",
                                      f"output.path={out}", *COMMON])
     assert [r["completion_ids"] for r in read_jsonl(out)] == dequantized_twin
+
+
+def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
+    """experts=mxfp4 holds exactly the checkpoint's tensors: gpt-oss-120b is about 61 GiB (issue: <= 66 GiB,
+    leaving room for a KV cache of 64 sequences x 2k tokens, 9 GiB), where bf16 experts need ~217 GiB."""
+    import math
+
+    cfg = checkpoint.synthetic_config({"num_hidden_layers": 36, "num_local_experts": 128}, "mxfp4")
+    held = sum(math.prod(s) * torch.empty((), dtype=d).element_size()
+               for _, s, d, _ in checkpoint.tensor_specs(cfg, "mxfp4"))
+    assert 60 < held / 2**30 < 62
+    kv = 64 * 2048 * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+    assert held + kv < 72 * 2**30
