@@ -6,6 +6,7 @@ bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weigh
 dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
+        [--decode-max-pairs N]
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     ap.add_argument("--format", choices=["bf16", "mxfp4"], default="bf16")
     ap.add_argument("--experts", type=int, default=32, help="experts per layer: 32 (20b) or 128 (120b)")
+    ap.add_argument("--decode-max-pairs", type=int, default=None,
+                    help="mxfp4: use the GEMV launch up to this many (token, expert) pairs (tuning)")
     args = ap.parse_args()
+    if args.decode_max_pairs is not None:
+        moe_mxfp4.DECODE_MAX_PAIRS = args.decode_max_pairs
     kernels.register()
     e, k = args.experts, 4
     cfg = GptOssConfig(num_local_experts=e, num_experts_per_tok=k)

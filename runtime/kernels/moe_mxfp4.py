@@ -269,8 +269,9 @@ def plan(num_pairs: int) -> int:
 
 
 def _bucket(num_pairs: int) -> int:
-    """Autotuning key: exact at decode sizes, powers of two beyond (prefill lengths vary per batch)."""
-    return num_pairs if num_pairs <= 1024 else 1 << (num_pairs - 1).bit_length()
+    """Autotuning key: exact at decode sizes, powers of two beyond (prefill lengths vary per batch, and
+    each new key costs an autotuning run)."""
+    return num_pairs if num_pairs <= DECODE_MAX_PAIRS else 1 << (num_pairs - 1).bit_length()
 
 
 def fused_mxfp4_experts(
