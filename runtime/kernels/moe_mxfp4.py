@@ -20,14 +20,15 @@ with g = min(gate, limit), times the routing weight, summed over the token's exp
 
 Dequantizing in registers: a byte's two E2M1 codes are moved into the fp16 bit layout with a few
 integer ops (an fp16 read of a code is its value * 2^-14, exactly), widened to fp32, and scaled by
-2^(scale - 113) built from the E8M0 byte. The activations are fed in split order (even inputs, then
-odd ones) so that the inputs a byte's low and high nibbles multiply are contiguous runs.
+2^(scale - 113) built from the E8M0 byte. The blocks launch feeds the activations in split order (even
+inputs, then odd ones) so that the inputs a byte's low and high nibbles multiply are contiguous runs.
 
 Two launch shapes, chosen from the number of (token, expert) pairs P = tokens * top_k alone (never
 from the routing, so shapes are fixed and the whole thing is capturable in a CUDA graph):
 - decode (P <= DECODE_MAX_PAIRS): one program per pair and tile of output rows, a GEMV with FMAs (no
-  tensor cores, no shared-memory round trip for the dequantized tile, no sorting kernels). Pairs of
-  the same expert run side by side, so a repeated expert's weights come from L2.
+  tensor cores, no shared-memory round trip for the dequantized tile, no sorting or copy kernels: the
+  two kernels and the final sum are all it launches). Pairs of the same expert run side by side, so a
+  repeated expert's weights come from L2.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
   dequantizes each weight tile once for all its rows and multiplies with tl.dot.
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
@@ -123,10 +124,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv(x_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """sum_k x[k] * W[rows, k] for one input row and MXFP4 rows of W -> [BLOCK_R] fp32.
-
-        x_ptr: the row in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd).
-        """
+        """sum_k x[k] * W[rows, k] for one input row x [K] and MXFP4 rows of W -> [BLOCK_R] fp32."""
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -139,9 +137,9 @@ if HAVE_TRITON:
             wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
                          mask=w_mask, other=0)  # [R, NG, 16] bytes
             s = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0)
-            j = g[:, None] * 16 + bi[None, :]  # [NG, 16] byte j holds inputs 2j and 2j+1
-            xe = tl.load(x_ptr + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + K // 2 + j, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            k = g[:, None] * 32 + 2 * bi[None, :]  # [NG, 16] byte j = 16g + b holds inputs 2j and 2j+1
+            xe = tl.load(x_ptr + k, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + k + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
             lo, hi = _e2m1(wb)
             part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [R, NG], unscaled
             acc += part * _scale(s)
@@ -150,8 +148,11 @@ if HAVE_TRITON:
     @triton.jit
     def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32 (x rows in split
-        order, as in _gemv)."""
+        """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32.
+
+        x rows in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd): the inputs
+        that the tile's low and high nibbles multiply are then contiguous runs (vector loads).
+        """
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -190,7 +191,7 @@ if HAVE_TRITON:
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
-        x rows and h rows are in split order (even inputs, then odd: see _gemv), h ready for _down_kernel.
+        Blocks (BLOCK_M > 1): x rows and h rows in split order (see _dot); decode: in natural order.
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -217,7 +218,10 @@ if HAVE_TRITON:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
-        col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
+        if BLOCK_M == 1:
+            col = n
+        else:
+            col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
         tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + col[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & (n < inter)[None, :])
 
@@ -231,10 +235,13 @@ if HAVE_TRITON:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(expert_ptr + pid_m)
-        if e >= num_experts:
-            return
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < hidden
+        if e >= num_experts:
+            if BLOCK_M == 1:  # a pair routed to another rank: its row is 0 here (out is not zeroed first)
+                tl.store(out_ptr + pid_m.to(tl.int64) * hidden + n, tl.zeros((BLOCK_N,), out_ptr.dtype.element_ty),
+                         mask=n_ok)
+            return
         groups = inter // 32
         wb = wb_ptr + e.to(tl.int64) * hidden * groups * 16
         ws = ws_ptr + e.to(tl.int64) * hidden * groups
@@ -294,21 +301,25 @@ def fused_mxfp4_experts(
     inter = two_inter // 2
     p = t * top_k
     block_m = block_m or plan(p)
-    ids = top_k_index.reshape(-1).to(torch.int32 if block_m == 1 else torch.long)
-    if block_m == 1:  # one program per pair: its expert id is read directly
+    ids = top_k_index.reshape(-1)  # [P]
+    if block_m == 1:
+        # Decode: one program per pair reads its expert id directly; x and h in natural order, and the
+        # down kernel writes the rows of pairs routed elsewhere: no extra kernel besides the final sum.
         pair, expert = ids, ids
+        xs = x.contiguous()
+        out = torch.empty((p, hidden), dtype=x.dtype, device=x.device)
     else:
-        pair, expert = block_layout(ids, num_experts, block_m)
+        pair, expert = block_layout(ids.long(), num_experts, block_m)
         # Non-empty blocks come first and there are at most P of them (each holds a pair): drop the rest.
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
+        # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
+        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order.
+        xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)  # [T, H], one small copy
+        out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
     num_rows = expert.numel()
-    # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
-    # multiply are then contiguous runs (vector loads); gate_up writes h in the same order.
-    xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)  # [T, H], one small copy
     h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
-    out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
-    weights = top_k_weights.reshape(-1).float().contiguous()
+    weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
     common = {"BLOCK_M": block_m, "IEEE": ieee}
     if config is None:
@@ -325,7 +336,7 @@ def fused_mxfp4_experts(
         h, down_blocks, down_scales, down_bias, weights, out, pair, expert, p, num_experts, hidden, inter, bucket,
         **common,
     )
-    return out.view(t, top_k, hidden).sum(1, dtype=torch.float32).to(x.dtype)
+    return out.view(t, top_k, hidden).sum(1)  # accumulated in fp32 by torch, [T, H] in x's dtype
 
 
 def reference_mxfp4_experts(
