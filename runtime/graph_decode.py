@@ -5,7 +5,8 @@ transformers' model forward is used as it is; what changes is what it is given:
   (`StaticKVCache`), so every step has the same shapes and addresses;
 - ready-made additive masks for the full and the sliding layers, computed on the GPU from a table of
   the position held in each cache slot (left padding, the causal rule and the 128-token window all
-  follow from it), so transformers builds no mask and the Python side holds no per-step values;
+  follow from it), so transformers builds no mask and the Python side holds no per-step values; with
+  attention=triton that table itself (a SlotMask) goes to the kernel, which builds no mask at all;
 - position ids in a tensor that the loop advances on the GPU.
 On CUDA the mask computation and the forward of a decode step are captured once as a CUDA graph and
 replayed; sampling and the stop bookkeeping run after it without any host sync (the host looks at
@@ -21,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from runtime.kernels.flash import NAME as FLASH, SlotMask
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class GraphDecoder:
         attn = model.model.layers[0].self_attn
         self.kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         self.window = getattr(self.cfg, "sliding_window", None)
+        self.slot_masks = self.cfg._attn_implementation == FLASH
         self._graph: dict[str, Any] | None = None  # the captured step and its static buffers
         self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
@@ -124,7 +128,11 @@ class GraphDecoder:
 
     def _forward(self, buf: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of the last token of each row: [B, V]."""
-        m = masks(buf["slot_pos"], pos, self.window, self.dtype)
+        if self.slot_masks:  # the kernel reads the cache bookkeeping itself (runtime/kernels/flash.py)
+            sm = SlotMask(buf["slot_pos"], buf["cache"].slots[None, :].expand(ids.shape[0], -1).contiguous())
+            m = {"full_attention": sm, "sliding_attention": sm}
+        else:
+            m = masks(buf["slot_pos"], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=buf["cache"], use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]

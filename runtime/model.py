@@ -22,7 +22,7 @@ from runtime.distributed import Groups, WorldLayout
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ATTENTION = ("eager", "flex_attention", "gqa_sinks")
+ATTENTION = ("eager", "flex_attention", "gqa_sinks", "triton_sinks")
 EXPERTS = ("grouped_mm", "batched_mm", "eager", "triton")
 
 
