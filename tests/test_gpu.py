@@ -108,19 +108,53 @@ def test_gqa_sinks_attention_bf16(b: int, t: int, s: int) -> None:
     assert not out.isnan().any() and _rel(out, ref) <= 1e-2
 
 
-def test_fast_path_tokens_equal_reference_path() -> None:
-    """Tiny model, fp32 on the GPU: static cache + CUDA graph + gqa_sinks + triton = dynamic + eager + grouped_mm."""
-    fast = tokens("cuda", "float32", "triton")
+@pytest.mark.parametrize(("b", "hkv", "t", "written", "window", "pads"), [
+    (1, 8, 1, 1100, None, 0), (1, 8, 1, 1100, 128, 0), (8, 8, 1, 300, None, 17), (64, 8, 1, 1200, None, 5),
+    (64, 8, 1, 1200, 128, 5), (2, 8, 512, 0, None, 100), (1, 8, 1024, 0, 128, 0), (3, 4, 7, 250, None, 3),
+])
+def test_triton_flash_attention_bf16(b: int, hkv: int, t: int, written: int, window: int | None, pads: int) -> None:
+    """Our flash kernel (decode with split-K, prefill, sliding window, left pads) against transformers'
+    eager attention with the same visibility as an additive mask; gpt-oss heads (64 x 64, 8 KV heads;
+    4 KV heads as under tp=2)."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from runtime.kernels import flash
+
+    hq, d = hkv * 8, 64
+    s = (written + t + 255) // 256 * 256
+    g = torch.Generator(device="cuda").manual_seed(b * t + written)
+    q = torch.randn(b, t, hq, d, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    k, v = (torch.randn(b, hkv, s, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    sinks = torch.randn(hq, device="cuda", generator=g).bfloat16()
+    slot_pos = torch.full((b, s), -1, device="cuda")
+    slot_pos[:, pads : written + t] = torch.arange(written + t - pads, device="cuda")
+    mask = flash.SlotMask(slot_pos, torch.arange(written, written + t, device="cuda").expand(b, t).contiguous())
+    out = flash.flash_attention(q, k, v, sinks, mask, 0.125, window)
+    module = SimpleNamespace(sinks=sinks.float(), num_key_value_groups=8, training=False)
+    ref, _ = eager_attention_forward(module, q.float(), k.float(), v.float(), mask.additive(window, torch.float32),
+                                     scaling=0.125)
+    live = slot_pos[:, written : written + t] >= 0  # pad queries: any finite output is fine
+    assert not out.isnan().any() and _rel(out[live], ref[live]) <= 1e-2
+
+
+@pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
+def test_fast_path_tokens_equal_reference_path(attention: str) -> None:
+    """Tiny model, fp32 on the GPU: static cache + CUDA graph + our attention + triton experts = dynamic +
+    eager + grouped_mm."""
+    fast = tokens("cuda", "float32", "triton", attention)
     eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "generation.kv_cache=dynamic",
                                       "attention=eager", "experts=grouped_mm", "generation.max_new_tokens=16",
                                       "output.token_ids=true"]))
     assert fast == [r["completion_ids"] for r in eng.generate(PROMPTS)]
 
 
-def test_compiled_decode_step_equals_plain() -> None:
+@pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
+def test_compiled_decode_step_equals_plain(attention: str) -> None:
     runs = {}
     for comp in ("true", "false"):
-        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=gqa_sinks",
+        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", f"attention={attention}",
                                           "experts=triton", f"generation.compile={comp}", "generation.max_new_tokens=24",
                                           "output.token_ids=true"]))
         runs[comp] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
