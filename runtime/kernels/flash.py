@@ -107,7 +107,7 @@ if HAVE_TRITON:
                 sc = tl.dot(q, kt, input_precision="ieee")
             else:
                 sc = tl.dot(q, kt)
-            sc = sc * scale_log2
+            sc = (sc * scale_log2).to(tl.float32)  # (under torch.compile the scale may arrive as fp64)
             pos = tl.load(slot_pos_ptr + b * S + s, mask=s_ok, other=-1)
             vis = (pos[None, :] >= 0) & (s[None, :] <= qs[:, None]) & s_ok[None, :]
             vis = vis & ((window == 0) | (s[None, :] > qs[:, None] - window))
@@ -123,7 +123,8 @@ if HAVE_TRITON:
             else:
                 pv = tl.dot(p.to(vt.dtype), vt)
             acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i = m_new.to(tl.float32)
+            l_i = l_i.to(tl.float32)
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         o = o_ptr + split * so_p + b * so_b + t[:, None] * so_t + h[:, None] * D + d[None, :]
