@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime import checkpoint, kernels, parallelize
+from runtime import checkpoint, fused, kernels, parallelize
 from runtime.kernels import moe
 from runtime.distributed import Groups, WorldLayout
 
@@ -121,6 +121,7 @@ def build(
     model.requires_grad_(False)
     if attention != "eager":
         model.set_attn_implementation(attention)
+    fused.apply(model, attention, experts)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,

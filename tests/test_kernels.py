@@ -123,3 +123,32 @@ def test_flash_attention_kernel_in_the_interpreter() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+
+
+ROUTER_CHECK = """
+import torch
+from transformers import GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+from runtime.kernels import router
+g = torch.Generator().manual_seed(0)
+for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40)):
+    r = GptOssTopKRouter(GptOssConfig(num_local_experts=e, num_experts_per_tok=k, hidden_size=h))
+    r.weight.data, r.bias.data = torch.randn(e, h, generator=g), torch.randn(e, generator=g)
+    x = torch.randn(t, h, generator=g)
+    with torch.no_grad():
+        ref = r(x)
+        out = router.route(x, r.weight, r.bias, k)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[2], ref[2]), (out[2], ref[2])
+print("ok")
+"""
+
+
+def test_router_kernel_in_the_interpreter() -> None:
+    """One-kernel router == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ROUTER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "ok"
