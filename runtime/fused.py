@@ -5,8 +5,8 @@ At batch 1 a decode step is ~600 small launches; each saved launch is ~5 us of a
   buffer [(Hq + 2 Hkv) * D, H] once; q_proj/k_proj/v_proj keep their parameters as views of it, so
   nothing is stored twice and the state dict is unchanged. The attention module's class becomes a
   subclass whose forward runs the one matmul and splits it; the rest is transformers' forward.
-- experts=triton: the router (GEMM + split-K reduction + sort-based top-k + softmax) becomes one
-  Triton kernel at decode sizes (runtime/kernels/router.py), by the same kind of subclass.
+- experts=triton: the router's sort-based top-k and softmax become one Triton kernel at decode sizes
+  (runtime/kernels/router.py), by the same kind of subclass.
 Both are applied after the weights are loaded and sharded (runtime/model.py).
 """
 
@@ -27,7 +27,7 @@ from runtime.kernels.router import FusedRouterForward
 
 
 class FusedRouter(FusedRouterForward, GptOssTopKRouter):
-    """transformers' router with the one-kernel forward at decode sizes."""
+    """transformers' router with the one-kernel top-k + softmax at decode sizes."""
 
 
 class FusedQKVAttention(GptOssAttention):

@@ -44,16 +44,19 @@ def test_bf16_logits_close_to_fp32() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_decode_equals_eager_decode(dtype: str) -> None:
-    """The captured decode step replays exactly what the same code computes eagerly."""
+@pytest.mark.parametrize("kernels", [("gqa_sinks", "grouped_mm"), ("triton", "triton")])
+def test_cuda_graph_decode_equals_eager_decode(dtype: str, kernels: tuple[str, str]) -> None:
+    """The captured decode step (and the prefill, graphed when its shape repeats) replays exactly what
+    the same code computes eagerly."""
     runs = {}
     for graph in ("true", "false"):
-        eng = Engine(compose("generate", ["model.device=cuda", f"model.dtype={dtype}", "attention=gqa_sinks",
-                                          f"generation.cuda_graph={graph}", "generation.max_new_tokens=40",
+        eng = Engine(compose("generate", ["model.device=cuda", f"model.dtype={dtype}", f"attention={kernels[0]}",
+                                          f"experts={kernels[1]}", f"generation.cuda_graph={graph}",
+                                          "generation.max_new_tokens=40",
                                           "output.token_ids=true"]))
-        runs[graph] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
-        runs[graph + "-again"] = [r["completion_ids"] for r in eng.generate(PROMPTS)]  # graph reused
-    assert runs["true"] == runs["false"] == runs["true-again"] == runs["false-again"]
+        for again in ("", "-again", "-thrice"):  # decode graph reused; prefill graph captured, then replayed
+            runs[graph + again] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
+    assert len({str(v) for v in runs.values()}) == 1, runs
 
 
 def test_static_cache_equals_dynamic_cache_fp32() -> None:

@@ -55,7 +55,8 @@ KERNEL_CHECK = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for dtype in (torch.float32, torch.float16):
-        for t, E, k, H, I in ((1, 4, 2, 32, 32), (5, 6, 3, 64, 48), (40, 5, 2, 32, 32), (150, 4, 2, 32, 32)):
+        for t, E, k, H, I in ((1, 4, 2, 32, 32), (1, 4, 2, 32, 512), (5, 6, 3, 64, 48), (40, 5, 2, 32, 32),
+                              (150, 4, 2, 32, 32)):
             x = torch.randn(t, H, generator=g).to(dtype)
             idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
             w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)

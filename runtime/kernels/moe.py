@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NAME = "triton"
 DENSE_MAX_PAIRS = 64  # up to this many (token, expert) pairs, no block layout: see fused_experts
+DOWN_SPLIT_K = 4  # split of the down projection's inner dimension for a single token
 
 try:
     import triton
@@ -117,9 +118,10 @@ if HAVE_TRITON:
         h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr, ids_ptr,
         num_pairs, num_experts, hidden, inter,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        DENSE: tl.constexpr,
+        DENSE: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         pid_n = tl.program_id(1)
+        split = tl.program_id(2)  # this program's share of the hidden units (split-K); out[split] is its
         e, pair, valid = _block_rows(tl.program_id(0), pair_ptr, block_expert_ptr, ids_ptr, num_pairs, BLOCK_M, DENSE)
         if tl.max(valid.to(tl.int32), axis=0) == 0:
             return
@@ -127,9 +129,11 @@ if HAVE_TRITON:
         n_ok = n < hidden
         w_base = w_ptr + e * inter * hidden
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
+        k_len = tl.cdiv(tl.cdiv(inter, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_end = tl.minimum(split * k_len + k_len, inter)
+        for k0 in range(split * k_len, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < inter
+            k_ok = kk < k_end
             a = tl.load(h_ptr + pair[:, None].to(tl.int64) * inter + kk[None, :],
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :],
@@ -138,10 +142,12 @@ if HAVE_TRITON:
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-        acc += tl.load(b_ptr + e * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + e * hidden + n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
-        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc, mask=valid[:, None] & n_ok[None, :])
+        out = out_ptr + (split * num_pairs + pair[:, None]).to(tl.int64) * hidden + n[None, :]
+        tl.store(out, acc, mask=valid[:, None] & n_ok[None, :])
 
 
 def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +202,10 @@ def fused_experts(
         block_m = 16 if p <= 256 else 64
         pair, block_expert = block_layout(ids, num_experts, block_m)
         num_blocks = block_expert.numel()
+    # a batch of one reads 4 experts: split the down projection's K so that enough programs stream
+    split_k = DOWN_SPLIT_K if p <= top_k else 1
     h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
-    out = torch.zeros((p, hidden), dtype=torch.float32, device=x.device)
+    out = torch.zeros((split_k, p, hidden), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     x = x.contiguous()
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
@@ -205,11 +213,11 @@ def fused_experts(
         float(alpha), TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee, DENSE=dense,
     )
     weights = top_k_weights.reshape(-1).float().contiguous()
-    _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]))](
+    _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]), split_k)](
         h, down, down_bias, weights, out, pair, block_expert, ids, p, num_experts, hidden, inter,
-        BLOCK_M=block_m, IEEE=ieee, DENSE=dense,
+        BLOCK_M=block_m, IEEE=ieee, DENSE=dense, SPLIT_K=split_k,
     )
-    return out.view(t, top_k, hidden).sum(1).to(x.dtype)
+    return out.view(split_k, t, top_k, hidden).sum((0, 2)).to(x.dtype)
 
 
 def reference_experts(

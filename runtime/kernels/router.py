@@ -1,17 +1,17 @@
-"""The MoE router in one Triton kernel: logits = x @ W^T + b, top-k experts, softmax over their logits.
+"""The MoE router's top-k and softmax in one Triton kernel.
 
-transformers' GptOssTopKRouter runs a GEMM (plus cuBLAS's split-K reduction), a sort-based topk and a
-softmax: five launches per layer, ~16 us at decode, more than a third of what the experts themselves
-take at batch 1. Here one program per token does all of it in registers. Same function: the logits
-are rounded to the model dtype before the top-k (as F.linear's output is), the top-k is by value
-(ties go to the lower expert id), and the scores are the softmax of the top-k logits in the model
-dtype. Used for up to MAX_TOKENS tokens (decode); longer inputs (prefill) take transformers' path,
-where a GEMM is the better tool.
+transformers' GptOssTopKRouter runs the router GEMM, then a sort-based topk (two kernels) and a
+softmax: ~10 us of launches per layer at decode, where the experts of a batch of one take ~80 us.
+Here the GEMM stays cuBLAS's (F.linear, many SMs) and one program per token takes the top-k of its
+logits and their softmax in registers. Same function: top-k by value (ties go to the lower expert
+id, in descending order), the scores are the softmax of the top-k logits in the model dtype. Used up
+to MAX_TOKENS tokens (decode); longer inputs take transformers' path.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
@@ -23,22 +23,11 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, scores_ptr, idx_ptr, H, E,
-                       TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _topk_softmax_kernel(logits_ptr, scores_ptr, idx_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
-        e_ok = e < E
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hh = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hh < H
-            x = tl.load(x_ptr + t * H + hh, mask=h_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e[:, None] * H + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-        logit = acc.to(logits_ptr.dtype.element_ty)
-        tl.store(logits_ptr + t * E + e, logit, mask=e_ok)
-        v = tl.where(e_ok, logit.to(tl.float32), float("-inf"))
+        v = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
         k = tl.arange(0, BLOCK_K)
         top_v = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
         top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
@@ -58,20 +47,18 @@ if HAVE_TRITON:
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k])."""
-    t, h = x.shape
-    e = weight.shape[0]
-    logits = torch.empty((t, e), dtype=x.dtype, device=x.device)
+    logits = F.linear(x, weight, bias)  # [T, E], in the model dtype
+    t, e = logits.shape
     scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
     idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
-    block_e = triton.next_power_of_2(e)
-    _router_kernel[(t,)](x.contiguous(), weight, bias, logits, scores, idx, h, e, TOP_K=top_k, BLOCK_E=block_e,
-                         BLOCK_H=max(16, 4096 // block_e), BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
+    _topk_softmax_kernel[(t,)](logits, scores, idx, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
+                               BLOCK_K=triton.next_power_of_2(top_k), num_warps=1)
     return logits, scores, idx
 
 
 class FusedRouterForward:
-    """Mixed into transformers' GptOssTopKRouter by runtime.fused: same module, same parameters, the
-    forward above for decode-sized inputs."""
+    """Mixed into transformers' GptOssTopKRouter by runtime.fused: same module, same parameters,
+    `route` for decode-sized inputs."""
 
     def forward(self: nn.Module, hidden_states: torch.Tensor):  # type: ignore[misc]
         if hidden_states.shape[0] <= MAX_TOKENS and triton_usable(hidden_states.device):
