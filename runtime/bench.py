@@ -132,6 +132,22 @@ class Bench:
         return self._row("ours", batch, prompts, new_tokens, ttft, tpot, e2e, generated,
                          load_seconds=self.engine.load_seconds)
 
+    def profile(self, batch: int, out_dir: Path) -> None:
+        """One more run of `batch` under torch.profiler: GPU kernels by total time, for the prefill alone
+        (one new token) and for the whole run, written to <out_dir>/profile-b<batch>.txt on rank 0."""
+        from torch.profiler import ProfilerActivity, profile
+
+        prompts, new_tokens, ignore_eos = self.prompts(batch)
+        tables = []
+        for label, n in (("prefill (1 new token)", 1), (f"prefill + {new_tokens - 1} decode steps", new_tokens)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                self.engine.decode(prompts, n, ignore_eos=ignore_eos)
+            key = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
+            tables.append(f"## batch {batch}: {label}\n" + prof.key_averages().table(sort_by=key, row_limit=30))
+        if self.layout.is_writer:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"profile-b{batch}.txt").write_text("\n\n".join(tables) + "\n")
+
     def _row(self, impl: str, batch: int, prompts: list[list[int]], new_tokens: int, ttft: list[float],
              tpot: list[float], e2e: list[float], generated: int, load_seconds: float) -> dict[str, Any]:
         lay, cfg = self.layout, self.cfg
@@ -261,10 +277,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     layout = distributed.make_layout(cfg.parallel.tp_size, cfg.parallel.ep_size, cfg.parallel.dp_size)
     distributed.silence_non_writers(layout)
     bench = Bench(cfg)
+    out_dir = Path(cfg.bench.out_dir or report.default_dir(cfg))
     rows = []
     for batch in cfg.bench.batch_sizes:
         try:
             rows.append(bench.measure_ours(batch))
+            if cfg.bench.profile:
+                bench.profile(batch, out_dir)
         except torch.OutOfMemoryError:
             log.warning("ours  batch %4d: out of memory, skipped", batch)
             _free(bench.device)
@@ -301,7 +320,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "ranks": ranks,
         "rows": rows + base_rows,
     }
-    out_dir = Path(cfg.bench.out_dir or report.default_dir(cfg))
     report.write(out_dir, result, Path(cfg.bench.table), plots=cfg.bench.plots)
     log.info("results in %s (table %s)", out_dir, cfg.bench.table)
     bench.engine.close()

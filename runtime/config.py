@@ -185,6 +185,9 @@ class BenchConfig:
     """Draw throughput-per-GPU vs tokens/s-per-user and latency-vs-batch PNGs."""
     seed: int = 0
     """Seed of the random prompts."""
+    profile: bool = False
+    """After each batch size's timed runs, run it once more under torch.profiler and write the GPU
+    kernels by total time (prefill alone, and the whole run) to <out_dir>/profile-b<batch>.txt."""
     spawn: bool = True
     """Started as one process with tp*ep*dp > 1: re-run itself under torchrun with that many ranks."""
 

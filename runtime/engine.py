@@ -100,10 +100,11 @@ class Engine:
         self.layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
         modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation)
         _check_generation(cfg.generation)
-        if cfg.generation.kv_cache == "static" and cfg.attention.implementation not in ("eager", "gqa_sinks"):
+        static_ok = ("eager", "gqa_sinks", "triton_sinks")
+        if cfg.generation.kv_cache == "static" and cfg.attention.implementation not in static_ok:
             raise UserError(
                 f"attention.implementation={cfg.attention.implementation} expects transformers' own masks: use "
-                "generation.kv_cache=dynamic with it (the static cache passes additive masks), or attention=gqa_sinks"
+                "generation.kv_cache=dynamic with it (the static cache passes its own masks), or attention=triton"
             )
         self.device = distributed.resolve_device(cfg.model.device, self.layout)
         self.dtype = modeling.resolve_dtype(cfg.model.dtype, self.device)

@@ -5,10 +5,12 @@ transformers' model forward is used as it is; what changes is what it is given:
   (`StaticKVCache`), so every step has the same shapes and addresses;
 - ready-made additive masks for the full and the sliding layers, computed on the GPU from a table of
   the position held in each cache slot (left padding, the causal rule and the 128-token window all
-  follow from it), so transformers builds no mask and the Python side holds no per-step values;
+  follow from it), so transformers builds no mask and the Python side holds no per-step values; with
+  attention=triton that table itself (a SlotMask) goes to the kernel, which builds no mask at all;
 - position ids in a tensor that the loop advances on the GPU.
 On CUDA the mask computation and the forward of a decode step are captured once as a CUDA graph and
-replayed; sampling and the stop bookkeeping run after it without any host sync (the host looks at
+replayed; so is a small prefill (<= PREFILL_GRAPH_TOKENS) the second time its shape comes (a batch of
+one is bound by launches, not by the GPU, which the graph removes); sampling and the stop bookkeeping run after it without any host sync (the host looks at
 the stop flags only every `SYNC_EVERY` steps). On the CPU the same code runs eagerly.
 """
 
@@ -22,9 +24,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from runtime.kernels.flash import NAME as FLASH, SlotMask
+
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 16  # steps between host checks of "have all rows stopped?"
+PREFILL_GRAPH_TOKENS = 8192  # prefills up to this many tokens (batch x width) are graphed once their shape repeats
+PREFILL_GRAPHS = 2  # prefill graphs kept per cache shape (most recent widths)
 
 
 class StaticKVCache:
@@ -98,7 +104,9 @@ class GraphDecoder:
         attn = model.model.layers[0].self_attn
         self.kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         self.window = getattr(self.cfg, "sliding_window", None)
+        self.slot_masks = self.cfg._attn_implementation == FLASH
         self._graph: dict[str, Any] | None = None  # the captured step and its static buffers
+        self.graph_prefill = True  # off once a prefill could not be captured
         self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
@@ -119,12 +127,18 @@ class GraphDecoder:
             "slot_pos": torch.full((batch, max_len), -1, dtype=torch.long, device=dev),
             "slot": torch.zeros(1, dtype=torch.long, device=dev),  # the decode step's slot (the graph reads it)
             "logits": None,
+            "prefill": {},  # width -> captured prefill graph and its static inputs
+            "prefill_seen": set(),  # widths prefilled once (eagerly)
         }
         return self._graph
 
     def _forward(self, buf: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of the last token of each row: [B, V]."""
-        m = masks(buf["slot_pos"], pos, self.window, self.dtype)
+        if self.slot_masks:  # the kernel reads the cache bookkeeping itself (runtime/kernels/flash.py)
+            sm = SlotMask(buf["slot_pos"], buf["cache"].slots[None, :].expand(ids.shape[0], -1).contiguous())
+            m = {"full_attention": sm, "sliding_attention": sm}
+        else:
+            m = masks(buf["slot_pos"], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=buf["cache"], use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
@@ -156,6 +170,36 @@ class GraphDecoder:
         buf["graph"].replay()
         return buf["logits"]
 
+    def _prefill(self, buf: dict[str, Any], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The prompt's forward; replayed from a CUDA graph when small and seen before (see the module doc)."""
+        cache, width = buf["cache"], ids.shape[1]
+        if not (self.use_graph and self.graph_prefill) or ids.numel() > PREFILL_GRAPH_TOKENS:
+            return self._forward(buf, ids, positions)
+        g = buf["prefill"].get(width)
+        if g is None:
+            if width not in buf["prefill_seen"]:  # first time: eagerly (this also warms up / autotunes)
+                buf["prefill_seen"].add(width)
+                return self._forward(buf, ids, positions)
+            if len(buf["prefill"]) >= PREFILL_GRAPHS:
+                buf["prefill"].pop(next(iter(buf["prefill"])))
+            g = {"ids": ids.clone(), "pos": positions.clone(), "slots": cache.slots, "graph": torch.cuda.CUDAGraph()}
+            torch.cuda.synchronize()
+            try:
+                with torch.cuda.graph(g["graph"]):
+                    g["logits"] = self._forward(buf, g["ids"], g["pos"])
+            except RuntimeError as e:
+                log.warning("prefill cannot be captured as a CUDA graph (%s); running it eagerly",
+                            str(e).splitlines()[0][:160])
+                torch.cuda.synchronize()
+                self.graph_prefill = False
+                return self._forward(buf, ids, positions)
+            buf["prefill"][width] = g
+        g["ids"].copy_(ids)
+        g["pos"].copy_(positions)
+        cache.slots = g["slots"]
+        g["graph"].replay()
+        return g["logits"]
+
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, sample: Callable[[torch.Tensor], torch.Tensor],
             stop: torch.Tensor, pad_id: int, ignore_eos: bool, clock: Any) -> DecodeState:
@@ -168,7 +212,7 @@ class GraphDecoder:
         buf["slot_pos"].fill_(-1)
         buf["slot_pos"][:, :width] = positions
         cache.slots = torch.arange(width, device=self.device)
-        logits = self._forward(buf, ids, positions)  # prefill: not graphed (its shape changes per batch)
+        logits = self._prefill(buf, ids, positions)
         buf["slot"].fill_(width)
         cache.slots = buf["slot"]  # decode steps write at buf["slot"], which the loop advances in place
         buf["pos"].copy_(positions[:, -1:])

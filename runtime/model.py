@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime import checkpoint, kernels, parallelize
+from runtime import checkpoint, fused, kernels, parallelize
 from runtime.kernels import moe, moe_mxfp4
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ATTENTION = ("eager", "flex_attention", "gqa_sinks")
+ATTENTION = ("eager", "flex_attention", "gqa_sinks", "triton_sinks")
 EXPERTS = ("grouped_mm", "batched_mm", "eager", "triton", "mxfp4")
 
 
@@ -136,6 +136,7 @@ def build(
     model.requires_grad_(False)
     if attention != "eager":
         model.set_attn_implementation(attention)
+    fused.apply(model, attention, experts)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,

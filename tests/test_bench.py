@@ -53,7 +53,9 @@ def test_fields_are_present_and_consistent(tmp_path: Path) -> None:
 
 
 def test_table_accumulates_and_replay_mode(tmp_path: Path) -> None:
-    bench(tmp_path, "bench.batch_sizes=[2]")
+    bench(tmp_path, "bench.batch_sizes=[2]", "bench.profile=true")
+    prof = (tmp_path / "run" / "profile-b2.txt").read_text()  # where the time goes, prefill and whole run
+    assert "## batch 2: prefill (1 new token)" in prof and "decode steps" in prof and "aten::" in prof
     result = bench(tmp_path, "bench.mode=replay", "bench.batch_sizes=[2]", "generation.max_new_tokens=5")
     (row,) = result["rows"]
     assert row["mode"] == "replay" and row["output_len"] == 5

@@ -4,6 +4,9 @@ transformers' DynamicCache tokens; our GQA attention with sinks equals transform
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +16,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
 from runtime.graph_decode import masks
 from runtime.kernels import attention
-from tests.conftest import generate, read_jsonl
+from tests.conftest import ROOT, generate, read_jsonl
 
 
 @pytest.mark.parametrize("t", [1, 7])
@@ -44,8 +47,10 @@ def test_masks_follow_positions_and_window() -> None:
     assert (pad_query["full_attention"] != 0).all()
 
 
-@pytest.mark.parametrize("attn", ["eager", "gqa_sinks"])
+@pytest.mark.parametrize("attn", ["eager", "gqa_sinks", "triton"])
 def test_static_cache_gives_the_dynamic_cache_tokens(tmp_path: Path, attn: str) -> None:
+    """attention=triton runs its torch fallback here (its SlotMask as an additive mask); the kernel itself
+    is checked in the interpreter below and on the GPU."""
     prompts = tmp_path / "p.jsonl"
     texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3, "2+2?"]
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
@@ -56,3 +61,21 @@ def test_static_cache_gives_the_dynamic_cache_tokens(tmp_path: Path, attn: str) 
                   f"generation.kv_cache={cache}", "generation.max_new_tokens=40", "generation.batch_size=3"])
         runs[cache] = [r["completion_ids"] for r in read_jsonl(out)]
     assert runs["static"] == runs["dynamic"]
+
+
+def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path) -> None:
+    """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV) in Triton's
+    interpreter == transformers' loop."""
+    prompts = tmp_path / "p.jsonl"
+    texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    common = [f"prompts.path={prompts}", "output.token_ids=true", "generation.max_new_tokens=12",
+              "generation.batch_size=2", "model.device=cpu"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    fast = tmp_path / "fast.jsonl"
+    subprocess.run([sys.executable, "-m", "runtime.generate", *common, f"output.path={fast}",
+                    "attention=triton", "experts=triton", "generation.kv_cache=static"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    ref = tmp_path / "ref.jsonl"
+    generate([*common, f"output.path={ref}", "generation.kv_cache=dynamic"])
+    assert [r["completion_ids"] for r in read_jsonl(fast)] == [r["completion_ids"] for r in read_jsonl(ref)]

@@ -1,5 +1,6 @@
-"""Our MoE kernel against the references: the torch reference equals transformers' eager experts;
-the Triton kernel (Triton's interpreter on the CPU: fp32/fp16, small shapes) equals the reference."""
+"""Our kernels against the references: the MoE torch reference equals transformers' eager experts; the
+Triton MoE and flash attention kernels (Triton's interpreter on the CPU: fp32/fp16, small shapes) equal
+the references (transformers' eager attention for the attention)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ KERNEL_CHECK = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for dtype in (torch.float32, torch.float16):
-        for t, E, k, H, I in ((1, 4, 2, 32, 32), (5, 6, 3, 64, 48), (150, 4, 2, 32, 32)):
+        for t, E, k, H, I in ((1, 4, 2, 32, 32), (1, 4, 2, 32, 512), (5, 6, 3, 64, 48), (40, 5, 2, 32, 32),
+                              (150, 4, 2, 32, 32)):
             x = torch.randn(t, H, generator=g).to(dtype)
             idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
             w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
@@ -74,3 +76,80 @@ def test_triton_kernel_in_the_interpreter() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+
+
+FLASH_CHECK = """
+import torch
+from types import SimpleNamespace
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+from runtime.kernels import flash
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+# (B, Hq, Hkv, T, S, D, window, pads, written): the T queries sit at slots [written, written+T)
+for b, hq, hkv, t, s, d, window, pads, written in (
+    (2, 8, 2, 1, 600, 16, None, 3, 500),   # decode, full layer, split over keys
+    (2, 8, 2, 1, 600, 16, 32, 3, 500),     # decode, sliding layer
+    (3, 4, 4, 9, 40, 32, None, 4, 0),      # prefill with left pads
+    (2, 8, 2, 37, 64, 16, 8, 5, 0),        # prefill, sliding window
+    (1, 8, 1, 3, 300, 16, None, 0, 200),   # a few queries after a long cache
+):
+    for dtype in (torch.float32, torch.float16):
+        q = torch.randn(b, t, hq, d, generator=g).to(dtype).transpose(1, 2)  # transformers' layout
+        k, v = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+        sinks = torch.randn(hq, generator=g)
+        slot_pos = torch.full((b, s), -1)
+        end = written + t
+        for i in range(b):
+            p = pads if i == 0 else 0
+            slot_pos[i, p:end] = torch.arange(end - p)
+        q_slot = torch.arange(written, end).expand(b, t).contiguous()
+        m = flash.SlotMask(slot_pos, q_slot)
+        add = m.additive(window, torch.float32)
+        mod = SimpleNamespace(sinks=sinks, num_key_value_groups=hq // hkv, training=False)
+        ref, _ = eager_attention_forward(mod, q.float(), k.float(), v.float(), add, scaling=d**-0.5)
+        out = flash.flash_attention(q, k, v, sinks, m, d**-0.5, window).float()
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        assert not out.isnan().any()
+        err = ((out - ref).norm() / ref.norm()).item()
+        print(b, hq, hkv, t, s, d, window, dtype, err)
+        worst = max(worst, err)
+print("worst", worst)
+"""
+
+
+def test_flash_attention_kernel_in_the_interpreter() -> None:
+    """Decode with split-K, sliding windows, left pads, GQA groups of 1-8, fp32 and fp16."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", FLASH_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+
+
+ROUTER_CHECK = """
+import torch
+from transformers import GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+from runtime.kernels import router
+g = torch.Generator().manual_seed(0)
+for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40)):
+    r = GptOssTopKRouter(GptOssConfig(num_local_experts=e, num_experts_per_tok=k, hidden_size=h))
+    r.weight.data, r.bias.data = torch.randn(e, h, generator=g), torch.randn(e, generator=g)
+    x = torch.randn(t, h, generator=g)
+    with torch.no_grad():
+        ref = r(x)
+        out = router.route(x, r.weight, r.bias, k)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[2], ref[2]), (out[2], ref[2])
+print("ok")
+"""
+
+
+def test_router_kernel_in_the_interpreter() -> None:
+    """One-kernel router == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ROUTER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "ok"

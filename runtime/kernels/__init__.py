@@ -16,10 +16,12 @@ def register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from runtime.kernels import attention, moe, moe_mxfp4
+    from runtime.kernels import attention, flash, moe, moe_mxfp4
 
     ALL_ATTENTION_FUNCTIONS.register(attention.NAME, attention.gqa_sinks_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(attention.NAME, eager_mask)
+    ALL_ATTENTION_FUNCTIONS.register(flash.NAME, flash.sinks_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(flash.NAME, eager_mask)  # the dynamic cache: gqa_sinks fallback
     ALL_EXPERTS_FUNCTIONS.register(moe.NAME, moe.experts_forward)
     ALL_EXPERTS_FUNCTIONS.register(moe_mxfp4.NAME, moe_mxfp4.experts_forward)
     _registered = True

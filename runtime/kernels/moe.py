@@ -6,8 +6,10 @@ transformers' eager experts: for each (token, expert) pair, gate_up = x @ W_gu[e
 up interleaved), out = ((clamp(up) + 1) * g * sigmoid(1.702 g)) @ W_d[e] + b_d[e] with g = min(gate,
 limit), weighted by the routing weight and summed over the token's experts.
 
-How: the (token, expert) pairs are sorted by expert and laid out in blocks of BLOCK_M rows, each
-block holding pairs of one expert only (padded). One kernel computes gate_up + bias + SwiGLU for a
+How: up to DENSE_MAX_PAIRS (token, expert) pairs (decode), program m of the grid is expert m: it
+takes the pairs routed to it from all of them (a mask) and returns at once when there are none, so
+no sorting or layout kernels run. Beyond that, the pairs are sorted by expert and laid out in blocks
+of BLOCK_M rows, each block holding pairs of one expert only (padded). One kernel computes gate_up + bias + SwiGLU for a
 block x a slice of the expert's hidden units, a second one the down projection + bias, times the
 routing weight. A block reads its expert's weight tile once for all its rows, so at decode (a few
 pairs per expert) each active expert's weights cross memory once. The layout is computed with torch
@@ -27,6 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "triton"
+DENSE_MAX_PAIRS = 64  # up to this many (token, expert) pairs, no block layout: see fused_experts
+DOWN_SPLIT_K = 4  # split of the down projection's inner dimension for a single token
 
 try:
     import triton
@@ -54,29 +58,40 @@ def _configs() -> list:
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _block_rows(pid_m, pair_ptr, block_expert_ptr, ids_ptr, num_pairs, BLOCK_M: tl.constexpr,
+                    DENSE: tl.constexpr):
+        """The expert of program row-block `pid_m` and its rows: (expert, pair id per row, row valid)."""
+        r = tl.arange(0, BLOCK_M)
+        if DENSE:  # few pairs: program pid_m is expert pid_m, its rows are all pairs, routed ones valid
+            e = pid_m
+            pair = r
+            valid = tl.load(ids_ptr + r, mask=r < num_pairs, other=-1) == e
+        else:  # block_layout: a block of pairs of one expert
+            e = tl.load(block_expert_ptr + pid_m)
+            pair = tl.load(pair_ptr + pid_m * BLOCK_M + r)
+            valid = pair < num_pairs
+        return e.to(tl.int64), pair, valid
+
     @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, b_ptr, h_ptr, pair_ptr, block_expert_ptr,
+        x_ptr, w_ptr, b_ptr, h_ptr, pair_ptr, block_expert_ptr, ids_ptr,
         num_pairs, num_experts, hidden, inter, limit, alpha,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, DENSE: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(block_expert_ptr + pid_m)
-        if e >= num_experts:
+        e, pair, valid = _block_rows(tl.program_id(0), pair_ptr, block_expert_ptr, ids_ptr, num_pairs, BLOCK_M, DENSE)
+        if tl.max(valid.to(tl.int32), axis=0) == 0:  # no pair for this expert here
             return
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(pair_ptr + rows)
-        valid = pair < num_pairs
         tok = pair // TOP_K
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units of the expert
         n_ok = n < inter
         # gate/up are interleaved per hidden unit: the 2*BLOCK_N columns of these units are contiguous
         c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         c_ok = c < 2 * inter
-        w_base = w_ptr + e.to(tl.int64) * hidden * (2 * inter)
+        w_base = w_ptr + e * hidden * (2 * inter)
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -89,7 +104,7 @@ if HAVE_TRITON:
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-        acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + e * (2 * inter) + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -100,25 +115,25 @@ if HAVE_TRITON:
     @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
     @triton.jit
     def _down_kernel(
-        h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr,
+        h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr, ids_ptr,
         num_pairs, num_experts, hidden, inter,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        DENSE: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(block_expert_ptr + pid_m)
-        if e >= num_experts:
+        split = tl.program_id(2)  # this program's share of the hidden units (split-K); out[split] is its
+        e, pair, valid = _block_rows(tl.program_id(0), pair_ptr, block_expert_ptr, ids_ptr, num_pairs, BLOCK_M, DENSE)
+        if tl.max(valid.to(tl.int32), axis=0) == 0:
             return
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(pair_ptr + rows)
-        valid = pair < num_pairs
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
         n_ok = n < hidden
-        w_base = w_ptr + e.to(tl.int64) * inter * hidden
+        w_base = w_ptr + e * inter * hidden
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
+        k_len = tl.cdiv(tl.cdiv(inter, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_end = tl.minimum(split * k_len + k_len, inter)
+        for k0 in range(split * k_len, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < inter
+            k_ok = kk < k_end
             a = tl.load(h_ptr + pair[:, None].to(tl.int64) * inter + kk[None, :],
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :],
@@ -127,10 +142,12 @@ if HAVE_TRITON:
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-        acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + e * hidden + n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
-        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc, mask=valid[:, None] & n_ok[None, :])
+        out = out_ptr + (split * num_pairs + pair[:, None]).to(tl.int64) * hidden + n[None, :]
+        tl.store(out, acc, mask=valid[:, None] & n_ok[None, :])
 
 
 def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,23 +192,32 @@ def fused_experts(
     num_experts, _, two_inter = gate_up.shape
     inter = two_inter // 2
     p = t * top_k
-    block_m = 16 if p <= 256 else 64
-    pair, block_expert = block_layout(top_k_index.reshape(-1), num_experts, block_m)
+    ids = top_k_index.reshape(-1).contiguous()
+    dense = p <= DENSE_MAX_PAIRS
+    if dense:  # decode: no sorting; program m is expert m and picks its pairs from all p
+        block_m = max(16, triton.next_power_of_2(p))
+        pair = block_expert = ids  # unused
+        num_blocks = num_experts
+    else:
+        block_m = 16 if p <= 256 else 64
+        pair, block_expert = block_layout(ids, num_experts, block_m)
+        num_blocks = block_expert.numel()
+    # a batch of one reads 4 experts: split the down projection's K so that enough programs stream
+    split_k = DOWN_SPLIT_K if p <= top_k else 1
     h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
-    out = torch.zeros((p, hidden), dtype=torch.float32, device=x.device)
+    out = torch.zeros((split_k, p, hidden), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
-    num_blocks = block_expert.numel()
     x = x.contiguous()
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
-        x, gate_up, gate_up_bias, h, pair, block_expert, p, num_experts, hidden, inter, float(limit), float(alpha),
-        TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee,
+        x, gate_up, gate_up_bias, h, pair, block_expert, ids, p, num_experts, hidden, inter, float(limit),
+        float(alpha), TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee, DENSE=dense,
     )
     weights = top_k_weights.reshape(-1).float().contiguous()
-    _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]))](
-        h, down, down_bias, weights, out, pair, block_expert, p, num_experts, hidden, inter,
-        BLOCK_M=block_m, IEEE=ieee,
+    _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]), split_k)](
+        h, down, down_bias, weights, out, pair, block_expert, ids, p, num_experts, hidden, inter,
+        BLOCK_M=block_m, IEEE=ieee, DENSE=dense, SPLIT_K=split_k,
     )
-    return out.view(t, top_k, hidden).sum(1).to(x.dtype)
+    return out.view(split_k, t, top_k, hidden).sum((0, 2)).to(x.dtype)
 
 
 def reference_experts(

@@ -1,0 +1,200 @@
+"""Flash attention with sinks in Triton, for the static KV cache: prefill and decode, one kernel.
+
+Registered with transformers as the attention implementation `triton_sinks` (conf/attention/triton.yaml).
+Same function as transformers' eager_attention_forward for gpt-oss: softmax over the scaled scores of the
+visible keys plus one sink logit per head, the sink dropped after the softmax. How it differs:
+- nothing of size T x S is materialised: keys stream through an online softmax (exp2, fp32 state);
+  the sink is the softmax's starting state (max = sink, sum = 1), so a row that sees no key gives 0;
+- the query heads that share a KV head are rows of one tile (row r = query r // G, head r % G), so
+  each key and value is read once per KV head, for all G query heads (grouped-query attention);
+- what a query sees comes from the cache's bookkeeping (`SlotMask`): slot s is visible to a query
+  written at slot q when slot s holds a token (position >= 0), s <= q and, on sliding layers,
+  s > q - window. Slots of a row hold consecutive positions, so this is the causal rule and the
+  128-token window; key blocks outside [q - window, q] are never read (sliding layers read the
+  window, not the cache);
+- decode (few query rows) splits the keys of a long cache over several programs (split-K) whose
+  partial results are merged by their log-sum-exp, so a batch of one still fills the GPU.
+The bounds are read from tensors inside the kernel: no host sync, capturable in a CUDA graph.
+Where Triton cannot run (no GPU and not TRITON_INTERPRET=1) the same SlotMask becomes an additive
+mask for runtime.kernels.attention (gqa_sinks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.kernels import attention as gqa
+from runtime.kernels.moe import HAVE_TRITON, triton_usable
+
+NAME = "triton_sinks"
+LOG2E = 1.4426950408889634
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+
+@dataclass
+class SlotMask:
+    """What each query may see in a static KV cache, given in place of an additive mask.
+
+    slot_pos: [B, S] position of the token held in each cache slot, -1 for an empty or pad slot.
+    q_slot:   [B, T] the slot each query's own key was written to.
+    """
+
+    slot_pos: torch.Tensor
+    q_slot: torch.Tensor
+
+    def additive(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The same rule as an additive mask [B, 1, T, S] (for the torch fallback)."""
+        s = torch.arange(self.slot_pos.shape[1], device=self.slot_pos.device)
+        q = self.q_slot[:, None, :, None]
+        vis = (self.slot_pos[:, None, None, :] >= 0) & (s <= q)
+        if window:
+            vis &= s > q - window
+        return torch.where(vis, torch.zeros((), dtype=dtype, device=vis.device), torch.finfo(dtype).min)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _flash_kernel(
+        q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, o_ptr, lse_ptr,
+        sq_b, sq_h, sq_t,  # q [B, Hq, T, D] strides (D contiguous)
+        sk_b, sk_h, sk_s,  # k and v [B, Hkv, S, D] strides (D contiguous)
+        so_p, so_b, so_t,  # out [P, B, T, Hq, D] strides (Hq, D contiguous)
+        T, S, HKV, HQ, scale_log2, window,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        split = tl.program_id(2)
+        b = (pid_bh // HKV).to(tl.int64)
+        hk = pid_bh % HKV
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows: (query, head of the group)
+        t = r // G
+        h = hk * G + r % G
+        row_ok = t < T
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        qs = tl.load(q_slot_ptr + b * T + t, mask=row_ok, other=-1)
+        # the keys any row of this block can see: [lo, hi)
+        hi = tl.minimum(tl.max(qs, axis=0) + 1, S)
+        first_q = tl.min(tl.where(row_ok, qs, S), axis=0)
+        lo = tl.where(window > 0, tl.maximum(first_q - window + 1, 0), 0)
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+        end = tl.minimum(start + chunk, hi)
+        # the sink is the starting state of split 0's softmax: max = sink, sum = exp(0) = 1
+        sink = tl.load(sink_ptr + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        first = (tl.zeros([BLOCK_M], dtype=tl.int32) + split) == 0
+        m_i = tl.where(first, sink, float("-inf"))
+        l_i = tl.where(first, 1.0, 0.0)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        kv = b * sk_b + hk * sk_h
+        for s0 in range(start, end, BLOCK_N):
+            s = s0 + tl.arange(0, BLOCK_N)
+            s_ok = s < end
+            kt = tl.load(k_ptr + kv + s[None, :] * sk_s + d[:, None], mask=s_ok[None, :], other=0.0)  # [D, N]
+            if IEEE:
+                sc = tl.dot(q, kt, input_precision="ieee")
+            else:
+                sc = tl.dot(q, kt)
+            sc = (sc * scale_log2).to(tl.float32)  # (under torch.compile the scale may arrive as fp64)
+            pos = tl.load(slot_pos_ptr + b * S + s, mask=s_ok, other=-1)
+            vis = (pos[None, :] >= 0) & (s[None, :] <= qs[:, None]) & s_ok[None, :]
+            vis = vis & ((window == 0) | (s[None, :] > qs[:, None] - window))
+            sc = tl.where(vis, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_ptr + kv + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0.0)  # [N, D]
+            if IEEE:
+                pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new.to(tl.float32)
+            l_i = l_i.to(tl.float32)
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        o = o_ptr + split * so_p + b * so_b + t[:, None] * so_t + h[:, None] * D + d[None, :]
+        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if SPLITS > 1:  # log-sum-exp (natural) of this split's part, for the merge
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(lse_ptr + ((split * (tl.num_programs(1) // HKV) + b) * T + t) * HQ + h, lse, mask=row_ok)
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, mask: SlotMask,
+                    scaling: float, window: int | None) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] (the cache), sinks [Hq] -> [B, T, Hq, D]."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if k.stride(-1) != 1 or v.stride() != k.stride() or q.stride(-1) != 1:
+        raise ValueError("triton_sinks expects contiguous head dimensions and K/V caches of one layout")
+    rows = t * g
+    decode = rows <= 64
+    block_m = _pow2_at_least(rows, 16) if decode else 128
+    block_n = 64
+    span = min(s, (window or s) + t)  # keys one block of rows can see, at most
+    splits = 1
+    if decode:  # split the keys until the grid covers the GPU, keeping >= 256 keys per split
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        splits = max(1, min(math.ceil(span / 256), math.ceil(2 * sms / (b * hkv))))
+    out = torch.empty((splits, b, t, hq, d), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
+    lse = torch.empty((splits, b, t, hq) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(rows, block_m), b * hkv, splits)
+    _flash_kernel[grid](
+        q, k, v, sinks, mask.slot_pos, mask.q_slot.contiguous(), out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        t, s, hkv, hq, scaling * LOG2E, int(window or 0),
+        G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=4 if decode else 8, num_stages=2 if decode else 3,
+    )
+    if splits == 1:
+        return out[0]
+    weight = torch.softmax(lse, dim=0)  # [P, B, T, Hq]: each split's share of the total
+    return (out * weight[..., None]).sum(0).to(q.dtype)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The kernel's constraints: Triton usable on this device, a power-of-two head size >= 16."""
+    d = q.shape[-1]
+    return triton_usable(q.device) and d >= 16 and d & (d - 1) == 0 and q.shape[1] % k.shape[1] == 0
+
+
+def sinks_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [B, Hq, T, D]
+    key: torch.Tensor,  # [B, Hkv, S, D]
+    value: torch.Tensor,  # [B, Hkv, S, D]
+    attention_mask: SlotMask | torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,  # [Hq] sink logits
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature; a SlotMask selects the kernel, anything else
+    (transformers' own masks with the dynamic cache, or no Triton here) the gqa_sinks path."""
+    sinks = module.sinks if s_aux is None else s_aux
+    if isinstance(attention_mask, SlotMask):
+        if supported(query, key):
+            return flash_attention(query, key, value, sinks, attention_mask, scaling, sliding_window), None
+        attention_mask = attention_mask.additive(sliding_window, query.dtype)
+    return gqa.gqa_sinks_attention(module, query, key, value, attention_mask, scaling, s_aux=sinks)
