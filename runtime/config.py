@@ -167,8 +167,9 @@ class BenchConfig:
     mode: str = "fixed"
     """`fixed` (input_len/output_len, EOS ignored) or `replay` (the prompts config, harmony-rendered,
     generation.max_new_tokens, stopping at EOS)."""
-    warmup: int = 1
-    """Untimed runs per batch size before the timed ones (compilation, allocator, caches)."""
+    warmup: int = 2
+    """Untimed runs per batch size before the timed ones (compilation, autotuning, allocator; a small
+    prefill is captured as a CUDA graph the second time its shape comes, so 2 reach the steady state)."""
     repetitions: int = 3
     """Timed runs per batch size; medians and percentiles are taken over them."""
     baseline: bool = False
