@@ -103,6 +103,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self._started = time.monotonic()
         self._body_read = False
+        self._streaming = False
         try:
             if path == "/health":
                 self._only(method, "GET")
@@ -130,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - a bug must not take the server down
             log.exception("error while answering %s %s", method, path)
             self.close_connection = True
+            if self._streaming:  # a status line cannot follow the stream's headers: just end the connection
+                return
             try:
                 self._json(500, ApiError(500, "Internal server error (see the server log).").body())
             except OSError:
@@ -259,6 +262,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
+        self._streaming = True
         try:
             self._chunk(b"".join(fmt.head()))
             finish, generated = self._consume(sub, stream, lambda events: self._chunk(b"".join(fmt.events(events))))
@@ -272,8 +276,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._log_done(self.path, fmt.job, out)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            sub.cancel()
             self.close_connection = True
+        finally:
+            sub.cancel()  # no-op for a finished request; frees the row of one whose client left or failed
 
     def _consume(self, sub: Submission, stream: HarmonyStream,
                  write: Callable[[list], None] | None) -> tuple[Finish | None, int]:
@@ -282,8 +287,9 @@ class Handler(BaseHTTPRequestHandler):
         generated = 0
         checked = time.monotonic()
         while True:
+            items: list[Any] = []
             try:
-                items = [sub.events.get(timeout=POLL_SECONDS)]
+                items.append(sub.events.get(timeout=POLL_SECONDS))
                 while len(items) < 256:  # take what has piled up: one write for many steps
                     items.append(sub.events.get_nowait())
             except queue.Empty:
