@@ -66,10 +66,15 @@ class App:
     """Set once the model is loaded; until then generation requests get 503."""
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: socketserver's default of 5 resets bursts of clients
+    daemon_threads = True
+
+
 def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
     """Bind (port 0: any free port); `serve_forever()` starts answering."""
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
+    server = cls((host, port), Handler)
     server.app = app  # type: ignore[attr-defined]
     return server
 
