@@ -55,11 +55,9 @@ def check(cfg: DictConfig, world_size: int) -> None:
 def run(cfg: DictConfig) -> None:
     config.check_schema(cfg, config.ServeJobConfig)
     par, sc, gen = cfg.parallel, cfg.serve, cfg.generation
+    check(cfg, distributed.env_world()[0])
     layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
     distributed.silence_non_writers(layout)
-    check(cfg, layout.world_size)
-    stop = StopRequest.from_env()
-    signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone
     harmony.encoding()  # the vocabulary is in place before any request needs it
     name = sc.model_name or cfg.model.name
     app = None
@@ -82,6 +80,9 @@ def run(cfg: DictConfig) -> None:
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         log.info("listening on %s:%d; loading the model (GET /health answers `loading` until then)",
                  sc.host, server.server_address[1])
+
+    stop = StopRequest.from_env()  # installed before loading: a stop during loading is honoured
+    signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone
 
     from runtime.continuous import ContinuousBatcher
     from runtime.engine import CALL, Engine
