@@ -122,7 +122,8 @@ def _render(job: Job) -> list[int]:
 def _announce(server: Any, sc: DictConfig, name: str, keyed: bool) -> None:
     """Log the URL and write endpoint.json (its existence says: up and answering)."""
     port = server.server_address[1]
-    host = socket.getfqdn() if sc.host in ("0.0.0.0", "::", "") else sc.host
+    host = socket.gethostname() if sc.host in ("0.0.0.0", "::", "") else sc.host
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal
     url = f"http://{host}:{port}/v1"
     collect.write_json_atomic(Path(sc.out_dir) / "endpoint.json", {
         "url": url, "base_url": url, "health": f"http://{host}:{port}/health", "host": sc.host, "port": port,

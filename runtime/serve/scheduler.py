@@ -122,6 +122,7 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    """Decode steps run (each gives every busy row one token)."""
 
 
 class Scheduler:
@@ -172,9 +173,9 @@ class Scheduler:
                     for a, token in zip(plan.admit, first):
                         self._deliver(a.row, token)
                 if step is not None:
+                    self.counters.steps += 1
                     for r, token in enumerate(step):
                         self._deliver(r, token)
-                self.counters.steps += 1
         finally:
             self._fail_all("the server is shutting down")
 
