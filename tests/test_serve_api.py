@@ -235,3 +235,23 @@ def test_cancelled_stream_cancels_the_request(served) -> None:  # noqa: ANN001
     sub = backend.subs[-1]
     stream.close()
     assert sub._cancelled.wait(timeout=60)
+
+
+def test_load_model_for_transformers_chat(served) -> None:  # noqa: ANN001
+    """`transformers chat` asks POST /load_model (of `transformers serve`) first, without a key."""
+    import urllib.error
+    import urllib.request
+
+    _, _, url = served
+
+    def post(model: str) -> tuple[int, bytes]:
+        req = urllib.request.Request(url + "/load_model", data=json.dumps({"model": model}).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, body = post("gpt-oss-test")
+    assert status == 200 and json.loads(body.decode().removeprefix("data: "))["status"] == "ready"
+    assert post("other")[0] == 404

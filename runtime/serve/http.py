@@ -1,6 +1,7 @@
 """The HTTP layer: routes, API key, JSON in, JSON or server-sent events out (standard library only).
 
     GET  /health                 no key needed; 200 {"status": "ok", ...counters} once the model is loaded
+    POST /load_model             no key needed; `transformers chat` asks it (as of `transformers serve`)
     GET  /v1/models[/{id}]       the served model
     POST /v1/chat/completions    runtime/serve/chat.py
     POST /v1/responses           runtime/serve/responses.py
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 from runtime.serve import chat, responses
 from runtime.serve.fields import ApiError
 from runtime.serve.harmony_stream import HarmonyStream
-from runtime.serve.job import Defaults, Job, Outcome
+from runtime.serve.job import Defaults, Job, Outcome, sse
 from runtime.serve.scheduler import Finish, QueueFull, ShuttingDown, Submission
 
 log = logging.getLogger("runtime.serve")
@@ -113,6 +114,9 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":
                 self._only(method, "GET")
                 return self._health()
+            if path == "/load_model":  # `transformers chat` asks this of `transformers serve` before chatting
+                self._only(method, "POST")
+                return self._load_model()
             if path in ENDPOINTS or path == "/v1/models" or path.startswith("/v1/models/"):
                 self._authorize()
             if path == "/v1/models":
@@ -165,6 +169,21 @@ class Handler(BaseHTTPRequestHandler):
     def _unknown_model(self, name: str) -> ApiError:
         return ApiError(404, f"The model '{name}' does not exist: this server serves '{self.app.defaults.model}' "
                         "(GET /v1/models).", "model", "model_not_found")
+
+    def _load_model(self) -> None:
+        """The model is always loaded: answer `transformers serve`'s progress stream with `ready` at once (no
+        key needed, like /health: nothing is loaded, and `transformers chat` sends none here)."""
+        asked = self._read_json().get("model")
+        if asked != self.app.defaults.model:
+            raise self._unknown_model(str(asked))
+        if self.app.ready is not None and not self.app.ready.is_set():
+            raise ApiError(503, "The model is still loading: retry when GET /health answers ok.", code="loading")
+        data = sse({"status": "ready", "model": asked, "cached": True})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _health(self) -> None:
         ready = self.app.ready is None or self.app.ready.is_set()
