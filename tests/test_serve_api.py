@@ -129,8 +129,8 @@ def served() -> Iterator[tuple[openai.OpenAI, ScriptedBackend, str]]:
     def render(job: Job) -> list[int]:
         return harmony.render_prompt(job.messages, job.effort, job.tools or None)
 
-    app = App(backend, Defaults("gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, end_ids=END_IDS, render=render,
-              api_key="secret")
+    app = App(Defaults("gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=render, backend=backend,
+              end_ids=END_IDS, api_key="secret")
     server = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -130,6 +130,8 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
         serve("generation.kv_cache=dynamic")
     with pytest.raises(UserError, match="serve.max_batch=0 must be >= 1"):
         serve("serve.max_batch=0")
+    with pytest.raises(UserError, match="serve.max_len=200000 exceeds the model's 131072 positions"):
+        serve("serve.max_len=200000")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -25,7 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from runtime import collect, config, distributed, harmony
+from runtime import checkpoint, collect, config, distributed, harmony
 from runtime.errors import UserError, exit_on_user_error
 from runtime.preemption import StopRequest
 from runtime.serve.http import App, make_server
@@ -58,9 +58,12 @@ def run(cfg: DictConfig) -> None:
     check(cfg, distributed.env_world()[0])
     layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
     distributed.silence_non_writers(layout)
+    limit = _positions(cfg)
+    if limit is not None and sc.max_len > limit:
+        raise UserError(f"serve.max_len={sc.max_len} exceeds the model's {limit} positions: lower it")
     harmony.encoding()  # the vocabulary is in place before any request needs it
     name = sc.model_name or cfg.model.name
-    app = None
+    app: App | None = None
     server = None
     if layout.is_writer:
         out_dir = Path(sc.out_dir)
@@ -70,8 +73,8 @@ def run(cfg: DictConfig) -> None:
             saved["serve"]["api_key"] = "<redacted>"
         OmegaConf.save(OmegaConf.create(saved), out_dir / "config.yaml")
         defaults = Defaults(name, gen.temperature if gen.do_sample else 0.0, gen.top_p, gen.reasoning_effort)
-        app = App(backend=None, defaults=defaults, max_len=sc.max_len, end_ids=frozenset(), render=_render,  # type: ignore[arg-type]
-                  api_key=sc.api_key or os.environ.get("GPTOSS_API_KEY") or None, ready=threading.Event())
+        app = App(defaults, sc.max_len, _render, api_key=sc.api_key or os.environ.get("GPTOSS_API_KEY") or None,
+                  ready=threading.Event())
         try:
             server = make_server(app, sc.host, sc.port)
         except OSError as e:
@@ -89,9 +92,6 @@ def run(cfg: DictConfig) -> None:
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
-    limit = getattr(engine.hf_config, "max_position_embeddings", None)
-    if limit is not None and sc.max_len > limit:
-        raise UserError(f"serve.max_len={sc.max_len} exceeds the model's {limit} positions: lower it")
     batcher = ContinuousBatcher(
         engine.model, engine.dtype, engine.device, sc.max_batch, sc.max_len, sc.max_prefill_tokens,
         gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
@@ -100,19 +100,29 @@ def run(cfg: DictConfig) -> None:
         log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank", sc.max_batch, sc.max_len,
                  batcher.cache.nbytes / 1e9)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop)
-        app.backend = scheduler  # type: ignore[union-attr]
-        app.end_ids = frozenset(engine.stop_ids)  # type: ignore[union-attr]
-        app.ready.set()  # type: ignore[union-attr]
-        _announce(server, sc, name, bool(app.api_key))  # type: ignore[union-attr,arg-type]
+        assert app is not None and app.ready is not None and server is not None
+        app.end_ids = frozenset(engine.stop_ids)
+        app.backend = scheduler
+        app.ready.set()
+        _announce(server, sc, name, bool(app.api_key))
         try:
             scheduler.run()
         finally:
-            server.shutdown()  # type: ignore[union-attr]
-            server.server_close()  # type: ignore[union-attr]
+            server.shutdown()
+            server.server_close()
             log.info("stopped: %s", scheduler.stats())
     else:
         follow(batcher, layout)
     engine.close()
+
+
+def _positions(cfg: DictConfig) -> int | None:
+    """The model's max_position_embeddings, from its config.json (no weight is read)."""
+    m = cfg.model
+    if m.synthetic:
+        return checkpoint.synthetic_config(OmegaConf.to_container(m.arch), m.synthetic_format).get(  # type: ignore[arg-type]
+            "max_position_embeddings")
+    return getattr(checkpoint.read_config(checkpoint.resolve_path(m.path)), "max_position_embeddings", None)
 
 
 def _render(job: Job) -> list[int]:

@@ -55,16 +55,18 @@ class Backend(Protocol):
 class App:
     """Everything a request handler needs."""
 
-    backend: Backend
     defaults: Defaults
     max_len: int
     """Prompt + generated tokens per request (the KV cache row length)."""
-    end_ids: frozenset[int]
     render: Callable[[Job], list[int]]
     """A job's conversation as harmony prompt ids; ValueError for a conversation it cannot render."""
+    backend: Backend | None = None
+    """The scheduler; None while the model loads."""
+    end_ids: frozenset[int] = frozenset()
+    """Tokens that end a turn (never shown as text)."""
     api_key: str | None = None
     ready: threading.Event | None = None
-    """Set once the model is loaded; until then generation requests get 503."""
+    """Set once the model is loaded (and backend/end_ids are in place); until then generation gets 503."""
 
 
 class _Server(ThreadingHTTPServer):
@@ -189,7 +191,8 @@ class Handler(BaseHTTPRequestHandler):
         ready = self.app.ready is None or self.app.ready.is_set()
         if not ready:
             return self._json(503, {"status": "loading"})
-        self._json(200, {"status": "ok", "model": self.app.defaults.model, **self.app.backend.stats()})
+        stats = self.app.backend.stats() if self.app.backend is not None else {}
+        self._json(200, {"status": "ok", "model": self.app.defaults.model, **stats})
 
     # ------------------------------------------------------------------------------ generation
 
@@ -229,7 +232,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, path: str) -> None:
         app = self.app
-        if app.ready is not None and not app.ready.is_set():
+        if app.backend is None or (app.ready is not None and not app.ready.is_set()):
             raise ApiError(503, "The model is still loading: retry when GET /health answers ok.", code="loading")
         endpoint = ENDPOINTS[path]
         job = endpoint.parse(self._read_json(), app.defaults)
