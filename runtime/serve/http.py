@@ -85,6 +85,8 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gptoss-runtime"
+    timeout = 600  # seconds a socket read or write may block: idle keep-alive connections and clients that
+    # stopped reading a stream are let go (the latter's request is cancelled)
 
     @property
     def app(self) -> App:
@@ -380,4 +382,5 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per generation (_log_done) and per error (_json) instead
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
-        log.warning("%s: " + format, self.address_string(), *args)
+        level = logging.DEBUG if format.startswith("Request timed out") else logging.INFO
+        log.log(level, "%s: " + format, self.address_string(), *args)
