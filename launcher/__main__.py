@@ -3,6 +3,8 @@
     python -m launcher job=generate launcher=local parallel.tp_size=2
     python -m launcher job=generate launcher=slurm launcher.num_nodes=2 launcher.gpus_per_node=8 \
         launcher.partition=gpu launcher.time=02:00:00 parallel.tp_size=8 parallel.ep_size=2 --dry-run
+    python -m launcher job=serve launcher=slurm launcher.num_nodes=2 launcher.gpus_per_node=8 \
+        model=gpt-oss-120b model.path=/ckpt parallel.tp_size=8 parallel.ep_size=2   # prints the server's address
 
 `job=`, `launcher=` and `launcher.*` configure the launch (launcher/config.py); every other argument is
 a runtime override, checked against the job's config here and passed to it verbatim.
@@ -90,6 +92,8 @@ def main(argv: list[str]) -> int:
     job_id = submit.submit(script)
     (run_dir / "job.json").write_text(json.dumps({"job_id": job_id, "submitted": stamp, "argv": argv}, indent=2))
     print(f"submitted job {job_id}: {sh.num_nodes} node(s) x {sh.procs_per_node} rank(s); run directory {run_dir}")
+    if job == "serve":
+        return _announce_server(job_id, Path(cfg.serve.out_dir) / "endpoint.json", run_dir, lc.poll_seconds)
     if not lc.wait:
         return 0
     state, code = submit.wait(job_id, lc.poll_seconds)
@@ -97,6 +101,23 @@ def main(argv: list[str]) -> int:
         log.error("%s", submit.failure_report(run_dir, job_id, state, code))
         return 1
     print(f"job {job_id} COMPLETED; outputs in {run_dir}")
+    return 0
+
+
+def _announce_server(job_id: str, endpoint: Path, run_dir: Path, poll_seconds: float) -> int:
+    """Follow a serve job until its server answers, print where (the head node's address), leave it running."""
+    print(f"waiting for the server to answer (its address goes to {endpoint}); Ctrl-C stops the waiting, "
+          f"not the job", flush=True)
+    ended = submit.wait_for_file(job_id, endpoint, poll_seconds)
+    if ended is not None:
+        log.error("%s", submit.failure_report(run_dir, job_id, *ended))
+        return 1
+    ep = json.loads(endpoint.read_text())
+    print(f"serving {ep['model']} at {ep['base_url']} (head node {ep['hostname']}, bound to {ep['host']}:{ep['port']})")
+    if ep["host"] in ("127.0.0.1", "localhost"):
+        print(f"  from another machine: ssh -N -L {ep['port']}:127.0.0.1:{ep['port']} {ep['hostname']}, then "
+              f"http://127.0.0.1:{ep['port']}/v1 (or launch with serve.host=0.0.0.0 and an API key)")
+    print(f"  stop it with: scancel {job_id}")
     return 0
 
 

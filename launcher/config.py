@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-JOBS = {"generate": "runtime.generate", "bench": "runtime.bench"}
+JOBS = {"generate": "runtime.generate", "bench": "runtime.bench", "serve": "runtime.serve"}
 """job name -> the runtime entry module every launch path ends in."""
-OUTPUTS = {"generate": ("output.path", "completions.jsonl"), "bench": ("bench.out_dir", "bench")}
+OUTPUTS = {"generate": ("output.path", "completions.jsonl"), "bench": ("bench.out_dir", "bench"),
+           "serve": ("serve.out_dir", "serve")}
 """job name -> (the override that places its outputs, the name inside the run directory)."""
 
 
@@ -60,7 +61,8 @@ class LauncherConfig:
     run_root: str = "runs"
     """Each launch gets a directory <run_root>/<job>-<timestamp> with the script, config, logs, outputs."""
     wait: bool = False
-    """Slurm: wait for the job to end, then report success, or its exit code and the failing log's tail."""
+    """Slurm: wait for the job to end, then report success, or its exit code and the failing log's tail.
+    (job=serve always waits until the server answers and prints its address, then leaves it running.)"""
     poll_seconds: float = 5.0
     """How often `wait` asks Slurm about the job."""
 
@@ -70,7 +72,7 @@ class LaunchConfig:
     """Root of `python -m launcher` (conf/launch.yaml)."""
 
     job: str = "generate"
-    """Which runtime entry to launch: generate or bench."""
+    """Which runtime entry to launch: generate, bench or serve."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     """Where and how many processes (conf/launcher/local.yaml, slurm.yaml)."""
 

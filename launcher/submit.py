@@ -65,6 +65,20 @@ def wait(job_id: str, poll_seconds: float, timeout: float | None = None) -> tupl
         time.sleep(poll_seconds)
 
 
+def wait_for_file(job_id: str, path: Path, poll_seconds: float, timeout: float | None = None) -> tuple[str, str] | None:
+    """Poll until `path` exists (None) or the job reaches a final state first ((state, exit code))."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if path.is_file():
+            return None
+        state, code = job_state(job_id)
+        if state in FINAL_STATES:
+            return None if path.is_file() else (state, code)
+        if deadline is not None and time.monotonic() > deadline:
+            raise LaunchError(f"job {job_id} is {state} and {path} has not appeared after {timeout:.0f} s")
+        time.sleep(poll_seconds)
+
+
 def failure_report(run_dir: Path, job_id: str, state: str, code: str, tail_lines: int = 30) -> str:
     """The failing rank's log tail: the first per-rank stderr with a traceback, else the node logs."""
     logs = sorted((run_dir / "logs").rglob("stderr.log")) if (run_dir / "logs").is_dir() else []

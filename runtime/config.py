@@ -220,7 +220,51 @@ class SynthJobConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
-ROOTS: dict[str, type] = {"generate": GenerateJobConfig, "synth": SynthJobConfig, "bench": BenchJobConfig}
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds on rank 0. 127.0.0.1 answers this machine only; 0.0.0.0 every
+    interface (then set an api_key)."""
+    port: int = 8000
+    """TCP port of the HTTP server; 0 picks a free one (written to <out_dir>/endpoint.json)."""
+    api_key: str | None = None
+    """Key clients must send as `Authorization: Bearer KEY` on every route but /health; null reads
+    $GPTOSS_API_KEY, and no key at all means no check. Prefer the variable: a command line shows in `ps`.
+    Never written to the saved config."""
+    model_name: str | None = None
+    """Model id served at /v1/models and expected in requests' `model`; null uses model.name."""
+    max_batch: int = 32
+    """Requests decoded together (rows of the KV cache); more wait in a queue and join as rows free up."""
+    max_len: int = 8192
+    """Tokens per request, prompt and answer together (slots per KV-cache row). Longer prompts, or a
+    max_tokens beyond what is left, get a 400. The cache holds max_batch * max_len tokens on every rank."""
+    max_prefill_tokens: int = 8192
+    """Most prompt tokens (rows x longest prompt) prefilled in one forward when requests join; a longer
+    single prompt is prefilled alone."""
+    max_waiting: int = 1024
+    """Requests that may wait for a free row; beyond it new requests get 503."""
+    out_dir: str = "outputs/serve/${now:%Y-%m-%d_%H-%M-%S}"
+    """Directory rank 0 writes config.yaml (the resolved config, without the API key) and endpoint.json
+    (URL, host, port; written once the model is loaded and requests are answered) into."""
+
+
+@dataclass
+class ServeJobConfig:
+    """Root of `torchrun -m runtime.serve` (conf/serve.yaml). `generation` gives the defaults of requests
+    that leave temperature / top_p / reasoning effort out, the sampler seed, and cuda_graph / compile for
+    the decode step; its max_new_tokens and batch_size are the generate job's (serve.max_len and
+    serve.max_batch apply here)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+ROOTS: dict[str, type] = {"generate": GenerateJobConfig, "synth": SynthJobConfig, "bench": BenchJobConfig,
+                          "serve": ServeJobConfig}
 
 
 def register() -> None:
@@ -229,6 +273,7 @@ def register() -> None:
     cs.store(name="generate_schema", node=GenerateJobConfig)
     cs.store(name="synth_schema", node=SynthJobConfig)
     cs.store(name="bench_schema", node=BenchJobConfig)
+    cs.store(name="serve_schema", node=ServeJobConfig)
 
 
 register()

@@ -117,7 +117,7 @@ class Engine:
             self.checkpoint = checkpoint.resolve_path(m.path)
         self.hf_config = checkpoint.read_config(self.checkpoint)
         distributed.validate_for_model(self.layout, self.hf_config)
-        self.renderer = cfg.prompts.renderer
+        self.renderer = cfg.prompts.renderer if "prompts" in cfg else "harmony"  # serve renders its own
         self.tokenizer = None
         if self.renderer == "chat_template":
             from transformers import AutoTokenizer

@@ -46,6 +46,10 @@ trap 'echo "[torchrun.sh] $(date -Is) stop requested: ranks finish the current b
 
 echo "[torchrun.sh] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $PROCS rank(s)," \
      "rendezvous $HEAD_ADDR:$PORT, -m $MODULE $*"
+if [ "$MODULE" = runtime.serve ]; then
+    echo "[torchrun.sh] the server (rank 0) runs on the head node $HEAD_NODE ($HEAD_ADDR): its URL is logged" \
+         "in $RUN_DIR/logs/node0.log and written to endpoint.json in serve.out_dir once it answers"
+fi
 
 # SLURM_NODEID must be read on each node, hence the single-quoted script run by srun.
 # shellcheck disable=SC2016

@@ -61,6 +61,20 @@ def test_synth_config() -> None:
     assert cfg.model.name == "gpt-oss-20b" and cfg.synth.format == "bf16"
 
 
+def test_serve_config() -> None:
+    cfg = config.compose("serve", ["parallel.tp_size=2", "serve.port=0", "serve.max_batch=4", "serve.host=0.0.0.0"])
+    assert cfg.serve.port == 0 and cfg.serve.max_batch == 4 and cfg.serve.host == "0.0.0.0"
+    assert cfg.serve.host and "${" not in cfg.serve.out_dir
+    assert cfg.generation.do_sample  # requests without temperature sample, as OpenAI's API does
+    assert "prompts" not in cfg and "output" not in cfg
+    with pytest.raises(ConfigCompositionException, match="max_batchs"):
+        config.compose("serve", ["serve.max_batchs=4"])
+    with pytest.raises(UserError, match="serve.nope"):
+        config.compose("serve", ["+serve.nope=1"])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        config.compose("serve", ["serve.port=eighty"])
+
+
 def _dataclasses(module) -> list[type]:  # noqa: ANN001
     return [obj for _, obj in inspect.getmembers(module, inspect.isclass)
             if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
@@ -78,7 +92,7 @@ def test_every_field_has_a_docstring(module) -> None:  # noqa: ANN001
                 if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                     names.add(a.target.id)  # type: ignore[attr-defined]
             documented[node.name] = names
-    roots = {"GenerateJobConfig", "SynthJobConfig", "BenchJobConfig"}  # group containers: each group is documented
+    roots = {"GenerateJobConfig", "SynthJobConfig", "BenchJobConfig", "ServeJobConfig"}  # group containers: each group is documented
     checked = 0
     for cls in _dataclasses(module):
         if cls.__name__ in roots:

@@ -90,6 +90,21 @@ def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # no run directory, no submission
 
 
+def test_serve_job_dry_run(tmp_path: Path) -> None:
+    proc = cli("job=serve", "launcher=slurm", "launcher.num_nodes=2", "launcher.gpus_per_node=8",
+               f"launcher.run_root={tmp_path}", "parallel.tp_size=8", "parallel.ep_size=2", "serve.port=9000",
+               "--dry-run", env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout.split("# --- resolved serve config ---\n")[0]
+    last = script.splitlines()[-1]
+    assert last.startswith(f"exec {build.NODE_SCRIPT} runtime.serve ") and "serve.port=9000" in last
+    assert f"serve.out_dir={tmp_path}/serve-" in last  # the server's files go to the run directory
+    config = proc.stdout.split("# --- resolved serve config ---\n")[1].split("# --- launcher ---")[0]
+    assert OmegaConf.create(config).serve.port == 9000
+    bad = cli("job=serve", "launcher=local", "serve.max_batchs=3", "--dry-run")
+    assert bad.returncode != 0 and "max_batchs" in bad.stderr
+
+
 def test_errors_are_clear(tmp_path: Path) -> None:
     bad = cli("launcher=slurm", "launcher.num_nodes=2", "parallel.tp_size=8", f"launcher.run_root={tmp_path}")
     assert bad.returncode == 2 and "tp(8) * ep(1) * dp(1) = 8" in bad.stderr

@@ -88,6 +88,31 @@ def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, 
         assert "stop requested" in log and "requeueing job" in log
 
 
+def test_serve_job_prints_the_head_node_address(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """job=serve: the launcher follows the job until the server answers, prints its address, and leaves it
+    running; a 2-node x 1-rank tensor-parallel server answers the openai client; scancel stops it."""
+    openai = pytest.importorskip("openai")
+    env = {**slurm.env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "job=serve", f"launcher.run_root={tmp_path}", "launcher=slurm",
+         "launcher.num_nodes=2", "launcher.gpus_per_node=0", "launcher.procs_per_node=1", "launcher.time=00:10:00",
+         "launcher.poll_seconds=0.5", "parallel.tp_size=2", "model.device=cpu", "serve.port=0",
+         "serve.max_len=256"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    job_id, run_dir = submitted(proc)
+    m = re.search(r"serving tiny at (http://\S+/v1) \(head node (\S+), bound to 127.0.0.1:\d+\)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    assert f"scancel {job_id}" in proc.stdout and "ssh -N -L" in proc.stdout
+    try:
+        client = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           temperature=0)
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        assert "the server (rank 0) runs on the head node" in "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+    finally:
+        slurm.run(["scancel", job_id], check=True)
+    assert slurm.wait_job(job_id, timeout=120) in ("CANCELLED", "COMPLETED")
+
+
 def test_failed_job_shows_exit_code_and_log_tail(slurm: SlurmCluster, tmp_path: Path) -> None:
     proc = launch(slurm, tmp_path, *CPU_JOB, "model=gpt-oss-20b", "model.path=/no/such/checkpoint", "launcher.wait=true")
     assert proc.returncode == 1, proc.stdout + proc.stderr

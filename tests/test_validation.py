@@ -112,3 +112,28 @@ def test_flash_kernel_needs_the_dynamic_cache(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("LOCAL_KERNELS", f"kernels-community/vllm-flash-attn3={tmp_path}")
     with pytest.raises(UserError, match="generation.kv_cache=dynamic"):
         generate(["attention=vllm-flash-attn3", f"output.path={tmp_path}/o.jsonl"])
+
+
+def test_serve_refuses_before_loading(tmp_path: Path) -> None:
+    """What the server cannot do is said before any weight is read, and a taken port too."""
+    import socket
+
+    from runtime import config
+    from runtime.serve.__main__ import run
+
+    def serve(*overrides: str) -> None:
+        run(config.compose("serve", ["model.device=cpu", f"serve.out_dir={tmp_path}", *overrides]))
+
+    with pytest.raises(UserError, match="parallel.dp_size=2: a server runs one model replica"):
+        serve("parallel.dp_size=2")
+    with pytest.raises(UserError, match="own static per-request cache"):
+        serve("generation.kv_cache=dynamic")
+    with pytest.raises(UserError, match="serve.max_batch=0 must be >= 1"):
+        serve("serve.max_batch=0")
+    with pytest.raises(UserError, match="serve.max_len=200000 exceeds the model's 131072 positions"):
+        serve("serve.max_len=200000")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match=rf"cannot listen on 127.0.0.1:{taken.getsockname()[1]}.*serve.port"):
+            serve(f"serve.port={taken.getsockname()[1]}")

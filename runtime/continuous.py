@@ -1,0 +1,255 @@
+"""Continuous batching: a KV cache of `rows` independent sequences that requests join and leave between steps.
+
+Each cache row holds one sequence, at slot == position (no padding inside a row):
+- `prefill(rows, prompts)`: the new prompts run together, right-padded to the longest, and their keys go
+  to slots [0, len) of their own rows; the logits of each prompt's last token are kept;
+- `step()`: one decode forward for all rows at once, each row writing its key at its own slot (a scatter
+  with a per-row slot index), attending through additive masks built on the device from `slot_pos`
+  (the position held in each slot, -1 empty) as `runtime.graph_decode` does. Free rows have an all-empty
+  `slot_pos` and position -1: they attend to nothing and their output is ignored;
+- `release(rows)`: the row's slots are marked empty; its stale keys stay but are never seen again.
+Shapes of the decode step never change ([rows, 1] tokens against [rows, max_len] slots), so on a GPU it is
+captured once as a CUDA graph and replayed. Sampling is per row (temperature 0 = greedy); the leader of the
+model-parallel group draws and every rank gets its tokens, so all ranks feed the same ids.
+
+No HTTP, no scheduling and no rank logic beyond "the leader samples": runtime/serve/ decides what runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime import distributed
+from runtime.graph_decode import masks
+
+log = logging.getLogger(__name__)
+
+
+class RowKVCache:
+    """K/V buffers [rows, kv_heads, max_len, head_dim] per layer; duck-types transformers' Cache.update.
+
+    Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
+    rows and returned as they are (a fresh row holds nothing else). Decode mode: keys [rows, H, 1, D] are
+    scattered to slot `write_slot[r]` of each row and the whole buffers are returned.
+    """
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (rows, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.write_slot = torch.zeros(rows, dtype=torch.long, device=device)  # [rows], read by the graph
+        self._scatter_index = self.write_slot.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
+        self.prefill_rows: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        if self.prefill_rows is not None:
+            width = key.shape[2]
+            self.k[layer_idx][self.prefill_rows, :, :width] = key
+            self.v[layer_idx][self.prefill_rows, :, :width] = value
+            return key, value
+        self.k[layer_idx].scatter_(2, self._scatter_index, key)
+        self.v[layer_idx].scatter_(2, self._scatter_index, value)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generator: torch.Generator | None, sampling: bool, nucleus: bool) -> torch.Tensor:
+    """Next token per row [n] from logits [n, V]; rows with temperature 0 take the argmax.
+
+    `sampling` / `nucleus` say (from the host's copy of the parameters) whether any row samples / has
+    top_p < 1, so an all-greedy batch skips the softmax and the vocabulary sort.
+    """
+    greedy = logits.argmax(-1)
+    if not sampling:
+        return greedy
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() / temp[:, None], dim=-1)
+    if nucleus:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p[:, None]  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+class ContinuousBatcher:
+    """`rows` sequences decoded together; rows are filled by `prefill` and emptied by `release`."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int, max_len: int,
+                 max_prefill_tokens: int, use_graph: bool, compile: bool, group: Any, leader: bool,
+                 generator: torch.Generator | None) -> None:
+        self.model = model
+        cfg = model.config
+        self.dtype, self.device = dtype, device
+        self.rows, self.max_len = rows, max_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.group, self.leader, self.generator = group, leader, generator
+        self.window = getattr(cfg, "sliding_window", None)
+        attn = model.model.layers[0].self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+        self.cache = RowKVCache(cfg.num_hidden_layers, rows, kv_heads, max_len, cfg.head_dim, dtype, device)
+        # Per-row state on the device. pos[r]: the position where last[r] is fed next (= tokens in the
+        # cache), -1 for a free row.
+        self.slot_pos = torch.full((rows, max_len), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((rows, 1), -1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)  # last[r], fed by the next step
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self._temp_host = [0.0] * rows  # the leader's copy, to skip sampling work an all-greedy batch needs not
+        self._top_p_host = [1.0] * rows
+        self.use_graph = use_graph and device.type == "cuda" and cfg._experts_implementation != "eager"
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    # ------------------------------------------------------------------------------ row lifecycle
+
+    def release(self, rows: Sequence[int]) -> None:
+        """Empty these rows (their slots become invisible; the row can take a new sequence)."""
+        if not rows:
+            return
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.slot_pos[idx] = -1
+        self.pos[idx] = -1
+        self.temperature[idx] = 0.0
+        self.top_p[idx] = 1.0
+        for r in rows:
+            self._temp_host[r], self._top_p_host[r] = 0.0, 1.0
+
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], temperature: Sequence[float],
+                top_p: Sequence[float]) -> torch.Tensor:
+        """Put each prompt in its (free) row and return its first sampled token [n], in the given order.
+
+        Prompts are prefilled in groups of similar length, each group one forward of at most
+        `max_prefill_tokens` (rows x padded width; a longer prompt goes alone).
+        """
+        for r, t, p in zip(rows, temperature, top_p):
+            self._temp_host[r], self._top_p_host[r] = float(t), float(p)
+        dev = self.device
+        idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
+        self.temperature[idx] = torch.tensor(list(temperature), dtype=torch.float32, device=dev)
+        self.top_p[idx] = torch.tensor(list(top_p), dtype=torch.float32, device=dev)
+        out = torch.empty(len(rows), dtype=torch.long, device=dev)
+        for group in self._groups([len(p) for p in prompts]):
+            logits = self._prefill_group([rows[i] for i in group], [prompts[i] for i in group])
+            g = torch.tensor(group, dtype=torch.long, device=dev)
+            out[g] = self._choose(logits, [rows[i] for i in group])
+        self.ids[idx, 0] = out
+        return out
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        """Indices grouped for prefill: by length, each group's rows x longest <= max_prefill_tokens."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * lengths[i] <= self.max_prefill_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _prefill_group(self, rows: list[int], prompts: list[Sequence[int]]) -> torch.Tensor:
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.full((len(rows), width), -1, dtype=torch.long)  # right padding at position -1
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+            positions[i, : len(p)] = torch.arange(len(p))
+        ids, positions = ids.to(dev), positions.to(dev)
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.slot_pos[idx] = -1
+        self.slot_pos[idx, :width] = positions
+        m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
+        self.cache.prefill_rows = idx
+        try:
+            hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+        finally:
+            self.cache.prefill_rows = None
+        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=dev)
+        self.pos[idx, 0] = last + 1
+        return self.model.lm_head(hidden[torch.arange(len(rows), device=dev), last])  # [n, V]
+
+    # ------------------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Feed every occupied row its last token, return each row's next token [rows] (junk for free rows)."""
+        busy = self.pos >= 0
+        self.cache.write_slot.copy_(self.pos.clamp(0, self.max_len - 1).squeeze(1))
+        # the slot about to be written holds this position (a free row writes -1 over slot 0: still empty)
+        self.slot_pos.scatter_(1, self.cache.write_slot[:, None], self.pos)
+        logits = self._run_step()
+        tokens = self._choose(logits, None)
+        self.ids.copy_(tokens[:, None])
+        self.pos.add_(busy.long())
+        return tokens
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m = masks(self.slot_pos, pos, self.window, self.dtype)
+        out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _run_step(self) -> torch.Tensor:
+        """The decode forward over the static buffers; captured once as a CUDA graph when possible."""
+        if not self.use_graph:
+            return self._decode_forward(self.ids, self.pos)
+        if self._graph is None:
+            saved = {name: t.clone() for name, t in (("slot_pos", self.slot_pos),)}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, compiling)
+                self._decode_forward(self.ids, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            self.slot_pos.copy_(saved["slot_pos"])
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._logits = self._decode_forward(self.ids, self.pos)
+            except RuntimeError as e:  # an op that syncs with the host
+                log.warning("decode step cannot be captured as a CUDA graph (%s); running it eagerly",
+                            str(e).splitlines()[0][:160])
+                self.use_graph = False
+                torch.cuda.synchronize()
+                return self._forward(self.ids, self.pos)
+            self._graph = graph
+        self._graph.replay()
+        return self._logits  # type: ignore[return-value]
+
+    def _choose(self, logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """The leader samples; every rank of the group gets the same tokens."""
+        n = logits.shape[0]
+        if self.leader:
+            sel = range(self.rows) if rows is None else rows
+            temps = [self._temp_host[r] for r in sel]
+            sampling = any(t > 0 for t in temps)
+            nucleus = any(self._top_p_host[r] < 1.0 for r, t in zip(sel, temps) if t > 0)
+            if rows is None:
+                temperature, top_p = self.temperature, self.top_p
+            else:
+                idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+                temperature, top_p = self.temperature[idx], self.top_p[idx]
+            tokens = sample_rows(logits, temperature, top_p, self.generator, sampling, nucleus)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=self.device)
+        return distributed.broadcast_from_leader_(tokens, self.group)

@@ -1,0 +1,157 @@
+"""OpenAI-compatible server (Responses and Chat Completions) for gpt-oss, sharded over every rank.
+
+    python -m runtime.serve                                       # tiny model, CPU ok, http://127.0.0.1:8000/v1
+    torchrun --nproc_per_node=4 -m runtime.serve model=gpt-oss-120b model.path=/ckpt/gpt-oss-120b \
+        parallel.tp_size=4 serve.port=8000
+    curl -N localhost:8000/v1/responses -H 'Content-Type: application/json' \
+        -d '{"model": "gpt-oss-120b", "input": "hi", "stream": true}'
+
+Rank 0 binds the port at once (GET /health says `loading` until the model is in), writes
+<serve.out_dir>/config.yaml and, once it answers requests, <serve.out_dir>/endpoint.json. It stops on
+SIGINT/SIGTERM/SIGUSR1 or the stop file ($GPTOSS_STOP_FILE); requests in flight then get an error.
+Every field: runtime/config.py (ServeConfig).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from runtime import checkpoint, collect, config, distributed, harmony
+from runtime.errors import UserError, exit_on_user_error
+from runtime.preemption import StopRequest
+from runtime.serve.http import App, make_server
+from runtime.serve.job import Defaults, Job
+
+log = logging.getLogger("runtime.serve")
+
+
+def check(cfg: DictConfig, world_size: int) -> None:
+    """What the serve job needs beyond the generate job's checks; before any weight is read."""
+    sc, par = cfg.serve, cfg.parallel
+    if par.dp_size != 1:
+        raise UserError(
+            f"parallel.dp_size={par.dp_size}: a server runs one model replica; spread all {world_size} ranks "
+            "over tp_size/ep_size, or start one server per replica behind a load balancer"
+        )
+    if cfg.generation.kv_cache != "static":
+        raise UserError(f"generation.kv_cache={cfg.generation.kv_cache}: the server always uses its own static "
+                        "per-request cache; drop the override")
+    if not 0 <= sc.port <= 65535:
+        raise UserError(f"serve.port={sc.port}: use a TCP port (0 picks a free one)")
+    for key, low in (("max_batch", 1), ("max_len", 2), ("max_prefill_tokens", 1), ("max_waiting", 1)):
+        if sc[key] < low:
+            raise UserError(f"serve.{key}={sc[key]} must be >= {low}")
+
+
+def run(cfg: DictConfig) -> None:
+    config.check_schema(cfg, config.ServeJobConfig)
+    par, sc, gen = cfg.parallel, cfg.serve, cfg.generation
+    check(cfg, distributed.env_world()[0])
+    layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
+    distributed.silence_non_writers(layout)
+    limit = _positions(cfg)
+    if limit is not None and sc.max_len > limit:
+        raise UserError(f"serve.max_len={sc.max_len} exceeds the model's {limit} positions: lower it")
+    harmony.encoding()  # the vocabulary is in place before any request needs it
+    name = sc.model_name or cfg.model.name
+    app: App | None = None
+    server = None
+    if layout.is_writer:
+        out_dir = Path(sc.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved = config.to_container(cfg)
+        if saved["serve"]["api_key"]:
+            saved["serve"]["api_key"] = "<redacted>"
+        OmegaConf.save(OmegaConf.create(saved), out_dir / "config.yaml")
+        defaults = Defaults(name, gen.temperature if gen.do_sample else 0.0, gen.top_p, gen.reasoning_effort)
+        app = App(defaults, sc.max_len, _render, api_key=sc.api_key or os.environ.get("GPTOSS_API_KEY") or None,
+                  ready=threading.Event())
+        try:
+            server = make_server(app, sc.host, sc.port)
+        except OSError as e:
+            raise UserError(f"cannot listen on {sc.host}:{sc.port} ({e.strerror or e}): choose another "
+                            "serve.port (0 picks a free one) or serve.host") from None
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        log.info("listening on %s:%d; loading the model (GET /health answers `loading` until then)",
+                 sc.host, server.server_address[1])
+
+    stop = StopRequest.from_env()  # installed before loading: a stop during loading is honoured
+    signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone
+
+    from runtime.continuous import ContinuousBatcher
+    from runtime.engine import CALL, Engine
+    from runtime.serve.scheduler import Scheduler, follow
+
+    engine = Engine(cfg)
+    batcher = ContinuousBatcher(
+        engine.model, engine.dtype, engine.device, sc.max_batch, sc.max_len, sc.max_prefill_tokens,
+        gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
+    )
+    if layout.is_writer:
+        log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank", sc.max_batch, sc.max_len,
+                 batcher.cache.nbytes / 1e9)
+        scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop)
+        assert app is not None and app.ready is not None and server is not None
+        app.end_ids = frozenset(engine.stop_ids)
+        app.backend = scheduler
+        app.ready.set()
+        _announce(server, sc, name, bool(app.api_key))
+        try:
+            scheduler.run()
+        finally:
+            server.shutdown()
+            server.server_close()
+            log.info("stopped: %s", scheduler.stats())
+    else:
+        follow(batcher, layout)
+    engine.close()
+
+
+def _positions(cfg: DictConfig) -> int | None:
+    """The model's max_position_embeddings, from its config.json (no weight is read)."""
+    m = cfg.model
+    if m.synthetic:
+        return checkpoint.synthetic_config(OmegaConf.to_container(m.arch), m.synthetic_format).get(  # type: ignore[arg-type]
+            "max_position_embeddings")
+    return getattr(checkpoint.read_config(checkpoint.resolve_path(m.path)), "max_position_embeddings", None)
+
+
+def _render(job: Job) -> list[int]:
+    return harmony.render_prompt(job.messages, reasoning_effort=job.effort, tools=job.tools or None)
+
+
+def _announce(server: Any, sc: DictConfig, name: str, keyed: bool) -> None:
+    """Log the URL and write endpoint.json (its existence says: up and answering)."""
+    port = server.server_address[1]
+    host = socket.gethostname() if sc.host in ("0.0.0.0", "::", "") else sc.host
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    url = f"http://{host}:{port}/v1"
+    collect.write_json_atomic(Path(sc.out_dir) / "endpoint.json", {
+        "url": url, "base_url": url, "health": f"http://{host}:{port}/health", "host": sc.host, "port": port,
+        "hostname": socket.gethostname(), "model": name, "api_key_required": keyed, "pid": os.getpid(),
+    })
+    log.info("serving %s at %s (OpenAI base_url; POST /v1/responses, /v1/chat/completions)%s", name, url,
+             "; API key required" if keyed else "")
+    if sc.host in ("127.0.0.1", "localhost") and os.environ.get("SLURM_JOB_ID"):
+        log.info("bound to %s on %s: from elsewhere, tunnel (ssh -N -L %d:127.0.0.1:%d %s) or restart with "
+                 "serve.host=0.0.0.0 and an API key", sc.host, socket.gethostname(), port, port, socket.gethostname())
+
+
+@hydra.main(config_path="../../conf", config_name="serve", version_base=None)
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error(log):
+        run(cfg)
+    distributed.finish(0)
+
+
+if __name__ == "__main__":
+    main()

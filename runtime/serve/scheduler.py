@@ -1,0 +1,244 @@
+"""The serving loop: rank 0 decides each step, every rank of the model runs it.
+
+Rank 0's HTTP threads `submit` requests (already rendered to token ids). Between steps the scheduler
+frees the rows of finished or abandoned requests, gives free rows to waiting requests, and broadcasts
+that as a `Plan` to every rank; all ranks then run the same prefill and decode forward
+(`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new tokens through the
+request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
+a request whose client left is dropped at the next step. The other ranks just loop on plans until the
+shutdown plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runtime import distributed
+from runtime.continuous import ContinuousBatcher
+from runtime.distributed import WorldLayout
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_SECONDS = 1.0
+"""How long an idle leader waits for work before it sends an empty plan: the other ranks wait inside a
+collective, which must not run into the process group's timeout."""
+
+
+class QueueFull(Exception):
+    """More requests are waiting than serve.max_waiting allows."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests."""
+
+
+@dataclass
+class Finish:
+    """The last item of a request's queue: why it ended (`stop`, `tool_call`, `length`, or `error`)."""
+
+    reason: str
+    message: str = ""
+
+
+@dataclass
+class Submission:
+    """One request as the scheduler sees it; `events` yields lists of new token ids, then a Finish."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    events: queue.Queue = field(default_factory=queue.Queue)
+    generated: int = 0
+    finished: bool = False
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """The client is gone: the row is freed at the next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class Admit:
+    """A request joining the batch: its row, prompt ids and sampling parameters."""
+
+    row: int
+    prompt: list[int]
+    temperature: float
+    top_p: float
+
+
+@dataclass
+class Plan:
+    """One step for every rank: free rows, prefill new requests, decode the batch (or stop)."""
+
+    release: list[int] = field(default_factory=list)
+    admit: list[Admit] = field(default_factory=list)
+    decode: bool = False
+    shutdown: bool = False
+
+
+def execute(plan: Plan, batcher: ContinuousBatcher) -> tuple[list[int] | None, list[int] | None]:
+    """Run a plan on this rank; (first tokens of the admitted requests, one token per row), as host lists
+    on the leader (None elsewhere, where nothing waits for them)."""
+    batcher.release(plan.release)
+    first = step = None
+    if plan.admit:
+        out = batcher.prefill([a.row for a in plan.admit], [a.prompt for a in plan.admit],
+                              [a.temperature for a in plan.admit], [a.top_p for a in plan.admit])
+        first = out.tolist() if batcher.leader else None
+    if plan.decode:
+        out = batcher.step()
+        step = out.tolist() if batcher.leader else None
+    return first, step
+
+
+def follow(batcher: ContinuousBatcher, layout: WorldLayout) -> None:
+    """The loop of every rank but 0: run the leader's plans until it says stop."""
+    while True:
+        plan: Plan = distributed.broadcast_object(None, layout)
+        if plan.shutdown:
+            return
+        execute(plan, batcher)
+
+
+@dataclass
+class Counters:
+    """What /health reports."""
+
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    """Decode steps run (each gives every busy row one token)."""
+
+
+class Scheduler:
+    """Rank 0's side: the waiting queue, the rows, and the loop that plans and runs every step."""
+
+    def __init__(self, batcher: ContinuousBatcher, layout: WorldLayout, stop_ids: set[int], call_id: int,
+                 max_waiting: int, should_stop: Callable[[], bool]) -> None:
+        self.batcher, self.layout = batcher, layout
+        self.stop_ids, self.call_id = stop_ids, call_id
+        self.max_waiting = max_waiting
+        self.should_stop = should_stop
+        self.rows: list[Submission | None] = [None] * batcher.rows
+        self.waiting: deque[Submission] = deque()
+        self.counters = Counters()
+        self.stopping = False
+        self._lock = threading.Condition()
+
+    # ------------------------------------------------------------------------------ HTTP threads
+
+    def submit(self, sub: Submission) -> None:
+        with self._lock:
+            if self.stopping:
+                raise ShuttingDown()
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull()
+            self.waiting.append(sub)
+            self.counters.requests += 1
+            self._lock.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            busy = sum(r is not None for r in self.rows)
+            return {"rows_busy": busy, "rows": len(self.rows), "waiting": len(self.waiting),
+                    **self.counters.__dict__}
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Plan, broadcast, execute, hand out tokens; until a stop is requested (then every rank stops)."""
+        try:
+            while True:
+                plan = self._plan()
+                distributed.broadcast_object(plan, self.layout)
+                if plan.shutdown:
+                    return
+                first, step = execute(plan, self.batcher)
+                if first is not None:
+                    for a, token in zip(plan.admit, first):
+                        self._deliver(a.row, token)
+                if step is not None:
+                    self.counters.steps += 1
+                    for r, token in enumerate(step):
+                        self._deliver(r, token)
+        finally:
+            self._fail_all("the server is shutting down")
+
+    def _plan(self) -> Plan:
+        """The next step: free rows of finished/abandoned requests, admit waiting ones into free rows.
+        Waits (sending empty plans now and then) while there is nothing to do."""
+        deadline = time.monotonic() + IDLE_WAIT_SECONDS
+        with self._lock:
+            while True:
+                plan = Plan()
+                if self.should_stop():
+                    self.stopping = True
+                    plan.shutdown = True
+                    return plan
+                for r, sub in enumerate(self.rows):
+                    if sub is not None and (sub.finished or sub.cancelled):
+                        if sub.cancelled and not sub.finished:
+                            self.counters.cancelled += 1
+                            sub.finished = True
+                        self.rows[r] = None
+                        plan.release.append(r)
+                free = [r for r, sub in enumerate(self.rows) if sub is None]
+                while free and self.waiting:
+                    sub = self.waiting.popleft()
+                    if sub.cancelled:
+                        self.counters.cancelled += 1
+                        continue
+                    r = free.pop(0)
+                    self.rows[r] = sub
+                    self.counters.prompt_tokens += len(sub.prompt)
+                    plan.admit.append(Admit(r, sub.prompt, sub.temperature, sub.top_p))
+                plan.decode = any(sub is not None for sub in self.rows)
+                if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
+                    return plan
+                self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _deliver(self, row: int, token: int) -> None:
+        sub = self.rows[row]
+        if sub is None or sub.finished:
+            return  # a free row, or a request that ended earlier in this step
+        sub.generated += 1
+        self.counters.generated_tokens += 1
+        reason = None
+        if token in self.stop_ids:
+            reason = "tool_call" if token == self.call_id else "stop"
+        elif sub.generated >= sub.max_tokens:
+            reason = "length"
+        sub.events.put([token])
+        if reason is not None or sub.cancelled:
+            sub.finished = True
+            if reason is not None:
+                self.counters.completed += 1
+                sub.events.put(Finish(reason))
+            else:
+                self.counters.cancelled += 1
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            self.stopping = True
+            subs = [s for s in self.rows if s is not None] + list(self.waiting)
+            self.waiting.clear()
+            self.rows = [None] * len(self.rows)
+        for sub in subs:
+            if not sub.finished:
+                sub.finished = True
+                sub.events.put(Finish("error", message))

@@ -1,0 +1,64 @@
+"""The continuous batcher against the engine, in one process on the CPU: sequences that join and leave
+a running batch (rows reused, prefilled together or alone, past the sliding window) get the greedy
+tokens each prompt gets alone from the engine, with either attention; per-row sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import compose
+from runtime.continuous import ContinuousBatcher, sample_rows
+from runtime.engine import Engine, Request
+
+TEXTS = ["hi", "What is the capital of France?",
+         "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "2+2?"]
+STEPS = 24
+
+
+@pytest.mark.parametrize("attn", ["eager", "gqa_sinks"])
+def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
+    ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=256, max_prefill_tokens=200,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    got: dict[int, list[int]] = {i: [] for i in range(len(TEXTS))}
+    where: dict[int, int] = {}  # prompt -> row
+
+    def admit(pairs: list[tuple[int, int]]) -> None:
+        first = b.prefill([r for _, r in pairs], [prompts[i] for i, _ in pairs], [0.0] * len(pairs), [1.0] * len(pairs))
+        for (i, r), t in zip(pairs, first.tolist()):
+            where[i] = r
+            got[i].append(t)
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            tokens = b.step().tolist()
+            for i, r in where.items():
+                if len(got[i]) < STEPS:
+                    got[i].append(tokens[r])
+
+    admit([(0, 1)])
+    step(5)
+    admit([(1, 0), (2, 2)])  # two prompts of different lengths prefilled together (right-padded)
+    step(8)
+    b.release([1])
+    del where[0]
+    admit([(3, 1)])  # a reused row
+    step(STEPS)
+    assert got == {i: r for i, r in enumerate(ref)} | {0: ref[0][:len(got[0])]}
+    assert len(got[0]) == 14
+
+
+def test_sample_rows_per_row_parameters() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.5])
+    top_p = torch.tensor([1.0, 1e-6, 1.0, 1.0])
+    out = sample_rows(logits, temperature, top_p, gen, sampling=True, nucleus=True)
+    greedy = logits.argmax(-1)
+    assert out[0] == greedy[0] and out[2] == greedy[2]  # temperature 0: argmax
+    assert out[1] == greedy[1]  # top_p tiny: only the top token is left
+    draws = {int(sample_rows(logits, temperature, torch.ones(4), gen, True, False)[3]) for _ in range(50)}
+    assert len(draws) > 1  # temperature 0.5 samples

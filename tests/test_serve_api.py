@@ -1,0 +1,257 @@
+"""The serving layers without a model: incremental harmony parsing, and the HTTP server answering the
+official `openai` client over real HTTP, with the scheduler replaced by a backend that replays scripted
+harmony completions (runtime/serve/http.py's Backend). The real model under torchrun: test_serve.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from runtime import harmony  # noqa: E402
+from runtime.serve.harmony_stream import CALL, REASONING, TEXT, HarmonyStream  # noqa: E402
+from runtime.serve.http import App, make_server  # noqa: E402
+from runtime.serve.job import Defaults, Job  # noqa: E402
+from runtime.serve.scheduler import Finish, Submission  # noqa: E402
+
+END_IDS = frozenset({200002, 200012, 199999})
+ANALYSIS = "<|channel|>analysis<|message|>The user asks about Paris: call the tool. é😀<|end|>"
+CALL_TEXT = ("<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+             "<|message|>{\"city\": \"Paris\"}<|call|>")
+FINAL = "<|start|>assistant<|channel|>final<|message|>It is sunny in Paris.<|return|>"
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def ids(text: str) -> list[int]:
+    return harmony.encoding().encode(text, allowed_special="all")
+
+
+def run_stream(tokens: list[int], chunk: int = 1) -> tuple[HarmonyStream, list]:
+    stream = HarmonyStream(END_IDS)
+    events = []
+    for i in range(0, len(tokens), chunk):
+        events += stream.feed(tokens[i : i + chunk])
+    events += stream.close()
+    return stream, events
+
+
+# ---------------------------------------------------------------------------------------- harmony stream
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_stream_parts_reasoning_and_tool_call(chunk: int) -> None:
+    tokens = ids(ANALYSIS + CALL_TEXT)
+    stream, events = run_stream(tokens, chunk)
+    assert [(p.kind, p.name) for p in stream.parts] == [(REASONING, None), (CALL, "get_weather")]
+    assert stream.parts[0].text == "The user asks about Paris: call the tool. é😀"
+    assert stream.parts[1].text == '{"city": "Paris"}'
+    assert stream.reasoning_tokens == len(ids(ANALYSIS)) and stream.error is None
+    for part in stream.parts:  # the deltas add up to the part, between one start and one end
+        mine = [e for e in events if e.part is part]
+        assert mine[0].type == "start" and mine[-1].type == "end"
+        assert "".join(e.delta for e in mine if e.type == "delta") == part.text
+
+
+def test_stream_final_answer_and_preamble() -> None:
+    preamble = "<|start|>assistant<|channel|>commentary<|message|>Checking. <|end|>"
+    stream, _ = run_stream(ids(ANALYSIS + preamble + FINAL))
+    assert [p.kind for p in stream.parts] == [REASONING, TEXT, TEXT]
+    assert "".join(p.text for p in stream.parts if p.kind == TEXT) == "Checking. It is sunny in Paris."
+
+
+def test_stream_truncated_inside_content() -> None:
+    tokens = ids(ANALYSIS + FINAL)[:-3]
+    stream, events = run_stream(tokens)
+    assert stream.parts[-1].text == "It is sunny in"
+    assert events[-1].type == "end" and stream.error is None
+
+
+def test_stream_garbage_is_raw_text_like_parse_completion() -> None:
+    rng = random.Random(0)
+    for _ in range(5):
+        tokens = [rng.randrange(200_000) for _ in range(30)] + [200002]
+        stream, _ = run_stream(tokens)
+        parsed = harmony.parse_completion(tokens)
+        assert [p.kind for p in stream.parts] == [TEXT]
+        assert stream.parts[0].text == parsed.text and stream.error
+    # valid harmony first, then garbage: the valid message stays, the rest is raw text
+    tokens = ids(ANALYSIS) + ids("hello world<|return|>")
+    stream, _ = run_stream(tokens)
+    assert [p.kind for p in stream.parts] == [REASONING, TEXT] and stream.error
+    parsed = harmony.parse_completion(tokens)
+    assert (stream.parts[0].text, stream.parts[1].text) == (parsed.reasoning, parsed.text) == (
+        "The user asks about Paris: call the tool. é😀", "hello world")
+
+
+# ---------------------------------------------------------------------------------------- HTTP, fake backend
+
+
+class ScriptedBackend:
+    """Answers every request with the next scripted completion, a token at a time, like the scheduler."""
+
+    def __init__(self) -> None:
+        self.script: list[list[int]] = []
+        self.subs: list[Submission] = []
+
+    def submit(self, sub: Submission) -> None:
+        self.subs.append(sub)
+        tokens = self.script.pop(0) if self.script else None
+        threading.Thread(target=self._play, args=(sub, tokens), daemon=True).start()
+
+    def _play(self, sub: Submission, tokens: list[int] | None) -> None:
+        if tokens is None:  # no script: generate forever until cancelled
+            while not sub.cancelled:
+                sub.events.put([220])
+                time.sleep(0.01)
+            return
+        tokens = tokens[: sub.max_tokens]
+        for t in tokens:
+            sub.events.put([t])
+        reason = "length" if len(tokens) == sub.max_tokens and tokens[-1] not in END_IDS else \
+            "tool_call" if tokens[-1] == 200012 else "stop"
+        sub.events.put(Finish(reason))
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": len(self.subs)}
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[openai.OpenAI, ScriptedBackend, str]]:
+    backend = ScriptedBackend()
+
+    def render(job: Job) -> list[int]:
+        return harmony.render_prompt(job.messages, job.effort, job.tools or None)
+
+    app = App(Defaults("gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=render, backend=backend,
+              end_ids=END_IDS, api_key="secret")
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0), backend, url
+    server.shutdown()
+    server.server_close()
+
+
+def test_chat_reasoning_and_tool_call(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    backend.script = [ids(ANALYSIS + CALL_TEXT)]
+    r = client.chat.completions.create(model="gpt-oss-test", messages=messages, tools=[TOOL], reasoning_effort="low")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.reasoning_content == "The user asks about Paris: call the tool. é😀"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert r.usage.prompt_tokens == len(harmony.render_prompt(messages, "low", [TOOL]))
+    assert r.usage.completion_tokens == len(ids(ANALYSIS + CALL_TEXT))
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(ids(ANALYSIS))
+    # the same, streamed
+    backend.script = [ids(ANALYSIS + CALL_TEXT)]
+    chunks = list(client.chat.completions.create(model="gpt-oss-test", messages=messages, tools=[TOOL], stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == choice.message.reasoning_content
+    calls = [tc for d in deltas for tc in d.tool_calls or []]
+    assert calls[0].id and calls[0].function.name == "get_weather"
+    assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the result goes back and the conversation continues
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    follow = [*messages, {"role": "assistant", "content": None, "reasoning_content": choice.message.reasoning_content,
+                          "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}]
+    r2 = client.chat.completions.create(model="gpt-oss-test", messages=follow, tools=[TOOL])
+    assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"
+    rendered = harmony.encoding().decode(backend.subs[-1].prompt)
+    assert "functions.get_weather to=assistant" in rendered and '{"sky": "sunny"}' in rendered
+
+
+def test_responses_items_and_events(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = [ids(ANALYSIS + CALL_TEXT)]
+    r = client.responses.create(model="gpt-oss-test", input="Weather in Paris?", tools=[
+        {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}],
+        reasoning={"effort": "high"})
+    assert [o.type for o in r.output] == ["reasoning", "function_call"]
+    assert r.output[0].content[0].text.startswith("The user asks")
+    assert r.output[1].name == "get_weather" and r.output[1].call_id and r.status == "completed"
+    assert r.usage.output_tokens_details.reasoning_tokens == len(ids(ANALYSIS))
+    backend.script = [ids(ANALYSIS + FINAL)]
+    events = list(client.responses.create(model="gpt-oss-test", input="Weather in Paris?", stream=True))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "response.reasoning_text.delta" in types and "response.output_text.delta" in types
+    final = events[-1].response
+    assert final.output_text == "It is sunny in Paris."
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    # function_call + function_call_output items continue the conversation
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    r3 = client.responses.create(model="gpt-oss-test", input=[
+        {"role": "user", "content": "Weather in Paris?"}, *[o.model_dump() for o in r.output],
+        {"type": "function_call_output", "call_id": r.output[1].call_id, "output": "sunny"}])
+    assert r3.output_text == "It is sunny in Paris."
+    rendered = harmony.encoding().decode(backend.subs[-1].prompt)
+    assert "<|channel|>analysis<|message|>The user asks" in rendered  # reasoning of the unfinished turn kept
+    assert "to=functions.get_weather" in rendered and "<|message|>sunny<|end|>" in rendered
+
+
+def test_length_limit_and_incomplete(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = [ids(ANALYSIS + FINAL)]
+    r = client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=5)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 5
+
+
+def test_errors_and_auth(served) -> None:  # noqa: ANN001
+    client, _, url = served
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "hi"}], n=3)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="gpt-oss-test", input="hi", previous_response_id="resp_1")
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_cancelled_stream_cancels_the_request(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = []
+    stream = client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "go"}],
+                                            stream=True)
+    next(iter(stream))
+    sub = backend.subs[-1]
+    stream.close()
+    assert sub._cancelled.wait(timeout=60)
+
+
+def test_load_model_for_transformers_chat(served) -> None:  # noqa: ANN001
+    """`transformers chat` asks POST /load_model (of `transformers serve`) first, without a key."""
+    import urllib.error
+    import urllib.request
+
+    _, _, url = served
+
+    def post(model: str) -> tuple[int, bytes]:
+        req = urllib.request.Request(url + "/load_model", data=json.dumps({"model": model}).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, body = post("gpt-oss-test")
+    assert status == 200 and json.loads(body.decode().removeprefix("data: "))["status"] == "ready"
+    assert post("other")[0] == 404

@@ -1,0 +1,108 @@
+"""Continuous batching under load, on the random tiny model under torchrun (2 ranks, tensor parallel):
+concurrent streams give the tokens of sequential runs, and clients that stall or leave stall nobody."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from tests.serve_server import Server, torchrun_server  # noqa: E402
+
+MAX_BATCH = 8
+MAX_LEN = 4096  # the two long requests below (4000 tokens) cannot end before the test ends them
+LONG = 4000
+PROMPTS = [f"Tell me something about the number {i}." for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with torchrun_server(tmp_path_factory.mktemp("serve-load"), 2, [
+        "parallel.tp_size=2", f"serve.max_len={MAX_LEN}", f"serve.max_batch={MAX_BATCH}",
+    ]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def health(server: Server) -> dict:
+    with urllib.request.urlopen(server.root + "/health", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wait_for(server: Server, check, what: str) -> dict:  # noqa: ANN001
+    """Poll /health until `check` holds (a failure guard, not a timing assertion)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        h = health(server)
+        if check(h):
+            return h
+        time.sleep(0.1)
+    pytest.fail(f"{what}: /health says {health(server)}")
+
+
+def stream_chat(client: openai.OpenAI, i: int) -> tuple[str, int]:
+    """Request i (max_tokens 4..19, so rows finish and free up at different steps), streamed, greedy."""
+    chunks = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=4 + i % 16, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for c in chunks:
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+        if c.usage:
+            usage = c.usage
+    return text, usage.completion_tokens
+
+
+def test_32_concurrent_streams_match_sequential_runs(server: Server, client: openai.OpenAI) -> None:
+    sequential = [stream_chat(client, i) for i in range(len(PROMPTS))]
+    before = health(server)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        concurrent = list(pool.map(lambda i: stream_chat(client, i), range(len(PROMPTS))))
+    assert concurrent == sequential
+    assert [n for _, n in sequential] == [4 + i % 16 for i in range(len(PROMPTS))]  # random weights: no stop
+    after = wait_for(server, lambda h: h["rows_busy"] == 0, "rows not freed")
+    assert after["completed"] - before["completed"] == len(PROMPTS) and after["waiting"] == 0
+    # 32 requests through 8 rows: they joined the batch as rows freed up, far fewer steps than one at a time
+    assert after["steps"] - before["steps"] < sum(n for _, n in sequential)
+
+
+def test_cancelled_and_stalled_clients_stall_nobody(server: Server, client: openai.OpenAI) -> None:
+    before = health(server)
+    # a client that sends a streaming request and never reads
+    stalled = socket.create_connection(server.root.removeprefix("http://").split(":"), timeout=60)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "stall"}], "stream": True,
+                       "max_tokens": LONG, "temperature": 0}).encode()
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    # a client that reads the start of a long stream, then goes away
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "leave"}],
+                                            max_tokens=LONG, temperature=0, stream=True)
+    next(iter(stream))
+    wait_for(server, lambda h: h["rows_busy"] == 2, "both long requests in the batch")
+    stream.close()
+    wait_for(server, lambda h: h["cancelled"] - before["cancelled"] == 1 and h["rows_busy"] == 1,
+             "the closed stream's row was not freed")
+    # the others are served meanwhile
+    results: list[tuple[str, int]] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(stream_chat(client, i))) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(n for _, n in results) == sorted(4 + i % 16 for i in range(4))
+    assert health(server)["rows_busy"] == 1  # ... while the stalled one is still in the batch
+    stalled.close()
+    after = wait_for(server, lambda h: h["rows_busy"] == 0, "the stalled client's row was not freed")
+    assert after["cancelled"] - before["cancelled"] == 2
+    assert after["generated_tokens"] - before["generated_tokens"] < 2 * LONG + sum(n for _, n in results)
