@@ -37,7 +37,8 @@ class Server:
 
 
 @contextmanager
-def torchrun_server(tmp: Path, nproc: int, overrides: list[str], env: dict[str, str] | None = None) -> Iterator[Server]:
+def torchrun_server(tmp: Path, nproc: int, overrides: list[str], env: dict[str, str] | None = None,
+                    device: list[str] = CPU) -> Iterator[Server]:
     """Start the server, wait until it answers (endpoint.json), yield it; stop it with SIGTERM to rank 0
     (every rank then leaves cleanly, which is checked) and kill what is left."""
     out_dir, log = tmp / "serve", tmp / "serve.log"
@@ -45,7 +46,7 @@ def torchrun_server(tmp: Path, nproc: int, overrides: list[str], env: dict[str, 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "runtime.serve", *CPU, "serve.port=0", f"serve.out_dir={out_dir}", *overrides]
+           "-m", "runtime.serve", *device, "serve.port=0", f"serve.out_dir={out_dir}", *overrides]
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)

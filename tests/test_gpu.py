@@ -314,3 +314,39 @@ def test_mxfp4_matches_dequantized_logits_on_20b() -> None:
         per_token = (fast - ref).norm(dim=-1) / ref.norm(dim=-1)
         assert per_token.median() < 1e-2, per_token.median().item()
         assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+def test_serve_on_gpu(tmp_path) -> None:  # noqa: ANN001
+    """runtime.serve on the GPU (continuous batching, its decode step captured as a CUDA graph, our
+    kernels): concurrent chat requests all complete, and a greedy request gives the same text twice."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.serve_server import torchrun_server
+
+    def chat(root: str, i: int, stream: bool = False) -> dict:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8 + i,
+                "temperature": 0, "stream": stream}
+        req = urllib.request.Request(root + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            if not stream:
+                return json.loads(r.read())
+            events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            return {"chunks": [json.loads(e) for e in events[:-1]]}
+
+    overrides = ["attention=triton", "experts=triton", "serve.max_batch=4", "serve.max_len=1024"]
+    with torchrun_server(tmp_path, 1, overrides, device=["model.device=cuda"]) as server:
+        root = server.root
+        first = chat(root, 3)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: chat(root, i, stream=i % 2 == 1), range(8)))
+        again = chat(root, 3)
+    assert first["choices"][0]["message"] == again["choices"][0]["message"]
+    for i, r in enumerate(results):
+        if i % 2:
+            assert r["chunks"], i
+        else:
+            assert r["choices"][0]["finish_reason"] in ("stop", "length") and r["usage"]["completion_tokens"] >= 1
