@@ -5,7 +5,8 @@ Each cache row holds one sequence, at slot == position (no padding inside a row)
   to slots [0, len) of their own rows; the logits of each prompt's last token are kept;
 - `step()`: one decode forward for all rows at once, each row writing its key at its own slot (a scatter
   with a per-row slot index), attending through additive masks built on the device from `slot_pos`
-  (the position held in each slot, -1 empty) as `runtime.graph_decode` does. Free rows have an all-empty
+  (the position held in each slot, -1 empty) as `runtime.graph_decode` does (with attention=triton the
+  kernel is given `slot_pos` and each row's write slot instead, a SlotMask). Free rows have an all-empty
   `slot_pos` and position -1: they attend to nothing and their output is ignored;
 - `release(rows)`: the row's slots are marked empty; its stale keys stay but are never seen again.
 Shapes of the decode step never change ([rows, 1] tokens against [rows, max_len] slots), so on a GPU it is
@@ -27,6 +28,7 @@ from torch import nn
 
 from runtime import distributed
 from runtime.graph_decode import masks
+from runtime.kernels.flash import NAME as FLASH, SlotMask
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ContinuousBatcher:
         self.max_prefill_tokens = max_prefill_tokens
         self.group, self.leader, self.generator = group, leader, generator
         self.window = getattr(cfg, "sliding_window", None)
+        self.slot_masks = cfg._attn_implementation == FLASH  # attention=triton reads slot_pos itself
         attn = model.model.layers[0].self_attn
         kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         if device.type == "cuda":
@@ -178,7 +181,11 @@ class ContinuousBatcher:
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
         self.slot_pos[idx] = -1
         self.slot_pos[idx, :width] = positions
-        m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
+        if self.slot_masks:  # the prefill attends over its own keys [n, H, W, D]: slot t holds position t
+            sm = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous())
+            m = {"full_attention": sm, "sliding_attention": sm}
+        else:
+            m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
         self.cache.prefill_rows = idx
         try:
             hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
@@ -205,7 +212,11 @@ class ContinuousBatcher:
         return tokens
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        m = masks(self.slot_pos, pos, self.window, self.dtype)
+        if self.slot_masks:  # each row's query sits at its own write slot
+            sm = SlotMask(self.slot_pos, self.cache.write_slot[:, None])
+            m = {"full_attention": sm, "sliding_attention": sm}
+        else:
+            m = masks(self.slot_pos, pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]

@@ -4,20 +4,26 @@ tokens each prompt gets alone from the engine, with either attention; per-row sa
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from runtime import compose
 from runtime.continuous import ContinuousBatcher, sample_rows
 from runtime.engine import Engine, Request
+from tests.conftest import ROOT
 
 TEXTS = ["hi", "What is the capital of France?",
          "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "2+2?"]
 STEPS = 24
 
 
-@pytest.mark.parametrize("attn", ["eager", "gqa_sinks"])
+@pytest.mark.parametrize("attn", ["eager", "gqa_sinks", "triton"])
 def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
+    """attention=triton: its SlotMask through the torch fallback here; the kernel itself below."""
     engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
     prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
     ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
@@ -62,3 +68,12 @@ def test_sample_rows_per_row_parameters() -> None:
     assert out[1] == greedy[1]  # top_p tiny: only the top token is left
     draws = {int(sample_rows(logits, temperature, torch.ones(4), gen, True, False)[3]) for _ in range(50)}
     assert len(draws) > 1  # temperature 0.5 samples
+
+
+def test_joining_and_leaving_rows_with_the_flash_kernel_in_the_interpreter() -> None:
+    """The same, with the Triton flash attention kernel itself (Triton's CPU interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "joining_and_leaving_rows_give_the_engine_tokens and triton"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

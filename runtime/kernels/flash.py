@@ -66,7 +66,8 @@ if HAVE_TRITON:
     def _flash_kernel(
         q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, o_ptr, lse_ptr,
         sq_b, sq_h, sq_t,  # q [B, Hq, T, D] strides (D contiguous)
-        sk_b, sk_h, sk_s,  # k and v [B, Hkv, S, D] strides (D contiguous)
+        sk_b, sk_h, sk_s,  # k [B, Hkv, S, D] strides (D contiguous)
+        sv_b, sv_h, sv_s,  # v [B, Hkv, S, D] strides (D contiguous)
         so_p, so_b, so_t,  # out [P, B, T, Hq, D] strides (Hq, D contiguous)
         T, S, HKV, HQ, scale_log2, window,
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
@@ -98,11 +99,12 @@ if HAVE_TRITON:
         m_i = tl.where(first, sink, float("-inf"))
         l_i = tl.where(first, 1.0, 0.0)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        kv = b * sk_b + hk * sk_h
+        k_row = b * sk_b + hk * sk_h
+        v_row = b * sv_b + hk * sv_h
         for s0 in range(start, end, BLOCK_N):
             s = s0 + tl.arange(0, BLOCK_N)
             s_ok = s < end
-            kt = tl.load(k_ptr + kv + s[None, :] * sk_s + d[:, None], mask=s_ok[None, :], other=0.0)  # [D, N]
+            kt = tl.load(k_ptr + k_row + s[None, :] * sk_s + d[:, None], mask=s_ok[None, :], other=0.0)  # [D, N]
             if IEEE:
                 sc = tl.dot(q, kt, input_precision="ieee")
             else:
@@ -117,7 +119,7 @@ if HAVE_TRITON:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_ptr + kv + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0.0)  # [N, D]
+            vt = tl.load(v_ptr + v_row + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0.0)  # [N, D]
             if IEEE:
                 pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
             else:
@@ -144,8 +146,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
-    if k.stride(-1) != 1 or v.stride() != k.stride() or q.stride(-1) != 1:
-        raise ValueError("triton_sinks expects contiguous head dimensions and K/V caches of one layout")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel steps D by 1
     rows = t * g
     decode = rows <= 64
     block_m = _pow2_at_least(rows, 16) if decode else 128
@@ -160,7 +161,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     grid = (triton.cdiv(rows, block_m), b * hkv, splits)
     _flash_kernel[grid](
         q, k, v, sinks, mask.slot_pos, mask.q_slot.contiguous(), out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
         t, s, hkv, hq, scaling * LOG2E, int(window or 0),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
