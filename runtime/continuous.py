@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from runtime import distributed
-from runtime.graph_decode import masks
+from runtime.graph_decode import StaticKVCache, masks
 from runtime.kernels.flash import NAME as FLASH, SlotMask
 
 log = logging.getLogger(__name__)
 
 
-class RowKVCache:
+class RowKVCache(StaticKVCache):
     """K/V buffers [rows, kv_heads, max_len, head_dim] per layer; duck-types transformers' Cache.update.
 
     Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
@@ -43,9 +43,7 @@ class RowKVCache:
 
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (rows, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        super().__init__(layers, rows, kv_heads, max_len, head_dim, dtype, device)
         self.write_slot = torch.zeros(rows, dtype=torch.long, device=device)  # [rows], read by the graph
         self._scatter_index = self.write_slot.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
         self.prefill_rows: torch.Tensor | None = None
@@ -59,13 +57,6 @@ class RowKVCache:
         self.k[layer_idx].scatter_(2, self._scatter_index, key)
         self.v[layer_idx].scatter_(2, self._scatter_index, value)
         return self.k[layer_idx], self.v[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are always passed explicitly
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

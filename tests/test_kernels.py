@@ -70,12 +70,18 @@ KERNEL_CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_kernel_in_the_interpreter() -> None:
+def interpret(script: str) -> str:
+    """Run `script` in a fresh Python with Triton's CPU interpreter; its stdout."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+    return proc.stdout
+
+
+def test_triton_kernel_in_the_interpreter() -> None:
+    out = interpret(KERNEL_CHECK)
+    assert float(out.split()[-1]) < 1e-3, out
 
 
 FLASH_CHECK = """
@@ -119,11 +125,8 @@ print("worst", worst)
 
 def test_flash_attention_kernel_in_the_interpreter() -> None:
     """Decode with split-K, sliding windows, left pads, GQA groups of 1-8, fp32 and fp16."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", FLASH_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
+    out = interpret(FLASH_CHECK)
+    assert float(out.split()[-1]) < 1e-3, out
 
 
 ROUTER_CHECK = """
@@ -147,9 +150,5 @@ print("ok")
 
 
 def test_router_kernel_in_the_interpreter() -> None:
-    """One-kernel router == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", ROUTER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "ok"
+    """The router (top-k kernel) == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
+    assert interpret(ROUTER_CHECK).split()[-1] == "ok"
