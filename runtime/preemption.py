@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FILE_CHECK_SECONDS = 1.0  # the stop file is looked for at most this often (the server asks every step)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on request; run again to finish
 
 
@@ -23,6 +25,7 @@ class StopRequest:
     def __init__(self, stop_file: str | None = None) -> None:
         self.stop_file = Path(stop_file) if stop_file else None
         self.signalled: int | None = None
+        self._next_look = 0.0  # when the stop file is looked for next
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._on_signal)
@@ -37,4 +40,9 @@ class StopRequest:
         self.signalled = signum
 
     def __call__(self) -> bool:
-        return self.signalled is not None or (self.stop_file is not None and self.stop_file.exists())
+        if self.signalled is not None:
+            return True
+        if self.stop_file is None or time.monotonic() < self._next_look:
+            return False
+        self._next_look = time.monotonic() + FILE_CHECK_SECONDS  # a shared filesystem: not on every step
+        return self.stop_file.exists()

@@ -78,6 +78,9 @@ def test_health_models_and_key(server: Server, client: openai.OpenAI) -> None:
     assert status == 401 and "Missing API key" in body["error"]["message"]
     status, body = raw(server, "POST", "/v1/responses", b"{}", headers={"Authorization": "Bearer nope"})
     assert status == 401 and "API key" in body["error"]["message"]
+    for method, path in (("POST", "/load_model"), ("GET", "/v1/unknown")):  # every route but /health
+        status, body = raw(server, method, path, b"{}", headers={"Authorization": ""})
+        assert status == 401, (path, body)
 
 
 def test_config_and_endpoint_written(server: Server) -> None:
@@ -190,6 +193,11 @@ def test_responses_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> 
 def test_sampling_parameters_are_used(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, messages=sm.HI, temperature=1.5, top_p=0.9, max_tokens=20)
     assert r.usage.completion_tokens <= 20 and r.choices[0].finish_reason in ("stop", "length")
+    # top_p=0 (accepted as by OpenAI) leaves only the most likely token: greedy, whatever the temperature
+    greedy = client.chat.completions.create(model=MODEL, messages=sm.HI, temperature=0, max_tokens=20)
+    for _ in range(2):
+        r = client.chat.completions.create(model=MODEL, messages=sm.HI, temperature=1.5, top_p=0, max_tokens=20)
+        assert r.choices[0].message.content == greedy.choices[0].message.content
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -238,14 +238,16 @@ def test_cancelled_stream_cancels_the_request(served) -> None:  # noqa: ANN001
 
 
 def test_load_model_for_transformers_chat(served) -> None:  # noqa: ANN001
-    """`transformers chat` asks POST /load_model (of `transformers serve`) first, without a key."""
+    """`transformers chat` asks POST /load_model (of `transformers serve`) first; like every route but
+    /health it needs the key when the server has one."""
     import urllib.error
     import urllib.request
 
     _, _, url = served
 
-    def post(model: str) -> tuple[int, bytes]:
-        req = urllib.request.Request(url + "/load_model", data=json.dumps({"model": model}).encode(), method="POST")
+    def post(model: str, key: str = "secret") -> tuple[int, bytes]:
+        req = urllib.request.Request(url + "/load_model", data=json.dumps({"model": model}).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, r.read()
@@ -255,3 +257,4 @@ def test_load_model_for_transformers_chat(served) -> None:  # noqa: ANN001
     status, body = post("gpt-oss-test")
     assert status == 200 and json.loads(body.decode().removeprefix("data: "))["status"] == "ready"
     assert post("other")[0] == 404
+    assert post("gpt-oss-test", key="")[0] == 401

@@ -85,8 +85,10 @@ def sampling(body: dict[str, Any], default_temperature: float, default_top_p: fl
     if not 0 <= temperature <= 2:
         raise invalid_value("temperature", f"{temperature} is not between 0 and 2.")
     top_p = optional(body, "top_p", float, default=default_top_p)
-    if not 0 < top_p <= 1:
-        raise invalid_value("top_p", f"{top_p} must be greater than 0 and at most 1.")
+    if not 0 <= top_p <= 1:
+        raise invalid_value("top_p", f"{top_p} is not between 0 and 1.")
+    if top_p == 0:  # OpenAI accepts it: only the most likely token is left, i.e. greedy decoding
+        return 0.0, 1.0
     return temperature, top_p
 
 

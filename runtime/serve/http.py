@@ -118,11 +118,10 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":
                 self._only(method, "GET")
                 return self._health()
+            self._authorize()  # every route but /health, unknown ones too (they would list the routes)
             if path == "/load_model":  # `transformers chat` asks this of `transformers serve` before chatting
                 self._only(method, "POST")
                 return self._load_model()
-            if path in ENDPOINTS or path == "/v1/models" or path.startswith("/v1/models/"):
-                self._authorize()
             if path == "/v1/models":
                 self._only(method, "GET")
                 return self._json(200, {"object": "list", "data": [self._model()]})
@@ -258,7 +257,8 @@ class Handler(BaseHTTPRequestHandler):
         stream = HarmonyStream(app.end_ids)
         if job.stream:
             self._stream(sub, stream, fmt, len(prompt))
-        else:
+            return
+        try:
             finish, generated = self._consume(sub, stream, None)
             if finish is None:  # the client left
                 return
@@ -268,6 +268,8 @@ class Handler(BaseHTTPRequestHandler):
             out = Outcome(len(prompt), generated, stream.reasoning_tokens, finish.reason, stream.parts)
             self._json(200, fmt.body(out))
             self._log_done(path, job, out)
+        finally:
+            sub.cancel()  # no-op for a finished request; frees the row if anything above failed
 
     def _max_tokens(self, path: str, job: Job, prompt_len: int) -> int:
         limit = self.app.max_len

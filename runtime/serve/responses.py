@@ -225,7 +225,11 @@ class Formatter:
         return [self._event(kind, response=self._response(status, out))]
 
     def error(self, err: ApiError) -> list[bytes]:
-        return [self._event("error", code=err.code or err.type, message=err.message, param=err.param)]
+        """An `error` event, then `response.failed` (what the SDK's stream helpers wait for)."""
+        failed = self._response("failed", None)
+        failed["error"] = {"code": err.code or err.type, "message": err.message}
+        return [self._event("error", code=err.code or err.type, message=err.message, param=err.param),
+                self._event("response.failed", response=failed)]
 
 
 def _status(out: Outcome) -> str:

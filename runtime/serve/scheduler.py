@@ -146,6 +146,10 @@ class Scheduler:
         with self._lock:
             if self.stopping:
                 raise ShuttingDown()
+            if len(self.waiting) >= self.max_waiting:  # requests whose client left do not count
+                left = sum(w.cancelled for w in self.waiting)
+                self.waiting = deque(w for w in self.waiting if not w.cancelled)
+                self.counters.cancelled += left
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull()
             self.waiting.append(sub)
