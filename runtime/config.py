@@ -108,7 +108,8 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest token set whose probability reaches top_p (0 < top_p <= 1)."""
     seed: int = 0
-    """Seed of the sampler, identical on every rank so tensor-parallel ranks agree."""
+    """Seed of the sampler. Data-parallel replica d draws with seed + d (so replicas do not repeat each
+    other's samples); the tensor/expert-parallel ranks of a replica follow their leader's draws."""
     reasoning_effort: str = "medium"
     """Harmony reasoning effort for prompts that do not set their own: `low`, `medium` or `high`."""
     kv_cache: str = "static"

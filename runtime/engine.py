@@ -134,7 +134,8 @@ class Engine:
         self.model = loaded.model
         self.load_seconds = loaded.load_seconds
         self.param_bytes = modeling.param_bytes(self.model)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed)
+        # one stream of draws per data-parallel replica (its tp/ep ranks share it: the leader decides)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed + self.layout.dp_rank)
         self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph,
                                           compile=cfg.generation.compile)
         self.stats = Stats()

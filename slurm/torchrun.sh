@@ -51,9 +51,12 @@ if [ "$MODULE" = runtime.serve ]; then
          "in $RUN_DIR/logs/node0.log and written to endpoint.json in serve.out_dir once it answers"
 fi
 
+# srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): pass it on, or the ranks share one CPU.
+CPUS=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 # SLURM_NODEID must be read on each node, hence the single-quoted script run by srun.
 # shellcheck disable=SC2016
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 --output="$RUN_DIR/logs/node%n.log" bash -c '
+srun --ntasks-per-node=1 "${CPUS[@]}" --kill-on-bad-exit=1 --output="$RUN_DIR/logs/node%n.log" bash -c '
     exec "$0" -m torch.distributed.run --nnodes="$1" --nproc_per_node="$2" --node-rank="$SLURM_NODEID" \
         --master-addr="$3" --master-port="$4" --log-dir="$5/logs/node$SLURM_NODEID" --redirects=3 --tee=3 \
         -m "${@:6}"' "$PYTHON" "$NNODES" "$PROCS" "$HEAD_ADDR" "$PORT" "$RUN_DIR" "$MODULE" "$@" &

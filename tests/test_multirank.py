@@ -43,3 +43,19 @@ def test_parallel_run_matches_one_process(tmp_path: Path, single: tuple[list[dic
         assert full["attention"] / tp <= b["attention"] <= full["attention"] / tp * 1.05
         assert full["experts"] / (tp * ep) <= b["experts"] <= full["experts"] / (tp * ep) * 1.05
         assert b["other"] == full["other"]
+
+
+def test_data_parallel_replicas_sample_with_their_own_seeds(tmp_path: Path) -> None:
+    """The same prompt on two replicas (dp=2, one prompt each): replica d samples with seed + d, so the two
+    samples differ, and replica 0's equals one process's (seed + 0)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "Tell me a story."}) + "\n" for i in range(2)))
+    common = [f"prompts.path={prompts}", "generation=sample", "output.token_ids=true",
+              "generation.max_new_tokens=16", "generation.batch_size=1"]
+    out = tmp_path / "dp.jsonl"
+    torchrun(2, "runtime.generate", ["parallel.dp_size=2", f"output.path={out}", *common])
+    one = tmp_path / "one.jsonl"
+    generate([f"output.path={one}", *common])
+    dp, single = read_jsonl(out), read_jsonl(one)
+    assert dp[0]["completion_ids"] != dp[1]["completion_ids"]
+    assert dp[0]["completion_ids"] == single[0]["completion_ids"]
