@@ -81,7 +81,10 @@ def test_32_concurrent_streams_match_sequential_runs(server: Server, client: ope
 
 def test_cancelled_and_stalled_clients_stall_nobody(server: Server, client: openai.OpenAI) -> None:
     before = health(server)
-    # a client that sends a streaming request and never reads
+    # a client that sends a streaming request and never reads. (Its bytes go to socket buffers that
+    # localhost autotunes to megabytes, so the handler's writes may never block within this test: what
+    # keeps others from waiting on a blocked writer is that only the client's own handler thread writes
+    # to its socket; the scheduler hands tokens to per-request queues.)
     stalled = socket.create_connection(server.root.removeprefix("http://").split(":"), timeout=60)
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "stall"}], "stream": True,
                        "max_tokens": LONG, "temperature": 0}).encode()
