@@ -19,7 +19,6 @@ No HTTP, no scheduling and no rank logic beyond "the leader samples": runtime/se
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +26,8 @@ import torch
 from torch import nn
 
 from runtime import distributed
-from runtime.graph_decode import StaticKVCache, masks
+from runtime.graph_decode import StaticKVCache, capture, masks
 from runtime.kernels.flash import NAME as FLASH, SlotMask
-
-log = logging.getLogger(__name__)
 
 
 class RowKVCache(StaticKVCache):
@@ -173,8 +170,7 @@ class ContinuousBatcher:
         self.slot_pos[idx] = -1
         self.slot_pos[idx, :width] = positions
         if self.slot_masks:  # the prefill attends over its own keys [n, H, W, D]: slot t holds position t
-            sm = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous())
-            m = {"full_attention": sm, "sliding_attention": sm}
+            m = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous()).by_layer()
         else:
             m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
         self.cache.prefill_rows = idx
@@ -204,8 +200,7 @@ class ContinuousBatcher:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.slot_masks:  # each row's query sits at its own write slot
-            sm = SlotMask(self.slot_pos, self.cache.write_slot[:, None])
-            m = {"full_attention": sm, "sliding_attention": sm}
+            m = SlotMask(self.slot_pos, self.cache.write_slot[:, None]).by_layer()
         else:
             m = masks(self.slot_pos, pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
@@ -217,24 +212,11 @@ class ContinuousBatcher:
         if not self.use_graph:
             return self._decode_forward(self.ids, self.pos)
         if self._graph is None:
-            saved = {name: t.clone() for name, t in (("slot_pos", self.slot_pos),)}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, compiling)
-                self._decode_forward(self.ids, self.pos)
-            torch.cuda.current_stream().wait_stream(side)
-            self.slot_pos.copy_(saved["slot_pos"])
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self._logits = self._decode_forward(self.ids, self.pos)
-            except RuntimeError as e:  # an op that syncs with the host
-                log.warning("decode step cannot be captured as a CUDA graph (%s); running it eagerly",
-                            str(e).splitlines()[0][:160])
+            captured = capture(lambda: self._decode_forward(self.ids, self.pos), [self.slot_pos])
+            if captured is None:
                 self.use_graph = False
-                torch.cuda.synchronize()
                 return self._forward(self.ids, self.pos)
-            self._graph = graph
+            self._graph, self._logits = captured
         self._graph.replay()
         return self._logits  # type: ignore[return-value]
 

@@ -10,14 +10,16 @@ transformers' model forward is used as it is; what changes is what it is given:
 - position ids in a tensor that the loop advances on the GPU.
 On CUDA the mask computation and the forward of a decode step are captured once as a CUDA graph and
 replayed; so is a small prefill (<= PREFILL_GRAPH_TOKENS) the second time its shape comes (a batch of
-one is bound by launches, not by the GPU, which the graph removes); sampling and the stop bookkeeping run after it without any host sync (the host looks at
-the stop flags only every `SYNC_EVERY` steps). On the CPU the same code runs eagerly.
+one is bound by launches, not by the GPU, which the graph removes); sampling and the stop bookkeeping
+run after it without any host sync (the host looks at the stop flags only every `SYNC_EVERY` steps).
+On the CPU the same code runs eagerly.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,6 +84,39 @@ def mark_stops(token: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor, s
     return token, done | hit, lengths
 
 
+def capture(forward: Callable[[], torch.Tensor], restore: Sequence[torch.Tensor] = (), warm_up: bool = True,
+            what: str = "decode step") -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    """`forward()` captured as a CUDA graph, and the output tensor that its replays refill.
+
+    warm_up: run it once first on a side stream, outside the capture (allocator, autotuning,
+    compiling), then put the `restore` tensors back as they were. Without it the GPU is synchronized
+    first (the caller ran the same work eagerly before). None, after a warning, when an op in it
+    cannot be captured (one that syncs with the host, e.g. grouped_mm's fp32 fallback): the caller
+    then runs it eagerly.
+    """
+    if warm_up:
+        saved = [t.clone() for t in restore]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, old in zip(restore, saved):
+            t.copy_(old)
+    else:
+        torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = forward()
+    except RuntimeError as e:
+        log.warning("%s cannot be captured as a CUDA graph (%s); running it eagerly", what,
+                    str(e).splitlines()[0][:160])
+        torch.cuda.synchronize()
+        return None
+    return graph, out
+
+
 @dataclass
 class DecodeState:
     """What a decode call leaves behind: tokens [B, N], lengths [B], stopped [B] (on the device)."""
@@ -135,8 +170,8 @@ class GraphDecoder:
     def _forward(self, buf: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of the last token of each row: [B, V]."""
         if self.slot_masks:  # the kernel reads the cache bookkeeping itself (runtime/kernels/flash.py)
-            sm = SlotMask(buf["slot_pos"], buf["cache"].slots[None, :].expand(ids.shape[0], -1).contiguous())
-            m = {"full_attention": sm, "sliding_attention": sm}
+            q_slot = buf["cache"].slots[None, :].expand(ids.shape[0], -1).contiguous()
+            m = SlotMask(buf["slot_pos"], q_slot).by_layer()
         else:
             m = masks(buf["slot_pos"], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
@@ -148,25 +183,12 @@ class GraphDecoder:
         if not self.use_graph:
             return self._decode_forward(buf, buf["ids"], buf["pos"])
         if buf["graph"] is None:
-            saved = {k: buf[k].clone() for k in ("ids", "pos", "slot_pos", "slot")}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, compiling)
-                self._decode_forward(buf, buf["ids"], buf["pos"])
-            torch.cuda.current_stream().wait_stream(side)
-            for k, t in saved.items():
-                buf[k].copy_(t)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    buf["logits"] = self._decode_forward(buf, buf["ids"], buf["pos"])
-            except RuntimeError as e:  # an op that syncs with the host (e.g. grouped_mm's fp32 fallback)
-                log.warning("decode step cannot be captured as a CUDA graph (%s); running it eagerly",
-                            str(e).splitlines()[0][:160])
+            captured = capture(lambda: self._decode_forward(buf, buf["ids"], buf["pos"]),
+                               [buf[k] for k in ("ids", "pos", "slot_pos", "slot")])
+            if captured is None:
                 self.use_graph = False
-                torch.cuda.synchronize()
                 return self._forward(buf, buf["ids"], buf["pos"])
-            buf["graph"] = graph
+            buf["graph"], buf["logits"] = captured
         buf["graph"].replay()
         return buf["logits"]
 
@@ -182,17 +204,12 @@ class GraphDecoder:
                 return self._forward(buf, ids, positions)
             if len(buf["prefill"]) >= PREFILL_GRAPHS:
                 buf["prefill"].pop(next(iter(buf["prefill"])))
-            g = {"ids": ids.clone(), "pos": positions.clone(), "slots": cache.slots, "graph": torch.cuda.CUDAGraph()}
-            torch.cuda.synchronize()
-            try:
-                with torch.cuda.graph(g["graph"]):
-                    g["logits"] = self._forward(buf, g["ids"], g["pos"])
-            except RuntimeError as e:
-                log.warning("prefill cannot be captured as a CUDA graph (%s); running it eagerly",
-                            str(e).splitlines()[0][:160])
-                torch.cuda.synchronize()
+            g = {"ids": ids.clone(), "pos": positions.clone(), "slots": cache.slots}
+            captured = capture(lambda: self._forward(buf, g["ids"], g["pos"]), warm_up=False, what="prefill")
+            if captured is None:
                 self.graph_prefill = False
                 return self._forward(buf, ids, positions)
+            g["graph"], g["logits"] = captured
             buf["prefill"][width] = g
         g["ids"].copy_(ids)
         g["pos"].copy_(positions)

@@ -154,13 +154,15 @@ def test_fast_path_tokens_equal_reference_path(attention: str) -> None:
     assert fast == [r["completion_ids"] for r in eng.generate(PROMPTS)]
 
 
+@pytest.mark.parametrize("experts", ["triton", "mxfp4"])
 @pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
-def test_compiled_decode_step_equals_plain(attention: str) -> None:
+def test_compiled_decode_step_equals_plain(attention: str, experts: str) -> None:
+    """(CUDA-graph replay against eager decode: test_cuda_graph_decode_equals_eager_decode.)"""
     runs = {}
     for comp in ("true", "false"):
         eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", f"attention={attention}",
-                                          "experts=triton", f"generation.compile={comp}", "generation.max_new_tokens=24",
-                                          "output.token_ids=true"]))
+                                          f"experts={experts}", f"generation.compile={comp}",
+                                          "generation.max_new_tokens=24", "output.token_ids=true"]))
         runs[comp] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
     assert runs["true"] == runs["false"]
 
@@ -269,18 +271,6 @@ def test_mxfp4_bf16_logits_close_to_dequantized_twin() -> None:
     per_token = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert per_token.median() < 1e-2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
-
-
-@pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
-def test_mxfp4_compiled_decode_step_equals_plain(attention: str) -> None:
-    """(CUDA-graph replay against eager decode with experts=mxfp4: test_cuda_graph_decode_equals_eager_decode.)"""
-    runs = {}
-    for comp in ("true", "false"):
-        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", f"attention={attention}",
-                                          "experts=mxfp4", f"generation.compile={comp}", "generation.max_new_tokens=24",
-                                          "output.token_ids=true"]))
-        runs[comp] = [r["completion_ids"] for r in eng.generate(PROMPTS)]
-    assert runs["true"] == runs["false"]
 
 
 @pytest.mark.skipif(not os.environ.get("GPTOSS_SYNTH_20B"),

@@ -50,6 +50,11 @@ class SlotMask:
     slot_pos: torch.Tensor
     q_slot: torch.Tensor
 
+    def by_layer(self) -> dict[str, SlotMask]:
+        """As transformers' `attention_mask` mapping: the same mask for both layer types (the kernel
+        takes the window from the layer)."""
+        return {"full_attention": self, "sliding_attention": self}
+
     def additive(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The same rule as an additive mask [B, 1, T, S] (for the torch fallback)."""
         s = torch.arange(self.slot_pos.shape[1], device=self.slot_pos.device)

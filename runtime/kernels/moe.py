@@ -45,15 +45,18 @@ def triton_usable(device: torch.device) -> bool:
     return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _configs() -> list:
-    """Tile shapes tried once per problem shape on the GPU (Triton's autotuner, outside any graph)."""
+def tile_configs(tiles: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list:
+    """Autotune configs from (BLOCK_N, BLOCK_K, num_warps, num_stages) tiles, tried once per problem
+    shape on the GPU (Triton's autotuner, outside any graph); under Triton's CPU interpreter only the
+    small `interpreted` (BLOCK_N, BLOCK_K) tile."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 256, 4, 3),
-                              (128, 128, 8, 3))
-    ]
+        return [triton.Config({"BLOCK_N": interpreted[0], "BLOCK_K": interpreted[1]}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in tiles]
+
+
+def _configs() -> list:
+    return tile_configs([(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 256, 4, 3),
+                         (128, 128, 8, 3)], interpreted=(64, 64))
 
 
 if HAVE_TRITON:

@@ -46,7 +46,7 @@ import torch
 
 from runtime import checkpoint
 from runtime.errors import UserError
-from runtime.kernels.moe import HAVE_TRITON, block_layout, triton_usable
+from runtime.kernels.moe import HAVE_TRITON, block_layout, tile_configs, triton_usable
 
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
@@ -80,25 +80,15 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 
 
 def _decode_configs() -> list:
-    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs), tried once per shape."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in ((8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
-                              (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3))
-    ]
+    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs)."""
+    return tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+                         (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
 
 
 def _dot_configs() -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs, tried once per shape."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in ((32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                              (64, 256, 8, 3))
-    ]
+    """tl.dot tiles for blocks of BLOCK_M pairs."""
+    return tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                         (64, 256, 8, 3)], interpreted=(32, 64))
 
 
 if HAVE_TRITON:
