@@ -489,7 +489,8 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
                 hurried = restarts
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n"
-                                   f"{self.run(['scontrol', 'show', 'job', str(job_id)]).stdout}")
+                                   f"{self.run(['scontrol', 'show', 'job', str(job_id)]).stdout}\n"
+                                   f"{self.log_tails(40)}")
             time.sleep(0.1)
 
     def _job_steps_alive(self, job_id: str | int) -> bool:

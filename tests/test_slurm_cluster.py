@@ -49,7 +49,7 @@ srun -o {tmp_path}/task-%t.out bash -c \
 echo "batch on $SLURMD_NODENAME"
 """
     job = slurm.sbatch(script, [*JOB, "-o", f"{tmp_path}/batch-%j.out"])
-    assert slurm.wait_job(job, 60) == "COMPLETED"
+    assert slurm.wait_job(job, 120) == "COMPLETED"
     rows = sorted((tmp_path / f"task-{t}.out").read_text().split() for t in (0, 1))
     assert rows == [["0", "0", "0", "n[1-2]", "n1"], ["1", "1", "0", "n[1-2]", "n2"]]
     assert (tmp_path / f"batch-{job}.out").read_text() == "batch on n1\n"  # the batch script runs on node 0
@@ -58,7 +58,7 @@ echo "batch on $SLURMD_NODENAME"
 
 def test_failing_job_is_failed(slurm: SlurmCluster, tmp_path: Path) -> None:
     job = slurm.sbatch("#!/bin/bash\nsrun bash -c 'exit $SLURM_NODEID'\n", [*JOB, "-o", f"{tmp_path}/%j.out"])
-    assert slurm.wait_job(job, 60) == "FAILED"
+    assert slurm.wait_job(job, 120) == "FAILED"
     assert slurm.job_info(job)["ExitCode"] == "1:0"
 
 
@@ -98,7 +98,7 @@ echo "done ${SLURM_RESTART_COUNT:-0}"
     job = slurm.sbatch(script, [*JOB, "--requeue", "--open-mode=append", "-o", str(out)])
     _wait_for(out, "step 1 restart 0")
     slurm.requeue(job)
-    assert slurm.wait_job(job, 60) == "COMPLETED"
+    assert slurm.wait_job(job, 120) == "COMPLETED"
     lines = out.read_text().splitlines()
     runs = [ln for ln in lines if re.fullmatch(r"(run|done) \d", ln)]
     assert runs == ["run 0", "run 1", "done 1"], lines
@@ -124,7 +124,7 @@ fi
     _wait_for(out, "ready")
     time.sleep(0.5)  # let srun start its step
     assert slurm.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
-    assert slurm.wait_job(job, 60) == "COMPLETED"
+    assert slurm.wait_job(job, 120) == "COMPLETED"
     lines = out.read_text().splitlines()
     # the old run gets SIGTERM (bash runs the TERM trap once the USR1 trap is done or its sleep is killed)
     assert [ln for ln in lines if ln.startswith(("run", "requeue", "TERM"))] == [
@@ -147,18 +147,17 @@ def test_usr1_reaches_the_batch_script(slurm: SlurmCluster, tmp_path: Path) -> N
     timed, now = tmp_path / "timed.out", tmp_path / "now.out"
     timed_job = slurm.sbatch(SIGNAL_SCRIPT, ["-N2", "--ntasks-per-node=1", "-t", "1", "--signal=B:USR1@55",
                                              "-o", str(timed)])
-    t0 = time.monotonic()
     # At once: scancel --batch signals the batch shell only, not the job steps.
     job = slurm.sbatch(SIGNAL_SCRIPT, [*JOB, "-o", str(now)])
     _wait_for(now, "step 1 ready")
     _wait_for(now, "step 0 ready")
     assert slurm.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
-    assert slurm.wait_job(job, 30) == "COMPLETED"
+    # Generous: on a loaded 2-core machine a node has been seen to confirm the job's end 30+ s late.
+    assert slurm.wait_job(job, 120) == "COMPLETED"
     lines = now.read_text().splitlines()
     assert "batch got USR1" in lines and not any("step" in ln and "got USR1" in ln for ln in lines), lines
 
-    assert slurm.wait_job(timed_job, 90) == "COMPLETED"  # not TIMEOUT: the trap ended it
-    assert time.monotonic() - t0 < 60
+    assert slurm.wait_job(timed_job, 120) == "COMPLETED"  # not TIMEOUT: the trap ended it, inside the 1 min limit
     assert "batch got USR1" in timed.read_text().splitlines()
 
 
