@@ -129,7 +129,12 @@ def build(
                 f"{ckpt}: {name} has shape {tuple(value.shape)} for this rank, expected {tuple(param.shape)}: "
                 f"the checkpoint does not match its config.json"
             )
-        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
+        value = value.to(device)
+        if value.untyped_storage().nbytes() > value.nbytes:
+            # safetensors returns a rank's slice as a view of the whole tensor (on the CPU .to() keeps it):
+            # hold only this rank's part, dense (the kernels assume dense weights)
+            value = value.clone(memory_format=torch.contiguous_format)
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     reader.close()
     model.to(device)  # rope buffers
     model.eval()

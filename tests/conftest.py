@@ -29,9 +29,11 @@ def generate(overrides: list[str]) -> dict[str, Any] | None:
     return run(config.compose("generate", CPU + overrides))
 
 
-def torchrun(nproc: int, module: str, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m MODULE OVERRIDES` on the CPU with gloo."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(nproc: int, module: str, overrides: list[str], timeout: int = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m MODULE OVERRIDES` on the CPU with gloo (`env`: extra
+    environment variables)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

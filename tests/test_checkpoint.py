@@ -95,19 +95,21 @@ def test_each_rank_holds_its_share(tiny_checkpoint: Path, tp: int, ep: int) -> N
     """Per rank: attention bytes = full / tp, expert bytes = full / (tp * ep); the shards tile the full tensors."""
     hf = checkpoint.read_config(tiny_checkpoint)
     full = modeling.build(tiny_checkpoint, hf, make_layout(1, 1, 1, world=(1, 0, 0)), Groups(),
-                          torch.device("cpu"), torch.float32, "eager", "grouped_mm")
+                          torch.device("cpu"), torch.bfloat16, "eager", "grouped_mm")
     full_bytes = modeling.param_bytes(full.model)
     full_params = dict(full.model.named_parameters())
     shards, reads = [], []
     for rank in range(tp * ep):
         lm = modeling.build(tiny_checkpoint, hf, make_layout(tp, ep, 1, world=(tp * ep, rank, rank)), Groups(),
-                            torch.device("cpu"), torch.float32, "eager", "grouped_mm")
+                            torch.device("cpu"), torch.bfloat16, "eager", "grouped_mm")
         b = modeling.param_bytes(lm.model)
         # o_proj's and down_proj's biases stay whole (zeros off tp rank 0): allow their few bytes
         assert b["attention"] <= full_bytes["attention"] / tp + 4 * hf.hidden_size * hf.num_hidden_layers
         assert b["attention"] < full_bytes["attention"] or tp == 1
         assert b["experts"] <= full_bytes["experts"] / (tp * ep) + 4 * hf.hidden_size * hf.num_local_experts * 4
         assert b["other"] == full_bytes["other"]
+        # and the memory behind each parameter is its own share, dense (no view into a larger read)
+        assert all(p.untyped_storage().nbytes() == p.nbytes and p.is_contiguous() for p in lm.model.parameters())
         shards.append(dict(lm.model.named_parameters()))
         reads.append(lm.bytes_read)
     assert max(reads) < full.bytes_read  # each rank read only part of the checkpoint

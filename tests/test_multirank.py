@@ -1,5 +1,6 @@
 """torchrun + gloo on the CPU: TP, EP, TP+EP and DP runs give the same greedy tokens as one process,
-and each rank holds its share of the attention and expert bytes."""
+and each rank holds its share of the attention and expert bytes; the fast path's kernels (Triton's
+interpreter) under TP+EP too."""
 
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ def test_parallel_run_matches_one_process(tmp_path: Path, single: tuple[list[dic
         assert full["attention"] / tp <= b["attention"] <= full["attention"] / tp * 1.05
         assert full["experts"] / (tp * ep) <= b["experts"] <= full["experts"] / (tp * ep) * 1.05
         assert b["other"] == full["other"]
+
+
+@pytest.mark.parametrize("experts", ["triton", "mxfp4"])
+def test_fast_path_under_tp_and_ep_matches_one_process(tmp_path: Path, single: tuple[list[dict], dict],
+                                                       experts: str) -> None:
+    """The GPU path is not a one-GPU special case: flash attention with fused q/k/v, the router kernel and
+    the MoE kernel (bf16 weights, or MXFP4 blocks sliced per rank), run by Triton's CPU interpreter on
+    tp=2 x ep=2 ranks, give one process's reference tokens."""
+    out = tmp_path / "out.jsonl"
+    torchrun(4, "runtime.generate", ["parallel.tp_size=2", "parallel.ep_size=2", "attention=triton",
+                                     f"experts={experts}", f"output.path={out}", *COMMON],
+             env={"TRITON_INTERPRET": "1"})
+    assert [r["completion_ids"] for r in read_jsonl(out)] == [r["completion_ids"] for r in single[0]]
 
 
 def test_data_parallel_replicas_sample_with_their_own_seeds(tmp_path: Path) -> None:

@@ -45,6 +45,14 @@ def triton_usable(device: torch.device) -> bool:
     return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def check_dense(**weights: torch.Tensor) -> None:
+    """The kernels index weights as dense row-major arrays: refuse strided views (a caller's bug)."""
+    for name, w in weights.items():
+        if not w.is_contiguous():
+            raise ValueError(f"{name} {tuple(w.shape)} has strides {w.stride()}: the experts kernels need dense "
+                             f"weights (.contiguous())")
+
+
 def tile_configs(tiles: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list:
     """Autotune configs from (BLOCK_N, BLOCK_K, num_warps, num_stages) tiles, tried once per problem
     shape on the GPU (Triton's autotuner, outside any graph); under Triton's CPU interpreter only the
@@ -193,6 +201,7 @@ def fused_experts(
     t, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_experts, _, two_inter = gate_up.shape
+    check_dense(gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias)
     inter = two_inter // 2
     p = t * top_k
     ids = top_k_index.reshape(-1).contiguous()

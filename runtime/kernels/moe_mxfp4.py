@@ -46,7 +46,7 @@ import torch
 
 from runtime import checkpoint
 from runtime.errors import UserError
-from runtime.kernels.moe import HAVE_TRITON, block_layout, tile_configs, triton_usable
+from runtime.kernels.moe import HAVE_TRITON, block_layout, check_dense, tile_configs, triton_usable
 
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
@@ -288,6 +288,8 @@ def fused_mxfp4_experts(
     t, hidden = x.shape
     top_k = top_k_index.shape[1]
     num_experts, two_inter = gate_up_blocks.shape[:2]
+    check_dense(gate_up_blocks=gate_up_blocks, gate_up_scales=gate_up_scales, gate_up_bias=gate_up_bias,
+                down_blocks=down_blocks, down_scales=down_scales, down_bias=down_bias)
     inter = two_inter // 2
     p = t * top_k
     block_m = block_m or plan(p)
