@@ -202,6 +202,33 @@ def test_responses_items_and_events(served) -> None:  # noqa: ANN001
     assert "to=functions.get_weather" in rendered and "<|message|>sunny<|end|>" in rendered
 
 
+def test_responses_preamble_round_trip_renders_like_chat(served) -> None:  # noqa: ANN001
+    """A preamble (commentary without recipient) before a tool call comes back as a message item and a
+    function_call item; sent back, they render as the same turn as Chat's assistant message with content and
+    tool_calls: the preamble on the commentary channel, the reasoning of the unfinished turn kept."""
+    client, backend, _ = served
+    preamble = "<|start|>assistant<|channel|>commentary<|message|>Checking. <|end|>"
+    backend.script = [ids(ANALYSIS + preamble + CALL_TEXT)]
+    tools = [{"type": "function", **TOOL["function"]}]
+    r = client.responses.create(model="gpt-oss-test", input="Weather in Paris?", tools=tools)
+    assert [o.type for o in r.output] == ["reasoning", "message", "function_call"]
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    client.responses.create(model="gpt-oss-test", tools=tools, input=[
+        {"role": "user", "content": "Weather in Paris?"}, *[o.model_dump() for o in r.output],
+        {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}])
+    rendered = harmony.encoding().decode(backend.subs[-1].prompt)
+    assert "<|channel|>commentary<|message|>Checking. <|end|>" in rendered and "<|channel|>final" not in rendered
+    call = {"id": r.output[2].call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": r.output[2].arguments}}
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    client.chat.completions.create(model="gpt-oss-test", tools=[TOOL], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking. ", "reasoning_content": r.output[0].content[0].text,
+         "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}])
+    assert backend.subs[-1].prompt == backend.subs[-2].prompt
+
+
 def test_length_limit_and_incomplete(served) -> None:  # noqa: ANN001
     client, backend, _ = served
     backend.script = [ids(ANALYSIS + FINAL)]
