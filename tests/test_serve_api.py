@@ -253,6 +253,22 @@ def test_errors_and_auth(served) -> None:  # noqa: ANN001
     assert e.value.body["param"] == "previous_response_id"
 
 
+def test_model_id_with_a_slash() -> None:
+    """An id such as `openai/gpt-oss-120b`: the client percent-encodes it in GET /v1/models/{id}."""
+    app = App(Defaults("openai/gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [],
+              backend=ScriptedBackend())
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+        assert client.models.retrieve("openai/gpt-oss-test").id == "openai/gpt-oss-test"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("openai/other")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_cancelled_stream_cancels_the_request(served) -> None:  # noqa: ANN001
     client, backend, _ = served
     backend.script = []

@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,8 +128,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"object": "list", "data": [self._model()]})
             if path.startswith("/v1/models/"):
                 self._only(method, "GET")
-                if path.removeprefix("/v1/models/") != self.app.defaults.model:
-                    raise self._unknown_model(path.removeprefix("/v1/models/"))
+                name = urllib.parse.unquote(path.removeprefix("/v1/models/"))  # clients encode "/" in an id
+                if name != self.app.defaults.model:
+                    raise self._unknown_model(name)
                 return self._json(200, self._model())
             if path in ENDPOINTS:
                 self._only(method, "POST")
