@@ -253,6 +253,24 @@ def test_errors_and_auth(served) -> None:  # noqa: ANN001
     assert e.value.body["param"] == "previous_response_id"
 
 
+def test_chunked_request_body_is_refused_and_the_connection_stays_usable(served) -> None:  # noqa: ANN001
+    """A chunked body is refused (411); the next request on the same keep-alive client is answered as sent,
+    not parsed out of the unread body."""
+    import http.client
+
+    _, _, url = served
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+    body = json.dumps({"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    conn.request("POST", "/v1/chat/completions", body=iter([body]), encode_chunked=True,
+                 headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 411 and json.loads(resp.read())["error"]["message"]
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    conn.close()
+
+
 def test_model_id_with_a_slash() -> None:
     """An id such as `openai/gpt-oss-120b`: the client percent-encodes it in GET /v1/models/{id}."""
     app = App(Defaults("openai/gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [],

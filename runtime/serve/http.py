@@ -201,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict[str, Any]:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True  # the unread body must not be taken for the next request
             raise ApiError(411, "Chunked request bodies are not accepted: send Content-Length.")
         try:
             length = int(self.headers.get("Content-Length", ""))
