@@ -73,6 +73,20 @@ def test_stream_truncated_inside_content() -> None:
     assert events[-1].type == "end" and stream.error is None
 
 
+@pytest.mark.parametrize("header", [
+    "<|channel|>", "<|channel|>analysis", "<|start|>assistant", "<|start|>assistant<|channel|>final",
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"])
+def test_stream_cut_inside_a_header_shows_no_special_tokens(header: str) -> None:
+    """The token limit can fall inside a message header: that header holds no text, so nothing is shown (an
+    answer of `<|start|>assistant` would be), while a header of garbage still comes out raw."""
+    tokens = ids(ANALYSIS) + ids(header) if header.startswith("<|start|>") else ids(header)
+    stream, events = run_stream(tokens)
+    assert all("<|" not in p.text for p in stream.parts) and all("<|" not in e.delta for e in events)
+    assert [p.kind for p in stream.parts] == ([REASONING] if header.startswith("<|start|>") else [])
+    stream, _ = run_stream(ids("<|channel|>=(- zebra"))
+    assert [(p.kind, p.text) for p in stream.parts] == [(TEXT, "<|channel|>=(- zebra")] and stream.error
+
+
 def test_stream_garbage_is_raw_text_like_parse_completion() -> None:
     rng = random.Random(0)
     for _ in range(5):
@@ -235,6 +249,16 @@ def test_length_limit_and_incomplete(served) -> None:  # noqa: ANN001
     r = client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 5
+
+
+def test_length_limit_inside_a_header(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = [ids(ANALYSIS + FINAL)]
+    limit = len(ids(ANALYSIS)) + 3  # <|start|>assistant<|channel|>
+    r = client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=limit)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == limit
+    assert r.choices[0].message.content == "" and r.choices[0].message.reasoning_content.startswith("The user")
 
 
 def test_errors_and_auth(served) -> None:  # noqa: ANN001
