@@ -1,7 +1,7 @@
 """The HTTP layer: routes, API key, JSON in, JSON or server-sent events out (standard library only).
 
     GET  /health                 no key needed; 200 {"status": "ok", ...counters} once the model is loaded
-    POST /load_model             no key needed; `transformers chat` asks it (as of `transformers serve`)
+    POST /load_model             `transformers chat` asks it (as of `transformers serve`)
     GET  /v1/models[/{id}]       the served model
     POST /v1/chat/completions    runtime/serve/chat.py
     POST /v1/responses           runtime/serve/responses.py
@@ -176,8 +176,8 @@ class Handler(BaseHTTPRequestHandler):
                         "(GET /v1/models).", "model", "model_not_found")
 
     def _load_model(self) -> None:
-        """The model is always loaded: answer `transformers serve`'s progress stream with `ready` at once (no
-        key needed, like /health: nothing is loaded, and `transformers chat` sends none here)."""
+        """The model is always loaded: answer `transformers serve`'s progress stream with `ready` at once (the
+        key is checked, as on every route but /health)."""
         asked = self._read_json().get("model")
         if asked != self.app.defaults.model:
             raise self._unknown_model(str(asked))
