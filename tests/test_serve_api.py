@@ -295,6 +295,17 @@ def test_chunked_request_body_is_refused_and_the_connection_stays_usable(served)
     conn.close()
 
 
+def test_negative_content_length_is_answered(served) -> None:  # noqa: ANN001
+    import socket
+
+    _, _, url = served
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Length: -1\r\n\r\n{}")
+        assert sock.makefile("rb").readline().split()[1] == b"400"
+
+
 def test_model_id_with_a_slash() -> None:
     """An id such as `openai/gpt-oss-120b`: the client percent-encodes it in GET /v1/models/{id}."""
     app = App(Defaults("openai/gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [],

@@ -207,6 +207,9 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise ApiError(411, "Missing Content-Length: send the JSON body with its length.") from None
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            self.close_connection = True
+            raise ApiError(400, f"Invalid Content-Length {length}: send the JSON body's length in bytes.")
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             raise ApiError(413, f"The request body has {length} bytes; the limit is {MAX_BODY_BYTES}.")
