@@ -73,6 +73,20 @@ def test_stream_truncated_inside_content() -> None:
     assert events[-1].type == "end" and stream.error is None
 
 
+@pytest.mark.parametrize("header", [
+    "<|channel|>", "<|channel|>analysis", "<|start|>assistant", "<|start|>assistant<|channel|>final",
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"])
+def test_stream_cut_inside_a_header_shows_no_special_tokens(header: str) -> None:
+    """The token limit can fall inside a message header: that header holds no text, so nothing is shown (an
+    answer of `<|start|>assistant` would be), while a header of garbage still comes out raw."""
+    tokens = ids(ANALYSIS) + ids(header) if header.startswith("<|start|>") else ids(header)
+    stream, events = run_stream(tokens)
+    assert all("<|" not in p.text for p in stream.parts) and all("<|" not in e.delta for e in events)
+    assert [p.kind for p in stream.parts] == ([REASONING] if header.startswith("<|start|>") else [])
+    stream, _ = run_stream(ids("<|channel|>=(- zebra"))
+    assert [(p.kind, p.text) for p in stream.parts] == [(TEXT, "<|channel|>=(- zebra")] and stream.error
+
+
 def test_stream_garbage_is_raw_text_like_parse_completion() -> None:
     rng = random.Random(0)
     for _ in range(5):
@@ -202,12 +216,49 @@ def test_responses_items_and_events(served) -> None:  # noqa: ANN001
     assert "to=functions.get_weather" in rendered and "<|message|>sunny<|end|>" in rendered
 
 
+def test_responses_preamble_round_trip_renders_like_chat(served) -> None:  # noqa: ANN001
+    """A preamble (commentary without recipient) before a tool call comes back as a message item and a
+    function_call item; sent back, they render as the same turn as Chat's assistant message with content and
+    tool_calls: the preamble on the commentary channel, the reasoning of the unfinished turn kept."""
+    client, backend, _ = served
+    preamble = "<|start|>assistant<|channel|>commentary<|message|>Checking. <|end|>"
+    backend.script = [ids(ANALYSIS + preamble + CALL_TEXT)]
+    tools = [{"type": "function", **TOOL["function"]}]
+    r = client.responses.create(model="gpt-oss-test", input="Weather in Paris?", tools=tools)
+    assert [o.type for o in r.output] == ["reasoning", "message", "function_call"]
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    client.responses.create(model="gpt-oss-test", tools=tools, input=[
+        {"role": "user", "content": "Weather in Paris?"}, *[o.model_dump() for o in r.output],
+        {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}])
+    rendered = harmony.encoding().decode(backend.subs[-1].prompt)
+    assert "<|channel|>commentary<|message|>Checking. <|end|>" in rendered and "<|channel|>final" not in rendered
+    call = {"id": r.output[2].call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": r.output[2].arguments}}
+    backend.script = [ids(FINAL.removeprefix("<|start|>assistant"))]
+    client.chat.completions.create(model="gpt-oss-test", tools=[TOOL], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking. ", "reasoning_content": r.output[0].content[0].text,
+         "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}])
+    assert backend.subs[-1].prompt == backend.subs[-2].prompt
+
+
 def test_length_limit_and_incomplete(served) -> None:  # noqa: ANN001
     client, backend, _ = served
     backend.script = [ids(ANALYSIS + FINAL)]
     r = client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 5
+
+
+def test_length_limit_inside_a_header(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = [ids(ANALYSIS + FINAL)]
+    limit = len(ids(ANALYSIS)) + 3  # <|start|>assistant<|channel|>
+    r = client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=limit)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == limit
+    assert r.choices[0].message.content == "" and r.choices[0].message.reasoning_content.startswith("The user")
 
 
 def test_errors_and_auth(served) -> None:  # noqa: ANN001
@@ -224,6 +275,51 @@ def test_errors_and_auth(served) -> None:  # noqa: ANN001
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="gpt-oss-test", input="hi", previous_response_id="resp_1")
     assert e.value.body["param"] == "previous_response_id"
+
+
+def test_chunked_request_body_is_refused_and_the_connection_stays_usable(served) -> None:  # noqa: ANN001
+    """A chunked body is refused (411); the next request on the same keep-alive client is answered as sent,
+    not parsed out of the unread body."""
+    import http.client
+
+    _, _, url = served
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+    body = json.dumps({"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    conn.request("POST", "/v1/chat/completions", body=iter([body]), encode_chunked=True,
+                 headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 411 and json.loads(resp.read())["error"]["message"]
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    conn.close()
+
+
+def test_negative_content_length_is_answered(served) -> None:  # noqa: ANN001
+    import socket
+
+    _, _, url = served
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Length: -1\r\n\r\n{}")
+        assert sock.makefile("rb").readline().split()[1] == b"400"
+
+
+def test_model_id_with_a_slash() -> None:
+    """An id such as `openai/gpt-oss-120b`: the client percent-encodes it in GET /v1/models/{id}."""
+    app = App(Defaults("openai/gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [],
+              backend=ScriptedBackend())
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+        assert client.models.retrieve("openai/gpt-oss-test").id == "openai/gpt-oss-test"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("openai/other")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_cancelled_stream_cancels_the_request(served) -> None:  # noqa: ANN001

@@ -6,14 +6,16 @@ addressed to a tool (`to=functions.NAME`) is a tool call whose text is its JSON 
 parse_completion` reads a finished completion. Streaming and non-streaming responses both come from this
 class, so they agree by construction.
 
-Tokens that are not valid harmony (random weights, a truncated header) cannot be dropped silently: from
+Tokens that are not valid harmony (random weights, a header of garbage) cannot be dropped silently: from
 the offending message on, the tokens are decoded as raw text (special tokens by name) into an answer part
-and `error` says why. Stop tokens that end the turn are never shown.
+and `error` says why. A well-formed header that the token limit cut short holds no text and is dropped
+(`runtime.harmony.parse_completion` shows it raw). Stop tokens that end the turn are never shown.
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass, field
 
 from openai_harmony import Role, StreamableParser, StreamState
@@ -21,6 +23,11 @@ from openai_harmony import Role, StreamableParser, StreamState
 from runtime import harmony
 
 REASONING, TEXT, CALL = "reasoning", "text", "call"
+
+# An assistant message header as far as the token limit let it get (a token may end midway through a word,
+# "comment"): it holds no text.
+_HEADER_PREFIX = re.compile(r"(<\|start\|>(assistant)?)?( to(=[\w.\-]*)?)?(<\|channel\|>[a-z]*)?"
+                            r"( to(=[\w.\-]*)?)?( ?(<\|constrain\|>)?[a-z]*)?")
 
 
 @dataclass
@@ -78,8 +85,11 @@ class HarmonyStream:
                 pass
             self._end(events)
         elif self._raw is None and self._message:
-            self.error = "the output ended inside a message header"
-            self._go_raw(self._message, events)
+            if _HEADER_PREFIX.fullmatch(harmony.decode(self._message)):
+                self._message = []  # a header cut by the token limit: it holds no text, so nothing is lost
+            else:
+                self.error = "the output ended inside a message header"
+                self._go_raw(self._message, events)
         if self._raw is not None:
             tail = self._raw.decode(b"", final=True)
             if tail:

@@ -1,7 +1,7 @@
 """The HTTP layer: routes, API key, JSON in, JSON or server-sent events out (standard library only).
 
     GET  /health                 no key needed; 200 {"status": "ok", ...counters} once the model is loaded
-    POST /load_model             no key needed; `transformers chat` asks it (as of `transformers serve`)
+    POST /load_model             `transformers chat` asks it (as of `transformers serve`)
     GET  /v1/models[/{id}]       the served model
     POST /v1/chat/completions    runtime/serve/chat.py
     POST /v1/responses           runtime/serve/responses.py
@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,8 +128,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"object": "list", "data": [self._model()]})
             if path.startswith("/v1/models/"):
                 self._only(method, "GET")
-                if path.removeprefix("/v1/models/") != self.app.defaults.model:
-                    raise self._unknown_model(path.removeprefix("/v1/models/"))
+                name = urllib.parse.unquote(path.removeprefix("/v1/models/"))  # clients encode "/" in an id
+                if name != self.app.defaults.model:
+                    raise self._unknown_model(name)
                 return self._json(200, self._model())
             if path in ENDPOINTS:
                 self._only(method, "POST")
@@ -174,8 +176,8 @@ class Handler(BaseHTTPRequestHandler):
                         "(GET /v1/models).", "model", "model_not_found")
 
     def _load_model(self) -> None:
-        """The model is always loaded: answer `transformers serve`'s progress stream with `ready` at once (no
-        key needed, like /health: nothing is loaded, and `transformers chat` sends none here)."""
+        """The model is always loaded: answer `transformers serve`'s progress stream with `ready` at once (the
+        key is checked, as on every route but /health)."""
         asked = self._read_json().get("model")
         if asked != self.app.defaults.model:
             raise self._unknown_model(str(asked))
@@ -199,11 +201,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict[str, Any]:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True  # the unread body must not be taken for the next request
             raise ApiError(411, "Chunked request bodies are not accepted: send Content-Length.")
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise ApiError(411, "Missing Content-Length: send the JSON body with its length.") from None
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            self.close_connection = True
+            raise ApiError(400, f"Invalid Content-Length {length}: send the JSON body's length in bytes.")
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             raise ApiError(413, f"The request body has {length} bytes; the limit is {MAX_BODY_BYTES}.")

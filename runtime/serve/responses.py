@@ -65,7 +65,8 @@ def _refuse(body: dict[str, Any]) -> None:
 
 def _input(value: str | list[Any]) -> list[dict[str, Any]]:
     """Input items as chat messages: reasoning joins the next assistant message, a function call is an
-    assistant message with tool_calls, a function_call_output is a tool message."""
+    assistant message with tool_calls (the preceding assistant message's, if it follows one directly), a
+    function_call_output is a tool message."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not value:
@@ -94,7 +95,13 @@ def _input(value: str | list[Any]) -> list[dict[str, Any]]:
             args = f.required(item, "arguments", str, f"{p}.")
             call = {"id": f.required(item, "call_id", str, f"{p}."),
                     "function": {"name": f.required(item, "name", str, f"{p}."), "arguments": args}}
-            out.append({"role": "assistant", "content": "", "reasoning": "".join(reasoning), "tool_calls": [call]})
+            if not reasoning and out and out[-1]["role"] == "assistant":
+                # right after an assistant message (a preamble, as a final answer ends the turn) or another
+                # call: the same assistant turn, rendered as Chat's message with content and tool_calls
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "reasoning": "".join(reasoning),
+                            "tool_calls": [call]})
             reasoning = []
         elif kind == "function_call_output":
             output = item.get("output")
