@@ -245,10 +245,19 @@ def test_responses_preamble_round_trip_renders_like_chat(served) -> None:  # noq
 
 def test_length_limit_and_incomplete(served) -> None:  # noqa: ANN001
     client, backend, _ = served
-    backend.script = [ids(ANALYSIS + FINAL)]
+    backend.script = [ids(ANALYSIS + FINAL)] * 3
     r = client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 5
+    # the item the limit cut short is `incomplete` and keeps its text; so in the stream
+    assert r.output[-1].status == "incomplete" and r.output[-1].content[0].text
+    with client.responses.stream(model="gpt-oss-test", input="hi", max_output_tokens=5) as s:
+        events = list(s)
+    assert [e.item.status for e in events if e.type == "response.output_item.done"] == ["incomplete"]
+    assert events[-1].type == "response.incomplete" and events[-1].response.output[-1].status == "incomplete"
+    # a whole answer: every item completed
+    r = client.responses.create(model="gpt-oss-test", input="hi")
+    assert r.status == "completed" and [o.status for o in r.output] == ["completed", "completed"]
 
 
 def test_length_limit_inside_a_header(served) -> None:  # noqa: ANN001

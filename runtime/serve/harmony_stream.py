@@ -37,6 +37,8 @@ class Part:
     kind: str
     text: str = ""
     name: str | None = None
+    cut: bool = False
+    """The generation stopped inside it (no end marker came): the token limit cut it short."""
 
 
 @dataclass
@@ -83,6 +85,8 @@ class HarmonyStream:
                 self._parser.process_eos()
             except Exception:  # noqa: BLE001 - nothing was lost: its content is already out
                 pass
+            if self._open is not None:
+                self._open.cut = True
             self._end(events)
         elif self._raw is None and self._message:
             if _HEADER_PREFIX.fullmatch(harmony.decode(self._message)):

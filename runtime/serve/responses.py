@@ -143,7 +143,7 @@ class Formatter:
 
     def _item(self, part: Part, status: str) -> dict[str, Any]:
         _, item_id, call_id = self._item_of(part)
-        done = status == "completed"
+        done = status != "in_progress"
         if part.kind == REASONING:
             content = [{"type": "reasoning_text", "text": part.text}] if done else []
             return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
@@ -166,7 +166,7 @@ class Formatter:
             "tools": body.get("tools") or [], "truncation": "disabled", "usage": None, "user": body.get("user"),
         }
         if out is not None:
-            resp["output"] = [self._item(p, "completed") for p in out.parts]
+            resp["output"] = [self._item(p, _done(p)) for p in out.parts]
             resp["usage"] = usage(out)
             if out.finish == "length":
                 resp["incomplete_details"] = {"reason": "max_output_tokens"}
@@ -223,7 +223,7 @@ class Formatter:
                     out.append(self._event("response.function_call_arguments.done", **where, name=part.name,
                                            arguments=part.text))
                 out.append(self._event("response.output_item.done", output_index=index,
-                                       item=self._item(part, "completed")))
+                                       item=self._item(part, _done(part))))
         return out
 
     def tail(self, out: Outcome) -> list[bytes]:
@@ -237,6 +237,11 @@ class Formatter:
         failed["error"] = {"code": err.code or err.type, "message": err.message}
         return [self._event("error", code=err.code or err.type, message=err.message, param=err.param),
                 self._event("response.failed", response=failed)]
+
+
+def _done(part: Part) -> str:
+    """A finished item's status: `incomplete` where the token limit cut it short (its text as far as it got)."""
+    return "incomplete" if part.cut else "completed"
 
 
 def _status(out: Outcome) -> str:
