@@ -113,7 +113,8 @@ class JsonlWriter:
                     raise ValueError("unterminated")
                 ids.add(str(json.loads(line)["id"]))
             except (ValueError, KeyError, TypeError) as e:
-                if n < len(lines):  # not a torn last write: never drop the records after it
+                # only an unterminated (or blank) last line can be a torn write: a whole line is never dropped
+                if n < len(lines) or (line.endswith(b"\n") and line.strip()):
                     raise UserError(
                         f"{self.path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
                     ) from e

@@ -80,3 +80,13 @@ def test_writer_never_drops_records_after_a_bad_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"out.jsonl:2 is not a record"):
         collect.JsonlWriter(out)
     assert out.read_bytes() == before
+
+
+def test_writer_never_cuts_a_whole_last_line_that_is_not_a_record(tmp_path: Path) -> None:
+    """Only an unterminated last line can be a torn write; a whole line that is not a record (another
+    file given as output.path, a hand edit) is reported, not silently deleted."""
+    out = write(tmp_path / "out.jsonl", [json.dumps({"prompt": "my only prompt"})])
+    before = out.read_bytes()
+    with pytest.raises(UserError, match=r"out.jsonl:1 is not a record"):
+        collect.JsonlWriter(out)
+    assert out.read_bytes() == before
