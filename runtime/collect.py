@@ -65,6 +65,8 @@ def _request(obj: Any, default_id: str, where: str) -> Request:
                 raise PromptsError(f"{where}: messages[{j}] needs a \"role\" among {list(ROLES)}")
             if not isinstance(m.get("content", ""), str):
                 raise PromptsError(f"{where}: messages[{j}].content must be a string")
+            _check_functions(m.get("tool_calls"), where, f"messages[{j}].tool_calls")
+    _check_functions(obj.get("tools"), where, "tools")
     effort = obj.get("reasoning_effort")
     if effort is not None and effort not in ("low", "medium", "high"):
         raise PromptsError(f"{where}: reasoning_effort {effort!r}: use low, medium or high")
@@ -75,6 +77,19 @@ def _request(obj: Any, default_id: str, where: str) -> Request:
         id=str(rid), prompt=obj.get("prompt"), messages=obj.get("messages"), reasoning_effort=effort,
         tools=obj.get("tools"),
     )
+
+
+def _check_functions(items: Any, where: str, key: str) -> None:
+    """`tools` / `tool_calls`: a list of objects naming a function, nested ({"function": {"name"}}) or flat."""
+    if items is None:
+        return
+    if not isinstance(items, list):
+        raise PromptsError(f"{where}: \"{key}\" must be a list of {{\"function\": {{\"name\": ...}}}} objects")
+    for k, item in enumerate(items):
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise PromptsError(f"{where}: {key}[{k}] needs a function \"name\": {{\"type\": \"function\", \"function\": "
+                               f"{{\"name\": ...}}}} or {{\"name\": ...}}")
 
 
 def inline_prompts(texts: Iterable[str]) -> list[Request]:

@@ -39,6 +39,11 @@ def test_read_prompts(tmp_path: Path) -> None:
     (json.dumps({"prompt": 3}), r"p.jsonl:2: \"prompt\" must be a string"),
     (json.dumps({"prompt": "a", "reasoning_effort": "max"}), r"p.jsonl:2: reasoning_effort 'max'"),
     (json.dumps({"id": "a", "prompt": "dup"}), r"p.jsonl:2: id 'a' already used on line 1"),
+    (json.dumps({"prompt": "a", "tools": "lookup"}), r"p.jsonl:2: \"tools\" must be a list"),
+    (json.dumps({"prompt": "a", "tools": [{"type": "function", "function": {"description": "no name"}}]}),
+     r"p.jsonl:2: tools\[0\] needs a function \"name\""),
+    (json.dumps({"messages": [{"role": "assistant", "tool_calls": [{"arguments": "{}"}]}]}),
+     r"p.jsonl:2: messages\[0\].tool_calls\[0\] needs a function \"name\""),
 ])
 def test_malformed_prompts_name_the_line(tmp_path: Path, line: str, match: str) -> None:
     p = write(tmp_path / "p.jsonl", [json.dumps({"id": "a", "prompt": "fine"}), line])
