@@ -112,6 +112,8 @@ class JsonlWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"output.path={self.path} is a directory: name a file, e.g. output.path={self.path / 'out.jsonl'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[str] = self._recover()
         self._f = self.path.open("a", encoding="utf-8")

@@ -95,3 +95,8 @@ def test_writer_never_cuts_a_whole_last_line_that_is_not_a_record(tmp_path: Path
     with pytest.raises(UserError, match=r"out.jsonl:1 is not a record"):
         collect.JsonlWriter(out)
     assert out.read_bytes() == before
+
+
+def test_writer_names_the_fix_when_output_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"is a directory: name a file, e.g. output.path=.*out.jsonl"):
+        collect.JsonlWriter(tmp_path)
