@@ -222,6 +222,13 @@ def synthetic_config(arch: dict[str, Any], fmt: str) -> dict[str, Any]:
     for key, value in arch.items():
         if value is not None:
             cfg[key] = value
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if heads % kv_heads:
+        raise CheckpointError(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads} "
+                              "(each KV head serves a group of query heads): change model.arch")
+    if cfg["num_experts_per_tok"] > cfg["num_local_experts"]:
+        raise CheckpointError(f"num_experts_per_tok={cfg['num_experts_per_tok']} exceeds num_local_experts="
+                              f"{cfg['num_local_experts']}: change model.arch")
     cfg["experts_per_token"] = cfg["num_experts_per_tok"]
     cfg["layer_types"] = [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])

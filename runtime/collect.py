@@ -65,6 +65,8 @@ def _request(obj: Any, default_id: str, where: str) -> Request:
                 raise PromptsError(f"{where}: messages[{j}] needs a \"role\" among {list(ROLES)}")
             if not isinstance(m.get("content", ""), str):
                 raise PromptsError(f"{where}: messages[{j}].content must be a string")
+            _check_functions(m.get("tool_calls"), where, f"messages[{j}].tool_calls")
+    _check_functions(obj.get("tools"), where, "tools")
     effort = obj.get("reasoning_effort")
     if effort is not None and effort not in ("low", "medium", "high"):
         raise PromptsError(f"{where}: reasoning_effort {effort!r}: use low, medium or high")
@@ -75,6 +77,19 @@ def _request(obj: Any, default_id: str, where: str) -> Request:
         id=str(rid), prompt=obj.get("prompt"), messages=obj.get("messages"), reasoning_effort=effort,
         tools=obj.get("tools"),
     )
+
+
+def _check_functions(items: Any, where: str, key: str) -> None:
+    """`tools` / `tool_calls`: a list of objects naming a function, nested ({"function": {"name"}}) or flat."""
+    if items is None:
+        return
+    if not isinstance(items, list):
+        raise PromptsError(f"{where}: \"{key}\" must be a list of {{\"function\": {{\"name\": ...}}}} objects")
+    for k, item in enumerate(items):
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise PromptsError(f"{where}: {key}[{k}] needs a function \"name\": {{\"type\": \"function\", \"function\": "
+                               f"{{\"name\": ...}}}} or {{\"name\": ...}}")
 
 
 def inline_prompts(texts: Iterable[str]) -> list[Request]:
@@ -97,6 +112,8 @@ class JsonlWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"output.path={self.path} is a directory: name a file, e.g. output.path={self.path / 'out.jsonl'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[str] = self._recover()
         self._f = self.path.open("a", encoding="utf-8")
@@ -113,7 +130,8 @@ class JsonlWriter:
                     raise ValueError("unterminated")
                 ids.add(str(json.loads(line)["id"]))
             except (ValueError, KeyError, TypeError) as e:
-                if n < len(lines):  # not a torn last write: never drop the records after it
+                # only an unterminated (or blank) last line can be a torn write: a whole line is never dropped
+                if n < len(lines) or (line.endswith(b"\n") and line.strip()):
                     raise UserError(
                         f"{self.path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
                     ) from e

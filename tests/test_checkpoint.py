@@ -127,3 +127,14 @@ def test_each_rank_holds_its_share(tiny_checkpoint: Path, tp: int, ep: int) -> N
     rebuilt = torch.cat([torch.cat([shards[e * tp + t][gu] for t in range(tp)], dim=2) for e in range(ep)], dim=0)
     # gate/up are interleaved per hidden unit, so the tp shards of a row are contiguous column ranges
     assert torch.equal(rebuilt, full_params[gu])
+
+
+@pytest.mark.parametrize(("arch", "match"), [
+    ({"num_attention_heads": 6, "num_key_value_heads": 4}, r"num_attention_heads=6 .* num_key_value_heads=4"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 16}, r"num_experts_per_tok=16 .* num_local_experts=8"),
+])
+def test_synthetic_shape_that_cannot_run_is_refused(arch: dict, match: str) -> None:
+    """A model.arch override the model cannot run is refused before anything is written (it crashed in the
+    first forward, after the checkpoint was written to the cache)."""
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        checkpoint.synthetic_config(arch, "bf16")

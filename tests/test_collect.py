@@ -39,6 +39,11 @@ def test_read_prompts(tmp_path: Path) -> None:
     (json.dumps({"prompt": 3}), r"p.jsonl:2: \"prompt\" must be a string"),
     (json.dumps({"prompt": "a", "reasoning_effort": "max"}), r"p.jsonl:2: reasoning_effort 'max'"),
     (json.dumps({"id": "a", "prompt": "dup"}), r"p.jsonl:2: id 'a' already used on line 1"),
+    (json.dumps({"prompt": "a", "tools": "lookup"}), r"p.jsonl:2: \"tools\" must be a list"),
+    (json.dumps({"prompt": "a", "tools": [{"type": "function", "function": {"description": "no name"}}]}),
+     r"p.jsonl:2: tools\[0\] needs a function \"name\""),
+    (json.dumps({"messages": [{"role": "assistant", "tool_calls": [{"arguments": "{}"}]}]}),
+     r"p.jsonl:2: messages\[0\].tool_calls\[0\] needs a function \"name\""),
 ])
 def test_malformed_prompts_name_the_line(tmp_path: Path, line: str, match: str) -> None:
     p = write(tmp_path / "p.jsonl", [json.dumps({"id": "a", "prompt": "fine"}), line])
@@ -80,3 +85,18 @@ def test_writer_never_drops_records_after_a_bad_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"out.jsonl:2 is not a record"):
         collect.JsonlWriter(out)
     assert out.read_bytes() == before
+
+
+def test_writer_never_cuts_a_whole_last_line_that_is_not_a_record(tmp_path: Path) -> None:
+    """Only an unterminated last line can be a torn write; a whole line that is not a record (another
+    file given as output.path, a hand edit) is reported, not silently deleted."""
+    out = write(tmp_path / "out.jsonl", [json.dumps({"prompt": "my only prompt"})])
+    before = out.read_bytes()
+    with pytest.raises(UserError, match=r"out.jsonl:1 is not a record"):
+        collect.JsonlWriter(out)
+    assert out.read_bytes() == before
+
+
+def test_writer_names_the_fix_when_output_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"is a directory: name a file, e.g. output.path=.*out.jsonl"):
+        collect.JsonlWriter(tmp_path)
