@@ -112,16 +112,22 @@ class JsonlWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError(f"output.path={self.path} is a directory: name a file, e.g. output.path={self.path / 'out.jsonl'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done_ids: set[str] = self._recover()
+        self.done_ids, good_end = self.scan(self.path)
+        if self.path.exists() and good_end < self.path.stat().st_size:  # a torn last line: cut it off
+            with self.path.open("r+b") as f:
+                f.truncate(good_end)
         self._f = self.path.open("a", encoding="utf-8")
 
-    def _recover(self) -> set[str]:
-        if not self.path.exists():
-            return set()
-        data = self.path.read_bytes()
+    @staticmethod
+    def scan(path: Path) -> tuple[set[str], int]:
+        """(ids of the records in `path`, bytes up to the end of the last one), changing nothing; a UserError
+        naming the fix if `path` cannot be an output file (a directory, a line that is not a record)."""
+        if path.is_dir():
+            raise UserError(f"output.path={path} is a directory: name a file, e.g. output.path={path / 'out.jsonl'}")
+        if not path.exists():
+            return set(), 0
+        data = path.read_bytes()
         lines = data.splitlines(keepends=True)
         good_end, ids = 0, set()
         for n, line in enumerate(lines, start=1):
@@ -133,14 +139,11 @@ class JsonlWriter:
                 # only an unterminated (or blank) last line can be a torn write: a whole line is never dropped
                 if n < len(lines) or (line.endswith(b"\n") and line.strip()):
                     raise UserError(
-                        f"{self.path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
+                        f"{path}:{n} is not a record ({e}); fix or remove that line, or choose a new output.path"
                     ) from e
                 break
             good_end += len(line)
-        if good_end < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(good_end)
-        return ids
+        return ids, good_end
 
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:

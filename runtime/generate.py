@@ -71,8 +71,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     distributed.silence_non_writers(layout)
     requests = load_requests(cfg)  # validated on every rank before any weight is read
     stop = StopRequest.from_env()  # a stop signal during loading is honoured before the first batch
-    engine = Engine(cfg)
     out_path = Path(cfg.output.path)
+    if layout.is_writer:  # a bad output.path or output file fails now, not after minutes of loading
+        collect.JsonlWriter.scan(out_path)  # (the other ranks are then stopped by torchrun / srun)
+    engine = Engine(cfg)
     writer: collect.JsonlWriter | None = None
     done: set[str] | str = set()
     if layout.is_writer:

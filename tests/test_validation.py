@@ -105,6 +105,12 @@ def test_bad_run_fails_before_loading(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model.path=/definitely/missing does not exist"):
         generate(["model=gpt-oss-20b", "model.path=/definitely/missing", f"output.path={tmp_path}/o.jsonl"])
     assert not (tmp_path / "o.jsonl").exists()
+    # an output file that cannot be resumed, or a directory: said before the weights (a missing path here)
+    (tmp_path / "o.jsonl").write_text("not a record\n")
+    for out, match in ((tmp_path / "o.jsonl", "o.jsonl:1 is not a record"), (tmp_path, "is a directory")):
+        with pytest.raises(UserError, match=match):
+            generate(["model=gpt-oss-20b", "model.path=/definitely/missing", f"output.path={out}"])
+    assert (tmp_path / "o.jsonl").read_text() == "not a record\n"
 
 
 def test_flash_kernel_needs_the_dynamic_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
