@@ -315,6 +315,43 @@ def test_negative_content_length_is_answered(served) -> None:  # noqa: ANN001
         assert sock.makefile("rb").readline().split()[1] == b"400"
 
 
+def test_http_1_0_stream_is_not_chunked(served) -> None:  # noqa: ANN001
+    """HTTP/1.0 has no chunked encoding: the SSE events come as they are and the connection's end ends them."""
+    import socket
+
+    _, backend, url = served
+    backend.script = [ids(ANALYSIS + FINAL)]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+        raw = sock.makefile("rb").read()  # to the server's close
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    events = [line.removeprefix(b"data: ") for line in payload.split(b"\n\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                   if json.loads(e)["choices"])
+    assert text == "It is sunny in Paris."
+
+
+def test_head_and_options_get_json_errors(served) -> None:  # noqa: ANN001
+    import http.client
+
+    _, _, url = served
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+    conn.request("OPTIONS", "/v1/chat/completions", headers={"Authorization": "Bearer secret"})
+    resp = conn.getresponse()
+    assert resp.status == 405 and json.loads(resp.read())["error"]["code"] == "method_not_allowed"
+    conn.request("HEAD", "/health")  # headers only; the connection stays usable
+    resp = conn.getresponse()
+    assert resp.status == 405 and resp.getheader("Content-Type") == "application/json" and resp.read() == b""
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
 def test_model_id_with_a_slash() -> None:
     """An id such as `openai/gpt-oss-120b`: the client percent-encodes it in GET /v1/models/{id}."""
     app = App(Defaults("openai/gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [],

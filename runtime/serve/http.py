@@ -110,6 +110,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:  # noqa: N802
         self._route("PATCH")
 
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._route("HEAD")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - no CORS: a JSON 405 like any other method a route lacks
+        self._route("OPTIONS")
+
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self._started = time.monotonic()
@@ -296,7 +302,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 has no chunked encoding: the stream's end is the connection's end
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
         self._streaming = True
@@ -311,7 +323,8 @@ class Handler(BaseHTTPRequestHandler):
                 out = Outcome(prompt_len, generated, stream.reasoning_tokens, finish.reason, stream.parts)
                 self._chunk(b"".join(fmt.events(stream.close()) + fmt.tail(out)))
                 self._log_done(self.path, fmt.job, out)
-            self.wfile.write(b"0\r\n\r\n")
+            if self._chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         finally:
@@ -365,7 +378,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, data: bytes) -> None:
         if data:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if self._chunked else data)
 
     def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
@@ -377,7 +390,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body it leaves out
+            self.wfile.write(data)
         if status >= 400:
             log.info("%s %s -> %d %s", self.command, self.path, status, body.get("error", {}).get("message", ""))
 
