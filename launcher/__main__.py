@@ -54,13 +54,23 @@ def compose_launch(ours: list[str]) -> DictConfig:
     return cfg
 
 
+def new_run_dir(root: Path, job: str, stamp: str) -> Path:
+    """<root>/<job>-<stamp>, or <job>-<stamp>-2, -3, ... where a launch in the same second took it."""
+    base = (root / f"{job}-{stamp}").resolve()
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ours, theirs, dry_run = split_args(argv)
     launch = compose_launch(ours)
     job, lc = launch.job, launch.launcher
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(lc.run_root) / f"{job}-{stamp}").resolve()
+    run_dir = new_run_dir(Path(lc.run_root), job, stamp)
     key, name = OUTPUTS[job]
     if not any(o.split("=", 1)[0].lstrip("+") == key for o in theirs):
         theirs = [*theirs, f"{key}={run_dir}/{name}"]
@@ -80,7 +90,11 @@ def main(argv: list[str]) -> int:
         return 0
     if lc.kind == "slurm":
         submit.require_sbatch()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except FileExistsError:
+        raise build.LaunchError(f"run directory {run_dir} was just taken by another launch: launch again") from None
+    (run_dir / "logs").mkdir()
     (run_dir / "config.yaml").write_text(resolved)
     (run_dir / "launch.yaml").write_text(OmegaConf.to_yaml(launch))
     if lc.kind == "local":

@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from launcher import build
-from launcher.__main__ import compose_launch, split_args
+from launcher import build, submit
+from launcher.__main__ import compose_launch, main, split_args
 from runtime.errors import UserError
 from tests.conftest import ROOT, read_jsonl
 
@@ -103,6 +104,25 @@ def test_serve_job_dry_run(tmp_path: Path) -> None:
     assert OmegaConf.create(config).serve.port == 9000
     bad = cli("job=serve", "launcher=local", "serve.max_batchs=3", "--dry-run")
     assert bad.returncode != 0 and "max_batchs" in bad.stderr
+
+
+def test_launches_in_the_same_second_get_their_own_run_directories(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep submits several jobs a second: each gets its own run directory. (They shared one: the second
+    job's script and config replaced the first's, and it resumed the first's output, skipping every prompt.)"""
+    ids = iter(["1", "2"])
+    monkeypatch.setattr(submit, "require_sbatch", lambda: None)
+    monkeypatch.setattr(submit, "submit", lambda script: next(ids))
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260101-000000")
+    for n in (2, 4):
+        assert main(["launcher=slurm", "launcher.gpus_per_node=0", "launcher.procs_per_node=1",
+                     f"launcher.run_root={tmp_path}", f"generation.max_new_tokens={n}"]) == 0
+    first, second = sorted(tmp_path.iterdir())
+    assert (first.name, second.name) == ("generate-20260101-000000", "generate-20260101-000000-2")
+    for run_dir, n in ((first, 2), (second, 4)):
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        assert cfg.generation.max_new_tokens == n and cfg.output.path == f"{run_dir}/completions.jsonl"
+        assert f"output.path={run_dir}/completions.jsonl" in (run_dir / "job.sbatch").read_text()
 
 
 def test_errors_are_clear(tmp_path: Path) -> None:
