@@ -62,8 +62,9 @@ def torchrun_argv(job: str, overrides: list[str], sh: Shape, python: str | None,
 def sbatch_script(job: str, overrides: list[str], sh: Shape, lc: LauncherConfig, run_dir: Path) -> str:
     """The sbatch script: #SBATCH header, environment, then slurm/torchrun.sh with every override verbatim."""
     name = lc.job_name or f"gptoss-{job}"
-    opts = [f"--job-name={name}", f"--nodes={sh.num_nodes}", "--ntasks-per-node=1", f"--time={lc.time}",
-            f"--output={run_dir}/slurm-%j.out", "--open-mode=append"]
+    # sbatch splits an #SBATCH line at unquoted spaces (and strips the quotes), as the shell does
+    opts = [f"--job-name={shlex.quote(name)}", f"--nodes={sh.num_nodes}", "--ntasks-per-node=1", f"--time={lc.time}",
+            f"--output={shlex.quote(f'{run_dir}/slurm-%j.out')}", "--open-mode=append"]
     if lc.gpus_per_node:
         opts.append(f"--gpus-per-node={lc.gpus_per_node}")
     for key in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint"):

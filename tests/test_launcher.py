@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def test_sbatch_script() -> None:
     no_requeue = build.sbatch_script("generate", [], build.Shape(1, 8),
                                      launcher_cfg("launcher=slurm", "launcher.requeue=false"), Path("/r"))
     assert "--requeue" not in no_requeue and "export GPTOSS_REQUEUE=0" in no_requeue
+
+
+def test_sbatch_script_with_spaces_in_paths() -> None:
+    """sbatch splits an #SBATCH line at spaces unless quoted: a run directory under "my project" was refused
+    ("Invalid directive found in batch script: project/runs/...")."""
+    text = build.sbatch_script("generate", [], build.Shape(1, 1),
+                               launcher_cfg("launcher=slurm", "launcher.job_name=my job"), Path("/home/u/my project/r"))
+    directives = [shlex.split(ln) for ln in text.splitlines() if ln.startswith("#SBATCH ")]
+    assert ["#SBATCH", "--output=/home/u/my project/r/slurm-%j.out"] in directives
+    assert ["#SBATCH", "--job-name=my job"] in directives
+    assert all(len(d) == 2 for d in directives), directives
 
 
 def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
