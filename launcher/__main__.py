@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     resolved = OmegaConf.to_yaml(cfg)
     if lc.kind == "local":
         argv_ = build.torchrun_argv(job, theirs, sh, lc.python, run_dir / "logs")
-        text = " ".join(argv_) + "\n"
+        text = shlex.join(argv_) + "\n"
     else:
         text = build.sbatch_script(job, theirs, sh, lc, run_dir)
     if dry_run:

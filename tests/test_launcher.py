@@ -103,6 +103,15 @@ def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # no run directory, no submission
 
 
+def test_local_dry_run_prints_a_command_the_shell_runs_as_is(tmp_path: Path) -> None:
+    proc = cli("job=generate", "launcher=local", f"launcher.run_root={tmp_path}", "prompts.developer=Be brief.",
+               "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout.splitlines()[0])
+    assert argv[argv.index("runtime.generate") + 1] == "prompts.developer=Be brief."  # one argument, not two
+    assert not any(tmp_path.iterdir())
+
+
 def test_serve_job_dry_run(tmp_path: Path) -> None:
     proc = cli("job=serve", "launcher=slurm", "launcher.num_nodes=2", "launcher.gpus_per_node=8",
                f"launcher.run_root={tmp_path}", "parallel.tp_size=8", "parallel.ep_size=2", "serve.port=9000",
