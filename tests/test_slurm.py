@@ -52,6 +52,22 @@ def test_two_node_tensor_parallel_job_equals_one_process(slurm: SlurmCluster, tm
     assert run["layout"]["world_size"] == 2 and run["status"] == "done"
 
 
+def test_relative_paths_mean_the_directory_the_launcher_ran_in(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """As in a local launch: prompts.path and output.path relative to where `python -m launcher` ran (the job
+    ran in the repository: "prompts.path=p.jsonl does not exist")."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(3)))
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "job=generate", "launcher.run_root=runs", *CPU_JOB,
+                           "prompts.path=p.jsonl", "output.path=out/c.jsonl", "generation.max_new_tokens=2",
+                           "launcher.wait=true"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    job_id, run_dir = submitted(proc)
+    assert f"job {job_id} COMPLETED" in proc.stdout
+    assert run_dir.parent == work / "runs"
+    assert [r["id"] for r in read_jsonl(work / "out" / "c.jsonl")] == ["0", "1", "2"]
+
+
 def _wait_for_records(path: Path, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
