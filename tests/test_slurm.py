@@ -104,6 +104,23 @@ def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, 
         assert "stop requested" in log and "requeueing job" in log
 
 
+def test_stopped_job_that_cannot_requeue_is_not_completed(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Stopped with prompts left and `scontrol requeue` refused (here: --no-requeue): the job must not end
+    COMPLETED, or `launcher.wait` and afterok dependencies take a partial output for a finished one."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(24)))
+    args = [*CPU_JOB, f"prompts.path={prompts}", "generation.batch_size=1", "generation.max_new_tokens=16",
+            "launcher.sbatch_extra=[--no-requeue]"]
+    job_id, run_dir = submitted(launch(slurm, tmp_path, *args))
+    out = run_dir / "completions.jsonl"
+    _wait_for_records(out, 3, timeout=240)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    assert slurm.wait_job(job_id, timeout=300) == "FAILED", slurm.job_info(job_id)
+    assert slurm.job_info(job_id)["ExitCode"] == "75:0"  # EX_TEMPFAIL, as a stopped runtime exits: run it again
+    assert len(read_jsonl(out)) < 24
+    assert "requeue refused" in "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+
+
 def test_serve_job_prints_the_head_node_address(slurm: SlurmCluster, tmp_path: Path) -> None:
     """job=serve: the launcher follows the job until the server answers, prints its address, and leaves it
     running; a 2-node x 1-rank tensor-parallel server answers the openai client; scancel stops it."""
