@@ -104,11 +104,15 @@ def main(argv: list[str]) -> int:
         return submit.run_local(argv_)
     script = run_dir / "job.sbatch"
     script.write_text(text)
+    endpoint = Path(cfg.serve.out_dir) / "endpoint.json" if job == "serve" else None
+    if endpoint is not None and endpoint.exists():  # an earlier server's (serve.out_dir reused): not this one's
+        log.info("removing %s, left by an earlier server", endpoint)
+        endpoint.unlink()
     job_id = submit.submit(script)
     (run_dir / "job.json").write_text(json.dumps({"job_id": job_id, "submitted": stamp, "argv": argv}, indent=2))
     print(f"submitted job {job_id}: {sh.num_nodes} node(s) x {sh.procs_per_node} rank(s); run directory {run_dir}")
-    if job == "serve":
-        return _announce_server(job_id, Path(cfg.serve.out_dir) / "endpoint.json", run_dir, lc.poll_seconds)
+    if endpoint is not None:
+        return _announce_server(job_id, endpoint, run_dir, lc.poll_seconds)
     if not lc.wait:
         return 0
     state, code = submit.wait(job_id, lc.poll_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -144,6 +145,22 @@ def test_launches_in_the_same_second_get_their_own_run_directories(tmp_path: Pat
         cfg = OmegaConf.load(run_dir / "config.yaml")
         assert cfg.generation.max_new_tokens == n and cfg.output.path == f"{run_dir}/completions.jsonl"
         assert f"output.path={run_dir}/completions.jsonl" in (run_dir / "job.sbatch").read_text()
+
+
+def test_serve_job_does_not_announce_an_earlier_servers_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A serve.out_dir reused from an earlier launch holds that server's endpoint.json: the launcher printed its
+    address at once as the new server's, though the new job had not even started (here it fails)."""
+    out_dir = tmp_path / "serve"
+    out_dir.mkdir()
+    (out_dir / "endpoint.json").write_text(json.dumps({"base_url": "http://old:1/v1", "model": "tiny", "hostname": "old",
+                                                       "host": "127.0.0.1", "port": 1}))
+    monkeypatch.setattr(submit, "require_sbatch", lambda: None)
+    monkeypatch.setattr(submit, "submit", lambda script: "7")
+    monkeypatch.setattr(submit, "job_state", lambda job_id: ("FAILED", "1:0"))
+    rc = main(["job=serve", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.procs_per_node=1",
+               f"launcher.run_root={tmp_path}", f"serve.out_dir={out_dir}"])
+    assert rc == 1 and "http://old:1/v1" not in capsys.readouterr().out
 
 
 def test_errors_are_clear(tmp_path: Path) -> None:
