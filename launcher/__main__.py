@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,13 +55,23 @@ def compose_launch(ours: list[str]) -> DictConfig:
     return cfg
 
 
+def new_run_dir(root: Path, job: str, stamp: str) -> Path:
+    """<root>/<job>-<stamp>, or <job>-<stamp>-2, -3, ... where a launch in the same second took it."""
+    base = (root / f"{job}-{stamp}").resolve()
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ours, theirs, dry_run = split_args(argv)
     launch = compose_launch(ours)
     job, lc = launch.job, launch.launcher
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(lc.run_root) / f"{job}-{stamp}").resolve()
+    run_dir = new_run_dir(Path(lc.run_root), job, stamp)
     key, name = OUTPUTS[job]
     if not any(o.split("=", 1)[0].lstrip("+") == key for o in theirs):
         theirs = [*theirs, f"{key}={run_dir}/{name}"]
@@ -70,7 +81,7 @@ def main(argv: list[str]) -> int:
     resolved = OmegaConf.to_yaml(cfg)
     if lc.kind == "local":
         argv_ = build.torchrun_argv(job, theirs, sh, lc.python, run_dir / "logs")
-        text = " ".join(argv_) + "\n"
+        text = shlex.join(argv_) + "\n"
     else:
         text = build.sbatch_script(job, theirs, sh, lc, run_dir)
     if dry_run:
@@ -80,7 +91,11 @@ def main(argv: list[str]) -> int:
         return 0
     if lc.kind == "slurm":
         submit.require_sbatch()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except FileExistsError:
+        raise build.LaunchError(f"run directory {run_dir} was just taken by another launch: launch again") from None
+    (run_dir / "logs").mkdir()
     (run_dir / "config.yaml").write_text(resolved)
     (run_dir / "launch.yaml").write_text(OmegaConf.to_yaml(launch))
     if lc.kind == "local":
@@ -89,11 +104,15 @@ def main(argv: list[str]) -> int:
         return submit.run_local(argv_)
     script = run_dir / "job.sbatch"
     script.write_text(text)
+    endpoint = Path(cfg.serve.out_dir) / "endpoint.json" if job == "serve" else None
+    if endpoint is not None and endpoint.exists():  # an earlier server's (serve.out_dir reused): not this one's
+        log.info("removing %s, left by an earlier server", endpoint)
+        endpoint.unlink()
     job_id = submit.submit(script)
     (run_dir / "job.json").write_text(json.dumps({"job_id": job_id, "submitted": stamp, "argv": argv}, indent=2))
     print(f"submitted job {job_id}: {sh.num_nodes} node(s) x {sh.procs_per_node} rank(s); run directory {run_dir}")
-    if job == "serve":
-        return _announce_server(job_id, Path(cfg.serve.out_dir) / "endpoint.json", run_dir, lc.poll_seconds)
+    if endpoint is not None:
+        return _announce_server(job_id, endpoint, run_dir, lc.poll_seconds)
     if not lc.wait:
         return 0
     state, code = submit.wait(job_id, lc.poll_seconds)

@@ -60,10 +60,12 @@ def torchrun_argv(job: str, overrides: list[str], sh: Shape, python: str | None,
 
 
 def sbatch_script(job: str, overrides: list[str], sh: Shape, lc: LauncherConfig, run_dir: Path) -> str:
-    """The sbatch script: #SBATCH header, environment, then slurm/torchrun.sh with every override verbatim."""
+    """The sbatch script: #SBATCH header, environment, then slurm/torchrun.sh with every override verbatim, run in
+    the current directory."""
     name = lc.job_name or f"gptoss-{job}"
-    opts = [f"--job-name={name}", f"--nodes={sh.num_nodes}", "--ntasks-per-node=1", f"--time={lc.time}",
-            f"--output={run_dir}/slurm-%j.out", "--open-mode=append"]
+    # sbatch splits an #SBATCH line at unquoted spaces (and strips the quotes), as the shell does
+    opts = [f"--job-name={shlex.quote(name)}", f"--nodes={sh.num_nodes}", "--ntasks-per-node=1", f"--time={lc.time}",
+            f"--output={shlex.quote(f'{run_dir}/slurm-%j.out')}", "--open-mode=append"]
     if lc.gpus_per_node:
         opts.append(f"--gpus-per-node={lc.gpus_per_node}")
     for key in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint"):
@@ -85,6 +87,9 @@ def sbatch_script(job: str, overrides: list[str], sh: Shape, lc: LauncherConfig,
     lines += [f"#SBATCH {o}" for o in opts]
     lines += [*lc.setup, "set -euo pipefail"]  # setup first: some activate scripts trip over `set -u`
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines += [f"cd {shlex.quote(str(REPO))}"]
+    # Run where the launcher ran, as a local launch does (relative paths in the overrides mean the same),
+    # with this repository's runtime first on the path.
+    lines += [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+              f"cd {shlex.quote(str(Path.cwd()))}"]
     lines += [" ".join(["exec", shlex.quote(str(NODE_SCRIPT)), JOBS[job], *map(shlex.quote, overrides)])]
     return "\n".join(lines) + "\n"

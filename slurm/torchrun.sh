@@ -71,7 +71,9 @@ done
 # Requeue only a run that stopped with prompts left (not one that finished while the stop was asked).
 if [ -e "$STOPPED" ] && [ "${GPTOSS_REQUEUE:-1}" = 1 ]; then
     echo "[torchrun.sh] $(date -Is) stopped early (srun exit $rc): requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID" || echo "[torchrun.sh] requeue refused; resubmit to finish" >&2
-    exit 0
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    # Not COMPLETED: prompts are left. 75 (EX_TEMPFAIL) as the runtime's own stop: run it again to finish.
+    echo "[torchrun.sh] requeue refused: prompts are left; resubmit the job to finish them" >&2
+    exit 75
 fi
 exit "$rc"

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from launcher import build
-from launcher.__main__ import compose_launch, split_args
+from launcher import build, submit
+from launcher.__main__ import compose_launch, main, split_args
 from runtime.errors import UserError
 from tests.conftest import ROOT, read_jsonl
 
@@ -79,6 +82,17 @@ def test_sbatch_script() -> None:
     assert "--requeue" not in no_requeue and "export GPTOSS_REQUEUE=0" in no_requeue
 
 
+def test_sbatch_script_with_spaces_in_paths() -> None:
+    """sbatch splits an #SBATCH line at spaces unless quoted: a run directory under "my project" was refused
+    ("Invalid directive found in batch script: project/runs/...")."""
+    text = build.sbatch_script("generate", [], build.Shape(1, 1),
+                               launcher_cfg("launcher=slurm", "launcher.job_name=my job"), Path("/home/u/my project/r"))
+    directives = [shlex.split(ln) for ln in text.splitlines() if ln.startswith("#SBATCH ")]
+    assert ["#SBATCH", "--output=/home/u/my project/r/slurm-%j.out"] in directives
+    assert ["#SBATCH", "--job-name=my job"] in directives
+    assert all(len(d) == 2 for d in directives), directives
+
+
 def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
     proc = cli("job=generate", "launcher=slurm", "launcher.num_nodes=2", "launcher.gpus_per_node=8",
                "launcher.partition=gpu", "launcher.time=02:00:00", f"launcher.run_root={tmp_path}",
@@ -88,6 +102,15 @@ def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
     config = proc.stdout.split("# --- resolved generate config ---\n")[1].split("# --- launcher ---")[0]
     assert OmegaConf.create(config).parallel.ep_size == 2
     assert not any(tmp_path.iterdir())  # no run directory, no submission
+
+
+def test_local_dry_run_prints_a_command_the_shell_runs_as_is(tmp_path: Path) -> None:
+    proc = cli("job=generate", "launcher=local", f"launcher.run_root={tmp_path}", "prompts.developer=Be brief.",
+               "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout.splitlines()[0])
+    assert argv[argv.index("runtime.generate") + 1] == "prompts.developer=Be brief."  # one argument, not two
+    assert not any(tmp_path.iterdir())
 
 
 def test_serve_job_dry_run(tmp_path: Path) -> None:
@@ -103,6 +126,41 @@ def test_serve_job_dry_run(tmp_path: Path) -> None:
     assert OmegaConf.create(config).serve.port == 9000
     bad = cli("job=serve", "launcher=local", "serve.max_batchs=3", "--dry-run")
     assert bad.returncode != 0 and "max_batchs" in bad.stderr
+
+
+def test_launches_in_the_same_second_get_their_own_run_directories(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep submits several jobs a second: each gets its own run directory. (They shared one: the second
+    job's script and config replaced the first's, and it resumed the first's output, skipping every prompt.)"""
+    ids = iter(["1", "2"])
+    monkeypatch.setattr(submit, "require_sbatch", lambda: None)
+    monkeypatch.setattr(submit, "submit", lambda script: next(ids))
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260101-000000")
+    for n in (2, 4):
+        assert main(["launcher=slurm", "launcher.gpus_per_node=0", "launcher.procs_per_node=1",
+                     f"launcher.run_root={tmp_path}", f"generation.max_new_tokens={n}"]) == 0
+    first, second = sorted(tmp_path.iterdir())
+    assert (first.name, second.name) == ("generate-20260101-000000", "generate-20260101-000000-2")
+    for run_dir, n in ((first, 2), (second, 4)):
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        assert cfg.generation.max_new_tokens == n and cfg.output.path == f"{run_dir}/completions.jsonl"
+        assert f"output.path={run_dir}/completions.jsonl" in (run_dir / "job.sbatch").read_text()
+
+
+def test_serve_job_does_not_announce_an_earlier_servers_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A serve.out_dir reused from an earlier launch holds that server's endpoint.json: the launcher printed its
+    address at once as the new server's, though the new job had not even started (here it fails)."""
+    out_dir = tmp_path / "serve"
+    out_dir.mkdir()
+    (out_dir / "endpoint.json").write_text(json.dumps({"base_url": "http://old:1/v1", "model": "tiny", "hostname": "old",
+                                                       "host": "127.0.0.1", "port": 1}))
+    monkeypatch.setattr(submit, "require_sbatch", lambda: None)
+    monkeypatch.setattr(submit, "submit", lambda script: "7")
+    monkeypatch.setattr(submit, "job_state", lambda job_id: ("FAILED", "1:0"))
+    rc = main(["job=serve", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.procs_per_node=1",
+               f"launcher.run_root={tmp_path}", f"serve.out_dir={out_dir}"])
+    assert rc == 1 and "http://old:1/v1" not in capsys.readouterr().out
 
 
 def test_errors_are_clear(tmp_path: Path) -> None:

@@ -52,6 +52,22 @@ def test_two_node_tensor_parallel_job_equals_one_process(slurm: SlurmCluster, tm
     assert run["layout"]["world_size"] == 2 and run["status"] == "done"
 
 
+def test_relative_paths_mean_the_directory_the_launcher_ran_in(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """As in a local launch: prompts.path and output.path relative to where `python -m launcher` ran (the job
+    ran in the repository: "prompts.path=p.jsonl does not exist")."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(3)))
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "job=generate", "launcher.run_root=runs", *CPU_JOB,
+                           "prompts.path=p.jsonl", "output.path=out/c.jsonl", "generation.max_new_tokens=2",
+                           "launcher.wait=true"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    job_id, run_dir = submitted(proc)
+    assert f"job {job_id} COMPLETED" in proc.stdout
+    assert run_dir.parent == work / "runs"
+    assert [r["id"] for r in read_jsonl(work / "out" / "c.jsonl")] == ["0", "1", "2"]
+
+
 def _wait_for_records(path: Path, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,6 +102,23 @@ def test_preempted_job_resumes_complete_without_duplicates(slurm: SlurmCluster, 
     log = "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
     if how == "signal":
         assert "stop requested" in log and "requeueing job" in log
+
+
+def test_stopped_job_that_cannot_requeue_is_not_completed(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Stopped with prompts left and `scontrol requeue` refused (here: --no-requeue): the job must not end
+    COMPLETED, or `launcher.wait` and afterok dependencies take a partial output for a finished one."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(24)))
+    args = [*CPU_JOB, f"prompts.path={prompts}", "generation.batch_size=1", "generation.max_new_tokens=16",
+            "launcher.sbatch_extra=[--no-requeue]"]
+    job_id, run_dir = submitted(launch(slurm, tmp_path, *args))
+    out = run_dir / "completions.jsonl"
+    _wait_for_records(out, 3, timeout=240)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    assert slurm.wait_job(job_id, timeout=300) == "FAILED", slurm.job_info(job_id)
+    assert slurm.job_info(job_id)["ExitCode"] == "75:0"  # EX_TEMPFAIL, as a stopped runtime exits: run it again
+    assert len(read_jsonl(out)) < 24
+    assert "requeue refused" in "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
 
 
 def test_serve_job_prints_the_head_node_address(slurm: SlurmCluster, tmp_path: Path) -> None:
