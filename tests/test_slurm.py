@@ -164,3 +164,19 @@ def test_node_script_outside_slurm_says_so() -> None:
     proc = subprocess.run([str(ROOT / "slurm" / "torchrun.sh"), "runtime.generate"], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not inside a Slurm job" in proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "slurm").glob("*.sbatch")))
+def test_sbatch_scripts_start_one_rank_per_gpu_of_the_allocation(script: str) -> None:
+    """The hand-usable scripts take the ranks per node from the allocation's GPUs (--gpus-per-node
+    changed in the #SBATCH lines), 8 where Slurm does not say, GPTOSS_PROCS_PER_NODE first."""
+    line = next(ln for ln in (ROOT / "slurm" / script).read_text().splitlines()
+                if ln.startswith("export GPTOSS_PROCS_PER_NODE="))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GPTOSS_"))}
+
+    def procs(**extra: str) -> str:
+        return subprocess.run(["bash", "-c", f"{line}; echo $GPTOSS_PROCS_PER_NODE"], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert procs(SLURM_GPUS_ON_NODE="4") == "4" and procs() == "8"
+    assert procs(SLURM_GPUS_ON_NODE="4", GPTOSS_PROCS_PER_NODE="2") == "2"
