@@ -156,13 +156,17 @@ class Bench:
         e2e_p50 = percentile(e2e, 50)
         ttft_p50 = percentile(ttft, 50)
         tpot_p50 = percentile(tpot, 50) if tpot else float("nan")
-        total = lay.dp_size * batch * per_run / e2e_p50
+        ours = impl == "ours"
+        # Sequences in flight: ours runs `batch` on each of dp_size replicas; the recipe (tp_plan="auto"
+        # over every rank) is one model that runs `batch` on all ranks together, whatever dp_size says.
+        replicas = lay.dp_size if ours else 1
+        total = replicas * batch * per_run / e2e_p50
         prompt_tokens = sum(len(p) for p in prompts)
         context = int(prompt_tokens / batch + per_run / 2)
         # Weights as resident: experts=mxfp4 keeps MXFP4 experts in 4.25 bits; every other path (the recipe
         # offline included) dequantizes them to the compute dtype at load.
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
-        ours = impl == "ours"  # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas
+        # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas of every weight
         expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
         sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,
                                         expert_bytes=expert_bytes, tp_size=lay.tp_size if ours else 1,
@@ -182,9 +186,9 @@ class Bench:
             "tpot_p50_ms": tpot_p50 * 1e3, "tpot_p99_ms": (percentile(tpot, 99) if tpot else float("nan")) * 1e3,
             "e2e_p50_s": e2e_p50,
             "output_tok_s": total, "output_tok_s_per_gpu": total / lay.world_size,
-            "decode_tok_s": lay.dp_size * batch / tpot_p50,
+            "decode_tok_s": replicas * batch / tpot_p50,
             "output_tok_s_per_user": 1.0 / tpot_p50,
-            "prefill_tok_s": lay.dp_size * prompt_tokens / ttft_p50,
+            "prefill_tok_s": replicas * prompt_tokens / ttft_p50,
             "load_s": load_seconds,
             "step_bytes_gb": sb.total / 1e9, "achieved_gb_s": achieved / 1e9,
             "copy_bw_gb_s": self.copy_bw / 1e9, "bw_fraction": achieved / self.copy_bw,

@@ -12,9 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from runtime import checkpoint, config, report, roofline
-from runtime.bench import percentile, run
+from runtime import checkpoint, config, distributed, report, roofline
+from runtime.bench import Bench, percentile, run
 from tests.conftest import CPU, ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -107,3 +108,31 @@ def test_roofline_reproduces_the_measured_bounds() -> None:
     assert mx.total / 1e9 == pytest.approx(3.7, abs=0.1)  # NOTES: ~3.7 GB with MXFP4 experts
     sharded = roofline.decode_step_bytes(cfg, batch=1, context=1, tp_size=2, ep_size=2)
     assert sharded.attention == pytest.approx(one.attention / 2) and sharded.experts == pytest.approx(one.experts / 4)
+
+
+def fake_bench(tp: int = 1, ep: int = 1, dp: int = 1) -> Bench:
+    """A Bench whose rows can be assembled without a model: the tiny config, this layout."""
+    b = Bench.__new__(Bench)
+    b.cfg = config.compose("bench", [*CPU, "bench=quick"])
+    b.b = b.cfg.bench
+    b.layout = distributed.WorldLayout(tp * ep * dp, 0, 0, tp, ep, dp)
+    b.engine = SimpleNamespace(dtype=torch.bfloat16, hf_config=SimpleNamespace(**checkpoint.synthetic_config(
+        dict(b.cfg.model.arch), "bf16")))
+    b.device, b.copy_bw, b.mxfp4 = torch.device("cpu"), 1e12, False
+    return b
+
+
+def test_recipe_rows_count_one_replica_whatever_dp_size() -> None:
+    """The recipe runs `batch` sequences over all ranks together (tp_plan="auto"); ours runs `batch` on
+    each of dp_size replicas. Same timings: ours counts 2x the tokens, the recipe 1x."""
+    bench = fake_bench(dp=2)
+    timings = dict(prompts=[[1] * 10] * 4, new_tokens=5, ttft=[0.1], tpot=[0.01] * 4, e2e=[0.14],
+                   generated=20, load_seconds=1.0)
+    ours, recipe = bench._row("ours", 4, **timings), bench._row("baseline", 4, **timings)
+    assert ours["output_tok_s"] == pytest.approx(2 * 4 * 5 / 0.14)
+    assert ours["decode_tok_s"] == pytest.approx(2 * 4 / 0.01)
+    assert ours["prefill_tok_s"] == pytest.approx(2 * 40 / 0.1)
+    assert recipe["output_tok_s"] == pytest.approx(4 * 5 / 0.14)
+    assert recipe["output_tok_s_per_gpu"] == pytest.approx(4 * 5 / 0.14 / 2)
+    assert recipe["decode_tok_s"] == pytest.approx(4 / 0.01)
+    assert recipe["prefill_tok_s"] == pytest.approx(40 / 0.1)
