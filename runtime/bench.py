@@ -233,16 +233,16 @@ class Bench:
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2)  # warm-up
             reset_peak(self.device)
-            ttft, e2e, generated = [], [], 0
+            ttft, e2e, steps, generated = [], [], [], 0
             for _ in range(self.b.baseline_repetitions):
                 ttft.append(_timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=1,
                                                           min_new_tokens=1), self.device)[0])
                 seconds, out = _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                              **fixed), self.device)
                 e2e.append(seconds)
+                steps.append(out.shape[1] - ids.shape[1])  # forwards run: until the longest row stopped
                 generated += _new_tokens(out, ids.shape[1], self.engine.stop_ids, self.engine.pad_id)
-        per_seq = generated / len(e2e) / batch
-        tpot = [(e - t) / max(per_seq - 1, 1) for e, t in zip(e2e, ttft)]
+        tpot = [(e - t) / max(n - 1, 1) for e, t, n in zip(e2e, ttft, steps)]
         return self._row("baseline", batch, prompts, new_tokens, ttft, tpot, e2e, generated, load_seconds)
 
 

@@ -136,3 +136,28 @@ def test_recipe_rows_count_one_replica_whatever_dp_size() -> None:
     assert recipe["output_tok_s_per_gpu"] == pytest.approx(4 * 5 / 0.14 / 2)
     assert recipe["decode_tok_s"] == pytest.approx(4 / 0.01)
     assert recipe["prefill_tok_s"] == pytest.approx(40 / 0.1)
+
+
+def test_recipe_tpot_divides_by_the_steps_generate_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay (EOS honoured): generate() runs until its longest row stops, so its time per step is
+    (end-to-end - TTFT) / (that row's tokens - 1), not over the mean row's tokens."""
+    import runtime.bench as rb
+
+    stop, pad, width = 200002, 199999, 3
+    rows = [[5, stop] + [pad] * 8, [5] * 9 + [stop]]  # 2 and 10 new tokens: 10 forwards
+
+    def generate(ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: int) -> torch.Tensor:
+        return torch.cat([ids, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
+
+    def timed(fn: object, device: torch.device) -> tuple[float, torch.Tensor]:
+        out = fn()
+        return 0.1 + 0.02 * (out.shape[1] - width - 1), out  # 100 ms to the first token, 20 ms a step
+
+    bench = fake_bench()
+    bench.engine.stop_ids, bench.engine.pad_id = {stop, pad}, pad
+    bench.prompts = lambda batch: ([[1] * width] * batch, 10, False)
+    monkeypatch.setattr(rb, "_timed", timed)
+    row = bench._baseline_at(SimpleNamespace(generate=generate, device=torch.device("cpu")), 2, 1.0)
+    assert row["generated_tokens"] == 12
+    assert row["ttft_p50_ms"] == pytest.approx(100.0)
+    assert row["tpot_p50_ms"] == pytest.approx(20.0)
