@@ -52,9 +52,19 @@ def write(out_dir: Path, result: dict[str, Any], table: Path, plots: bool = True
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], append: bool) -> None:
+    """Write `rows` (COLUMNS), or append them. A table whose header is not COLUMNS (written by another
+    version) is rewritten under COLUMNS plus its own extra columns, so every row stays under its names."""
     new = not (append and path.exists() and path.stat().st_size)
+    fields = COLUMNS
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            old = _read_csv(path)
+            fields = COLUMNS + [c for c in header if c not in COLUMNS]
+            rows, append, new = old + list(rows), False, True
     with path.open("a" if append else "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerows(rows)

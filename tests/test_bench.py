@@ -161,3 +161,21 @@ def test_recipe_tpot_divides_by_the_steps_generate_ran(monkeypatch: pytest.Monke
     assert row["generated_tokens"] == 12
     assert row["ttft_p50_ms"] == pytest.approx(100.0)
     assert row["tpot_p50_ms"] == pytest.approx(20.0)
+
+
+def test_table_from_another_version_keeps_its_columns_aligned(tmp_path: Path) -> None:
+    """A table written before decode_tok_s existed: new rows land under the right names, old rows keep theirs."""
+    old_columns = [c for c in report.COLUMNS if c != "decode_tok_s"]
+    table = tmp_path / "table.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns)
+        w.writeheader()
+        w.writerow({c: "" for c in old_columns} | {"run": "old", "output_tok_s_per_user": "20.0", "load_s": "6.3"})
+    row = {c: None for c in report.COLUMNS} | {"impl": "ours", "output_tok_s_per_user": 250.0, "decode_tok_s": 8000.0,
+                                               "load_s": 7.0}
+    report.write(tmp_path / "new", {"rows": [row]}, table, plots=False)
+    with table.open(newline="") as f:
+        old, new = csv.DictReader(f)
+    assert (new["run"], new["output_tok_s_per_user"], new["load_s"]) == ("new", "250.0", "7.0")  # was decode_tok_s
+    assert new["decode_tok_s"] == "8000.0"
+    assert (old["run"], old["output_tok_s_per_user"], old["load_s"], old["decode_tok_s"]) == ("old", "20.0", "6.3", "")
