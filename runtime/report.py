@@ -75,6 +75,13 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
+def series_label(r: dict[str, Any]) -> str:
+    """One Pareto curve per configuration: implementations and lengths too, so runs that differ only in
+    attention/experts/dtype or prompt/output length are not joined into one line."""
+    return (f"{r['impl']} {r['model']} {r['format']} {r['dtype']} {r['attention']}/{r['experts']} "
+            f"tp{r['tp_size']}ep{r['ep_size']}dp{r['dp_size']} {r['mode']} in{r['input_len']} out{r['output_len']}")
+
+
 def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> None:
     """pareto.png (every run in the table) and latency.png (this run)."""
     import matplotlib
@@ -85,7 +92,7 @@ def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]])
     fig, ax = plt.subplots(figsize=(7, 5))
     series: dict[str, list[tuple[float, float, str]]] = {}
     for r in table:
-        label = f"{r['impl']} {r['model']} {r['format']} tp{r['tp_size']}ep{r['ep_size']}dp{r['dp_size']}"
+        label = series_label(r)
         series.setdefault(label, []).append(
             (float(r["output_tok_s_per_user"]), float(r["output_tok_s_per_gpu"]), r["batch_size"]))
     for label, pts in sorted(series.items()):

@@ -179,3 +179,12 @@ def test_table_from_another_version_keeps_its_columns_aligned(tmp_path: Path) ->
     assert (new["run"], new["output_tok_s_per_user"], new["load_s"]) == ("new", "250.0", "7.0")  # was decode_tok_s
     assert new["decode_tok_s"] == "8000.0"
     assert (old["run"], old["output_tok_s_per_user"], old["load_s"], old["decode_tok_s"]) == ("old", "20.0", "6.3", "")
+
+
+def test_pareto_curves_do_not_join_different_configurations() -> None:
+    row = {c: "x" for c in report.COLUMNS}
+    labels = {report.series_label(row | change) for change in
+              ({}, {"experts": "triton"}, {"attention": "triton"}, {"output_len": "256"}, {"input_len": "64"},
+               {"dtype": "float16"}, {"mode": "replay"})}
+    assert len(labels) == 7
+    assert report.series_label(row | {"run": "another"}) == report.series_label(row)  # same configuration
