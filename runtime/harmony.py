@@ -235,7 +235,8 @@ def render_prompt(
     system = SystemContent.new().with_reasoning_effort(_EFFORTS[reasoning_effort])
     out = [Message.from_role_and_content(Role.SYSTEM, system)]
 
-    instructions = [_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
+    # An empty system/developer message adds nothing (no empty "# Instructions" section, no stray blank lines).
+    instructions = [t for m in messages if m.get("role") in ("system", "developer") if (t := _text(m.get("content")))]
     tool_descs = [_tool_description(t) for t in tools or []]
     if instructions or tool_descs:
         dev = DeveloperContent.new()

@@ -231,6 +231,28 @@ def test_tool_forms_and_tool_name_resolution_agree() -> None:
     assert "<|channel|>final" not in preamble
 
 
+def _harmony_reference(enc, developer: str | None, user: str) -> list[int]:
+    """openai-harmony's own rendering of [system, developer (if any), user], by its own API."""
+    from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
+
+    msgs = [Message.from_role_and_content(Role.SYSTEM, SystemContent.new())]
+    if developer is not None:
+        msgs.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(developer)))
+    msgs.append(Message.from_role_and_content(Role.USER, user))
+    return enc.render_conversation_for_completion(Conversation.from_messages(msgs), Role.ASSISTANT)
+
+
+def test_empty_system_message_adds_no_instructions(enc) -> None:
+    # An empty system prompt (clients send {"role": "system", "content": ""}) is no instructions at all,
+    # not an empty "# Instructions" section, nor blank lines in front of the other instructions.
+    assert h.render_prompt([{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]) == (
+        _harmony_reference(enc, None, "hi")
+    )
+    messages = [{"role": "system", "content": None}, {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "hi"}]
+    assert h.render_prompt(messages) == _harmony_reference(enc, "Be brief.", "hi")
+
+
 def test_render_rejects_bad_messages() -> None:
     with pytest.raises(ValueError, match="unsupported role"):
         h.render_prompt([{"role": "narrator", "content": "x"}])
