@@ -63,8 +63,9 @@ def _request(obj: Any, default_id: str, where: str) -> Request:
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise PromptsError(f"{where}: messages[{j}] needs a \"role\" among {list(ROLES)}")
-            if not isinstance(m.get("content", ""), str):
-                raise PromptsError(f"{where}: messages[{j}].content must be a string")
+            # null is what OpenAI (and our server) give an assistant message that only calls tools
+            if m.get("content") is not None and not isinstance(m["content"], str):
+                raise PromptsError(f"{where}: messages[{j}].content must be a string or null")
             _check_functions(m.get("tool_calls"), where, f"messages[{j}].tool_calls")
     _check_functions(obj.get("tools"), where, "tools")
     effort = obj.get("reasoning_effort")

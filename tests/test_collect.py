@@ -9,6 +9,7 @@ import pytest
 
 from runtime import collect
 from runtime.errors import UserError
+from runtime.harmony import render_prompt
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -30,6 +31,18 @@ def test_read_prompts(tmp_path: Path) -> None:
     assert reqs[1].messages[1]["content"] == "2+2?" and reqs[1].reasoning_effort == "low"
 
 
+def test_read_prompts_tool_call_with_null_content(tmp_path: Path) -> None:
+    # An assistant message that only calls tools has "content": null in OpenAI's format (and our server's).
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "reasoning_content": "Use the tool.", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    (req,) = collect.read_prompts(write(tmp_path / "p.jsonl", [json.dumps({"messages": messages})]))
+    assert req.messages == messages
+    without = [messages[0], {k: v for k, v in messages[1].items() if k != "content"}, messages[2]]
+    assert render_prompt(req.conversation()) == render_prompt(without)
+
+
 @pytest.mark.parametrize(("line", "match"), [
     ("{oops", r"p.jsonl:2: not valid JSON"),
     ("[1, 2]", r"p.jsonl:2: expected a JSON object"),
@@ -37,6 +50,7 @@ def test_read_prompts(tmp_path: Path) -> None:
     (json.dumps({"prompt": "a", "messages": []}), r"p.jsonl:2: give exactly one of"),
     (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), r"p.jsonl:2: messages\[0\] needs a \"role\""),
     (json.dumps({"prompt": 3}), r"p.jsonl:2: \"prompt\" must be a string"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}]}), r"p.jsonl:2: messages\[0\].content must be a string"),
     (json.dumps({"prompt": "a", "reasoning_effort": "max"}), r"p.jsonl:2: reasoning_effort 'max'"),
     (json.dumps({"id": "a", "prompt": "dup"}), r"p.jsonl:2: id 'a' already used on line 1"),
     (json.dumps({"prompt": "a", "tools": "lookup"}), r"p.jsonl:2: \"tools\" must be a list"),
