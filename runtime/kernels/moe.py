@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -238,16 +239,27 @@ def reference_experts(
     limit: float = 7.0, alpha: float = 1.702,
 ) -> torch.Tensor:
     """The same function in plain torch, one expert at a time (the CPU fallback and the test oracle)."""
-    num_experts = gate_up.shape[0]
+    return reference_by_expert(x, top_k_index, top_k_weights, gate_up.shape[0], lambda e: (gate_up[e], down[e]),
+                               gate_up_bias, down_bias, limit, alpha)
+
+
+def reference_by_expert(
+    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    gate_up_bias: torch.Tensor, down_bias: torch.Tensor, limit: float, alpha: float,
+) -> torch.Tensor:
+    """The experts in torch, matmuls in fp32; `expert_weights(e)` gives expert e's (gate_up [H, 2I],
+    down [I, H]), asked only for the experts some token is routed to. Syncs with the host."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(num_experts):
         tok, slot = torch.where(top_k_index == e)
         if tok.numel() == 0:
             continue
-        gu = x[tok].float() @ gate_up[e].float() + gate_up_bias[e].float()
+        w_gu, w_d = expert_weights(e)
+        gu = x[tok].float() @ w_gu.float() + gate_up_bias[e].float()
         gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(-limit, limit)
         hid = (up + 1) * gate * torch.sigmoid(gate * alpha)
-        y = hid.to(x.dtype).float() @ down[e].float() + down_bias[e].float()
+        y = hid.to(x.dtype).float() @ w_d.float() + down_bias[e].float()
         out.index_add_(0, tok, y * top_k_weights[tok, slot, None].float())
     return out.to(x.dtype)
 

@@ -46,7 +46,8 @@ import torch
 
 from runtime import checkpoint
 from runtime.errors import UserError
-from runtime.kernels.moe import HAVE_TRITON, block_layout, check_dense, tile_configs, triton_usable
+from runtime.kernels.moe import (HAVE_TRITON, block_layout, check_dense, reference_by_expert, tile_configs,
+                                 triton_usable)
 
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
@@ -339,20 +340,12 @@ def reference_mxfp4_experts(
 ) -> torch.Tensor:
     """The same function in torch: each hit expert dequantized to x's dtype, then matmul in fp32
     (the test oracle, and the fallback where Triton cannot run). Syncs with the host."""
-    num_experts = gate_up_blocks.shape[0]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(num_experts):
-        tok, slot = torch.where(top_k_index == e)
-        if tok.numel() == 0:
-            continue
-        w_gu = checkpoint.dequantize_mxfp4(gate_up_blocks[e], gate_up_scales[e], x.dtype)  # [2I, H]
-        gu = x[tok].float() @ w_gu.float().T + gate_up_bias[e].float()
-        gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(-limit, limit)
-        hid = (up + 1) * gate * torch.sigmoid(gate * alpha)
-        w_d = checkpoint.dequantize_mxfp4(down_blocks[e], down_scales[e], x.dtype)  # [H, I]
-        y = hid.to(x.dtype).float() @ w_d.float().T + down_bias[e].float()
-        out.index_add_(0, tok, y * top_k_weights[tok, slot, None].float())
-    return out.to(x.dtype)
+    def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # rows are output units: transpose
+        return (checkpoint.dequantize_mxfp4(gate_up_blocks[e], gate_up_scales[e], x.dtype).T,  # [H, 2I]
+                checkpoint.dequantize_mxfp4(down_blocks[e], down_scales[e], x.dtype).T)  # [I, H]
+
+    return reference_by_expert(x, top_k_index, top_k_weights, gate_up_blocks.shape[0], dequantized,
+                               gate_up_bias, down_bias, limit, alpha)
 
 
 def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
