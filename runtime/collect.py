@@ -112,22 +112,21 @@ class JsonlWriter:
     """
 
     def __init__(self, path: str | Path) -> None:
+        """Reads the records already in `path` (a UserError naming the fix if it cannot be an output file: a
+        directory, a line that is not a record) and cuts off a torn last line; the file is created at the
+        first append."""
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"output.path={self.path} is a directory: name a file, e.g. "
+                            f"output.path={self.path / 'out.jsonl'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done_ids, good_end = self.scan(self.path)
-        if self.path.exists() and good_end < self.path.stat().st_size:  # a torn last line: cut it off
-            with self.path.open("r+b") as f:
-                f.truncate(good_end)
-        self._f = self.path.open("a", encoding="utf-8")
+        self.done_ids = self._recover(self.path)
+        self._f: Any = None
 
     @staticmethod
-    def scan(path: Path) -> tuple[set[str], int]:
-        """(ids of the records in `path`, bytes up to the end of the last one), changing nothing; a UserError
-        naming the fix if `path` cannot be an output file (a directory, a line that is not a record)."""
-        if path.is_dir():
-            raise UserError(f"output.path={path} is a directory: name a file, e.g. output.path={path / 'out.jsonl'}")
+    def _recover(path: Path) -> set[str]:
         if not path.exists():
-            return set(), 0
+            return set()
         data = path.read_bytes()
         lines = data.splitlines(keepends=True)
         good_end, ids = 0, set()
@@ -144,18 +143,24 @@ class JsonlWriter:
                     ) from e
                 break
             good_end += len(line)
-        return ids, good_end
+        if good_end < len(data):  # a torn last line: cut it off
+            with path.open("r+b") as f:
+                f.truncate(good_end)
+        return ids
 
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
+        if self._f is None:
+            self._f = self.path.open("a", encoding="utf-8")
         self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._f.flush()
         os.fsync(self._f.fileno())
         self.done_ids.update(str(r["id"]) for r in records)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

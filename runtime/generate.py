@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import collect, config, distributed
 from runtime.engine import Engine, Request, render_harmony
-from runtime.errors import UserError, exit_on_user_error
+from runtime.errors import exit_on_user_error
 from runtime.preemption import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger("runtime.generate")
@@ -72,20 +72,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     requests = load_requests(cfg)  # validated on every rank before any weight is read
     stop = StopRequest.from_env()  # a stop signal during loading is honoured before the first batch
     out_path = Path(cfg.output.path)
-    if layout.is_writer:  # a bad output.path or output file fails now, not after minutes of loading
-        collect.JsonlWriter.scan(out_path)  # (the other ranks are then stopped by torchrun / srun)
-    engine = Engine(cfg)
     writer: collect.JsonlWriter | None = None
-    done: set[str] | str = set()
-    if layout.is_writer:
-        try:
-            writer = collect.JsonlWriter(out_path)
-            done = writer.done_ids
-        except UserError as e:
-            done = str(e)
+    done: set[str] = set()
+    if layout.is_writer:  # a bad output.path or output file fails now, not after minutes of loading
+        writer = collect.JsonlWriter(out_path)  # (the other ranks are then stopped by torchrun / srun)
+        done = writer.done_ids
+    engine = Engine(cfg)
     done = distributed.broadcast_object(done, layout)
-    if isinstance(done, str):
-        raise UserError(done)
     todo = [r for r in requests if r.id not in done]
     record: dict[str, Any] = {}
     param_bytes = distributed.gather_to_writer(engine.param_bytes, layout)
