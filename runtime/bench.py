@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from runtime import checkpoint, config, distributed, report, roofline
+from runtime import model as modeling
 from runtime.engine import Engine, left_pad, render_harmony
 from runtime.errors import UserError, exit_on_user_error
 
@@ -170,7 +171,8 @@ class Bench:
         expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
         sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,
                                         expert_bytes=expert_bytes, tp_size=lay.tp_size if ours else 1,
-                                        ep_size=lay.ep_size if ours else 1)
+                                        ep_size=lay.ep_size if ours else 1,
+                                        vocab_split=_vocab_split(self.engine.model) if ours else 1)
         achieved = sb.total / tpot_p50
         return {
             "impl": impl,
@@ -201,11 +203,8 @@ class Bench:
 
         self.engine.model = self.engine.graph_decoder = None  # free ours (weights, KV cache, graph) first
         _free(self.device)
-        kw: dict[str, Any] = {"dtype": self.engine.dtype}
-        if self.layout.world_size > 1:
-            kw["tp_plan"] = "auto"
-        else:
-            kw["device_map"] = str(self.device)
+        # the published recipe: one device, or tp_plan="auto" (+ expert parallel when parallel.ep_size > 1)
+        kw = modeling.recipe_kwargs(self.engine.hf_config, self.layout, self.device, self.engine.dtype)
         t0 = time.perf_counter()
         try:
             model = AutoModelForCausalLM.from_pretrained(self.engine.checkpoint, **kw).eval()
@@ -244,6 +243,11 @@ class Bench:
                 generated += _new_tokens(out, ids.shape[1], self.engine.stop_ids, self.engine.pad_id)
         tpot = [(e - t) / max(n - 1, 1) for e, t, n in zip(e2e, ttft, steps)]
         return self._row("baseline", batch, prompts, new_tokens, ttft, tpot, e2e, generated, load_seconds)
+
+
+def _vocab_split(model: Any) -> int:
+    """Ranks the lm_head rows are split over (1 where each rank holds the whole vocabulary)."""
+    return model.config.vocab_size // model.lm_head.weight.shape[0]
 
 
 def _free(device: torch.device) -> None:

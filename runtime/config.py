@@ -72,6 +72,17 @@ class ParallelConfig:
     """Data-parallel replicas, each running a disjoint slice of the prompts. tp*ep*dp = world size."""
     backend: str = "auto"
     """torch.distributed backend: `nccl`, `gloo`, or `auto` (nccl on GPU, gloo on CPU)."""
+    all_reduce: str = "auto"
+    """How the forward's sums over tp/ep ranks travel: `one_shot` (each rank reads its peers' parts
+    from NVLink peer memory in one kernel: the lowest latency for decode-sized messages; GPUs of one
+    node), `nccl`, or `auto` (one_shot where it works, else NCCL; gloo on the CPU). Larger messages
+    (prefill) always go to NCCL. runtime/allreduce.py."""
+    plan: str = "ours"
+    """Who shards the model: `ours` (runtime/parallelize.py: TP attention, EP+TP experts, vocab-parallel
+    embedding and lm_head, our kernels) or `transformers` (the published transformers recipe for
+    gpt-oss on several GPUs: `from_pretrained(tp_plan="auto", distributed_config=
+    DistributedConfig(enable_expert_parallel=True))` over all ranks, experts=grouped_mm, eager
+    attention; dp_size must be 1), to compare the two on your own cluster."""
 
 
 @dataclass

@@ -110,6 +110,10 @@ class ContinuousBatcher:
         self._logits: torch.Tensor | None = None
         self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
+    def release_graphs(self) -> None:
+        """Drop the captured decode step (before the process group goes; the next step captures anew)."""
+        self._graph, self._logits = None, None
+
     # ------------------------------------------------------------------------------ row lifecycle
 
     def release(self, rows: Sequence[int]) -> None:

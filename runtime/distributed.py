@@ -13,6 +13,7 @@ from runtime.errors import UserError
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -134,11 +135,27 @@ class Groups:
     tp: Any = None
     """The tp_size ranks sharing attention heads."""
     mp: Any = None
-    """The tp*ep ranks of one model replica (MoE outputs and sampled tokens are combined here)."""
+    """The tp*ep ranks of one model replica (MoE outputs, vocab slices and sampled tokens are combined here)."""
+    tp_reduce: Any = None
+    """The forward's sum over `tp` (runtime.allreduce.Reducer); None with one member."""
+    mp_reduce: Any = None
+    """The forward's sum and logits gather over `mp` (runtime.allreduce.Reducer); None with one member."""
+
+    def release(self) -> None:
+        """Drop the reducers' peer-memory buffers (before the process group is destroyed)."""
+        for r in (self.tp_reduce, self.mp_reduce):
+            if r is not None:
+                r.release()
 
 
-def init(layout: WorldLayout, device: torch.device, backend: str = "auto") -> Groups:
-    """Create the default process group and this rank's sub-groups (collective on every rank)."""
+def init(layout: WorldLayout, device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32,
+         all_reduce: str = "auto") -> Groups:
+    """Create the default process group, this rank's sub-groups and their forward collectives
+    (collective on every rank). `all_reduce`: auto | one_shot | nccl (runtime/allreduce.py)."""
+    from runtime.allreduce import MODES, Reducer
+
+    if all_reduce not in MODES:
+        raise LayoutError(f"parallel.all_reduce={all_reduce!r}: use one of {list(MODES)}")
     if layout.world_size == 1:
         return Groups()
     if backend == "auto":
@@ -162,14 +179,17 @@ def init(layout: WorldLayout, device: torch.device, backend: str = "auto") -> Gr
         g = dist.new_group(list(range(start, start + mp))) if mp > 1 else None
         if start <= layout.rank < start + mp:
             groups.mp = g
+    if all_reduce == "one_shot" and device.type != "cuda":
+        raise LayoutError("parallel.all_reduce=one_shot needs GPUs (NVLink peer memory): use auto or nccl")
+    # symmetric-memory rendezvous is collective too: tp groups first, then mp groups, on every rank
+    if groups.tp is not None:
+        groups.tp_reduce = Reducer(groups.tp, device, dtype, all_reduce)
+    if groups.mp is not None:
+        groups.mp_reduce = Reducer(groups.mp, device, dtype, all_reduce)
+    paths = {r.path for r in (groups.tp_reduce, groups.mp_reduce) if r is not None}
+    if layout.is_writer and paths:
+        log.info("forward collectives: %s (parallel.all_reduce=%s)", "/".join(sorted(paths)), all_reduce)
     return groups
-
-
-def all_reduce_(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum in place over `group` (no-op for None)."""
-    if group is not None:
-        dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def broadcast_from_leader_(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -206,12 +226,34 @@ def any_rank(flag: bool, layout: WorldLayout, device: torch.device) -> bool:
     return bool(t.item())
 
 
+TEARDOWN_SECONDS = 60.0
+"""How long `shutdown` waits for NCCL's teardown before it leaves it to the process exit."""
+
+
 def shutdown() -> None:
-    """Wait for every rank, then release the process group (NCCL); gloo's is left to `finish`."""
-    if dist.is_initialized():
-        dist.barrier()
-        if dist.get_backend() == "nccl":
-            dist.destroy_process_group()
+    """Wait for every rank, then release the process group (NCCL); gloo's is left to `finish`.
+
+    Callers free every CUDA graph first: a graph that captured NCCL collectives, still alive when the
+    communicator is destroyed, makes `destroy_process_group` wait forever (pytorch/pytorch#115388; it
+    hung every multi-GPU job after its last line). The destroy also runs under a deadline, so a teardown
+    that hangs for any other reason costs TEARDOWN_SECONDS and a warning, not the job's time limit."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if dist.get_backend() != "nccl":
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    done = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="nccl-teardown", daemon=True).start()
+    if not done.wait(TEARDOWN_SECONDS):
+        log.warning("NCCL teardown did not finish in %.0f s: exiting without it (results are written)",
+                    TEARDOWN_SECONDS)
 
 
 def finish(code: int = 0) -> None:
@@ -241,7 +283,6 @@ __all__ = [
     "Groups",
     "LayoutError",
     "WorldLayout",
-    "all_reduce_",
     "any_rank",
     "broadcast_from_leader_",
     "broadcast_object",

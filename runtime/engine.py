@@ -11,6 +11,7 @@ The engine never prints or writes files.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -108,7 +109,12 @@ class Engine:
             )
         self.device = distributed.resolve_device(cfg.model.device, self.layout)
         self.dtype = modeling.resolve_dtype(cfg.model.dtype, self.device)
-        self.groups = distributed.init(self.layout, self.device, par.backend)
+        if par.plan not in ("ours", "transformers"):
+            raise UserError(f"parallel.plan={par.plan!r}: use ours or transformers")
+        if par.plan == "transformers":
+            modeling.check_transformers_plan(self.layout, cfg.attention.implementation, cfg.experts.implementation)
+        self.groups = distributed.init(self.layout, self.device, par.backend, self.dtype,
+                                       par.all_reduce if par.plan == "ours" else "nccl")
         m = cfg.model
         if m.synthetic:
             arch = OmegaConf.to_container(m.arch)
@@ -127,10 +133,13 @@ class Engine:
             raise UserError(f"prompts.renderer={self.renderer!r}: use harmony or chat_template")
         self.stop_ids = _stop_ids(self.checkpoint)
         self.pad_id = int(self.hf_config.pad_token_id if self.hf_config.pad_token_id is not None else 199999)
-        loaded = modeling.build(
-            self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
-            cfg.attention.implementation, cfg.experts.implementation,
-        )
+        if par.plan == "transformers":
+            loaded = modeling.build_transformers(self.checkpoint, self.hf_config, self.layout, self.device, self.dtype)
+        else:
+            loaded = modeling.build(
+                self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
+                cfg.attention.implementation, cfg.experts.implementation,
+            )
         self.model = loaded.model
         self.load_seconds = loaded.load_seconds
         self.param_bytes = modeling.param_bytes(self.model)
@@ -303,7 +312,14 @@ class Engine:
             rec["completion_ids"] = completion
         return rec
 
-    def close(self) -> None:
+    def close(self, *graph_owners: Any) -> None:
+        """Free every CUDA graph (this engine's and those of `graph_owners`, e.g. the server's batcher),
+        then leave the process group. The order matters: see distributed.shutdown."""
+        for owner in (self.graph_decoder, *graph_owners):
+            if owner is not None:
+                owner.release_graphs()
+        self.groups.release()
+        gc.collect()
         distributed.shutdown()
 
 

@@ -167,6 +167,10 @@ class GraphDecoder:
         }
         return self._graph
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and the cache (the next call captures anew)."""
+        self._graph = None
+
     def _forward(self, buf: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of the last token of each row: [B, V]."""
         if self.slot_masks:  # the kernel reads the cache bookkeeping itself (runtime/kernels/flash.py)

@@ -149,11 +149,75 @@ def build(
     return LoadedModel(model, hf_config, ckpt, time.perf_counter() - t0, reader.bytes_read)
 
 
+def check_transformers_plan(layout: WorldLayout, attention: str, experts: str) -> None:
+    """parallel.plan=transformers: what the recipe's sharding can run (before any weight is read)."""
+    if layout.dp_size != 1:
+        raise KernelError(f"parallel.plan=transformers shards one model over all ranks: set parallel.dp_size=1 "
+                          f"(not {layout.dp_size}), or use parallel.plan=ours for data-parallel replicas")
+    if layout.tp_size > 1 and layout.ep_size > 1:
+        raise KernelError(
+            f"parallel.plan=transformers has one mesh over all {layout.world_size} ranks: tensor parallel "
+            f"(parallel.tp_size={layout.world_size}) or, with expert parallel on it, parallel.ep_size="
+            f"{layout.world_size}; a tp x ep mix needs parallel.plan=ours")
+    if attention not in ("eager",) or experts != "grouped_mm":
+        raise KernelError(
+            f"parallel.plan=transformers runs the recipe's kernels (attention=eager experts=grouped_mm; "
+            f"transformers' expert parallel needs grouped_mm), not attention={attention} experts={experts}: "
+            f"drop those overrides, or use parallel.plan=ours for our kernels")
+
+
+def recipe_kwargs(hf_config: Any, layout: WorldLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained` arguments of the published transformers recipe for gpt-oss on this layout:
+    one device, or under torchrun `tp_plan="auto"` with `DistributedConfig(enable_expert_parallel=True)`
+    when the experts are split (transformers 5.17's API). MXFP4 experts are dequantized to `dtype`
+    (`Mxfp4Config(dequantize=True)`; its kernel path needs a hub download)."""
+    kw: dict[str, Any] = {"dtype": dtype}
+    if layout.world_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        # the guide's `tp_plan="auto"` + `DistributedConfig(enable_expert_parallel=1)`, written the one way
+        # 5.17 accepts both together
+        kw["distributed_config"] = DistributedConfig(tp_plan="auto", enable_expert_parallel=layout.ep_size > 1)
+    else:
+        kw["device_map"] = str(device)
+    if checkpoint.is_mxfp4(hf_config):
+        from transformers import Mxfp4Config
+
+        kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    return kw
+
+
+def build_transformers(ckpt: Path, hf_config: Any, layout: WorldLayout, device: torch.device,
+                       dtype: torch.dtype) -> LoadedModel:
+    """parallel.plan=transformers: the model as the transformers recipe loads and shards it."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager",
+                                                 experts_implementation="grouped_mm",
+                                                 **recipe_kwargs(hf_config, layout, device, dtype))
+    model.eval()
+    model.requires_grad_(False)
+    log.info("loaded %s with transformers' plan (tp_plan=auto%s) in %.1f s", ckpt.name,
+             ", expert parallel" if layout.ep_size > 1 else "", time.perf_counter() - t0)
+    return LoadedModel(model, model.config, ckpt, time.perf_counter() - t0, 0)
+
+
 def param_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of this rank's attention, expert and other parameters (for sharding checks and records);
-    MXFP4 experts count as held: their uint8 blocks and scales, and the biases."""
-    out = {"attention": 0, "experts": 0, "other": 0}
+    MXFP4 experts count as held: their uint8 blocks and scales, and the biases. `vocab`: the embedding
+    and lm_head; `other`: router and norms."""
+    out = {"attention": 0, "experts": 0, "vocab": 0, "other": 0}
     for name, p in model.named_parameters():
-        kind = "attention" if ".self_attn." in name else "experts" if ".experts." in name else "other"
+        local = getattr(p, "to_local", None)  # transformers' plan may hold DTensors: count this rank's part
+        p = local() if local is not None else p
+        if ".self_attn." in name:
+            kind = "attention"
+        elif ".experts." in name:
+            kind = "experts"
+        elif name.startswith(("model.embed_tokens.", "lm_head.")):
+            kind = "vocab"
+        else:
+            kind = "other"
         out[kind] += p.numel() * p.element_size()
     return out

@@ -12,7 +12,15 @@ transformers' `tp_plan="auto"` shards nothing of gpt-oss but lm_head, so the pla
   of the replica. down_proj's bias lives on tp rank 0 only. With experts=mxfp4 the same split is
   taken of the checkpoint's uint8 blocks/scales: gate_up rows (out features) of this rank's units,
   down's input groups of 32 of this rank's units (so I/tp must be a multiple of 32).
-- router, norms, embeddings and lm_head stay replicated.
+- embeddings and lm_head (vocab parallel over the tp*ep ranks of the replica): each rank keeps rows
+  [r*V/mp, (r+1)*V/mp) of both. The embedding looks up the ids in its range (zeros for the others) and
+  the rows are summed over the replica; lm_head computes its slice of the logits and the slices are
+  gathered, so every rank holds the whole [.., V] logits for sampling. At batch 1 that takes 1.16 GB
+  (the 20b and 120b's lm_head) off each step's reads, split over the ranks.
+- router and norms stay replicated.
+
+The sums go through `runtime.allreduce` (one-shot over NVLink peer memory at decode sizes, NCCL or gloo
+otherwise).
 
 The model is built on the meta device; `shard` shrinks the meta parameters and returns, for each
 parameter, the slice of the full checkpoint tensor this rank must load.
@@ -20,13 +28,16 @@ parameter, the slice of the full checkpoint tensor this rank must load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.checkpoint import MXFP4_GROUP
-from runtime.distributed import Groups, LayoutError, WorldLayout, all_reduce_
+from runtime.distributed import Groups, LayoutError, WorldLayout
 
 
 @dataclass(frozen=True)
@@ -55,12 +66,12 @@ class ParallelMoE(nn.Module):
     Keeps the child names `router` and `experts` so parameter names match the checkpoint.
     """
 
-    def __init__(self, mlp: nn.Module, first_expert: int, group: object) -> None:
+    def __init__(self, mlp: nn.Module, first_expert: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.router = mlp.router
         self.experts = mlp.experts
         self.first_expert = first_expert
-        self.group = group
+        self.reduce = reduce
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq, hidden = hidden_states.shape
@@ -73,9 +84,47 @@ class ParallelMoE(nn.Module):
         # index it, so there the foreign slots go to expert 0 with weight 0.
         sentinel = 0 if self.experts.config._experts_implementation == "eager" else n_local
         local = torch.where(mine, local, torch.full_like(local, sentinel))
-        out = self.experts(x, local, scores * mine)
-        all_reduce_(out, self.group)
+        out = self.reduce(self.experts(x, local, scores * mine))
         return out.reshape(batch, seq, hidden), scores
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows [start, start + n) of the embedding; rows of other ranks' ids are summed in."""
+
+    def __init__(self, emb: nn.Embedding, start: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.weight = emb.weight  # [n, H] once sharded (name kept: model.embed_tokens.weight)
+        self.start = start
+        self.reduce = reduce
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(torch.where(mine, local, torch.zeros_like(local)), self.weight)
+        return self.reduce(rows * mine[..., None].to(rows.dtype))
+
+
+class VocabParallelLMHead(nn.Module):
+    """This rank's slice of the vocabulary's logits, gathered into the whole [.., V] on every rank."""
+
+    def __init__(self, head: nn.Linear, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.weight = head.weight  # [V/mp, H] once sharded (name kept: lm_head.weight)
+        self.bias = head.bias
+        self.gather = gather
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.gather(F.linear(hidden, self.weight, self.bias))
+
+
+class _Local:
+    """Stands in for a group's collectives where a model is built sharded but never run together
+    (tests that inspect one rank's shard in one process)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    gather_last = __call__
 
 
 def check_mxfp4_split(hf_config: object, tp_size: int) -> None:
@@ -99,6 +148,7 @@ def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Sh
     plan: dict[str, Shard] = {name: Shard() for name, _ in model.named_parameters()}
     if layout.mp_size == 1:
         return plan
+    tp_reduce, mp_reduce = groups.tp_reduce or _Local(), groups.mp_reduce or _Local()
     head_dim = cfg.head_dim
     n_exp, inter = cfg.num_local_experts, cfg.intermediate_size
     e_sl, i_sl = _range(n_exp, ep, ep_rank), _range(inter, tp, tp_rank)
@@ -124,7 +174,7 @@ def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Sh
             h_sl = _range(cfg.num_attention_heads, tp, tp_rank)
             _set_meta(attn, "sinks", (h_sl.stop - h_sl.start,))
             plan[p + "self_attn.sinks"] = Shard((h_sl,))
-            o.register_forward_hook(lambda _m, _in, out, g=groups.tp: all_reduce_(out, g))
+            o.register_forward_hook(lambda _m, _in, out, r=tp_reduce: r(out))
 
         experts = layer.mlp.experts
         n_local, i_local = e_sl.stop - e_sl.start, i_sl.stop - i_sl.start
@@ -151,5 +201,24 @@ def shard(model: nn.Module, layout: WorldLayout, groups: Groups) -> dict[str, Sh
         plan[x + "gate_up_proj_bias"] = Shard((e_sl, gu_sl))
         plan[x + "down_proj_bias"] = Shard((e_sl,), zero=tp_rank != 0)
         experts.num_experts, experts.intermediate_size = n_local, i_local
-        layer.mlp = ParallelMoE(layer.mlp, e_sl.start, groups.mp)
+        layer.mlp = ParallelMoE(layer.mlp, e_sl.start, mp_reduce)
+    _shard_vocab(model, layout, mp_reduce, plan)
     return plan
+
+
+def _shard_vocab(model: nn.Module, layout: WorldLayout, mp_reduce: Any, plan: dict[str, Shard]) -> None:
+    """Embedding and lm_head rows split over the replica's tp*ep ranks (see the module doc)."""
+    vocab, mp = model.config.vocab_size, layout.mp_size
+    if vocab % mp:
+        return  # no real gpt-oss (vocab 201088 = 2**7 * 1571); such a model keeps them whole
+    sl = _range(vocab, mp, layout.rank % mp)
+    emb, head = model.model.embed_tokens, model.lm_head
+    _set_meta(emb, "weight", (sl.stop - sl.start, emb.weight.shape[1]))
+    _set_meta(head, "weight", (sl.stop - sl.start, head.in_features))
+    plan["model.embed_tokens.weight"] = Shard((sl,))
+    plan["lm_head.weight"] = Shard((sl,))
+    if head.bias is not None:
+        _set_meta(head, "bias", (sl.stop - sl.start,))
+        plan["lm_head.bias"] = Shard((sl,))
+    model.model.embed_tokens = VocabParallelEmbedding(emb, sl.start, mp_reduce)
+    model.lm_head = VocabParallelLMHead(head, mp_reduce.gather_last)

@@ -39,13 +39,14 @@ def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
 
 def decode_step_bytes(
     cfg: Any, batch: int, context: int, weight_bytes: float = 2.0, expert_bytes: float = 2.0,
-    tp_size: int = 1, ep_size: int = 1,
+    tp_size: int = 1, ep_size: int = 1, vocab_split: int = 1,
 ) -> StepBytes:
     """Bytes one rank reads in one decode step of `batch` sequences with `context` cached tokens.
 
     weight_bytes: bytes per attention/router/lm_head parameter (2 for bf16); expert_bytes: bytes per
     expert weight as held in memory (2 for bf16, MXFP4_BYTES_PER_PARAM for MXFP4). Attention and the
-    KV cache split over tp ranks, experts over tp*ep ranks; router, norms and lm_head are replicated.
+    KV cache split over tp ranks, experts over tp*ep ranks, lm_head over `vocab_split` ranks (vocab
+    parallel: tp*ep with our plan); router and norms are replicated.
     """
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -64,6 +65,6 @@ def decode_step_bytes(
     return StepBytes(
         attention=layers * attn_params * weight_bytes / tp_size,
         experts=experts / (tp_size * ep_size),
-        other=router + norms + lm_head,
+        other=router + norms + lm_head / vocab_split,
         kv_cache=kv_cache / tp_size,
     )

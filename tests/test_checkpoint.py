@@ -107,7 +107,8 @@ def test_each_rank_holds_its_share(tiny_checkpoint: Path, tp: int, ep: int) -> N
         assert b["attention"] <= full_bytes["attention"] / tp + 4 * hf.hidden_size * hf.num_hidden_layers
         assert b["attention"] < full_bytes["attention"] or tp == 1
         assert b["experts"] <= full_bytes["experts"] / (tp * ep) + 4 * hf.hidden_size * hf.num_local_experts * 4
-        assert b["other"] == full_bytes["other"]
+        assert b["other"] == full_bytes["other"]  # router and norms stay whole
+        assert b["vocab"] == full_bytes["vocab"] / (tp * ep)  # embedding and lm_head rows split over tp*ep
         # and the memory behind each parameter is its own share, dense (no view into a larger read)
         assert all(p.untyped_storage().nbytes() == p.nbytes and p.is_contiguous() for p in lm.model.parameters())
         shards.append(dict(lm.model.named_parameters()))
@@ -127,6 +128,22 @@ def test_each_rank_holds_its_share(tiny_checkpoint: Path, tp: int, ep: int) -> N
     rebuilt = torch.cat([torch.cat([shards[e * tp + t][gu] for t in range(tp)], dim=2) for e in range(ep)], dim=0)
     # gate/up are interleaved per hidden unit, so the tp shards of a row are contiguous column ranges
     assert torch.equal(rebuilt, full_params[gu])
+    # vocab parallel: the tp*ep ranks of the replica tile the embedding and lm_head rows, in rank order
+    for vocab in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(torch.cat([shards[r][vocab] for r in range(tp * ep)], dim=0), full_params[vocab])
+    # attention: k/v by KV heads, o_proj by its input columns, sinks by head; the biases that the tp sum
+    # would add tp times are zeros off tp rank 0
+    for proj in ("k_proj", "v_proj"):
+        for leaf in ("weight", "bias"):
+            n = f"model.layers.0.self_attn.{proj}.{leaf}"
+            assert torch.equal(torch.cat([shards[r][n] for r in range(tp)], dim=0), full_params[n])
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(torch.cat([shards[r][o] for r in range(tp)], dim=1), full_params[o])
+    sinks = "model.layers.0.self_attn.sinks"
+    assert torch.equal(torch.cat([shards[r][sinks] for r in range(tp)]), full_params[sinks])
+    for bias in ("model.layers.0.self_attn.o_proj.bias", "model.layers.0.mlp.experts.down_proj_bias"):
+        for r in range(tp * ep):
+            assert torch.count_nonzero(shards[r][bias]) == 0 or r % tp == 0, (bias, r)
 
 
 @pytest.mark.parametrize(("arch", "match"), [

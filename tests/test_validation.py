@@ -143,3 +143,25 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
         taken.listen()
         with pytest.raises(UserError, match=rf"cannot listen on 127.0.0.1:{taken.getsockname()[1]}.*serve.port"):
             serve(f"serve.port={taken.getsockname()[1]}")
+
+
+def test_transformers_plan_layouts_and_kernels() -> None:
+    """parallel.plan=transformers runs the recipe's own sharding: one mesh over all ranks, its kernels."""
+    check = model.check_transformers_plan
+    check(distributed.make_layout(2, 1, 1, world=(2, 0, 0)), "eager", "grouped_mm")
+    check(distributed.make_layout(1, 2, 1, world=(2, 0, 0)), "eager", "grouped_mm")
+    with pytest.raises(UserError, match="parallel.dp_size=1"):
+        check(distributed.make_layout(1, 1, 2, world=(2, 0, 0)), "eager", "grouped_mm")
+    with pytest.raises(UserError, match="tp x ep mix needs parallel.plan=ours"):
+        check(distributed.make_layout(2, 2, 1, world=(4, 0, 0)), "eager", "grouped_mm")
+    with pytest.raises(UserError, match="attention=eager experts=grouped_mm"):
+        check(distributed.make_layout(2, 1, 1, world=(2, 0, 0)), "triton", "mxfp4")
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("parallel.plan=megatron", "parallel.plan='megatron': use ours or transformers"),
+    ("parallel.all_reduce=custom", r"parallel.all_reduce='custom': use one of \['auto', 'one_shot', 'nccl'\]"),
+])
+def test_parallel_choices_are_checked(tmp_path: Path, override: str, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        generate([override, f"output.path={tmp_path / 'out.jsonl'}"])

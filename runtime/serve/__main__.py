@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> None:
             log.info("stopped: %s", scheduler.stats())
     else:
         follow(batcher, layout)
-    engine.close()
+    engine.close(batcher)
 
 
 def _positions(cfg: DictConfig) -> int | None:
