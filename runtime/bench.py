@@ -109,6 +109,9 @@ class Bench:
         self.device = self.engine.device
         self.copy_bw = copy_bandwidth(self.device)
         self.mxfp4 = checkpoint.is_mxfp4(self.engine.hf_config)
+        self.vocab_split = _vocab_split(self.engine.model)
+        g = self.engine.groups  # how this run's forward sums travel: one_shot / nccl / gloo (none: one process)
+        self.all_reduce_path = "/".join(sorted({r.path for r in (g.tp_reduce, g.mp_reduce) if r is not None})) or "none"
 
     def prompts(self, batch: int) -> tuple[list[list[int]], int, bool]:
         """(prompt ids, max new tokens, ignore_eos) for one run at `batch`."""
@@ -169,10 +172,11 @@ class Bench:
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
         # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas of every weight
         expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
+        ours_plan = ours and cfg.parallel.plan == "ours"  # transformers' plan keeps attention whole
         sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,
-                                        expert_bytes=expert_bytes, tp_size=lay.tp_size if ours else 1,
-                                        ep_size=lay.ep_size if ours else 1,
-                                        vocab_split=_vocab_split(self.engine.model) if ours else 1)
+                                        expert_bytes=expert_bytes, tp_size=lay.tp_size if ours_plan else 1,
+                                        ep_size=lay.ep_size if ours_plan else 1,
+                                        vocab_split=self.vocab_split if ours_plan else 1)
         achieved = sb.total / tpot_p50
         return {
             "impl": impl,
@@ -180,6 +184,7 @@ class Bench:
             "format": "mxfp4" if self.mxfp4 else "bf16",
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
+            "plan": cfg.parallel.plan if ours else "recipe", "all_reduce": self.all_reduce_path if ours else "",
             "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
             "mode": self.b.mode, "batch_size": batch,
             "input_len": round(prompt_tokens / batch, 1), "output_len": new_tokens,
@@ -247,7 +252,8 @@ class Bench:
 
 def _vocab_split(model: Any) -> int:
     """Ranks the lm_head rows are split over (1 where each rank holds the whole vocabulary)."""
-    return model.config.vocab_size // model.lm_head.weight.shape[0]
+    rows = model.lm_head.weight.shape[0]  # a DTensor (parallel.plan=transformers) gives the global shape
+    return max(1, model.config.vocab_size // rows)
 
 
 def _free(device: torch.device) -> None:

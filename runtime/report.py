@@ -12,8 +12,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 COLUMNS = [
-    "run", "impl", "model", "format", "dtype", "world_size", "tp_size", "ep_size", "dp_size", "attention", "experts",
-    "mode", "batch_size", "input_len", "output_len", "runs", "generated_tokens", "expected_tokens",
+    "run", "impl", "model", "format", "dtype", "world_size", "tp_size", "ep_size", "dp_size", "plan", "all_reduce",
+    "attention", "experts", "mode", "batch_size", "input_len", "output_len", "runs", "generated_tokens", "expected_tokens",
     "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "output_tok_s", "output_tok_s_per_gpu", "decode_tok_s",
     "output_tok_s_per_user", "prefill_tok_s", "load_s", "step_bytes_gb", "achieved_gb_s", "copy_bw_gb_s",
     "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline",
@@ -79,7 +79,7 @@ def series_label(r: dict[str, Any]) -> str:
     """One Pareto curve per configuration: implementations and lengths too, so runs that differ only in
     attention/experts/dtype or prompt/output length are not joined into one line."""
     return (f"{r['impl']} {r['model']} {r['format']} {r['dtype']} {r['attention']}/{r['experts']} "
-            f"tp{r['tp_size']}ep{r['ep_size']}dp{r['dp_size']} {r['mode']} in{r['input_len']} out{r['output_len']}")
+            f"tp{r['tp_size']}ep{r['ep_size']}dp{r['dp_size']}{'' if r.get('plan', 'ours') == 'ours' else ' ' + str(r['plan'])} {r['mode']} in{r['input_len']} out{r['output_len']}")
 
 
 def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> None:

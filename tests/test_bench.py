@@ -108,6 +108,9 @@ def test_roofline_reproduces_the_measured_bounds() -> None:
     assert mx.total / 1e9 == pytest.approx(3.7, abs=0.1)  # NOTES: ~3.7 GB with MXFP4 experts
     sharded = roofline.decode_step_bytes(cfg, batch=1, context=1, tp_size=2, ep_size=2)
     assert sharded.attention == pytest.approx(one.attention / 2) and sharded.experts == pytest.approx(one.experts / 4)
+    vocab = roofline.decode_step_bytes(cfg, batch=1, context=1, tp_size=2, ep_size=2, vocab_split=4)
+    lm_head = cfg.vocab_size * cfg.hidden_size * 2  # 1.16 GB, read by each rank in quarters (vocab parallel)
+    assert sharded.other - vocab.other == pytest.approx(lm_head * 3 / 4)
 
 
 def fake_bench(tp: int = 1, ep: int = 1, dp: int = 1) -> Bench:
@@ -119,6 +122,7 @@ def fake_bench(tp: int = 1, ep: int = 1, dp: int = 1) -> Bench:
     b.engine = SimpleNamespace(dtype=torch.bfloat16, hf_config=SimpleNamespace(**checkpoint.synthetic_config(
         dict(b.cfg.model.arch), "bf16")))
     b.device, b.copy_bw, b.mxfp4 = torch.device("cpu"), 1e12, False
+    b.vocab_split, b.all_reduce_path = tp * ep, "gloo" if tp * ep > 1 else "none"
     return b
 
 
