@@ -29,7 +29,8 @@ pytestmark = [
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 EXIT_GRACE = 120  # seconds a job may stay alive after its last output line: a hang detector, not a timing
-FAST = ["attention=triton", "experts=mxfp4", "generation.compile=true"]
+FAST = ["attention=triton", "experts=mxfp4"]  # CUDA graphs on by default; they capture the collectives
+COMPILED = [*FAST, "generation.compile=true"]
 COMMON = ["model.device=cuda", "model.dtype=float32", "output.token_ids=true", "generation.max_new_tokens=24",
           "generation.batch_size=4"]
 
@@ -95,8 +96,8 @@ def one_gpu(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]
 @pytest.mark.parametrize(("tp", "ep", "dp"), [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
 def test_layouts_give_one_gpus_tokens_and_exit(tmp_path: Path, one_gpu: tuple[list[dict], dict], tp: int, ep: int,
                                                dp: int, all_reduce: str) -> None:
-    """generate under torchrun on NCCL with the fast path (CUDA graphs that captured the collectives,
-    torch.compile): one GPU's greedy tokens, each rank holding 1/N of the sharded weights, and the job
+    """generate under torchrun on NCCL with the fast path (CUDA graphs that captured the collectives):
+    one GPU's greedy tokens, each rank holding 1/N of the sharded weights, and the job
     ends by itself (it hung after its last line before the graphs were freed ahead of the NCCL teardown)."""
     if all_reduce == "one_shot" and dp == 2:
         pytest.skip("dp=2 has no forward collectives")
@@ -118,9 +119,9 @@ def test_layouts_give_one_gpus_tokens_and_exit(tmp_path: Path, one_gpu: tuple[li
 
 
 def test_bench_exits_on_nccl(tmp_path: Path) -> None:
-    """runtime.bench at tp=2 (fast path, graphs, compile) writes its results and exits by itself."""
+    """runtime.bench at tp=2 (fast path, graphs, torch.compile) writes its results and exits by itself."""
     out_dir = tmp_path / "bench"
-    run_until_exit(["-m", "runtime.bench", "model.device=cuda", *FAST, "bench=quick", "parallel.tp_size=2",
+    run_until_exit(["-m", "runtime.bench", "model.device=cuda", *COMPILED, "bench=quick", "parallel.tp_size=2",
                     f"bench.out_dir={out_dir}", f"bench.table={tmp_path / 'table.csv'}", "bench.plots=false"])
     results = json.loads((out_dir / "results.json").read_text())
     assert results["layout"]["tp_size"] == 2 and len(results["rows"]) == 2
@@ -147,7 +148,7 @@ def test_serve_on_two_gpus_answers_the_openai_client(tmp_path: Path) -> None:
 
     from tests.serve_server import torchrun_server
 
-    overrides = [*FAST, "parallel.tp_size=2", "serve.max_batch=16", "serve.max_len=1024"]
+    overrides = [*COMPILED, "parallel.tp_size=2", "serve.max_batch=16", "serve.max_len=1024"]
     with torchrun_server(tmp_path, 2, overrides, env=NO_MULTICAST, device=["model.device=cuda"]) as server:
         client = OpenAI(base_url=server.base_url, api_key="none", timeout=600)
 
