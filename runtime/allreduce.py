@@ -92,9 +92,16 @@ class Reducer:
         flat.copy_(x.reshape(-1))
         return torch.ops.symm_mem.one_shot_all_reduce(flat, "sum", name).view_as(x)
 
+    def takes_one_shot(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes the one-shot way: a mapped buffer, our dtype, dense, at most ONE_SHOT_MAX_BYTES,
+        and a whole number of 16-byte vectors (the kernel refuses sizes that are not 4-byte aligned;
+        every hidden-state message is a multiple of 2880 elements)."""
+        nbytes = x.numel() * x.element_size()
+        return (self._buffer is not None and x.dtype == self.dtype and x.is_contiguous()
+                and 0 < nbytes <= ONE_SHOT_MAX_BYTES and nbytes % 16 == 0)
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._buffer is not None and x.dtype == self.dtype and x.is_contiguous()
-                and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES):
+        if self.takes_one_shot(x):
             return self._one_shot(x)
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=self.group)
