@@ -1,6 +1,7 @@
 """Tensor and expert parallelism for gpt-oss, applied in one place to transformers' own module tree.
 
-transformers' `tp_plan="auto"` shards nothing of gpt-oss but lm_head, so the plan is ours:
+transformers' `tp_plan="auto"` keeps gpt-oss's attention whole on every rank (parallel.plan=transformers
+runs it for comparison), so the plan is ours:
 
 - attention (tensor parallel over tp ranks): q/k/v colwise by heads, o rowwise, `sinks` by head;
   the KV cache then holds only the local KV heads. o_proj's partial outputs are summed over the
