@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -45,14 +46,37 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
 
 def compose_launch(ours: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(runtime_config.CONF_DIR), version_base=None):
-        cfg = compose(config_name="launch", overrides=ours)
+    for arg in ours:
+        if arg.split("=", 1)[0] == "launcher" and arg.split("=", 1)[-1] not in ("local", "slurm"):
+            raise UserError(f"{arg}: use launcher=local (torchrun on this machine) or launcher=slurm")
+    try:
+        with initialize_config_dir(config_dir=str(runtime_config.CONF_DIR), version_base=None):
+            cfg = compose(config_name="launch", overrides=ours)
+    except (HydraException, OmegaConfBaseException) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None and str(e.__cause__) else ""
+        why = f": {cause}" if cause and cause not in what else ""
+        raise UserError(f"{what}{why} (the launcher's fields and their types: launcher/config.py; quote values "
+                        "with spaces or shell/Hydra characters)") from None
     if cfg.job not in JOBS:
         raise UserError(f"job={cfg.job!r}: use one of {sorted(JOBS)}")
     if cfg.launcher.kind not in ("local", "slurm"):
         raise UserError(f"launcher.kind={cfg.launcher.kind!r}: use launcher=local or launcher=slurm")
+    build.check(cfg.launcher)
     return cfg
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one Hydra override value: single-quoted (so spaces, parentheses, commas and `=` stay
+    literal); inside, a quote and the backslashes before it are escaped. Plain paths stay as they are."""
+    if re.fullmatch(r"[\w/.:@%+-]+", value):
+        return value
+    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    out = re.sub(r"(\\*)$", lambda m: m.group(1) * 2, out)
+    return "'" + out + "'"
 
 
 def new_run_dir(root: Path, job: str, stamp: str) -> Path:
@@ -74,7 +98,7 @@ def main(argv: list[str]) -> int:
     run_dir = new_run_dir(Path(lc.run_root), job, stamp)
     key, name = OUTPUTS[job]
     if not any(o.split("=", 1)[0].lstrip("+") == key for o in theirs):
-        theirs = [*theirs, f"{key}={run_dir}/{name}"]
+        theirs = [*theirs, f"{key}={hydra_quote(f'{run_dir}/{name}')}"]
     cfg = runtime_config.compose(job, theirs)  # refuses unknown keys before anything is submitted
     par = cfg.parallel
     sh = build.shape(lc, par.tp_size, par.ep_size, par.dp_size)

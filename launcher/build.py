@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,55 @@ class Shape:
     @property
     def world_size(self) -> int:
         return self.num_nodes * self.procs_per_node
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+|UNLIMITED|INFINITE|infinite|unlimited")
+
+
+def check(lc: LauncherConfig) -> None:
+    """Every launcher value before anything is rendered: numbers in range, and nothing that could end an
+    `#SBATCH` line and run as a command in the batch script (a newline in launcher.partition did), add an
+    sbatch option (a space), or make an `export` line fail on the nodes (a bad variable name)."""
+    for key, low in (("num_nodes", 1), ("gpus_per_node", 0), ("procs_per_node", 1), ("cpus_per_task", 1)):
+        value = getattr(lc, key)
+        if value is not None and value < low:
+            raise LaunchError(f"launcher.{key}={value} must be >= {low}")
+    if lc.port is not None and not 1 <= lc.port <= 65535:
+        raise LaunchError(f"launcher.port={lc.port}: use a TCP port (1-65535), or null for one derived from the job id")
+    if not 1 <= lc.signal_seconds <= 65535:  # sbatch's --signal takes 0..65535 seconds
+        raise LaunchError(f"launcher.signal_seconds={lc.signal_seconds} must be between 1 and 65535 (seconds before "
+                          "the time limit at which the job is told to stop)")
+    if lc.poll_seconds <= 0:
+        raise LaunchError(f"launcher.poll_seconds={lc.poll_seconds} must be > 0")
+    for key in ("time", "mem", "partition", "account", "qos", "constraint"):
+        value = getattr(lc, key)
+        if value is not None and (value == "" and key == "time" or not _one_word(value)):
+            raise LaunchError(f"launcher.{key}={value!r}: Slurm takes one word here (no spaces, newlines or control "
+                              f"characters)")
+    if not _TIME.fullmatch(lc.time):
+        raise LaunchError(f"launcher.time={lc.time!r}: use Slurm's MM, HH:MM:SS or D-HH:MM:SS")
+    if lc.job_name is not None and (not lc.job_name or not _one_line(lc.job_name)):
+        raise LaunchError(f"launcher.job_name={lc.job_name!r}: one line of printable characters")
+    for line in lc.sbatch_extra:
+        if not _one_line(line) or not line.startswith("-"):
+            raise LaunchError(f"launcher.sbatch_extra item {line!r}: each item is one sbatch option on one line, "
+                              "e.g. '--exclusive' or '--reservation=demo'")
+    if "${" in lc.run_root or not _one_line(lc.run_root):
+        raise LaunchError(f"launcher.run_root={lc.run_root!r}: a directory path on one line, without '${{' (the "
+                          "job's config would read it as an interpolation)")
+    for name in lc.env:
+        if not _ENV_NAME.fullmatch(str(name)):
+            raise LaunchError(f"launcher.env.{name}: not a shell variable name (letters, digits and _, not starting "
+                              "with a digit)")
+
+
+def _one_line(value: str) -> bool:
+    return bool(value) and all(ch.isprintable() for ch in value)
+
+
+def _one_word(value: str) -> bool:
+    return _one_line(value) and not any(ch.isspace() for ch in value)
 
 
 def shape(launcher: LauncherConfig, tp: int, ep: int, dp: int) -> Shape:

@@ -56,6 +56,20 @@ class RowKVCache(StaticKVCache):
         return self.k[layer_idx], self.v[layer_idx]
 
 
+MIN_TEMPERATURE = 1e-5
+"""Smallest temperature the sampler divides by: below it float32 logits / temperature can overflow to inf
+(a 1e-40 temperature is a float32 denormal), so smaller positive temperatures are raised to it (in effect
+greedy decoding, as vLLM treats temperatures under 1e-5)."""
+
+
+def nucleus_keep(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of the probabilities sorted in descending order a top-p draw keeps: those before the mass
+    reaches top_p, and always the first (a top_p that rounds to 0 in float32 still leaves one token)."""
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p
+    keep[..., 0] = True
+    return keep
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                 generator: torch.Generator | None, sampling: bool, nucleus: bool) -> torch.Tensor:
     """Next token per row [n] from logits [n, V]; rows with temperature 0 take the argmax.
@@ -66,12 +80,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     greedy = logits.argmax(-1)
     if not sampling:
         return greedy
-    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    temp = torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE), torch.ones_like(temperature))
     probs = torch.softmax(logits.float() / temp[:, None], dim=-1)
     if nucleus:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p[:, None]  # the top token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * nucleus_keep(sorted_p, top_p[:, None]))
     drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.where(temperature > 0, drawn, greedy)
 
@@ -103,6 +116,7 @@ class ContinuousBatcher:
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)  # last[r], fed by the next step
         self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.failed: dict[int, str] = {}  # rows whose draw failed this step (see _sample_each)
         self._temp_host = [0.0] * rows  # the leader's copy, to skip sampling work an all-greedy batch needs not
         self._top_p_host = [1.0] * rows
         self.use_graph = use_graph and device.type == "cuda" and cfg._experts_implementation != "eager"
@@ -237,7 +251,40 @@ class ContinuousBatcher:
             else:
                 idx = torch.tensor(rows, dtype=torch.long, device=self.device)
                 temperature, top_p = self.temperature[idx], self.top_p[idx]
-            tokens = sample_rows(logits, temperature, top_p, self.generator, sampling, nucleus)
+            try:
+                tokens = sample_rows(logits, temperature, top_p, self.generator, sampling, nucleus)
+            except RuntimeError as e:
+                if _device_fault(e):
+                    raise
+                tokens = self._sample_each(logits, list(sel), temperature, top_p)
         else:
             tokens = torch.empty(n, dtype=torch.long, device=self.device)
         return distributed.broadcast_from_leader_(tokens, self.group)
+
+    def _sample_each(self, logits: torch.Tensor, rows: list[int], temperature: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+        """The batch's draw failed: draw row by row; a row whose draw fails gets its argmax as a stand-in
+        (every rank still receives a token, so the ranks stay in step) and goes to `self.failed` for the
+        scheduler to end that request with an error. The other rows are served."""
+        out = logits.argmax(-1)
+        for i, r in enumerate(rows):
+            t, p = temperature[i : i + 1], top_p[i : i + 1]
+            try:
+                out[i] = sample_rows(logits[i : i + 1], t, p, self.generator, bool(t.item() > 0),
+                                     bool(p.item() < 1))[0]
+            except RuntimeError as e:
+                if _device_fault(e):
+                    raise
+                self.failed[r] = f"sampling failed ({str(e).splitlines()[0][:200]})"
+        return out
+
+    def take_failed(self) -> dict[int, str]:
+        """Rows whose sampling failed since the last call, with why (the leader's; empty elsewhere)."""
+        failed, self.failed = self.failed, {}
+        return failed
+
+
+def _device_fault(e: BaseException) -> bool:
+    """An error of the device or the runtime (CUDA, out of memory), as opposed to one request's values."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "CUDA" in text or "device-side" in text

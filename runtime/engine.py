@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
 from runtime.errors import UserError
+from runtime.continuous import MIN_TEMPERATURE, nucleus_keep
 from runtime.graph_decode import DecodeState, GraphDecoder, mark_stops
 from runtime import model as modeling
 
@@ -280,7 +281,7 @@ class Engine:
         probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
         if gen.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < gen.top_p  # the top token always stays
+            keep = nucleus_keep(sorted_p, torch.tensor(gen.top_p, dtype=torch.float32, device=logits.device))
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
         token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
         # Ranks could draw differently if their logits differed in the last bit: the leader decides.
@@ -328,9 +329,11 @@ def _check_generation(gen: Any) -> None:
         raise UserError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
     if gen.batch_size < 1:
         raise UserError(f"generation.batch_size={gen.batch_size} must be >= 1")
-    if gen.do_sample and gen.temperature <= 0:
-        raise UserError(f"generation.temperature={gen.temperature} must be > 0 (or generation.do_sample=false)")
-    if not 0 < gen.top_p <= 1:
+    if not math.isfinite(gen.temperature) or (gen.do_sample and gen.temperature < MIN_TEMPERATURE):
+        raise UserError(
+            f"generation.temperature={gen.temperature} must be a finite number >= {MIN_TEMPERATURE:g} when sampling "
+            f"(smaller temperatures are greedy decoding: generation.do_sample=false)")
+    if not (math.isfinite(gen.top_p) and 0 < gen.top_p <= 1):
         raise UserError(f"generation.top_p={gen.top_p} must be in (0, 1]")
     if gen.kv_cache not in ("static", "dynamic"):
         raise UserError(f"generation.kv_cache={gen.kv_cache!r}: use static or dynamic")

@@ -77,3 +77,42 @@ def test_joining_and_leaving_rows_with_the_flash_kernel_in_the_interpreter() -> 
                            "joining_and_leaving_rows_give_the_engine_tokens and triton"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_sampler_takes_extreme_values() -> None:
+    """Values the API's range checks pass but float32 cannot divide by or sum to: a 1e-40 temperature (a
+    float32 denormal: logits / it overflowed to inf and torch.multinomial raised, which ended the server)
+    and a top_p of 1e-320 (0.0 in float32: no token was kept). Both draw a token now, the argmax."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    temperature = torch.tensor([1e-40, 1.0, 0.7], dtype=torch.float32)
+    top_p = torch.tensor([1.0, 1e-320, 0.9], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    tokens = sample_rows(logits, temperature, top_p, gen, sampling=True, nucleus=True)
+    assert tokens[:2].tolist() == logits[:2].argmax(-1).tolist()
+
+
+def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draw that raises for one row's values: that row is reported failed (for the scheduler to end its
+    request with an error) and gets a stand-in token; the other rows still get their draws."""
+    import runtime.continuous as cont
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=128, max_prefill_tokens=200,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    real = cont.sample_rows
+
+    def fragile(logits, temperature, top_p, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if bool((temperature == 0.5).any()):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, top_p, *a, **kw)
+
+    monkeypatch.setattr(cont, "sample_rows", fragile)
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
+    first = b.prefill([0, 1, 2], prompts, [0.0, 0.5, 1.0], [1.0, 1.0, 1.0])
+    assert b.take_failed() == {1: "sampling failed (probability tensor contains either inf, nan or element < 0)"}
+    assert first[0].item() == engine.decode([prompts[0]], 1, ignore_eos=True).tokens[0, 0].item()
+    b.step()
+    assert list(b.take_failed()) == [1] and b.take_failed() == {}
+    monkeypatch.setattr(cont, "sample_rows", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error: x")))
+    with pytest.raises(RuntimeError, match="CUDA error"):  # a device fault is not one request's: it propagates
+        b.step()

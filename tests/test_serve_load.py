@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,3 +110,28 @@ def test_cancelled_and_stalled_clients_stall_nobody(server: Server, client: open
     after = wait_for(server, lambda h: h["rows_busy"] == 0, "the stalled client's row was not freed")
     assert after["cancelled"] - before["cancelled"] == 2
     assert after["generated_tokens"] - before["generated_tokens"] < 2 * LONG + sum(n for _, n in results)
+
+
+def test_extreme_sampling_values_stop_nobody(server: Server, client: openai.OpenAI) -> None:
+    """temperature 1e-40 and top_p 1e-320 pass the API's ranges; they made the sampler raise, which ended the
+    scheduler loop and with it every request in flight and the server. Now each is answered (the argmax, as
+    greedy), a request beside them is served, non-finite values get a 400, and the server stays up."""
+    msgs = [{"role": "user", "content": PROMPTS[3]}]
+    greedy = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    with ThreadPoolExecutor(3) as pool:
+        tiny_t = pool.submit(client.chat.completions.create, model="tiny", messages=msgs, max_tokens=6,
+                             temperature=1e-40)
+        tiny_p = pool.submit(client.chat.completions.create, model="tiny", messages=msgs, max_tokens=6,
+                             temperature=1.0, top_p=1e-320)
+        beside = pool.submit(stream_chat, client, 5)
+        for r in (tiny_t.result(), tiny_p.result()):
+            assert r.choices[0].message == greedy.choices[0].message
+        assert beside.result()[1] >= 1
+    for raw in (b'"temperature": NaN', b'"temperature": Infinity', b'"top_p": -Infinity'):
+        body = b'{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
+        req = urllib.request.Request(server.root + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 400 and b"is not between" in e.value.read()
+    assert health(server)["status"] == "ok"

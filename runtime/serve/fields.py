@@ -9,6 +9,7 @@ real clients send many of them; the few whose omission would change the result a
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
@@ -82,10 +83,10 @@ def optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], pref
 def sampling(body: dict[str, Any], default_temperature: float, default_top_p: float) -> tuple[float, float]:
     """(temperature, top_p) of a request; temperature 0 is greedy decoding."""
     temperature = optional(body, "temperature", float, default=default_temperature)
-    if not 0 <= temperature <= 2:
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):  # NaN and Infinity parse as JSON here
         raise invalid_value("temperature", f"{temperature} is not between 0 and 2.")
     top_p = optional(body, "top_p", float, default=default_top_p)
-    if not 0 <= top_p <= 1:
+    if not (math.isfinite(top_p) and 0 <= top_p <= 1):
         raise invalid_value("top_p", f"{top_p} is not between 0 and 1.")
     if top_p == 0:  # OpenAI accepts it: only the most likely token is left, i.e. greedy decoding
         return 0.0, 1.0

@@ -173,6 +173,8 @@ class Scheduler:
                 if plan.shutdown:
                     return
                 first, step = execute(plan, self.batcher)
+                for r, why in self.batcher.take_failed().items():
+                    self._fail(r, why)  # that request ends with an error; everyone else goes on
                 if first is not None:
                     for a, token in zip(plan.admit, first):
                         self._deliver(a.row, token)
@@ -235,6 +237,14 @@ class Scheduler:
                 sub.events.put(Finish(reason))
             else:
                 self.counters.cancelled += 1
+
+    def _fail(self, row: int, message: str) -> None:
+        """End one request with an error (its row is freed at the next step)."""
+        sub = self.rows[row]
+        if sub is not None and not sub.finished:
+            sub.finished = True
+            log.warning("request in row %d failed: %s", row, message)
+            sub.events.put(Finish("error", message))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
