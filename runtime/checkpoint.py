@@ -214,6 +214,17 @@ def _aligned_groups(s: slice) -> slice | None:
 # ----------------------------------------------------------------------------------------- writing
 
 
+def max_positions(model: Any) -> int | None:
+    """The model's max_position_embeddings from its config.json (no weight is read); `model` is the
+    `model` config group."""
+    from omegaconf import OmegaConf
+
+    if model.synthetic:
+        return synthetic_config(OmegaConf.to_container(model.arch), model.synthetic_format).get(  # type: ignore[arg-type]
+            "max_position_embeddings")
+    return getattr(read_config(resolve_path(model.path)), "max_position_embeddings", None)
+
+
 def synthetic_config(arch: dict[str, Any], fmt: str) -> dict[str, Any]:
     """The real gpt-oss-20b config.json with shape overrides applied (null = keep the real value)."""
     if fmt not in ("mxfp4", "bf16"):

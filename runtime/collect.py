@@ -28,21 +28,61 @@ def read_prompts(path: str | Path) -> list[Request]:
         raise PromptsError(f"prompts.path={path} does not exist: point it at a JSONL file")
     requests: list[Request] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptsError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                   "line): save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PromptsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): one JSON object per line") from e
+            except RecursionError:
+                raise PromptsError(f"{where}: JSON nested too deeply: one flat object per line") from None
+            _check_text(obj, where)
             req = _request(obj, str(len(requests)), where)
             if req.id in seen:
                 raise PromptsError(f"{where}: id {req.id!r} already used on line {seen[req.id]}: ids must be unique")
             seen[req.id] = lineno
             requests.append(req)
     return requests
+
+
+def _check_text(obj: Any, where: str, key: str = "") -> None:
+    """Every string must be encodable: JSON's \\ud800-style escapes can give a lone UTF-16 surrogate, which
+    no tokenizer takes."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code, at = ord(obj[e.start]), e.start + 1
+            raise PromptsError(f"{where}: {key or 'a string'} holds a lone UTF-16 surrogate (\\u{code:04x} at character "
+                               f"{at}), which is no text: write the character as UTF-8 or as a surrogate pair") from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_text(k, where, key)
+            _check_text(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_text(v, where, f"{key}[{i}]")
+
+
+def check_resume(requests: list[Request], written: dict[str, str | None], path: Path, prompts: str) -> None:
+    """Refuse to resume when a prompt already written under an id is not the prompt under that id now
+    (ids default to line positions: a line inserted above shifts them all)."""
+    differ = [r.id for r in requests if written.get(r.id) is not None and written[r.id] != r.digest()]
+    if differ:
+        shown = ", ".join(repr(i) for i in differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise PromptsError(
+            f"{len(differ)} prompt(s) in {prompts} are not the ones already written under the same id to {path} "
+            f"(id {shown}): the prompts file changed since that run (ids default to line positions, so a line "
+            f"added or removed shifts them). Give the prompts explicit \"id\"s, restore the file, or write to a "
+            f"new output.path")
 
 
 def _request(obj: Any, default_id: str, where: str) -> Request:
@@ -119,22 +159,37 @@ class JsonlWriter:
         if self.path.is_dir():
             raise UserError(f"output.path={self.path} is a directory: name a file, e.g. "
                             f"output.path={self.path / 'out.jsonl'}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done_ids = self._recover(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"output.path={self.path}: its directory cannot be created ({e.strerror or e}): choose "
+                            "another output.path") from None
+        target = self.path if self.path.exists() else self.path.parent
+        if not os.access(target, os.W_OK):  # read-only, immutable, or a directory we may not write to
+            raise UserError(f"output.path={self.path}: {'the file' if target == self.path else 'its directory'} "
+                            "cannot be written (permissions or an immutable flag): fix that, or choose another "
+                            "output.path")
+        self.digests = self._recover(self.path)
+        """{id: prompt_sha256} of the records already written (None for records written without one)."""
         self._f: Any = None
 
+    @property
+    def done_ids(self) -> set[str]:
+        return set(self.digests)
+
     @staticmethod
-    def _recover(path: Path) -> set[str]:
+    def _recover(path: Path) -> dict[str, str | None]:
         if not path.exists():
-            return set()
+            return {}
         data = path.read_bytes()
         lines = data.splitlines(keepends=True)
-        good_end, ids = 0, set()
+        good_end, ids = 0, {}
         for n, line in enumerate(lines, start=1):
             try:
                 if not line.endswith(b"\n"):
                     raise ValueError("unterminated")
-                ids.add(str(json.loads(line)["id"]))
+                rec = json.loads(line)
+                ids[str(rec["id"])] = rec.get("prompt_sha256")
             except (ValueError, KeyError, TypeError) as e:
                 # only an unterminated (or blank) last line can be a torn write: a whole line is never dropped
                 if n < len(lines) or (line.endswith(b"\n") and line.strip()):
@@ -156,7 +211,7 @@ class JsonlWriter:
         self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._f.flush()
         os.fsync(self._f.fileno())
-        self.done_ids.update(str(r["id"]) for r in records)
+        self.digests.update((str(r["id"]), r.get("prompt_sha256")) for r in records)
 
     def close(self) -> None:
         if self._f is not None:

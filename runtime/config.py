@@ -144,6 +144,10 @@ class PromptsConfig:
     """Developer instructions added to prompts that carry no system/developer message."""
     renderer: str = "harmony"
     """`harmony` (openai-harmony renders the prompt) or `chat_template` (the checkpoint's template)."""
+    too_long: str = "error"
+    """A prompt whose tokens plus generation.max_new_tokens exceed the model's positions, found before
+    any weight is read: `error` (stop, naming the ids and lengths) or `record` (write a record with
+    finish_reason "error" for it, in its place, and generate the others)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ The engine never prints or writes files.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,13 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     developer: str | None = None
     """Developer instructions prepended when the conversation has no system/developer message."""
+
+    def digest(self) -> str:
+        """sha256 of what decides the prompt (text or messages, tools, effort, developer instructions): kept
+        with the request's record, so a resumed run notices a prompts file edited since."""
+        what = {"prompt": self.prompt, "messages": self.messages, "tools": self.tools,
+                "reasoning_effort": self.reasoning_effort, "developer": self.developer}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def conversation(self) -> list[dict[str, Any]]:
         msgs = self.messages if self.messages is not None else [{"role": "user", "content": self.prompt}]
@@ -308,6 +316,7 @@ class Engine:
             prompt_tokens=len(prompt),
             completion_tokens=len(completion),
             parse_error=parsed.parse_error,
+            prompt_sha256=req.digest(),
         )
         if self.cfg.output.token_ids:
             rec["completion_ids"] = completion

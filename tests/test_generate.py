@@ -13,7 +13,7 @@ from runtime.engine import CALL, RETURN
 from tests.conftest import CPU, generate, read_jsonl
 
 FIELDS = {"id", "prompt", "text", "reasoning", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
-          "parse_error"}
+          "parse_error", "prompt_sha256"}
 
 
 @pytest.fixture(scope="module")

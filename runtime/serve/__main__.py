@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> None:
     check(cfg, distributed.env_world()[0])
     layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
     distributed.silence_non_writers(layout)
-    limit = _positions(cfg)
+    limit = checkpoint.max_positions(cfg.model)
     if limit is not None and sc.max_len > limit:
         raise UserError(f"serve.max_len={sc.max_len} exceeds the model's {limit} positions: lower it")
     harmony.encoding()  # the vocabulary is in place before any request needs it
@@ -114,15 +114,6 @@ def run(cfg: DictConfig) -> None:
     else:
         follow(batcher, layout)
     engine.close(batcher)
-
-
-def _positions(cfg: DictConfig) -> int | None:
-    """The model's max_position_embeddings, from its config.json (no weight is read)."""
-    m = cfg.model
-    if m.synthetic:
-        return checkpoint.synthetic_config(OmegaConf.to_container(m.arch), m.synthetic_format).get(  # type: ignore[arg-type]
-            "max_position_embeddings")
-    return getattr(checkpoint.read_config(checkpoint.resolve_path(m.path)), "max_position_embeddings", None)
 
 
 def _render(job: Job) -> list[int]:

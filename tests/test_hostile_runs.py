@@ -1,0 +1,116 @@
+"""runtime.generate against hostile but realistic inputs (issue 13): an edited prompts file on resume, a
+prompt longer than the model's context, an output file that cannot be written, a prompts file that is not
+UTF-8 or holds a lone surrogate, values the sampler cannot use. Each is refused before the weights load,
+with a message naming the fix, or recorded, and no record is lost or written twice."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runtime import collect
+from runtime.errors import UserError
+from tests.conftest import generate, read_jsonl
+
+COMMON = ["generation.max_new_tokens=4", "generation.batch_size=2"]
+
+
+def prompts_file(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+def test_resume_refuses_a_prompts_file_edited_since(tmp_path: Path) -> None:
+    """Ids default to line positions: a line inserted at the top shifted them, so the rerun skipped the new
+    prompt, wrote another twice and paired ids with the wrong prompts. It is refused now, naming the ids."""
+    p, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts_file(p, ["one", "two", "three"])
+    generate([f"prompts.path={p}", f"output.path={out}", *COMMON])
+    before = out.read_text()
+    prompts_file(p, ["zero", "one", "two", "three"])
+    with pytest.raises(UserError, match=r"3 prompt\(s\) in .*p.jsonl are not the ones already written .* "
+                                        r"\(id '0', '1', '2'\).*new output.path"):
+        generate([f"prompts.path={p}", f"output.path={out}", *COMMON])
+    assert out.read_text() == before
+    # the same file again (or explicit ids with new prompts appended) resumes as before
+    prompts_file(p, ["one", "two", "three", "four"])
+    generate([f"prompts.path={p}", f"output.path={out}", *COMMON])
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == ["0", "1", "2", "3"] and [r["prompt"] for r in recs][-1] == "four"
+
+
+def test_a_prompt_longer_than_the_context_is_found_before_loading(tmp_path: Path) -> None:
+    """It allocated a KV cache for ~140k tokens and died out of memory on every rerun; now an error names it
+    before any weight is read, or (prompts.too_long=record) it gets an error record in its place."""
+    p, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts_file(p, ["short one", "word " * 140_000, "short two"])
+    with pytest.raises(UserError, match=r"1 prompt\(s\) in .*p.jsonl do not fit the model's 131072 positions .*"
+                                        r"id '1': 1400\d\d tokens.*prompts.too_long=record"):
+        generate([f"prompts.path={p}", f"output.path={out}", *COMMON])
+    assert not out.exists()
+    record = generate([f"prompts.path={p}", f"output.path={out}", "prompts.too_long=record", *COMMON])
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == ["0", "1", "2"]  # in input order
+    assert recs[1]["finish_reason"] == "error" and "exceeds the model's 131072 positions" in recs[1]["error"]
+    assert recs[0]["finish_reason"] != "error" and recs[2]["completion_tokens"] >= 1
+    assert record["prompts_too_long"] == 1 and record["status"] == "done"
+    generate([f"prompts.path={p}", f"output.path={out}", "prompts.too_long=record", *COMMON])  # resumes: nothing
+    assert [r["id"] for r in read_jsonl(out)] == ["0", "1", "2"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_loading(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(UserError, match=r"output.path=.*out.jsonl: the file cannot be written"):
+            generate(["model=gpt-oss-20b", "model.path=/definitely/missing", f"output.path={out}"])
+    finally:
+        subprocess.run(["chattr", "-i", str(out)])
+    with pytest.raises(UserError, match="its directory cannot be created"):
+        generate([f"output.path={out}/inside/out.jsonl"])  # a file where a directory must be
+
+
+def test_a_failed_write_marks_the_run_record_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No space left (found at the first append): a clear error, and the run record says `failed` and why
+    (it said `running`)."""
+    out = tmp_path / "out.jsonl"
+
+    def full(self, records):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(collect.JsonlWriter, "append", full)
+    with pytest.raises(UserError, match=r"writing .*out.jsonl failed \(No space left on device\): free space"):
+        generate([f"output.path={out}", *COMMON])
+    run = json.loads(Path(f"{out}.run.json").read_text())
+    assert run["status"] == "failed" and "No space left on device" in run["error"]
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (b'{"prompt": "caf\xe9"}\n', r"p.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 16 of the line\)"),
+    (b'{"prompt": "half \\ud800 a pair"}\n', r"p.jsonl:2: prompt holds a lone UTF-16 surrogate \(\\ud800 at "
+                                            r"character 6\)"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}\n', r"messages\[0\].content holds a lone UTF-16"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", r"p.jsonl:2: (JSON nested too deeply|expected a JSON object)"),
+])
+def test_undecodable_prompts_name_the_line(tmp_path: Path, raw: bytes, match: str) -> None:
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'{"prompt": "fine"}\n' + raw)
+    with pytest.raises(UserError, match=match):
+        collect.read_prompts(p)
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("generation.temperature=inf", "generation.temperature=inf must be a finite number"),
+    ("generation.temperature=1e-40", r"generation.temperature=1e-40 must be a finite number >= 1e-05"),
+    ("generation.top_p=nan", r"generation.top_p=nan must be in \(0, 1\]"),
+])
+def test_generation_values_the_sampler_cannot_use(tmp_path: Path, override: str, match: str) -> None:
+    """temperature=inf sampled uniformly and 1e-40 crashed in torch.multinomial: both refused up front."""
+    with pytest.raises(UserError, match=match):
+        generate(["generation=sample", override, f"output.path={tmp_path / 'o.jsonl'}"])
