@@ -259,6 +259,11 @@ class ServeConfig:
     single prompt is prefilled alone."""
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
+    max_connections: int = 1024
+    """HTTP connections served at once (a thread each); a connection beyond it gets 503 and is closed."""
+    timeout_seconds: float = 60.0
+    """Seconds a socket read or write may block before its connection is closed: a client stalled
+    mid-request, an idle keep-alive connection, a stream nobody reads (its request is cancelled)."""
     out_dir: str = "outputs/serve/${now:%Y-%m-%d_%H-%M-%S}"
     """Directory rank 0 writes config.yaml (the resolved config, without the API key) and endpoint.json
     (URL, host, port; written once the model is loaded and requests are answered) into."""

@@ -400,3 +400,82 @@ def test_load_model_for_transformers_chat(served) -> None:  # noqa: ANN001
     assert status == 200 and json.loads(body.decode().removeprefix("data: "))["status"] == "ready"
     assert post("other")[0] == 404
     assert post("gpt-oss-test", key="")[0] == 401
+
+
+# ---------------------------------------------------------------------------------------- hostile HTTP
+
+
+def _raw(url: str, data: bytes, timeout: float = 60) -> tuple[bytes, bytes]:
+    """Send raw bytes; (the status line, everything the server sent until it closed or went quiet)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.settimeout(3)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except TimeoutError:
+            pass
+    return got.split(b"\r\n", 1)[0], got
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+
+
+def test_deeply_nested_json_is_a_400(served) -> None:  # noqa: ANN001
+    """It was a 500 (RecursionError inside json.loads)."""
+    _, _, url = served
+    body = b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    status, got = _raw(url, POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert status.split()[1] == b"400" and b"nested too deeply" in got
+
+
+def test_conflicting_content_lengths_are_refused_and_the_connection_closed(served) -> None:  # noqa: ANN001
+    """Two Content-Length headers were accepted (the first used) and the rest of the body stayed on the
+    connection, parsed as the next request: request smuggling behind a proxy that read the other length."""
+    _, backend, url = served
+    body = json.dumps({"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n\r\n"
+    before = len(backend.subs)
+    status, got = _raw(url, POST + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (
+        len(body), len(body) + len(smuggled)) + body + smuggled)
+    assert status.split()[1] == b"400" and b"Content-Length headers" in got
+    assert got.count(b"HTTP/1.1 ") == 1  # nothing answered the smuggled request: the connection was closed
+    assert len(backend.subs) == before
+    status, got = _raw(url, POST + b"Content-Length: 5, 7\r\n\r\n{}")
+    assert status.split()[1] == b"400" and got.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_stalled_client_is_let_go_and_connections_are_capped() -> None:
+    """A client that sends half a request no longer holds its thread for 600 s (serve.timeout_seconds), and
+    connections beyond serve.max_connections are answered 503 at once, not queued behind the others."""
+    import socket
+
+    app = App(Defaults("gpt-oss-test", 1.0, 1.0, "medium"), max_len=400, render=lambda job: [1],
+              backend=ScriptedBackend(), end_ids=END_IDS)
+    server = make_server(app, "127.0.0.1", 0, timeout=1.0, max_connections=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) for _ in range(2)]
+        for s in stalled:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mod")
+        time.sleep(0.3)
+        status, got = _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status.split()[1] == b"503" and b"serve.max_connections" in got
+        for s in stalled:  # each is closed by the server after its read timeout (a failure guard of 30 s)
+            s.settimeout(30)
+            while s.recv(65536):
+                pass
+            s.close()
+        deadline = time.monotonic() + 30
+        while (status := _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0]) != \
+                b"HTTP/1.1 200 OK" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == b"HTTP/1.1 200 OK"
+    finally:
+        server.shutdown()
+        server.server_close()

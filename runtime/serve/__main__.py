@@ -15,6 +15,7 @@ Every field: runtime/config.py (ServeConfig).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -47,9 +48,12 @@ def check(cfg: DictConfig, world_size: int) -> None:
                         "per-request cache; drop the override")
     if not 0 <= sc.port <= 65535:
         raise UserError(f"serve.port={sc.port}: use a TCP port (0 picks a free one)")
-    for key, low in (("max_batch", 1), ("max_len", 2), ("max_prefill_tokens", 1), ("max_waiting", 1)):
+    for key, low in (("max_batch", 1), ("max_len", 2), ("max_prefill_tokens", 1), ("max_waiting", 1),
+                     ("max_connections", 1)):
         if sc[key] < low:
             raise UserError(f"serve.{key}={sc[key]} must be >= {low}")
+    if not (math.isfinite(sc.timeout_seconds) and sc.timeout_seconds > 0):
+        raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be a positive number of seconds")
 
 
 def run(cfg: DictConfig) -> None:
@@ -76,7 +80,7 @@ def run(cfg: DictConfig) -> None:
         app = App(defaults, sc.max_len, _render, api_key=sc.api_key or os.environ.get("GPTOSS_API_KEY") or None,
                   ready=threading.Event())
         try:
-            server = make_server(app, sc.host, sc.port)
+            server = make_server(app, sc.host, sc.port, sc.timeout_seconds, sc.max_connections)
         except OSError as e:
             raise UserError(f"cannot listen on {sc.host}:{sc.port} ({e.strerror or e}): choose another "
                             "serve.port (0 picks a free one) or serve.host") from None

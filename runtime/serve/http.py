@@ -71,14 +71,52 @@ class App:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` at once: a connection beyond that is answered
+    503 at once and closed (no thread is started for it)."""
+
     request_queue_size = 1024  # the listen backlog: socketserver's default of 5 resets bursts of clients
     daemon_threads = True
+    max_connections = 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open = 0
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            body = json.dumps(ApiError(503, f"The server has {self.max_connections} connections open "
+                                            "(serve.max_connections): retry shortly.", code="overloaded").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nRetry-After: 1\r\nContent-Length: " + str(len(body)).encode()
+                                + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
 
-def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
-    """Bind (port 0: any free port); `serve_forever()` starts answering."""
-    cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
-    server = cls((host, port), Handler)
+def make_server(app: App, host: str, port: int, timeout: float = 60.0, max_connections: int = 1024) -> ThreadingHTTPServer:
+    """Bind (port 0: any free port); `serve_forever()` starts answering. `timeout`: seconds a socket read or
+    write may block (a client stalled mid-request, an idle keep-alive connection, a stream nobody reads) before
+    its connection is closed; `max_connections`: connections served at once."""
+    base = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
+    cls = type("Server", (base,), {"max_connections": max_connections})
+    server = cls((host, port), type("Handler", (Handler,), {"timeout": timeout}))
     server.app = app  # type: ignore[attr-defined]
     return server
 
@@ -86,8 +124,9 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gptoss-runtime"
-    timeout = 600  # seconds a socket read or write may block: idle keep-alive connections and clients that
-    # stopped reading a stream are let go (the latter's request is cancelled)
+    timeout = 60.0  # seconds a socket read or write may block (serve.timeout_seconds; make_server sets it): idle
+    # keep-alive connections, clients stalled mid-request and clients that stopped reading a stream are let go
+    # (the latter's request is cancelled)
 
     @property
     def app(self) -> App:
@@ -209,9 +248,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True  # the unread body must not be taken for the next request
             raise ApiError(411, "Chunked request bodies are not accepted: send Content-Length.")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:  # which one a proxy in front honoured is unknown: the rest could be a smuggled request
+            self.close_connection = True
+            raise ApiError(400, f"{len(lengths)} Content-Length headers ({', '.join(lengths)}): send exactly one.")
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(lengths[0]) if lengths else int("")
         except ValueError:
+            self.close_connection = True
+            if lengths:
+                raise ApiError(400, f"Invalid Content-Length {lengths[0]!r}: send the body's length in bytes.") from None
             raise ApiError(411, "Missing Content-Length: send the JSON body with its length.") from None
         if length < 0:  # rfile.read(-1) would wait for the client to close the connection
             self.close_connection = True
@@ -223,7 +269,10 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = True
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise ApiError(400, "The JSON body is nested too deeply to parse: send a flatter JSON object.",
+                           code="invalid_json") from None
+        except (UnicodeDecodeError, ValueError) as e:  # ValueError: also an integer of more than 4300 digits
             raise ApiError(400, f"We could not parse the JSON body of your request ({e}). Send a JSON object, "
                            "with the header 'Content-Type: application/json'.", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -234,11 +283,14 @@ class Handler(BaseHTTPRequestHandler):
         """An error answered before the body was read: read it, or the connection cannot be reused."""
         if getattr(self, "_body_read", False) or self.close_connection:
             return
+        lengths = self.headers.get_all("Content-Length") or ["0"]
         try:
-            length = int(self.headers.get("Content-Length", "0"))
+            length = int(lengths[0]) if len(lengths) == 1 else -1
         except ValueError:
-            length = 0
-        if 0 < length <= MAX_BODY_BYTES:
+            length = -1
+        if length < 0:  # no way to know where this body ends: the connection cannot carry another request
+            self.close_connection = True
+        elif 0 < length <= MAX_BODY_BYTES:
             self.rfile.read(length)
         elif length:
             self.close_connection = True
