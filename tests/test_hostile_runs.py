@@ -114,3 +114,31 @@ def test_generation_values_the_sampler_cannot_use(tmp_path: Path, override: str,
     """temperature=inf sampled uniformly and 1e-40 crashed in torch.multinomial: both refused up front."""
     with pytest.raises(UserError, match=match):
         generate(["generation=sample", override, f"output.path={tmp_path / 'o.jsonl'}"])
+
+
+def test_a_stopped_run_under_torchrun(tmp_path: Path) -> None:
+    """What a user sees when a torchrun job is asked to stop (SIGTERM to a rank, or the stop file): every
+    rank exits 75 ("stopped, run again"); torchrun itself turns non-zero worker codes into its own exit 1
+    and lists `exitcode: 75` per rank; the run record says `stopped`; the same command again finishes.
+    (slurm/torchrun.sh reads the STOPPED marker instead and requeues, or exits 75 itself.)"""
+    import os
+    import sys
+
+    from tests.conftest import CPU, ROOT
+
+    out, stop = tmp_path / "out.jsonl", tmp_path / "STOP"
+    stop.touch()  # asked to stop before the first batch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTOSS_STOP_FILE": str(stop)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "runtime.generate", *CPU, "parallel.tp_size=2", f"output.path={out}", *COMMON]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "exitcode  : 75" in proc.stderr and "run the same command again" in proc.stderr
+    assert json.loads(Path(f"{out}.run.json").read_text())["status"] == "stopped"
+    assert Path(f"{stop}PED").exists()  # the marker slurm/torchrun.sh requeues on
+    stop.unlink()
+    env.pop("GPTOSS_STOP_FILE")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and len(read_jsonl(out)) == 4, done.stderr[-2000:]

@@ -60,6 +60,9 @@ def test_check_accepts_what_slurm_accepts() -> None:
                          "launcher.sbatch_extra=[--exclusive,'--reservation=demo']", "+launcher.env.NCCL_DEBUG=INFO",
                          "launcher.port=29500"]).launcher
     build.check(lc)
+    text = build.sbatch_script("generate", [], build.Shape(1, 8), lc, Path("/r"))
+    assert "#SBATCH --signal=B:USR1@300" in text.splitlines()  # a signal_seconds other than the default
+    assert "#SBATCH --constraint=h100&ib" in text.splitlines() and "export NCCL_DEBUG=INFO" in text
     for t in ("30", "01:00:00", "1-12", "10:00", "UNLIMITED"):
         lc.time = t
         build.check(lc)

@@ -191,6 +191,8 @@ def test_responses_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> 
 
 
 def test_sampling_parameters_are_used(client: openai.OpenAI) -> None:
+    """Bounds and top_p=0 here; that temperature and top_p reach the sampler at all: test_serve_load.py
+    (on random weights, whose wide distributions show a draw)."""
     r = client.chat.completions.create(model=MODEL, messages=sm.HI, temperature=1.5, top_p=0.9, max_tokens=20)
     assert r.usage.completion_tokens <= 20 and r.choices[0].finish_reason in ("stop", "length")
     # top_p=0 (accepted as by OpenAI) leaves only the most likely token: greedy, whatever the temperature

@@ -479,3 +479,35 @@ def test_a_stalled_client_is_let_go_and_connections_are_capped() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("temperature", 2.5, "invalid_value"), ("temperature", -0.1, "invalid_value"), ("temperature", "hot", "invalid_type"),
+    ("top_p", 1.5, "invalid_value"), ("top_p", True, "invalid_type"), ("max_tokens", 0, "invalid_value"),
+    ("max_tokens", 1.5, "invalid_type"), ("messages", "hi", "invalid_type"), ("stream", "yes", "invalid_type"),
+    ("n", 2, "unsupported_parameter"),
+])
+def test_request_fields_are_checked(served, field: str, value: object, code: str) -> None:  # noqa: ANN001
+    """The field checks, in seconds (the slow server module drives the same through the real model)."""
+    client, _, _ = served
+    body = {"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, field: value}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.with_raw_response.create(**body)  # type: ignore[arg-type]
+    err = e.value.body
+    assert err["code"] == code and err["param"] == field and err["message"], err
+
+
+def test_context_length_is_checked(served) -> None:  # noqa: ANN001
+    """serve.max_len is 400 here: a prompt that fills it, and max_tokens beyond what it leaves, are 400s
+    naming the fix."""
+    client, _, _ = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "word " * 500}])
+    assert e.value.body["code"] == "context_length_exceeded" and "serve.max_len" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-oss-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=390)
+    assert e.value.body["param"] == "max_tokens" and "set max_tokens to at most" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=390)
+    assert e.value.body["param"] == "max_output_tokens"

@@ -135,3 +135,19 @@ def test_extreme_sampling_values_stop_nobody(server: Server, client: openai.Open
             urllib.request.urlopen(req, timeout=60)
         assert e.value.code == 400 and b"is not between" in e.value.read()
     assert health(server)["status"] == "ok"
+
+
+def test_sampling_parameters_reach_the_sampler(server: Server, client: openai.OpenAI) -> None:
+    """On random weights the next-token distribution is wide: a draw at temperature 1 leaves the greedy path
+    within a few tokens, while top_p=1e-6 (only the top token kept) or temperature 1e-6 (raised to 1e-5: a
+    one-hot softmax) stays on it. A server that ignored temperature or top_p fails one of these."""
+    msgs = [{"role": "user", "content": PROMPTS[7]}]
+
+    def text(**kw: float) -> str:
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, **kw)
+        return r.choices[0].message.content or ""
+
+    greedy = text(temperature=0)
+    assert text(temperature=1.0, top_p=1e-6) == greedy
+    assert text(temperature=1e-6) == greedy
+    assert any(text(temperature=1.0) != greedy for _ in range(3))
