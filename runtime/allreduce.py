@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from runtime.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ONE_SHOT_MAX_BYTES = 1 << 20
@@ -48,39 +50,69 @@ class Reducer:
             if reason is None:
                 self.path = "one_shot"
             elif mode == "one_shot":
-                raise RuntimeError(f"parallel.all_reduce=one_shot is not available here: {reason}; "
-                                   "use parallel.all_reduce=auto (falls back to NCCL) or nccl")
+                raise UserError(f"parallel.all_reduce=one_shot is not available here: {reason}; "
+                                "use parallel.all_reduce=auto (falls back to NCCL) or nccl")
             else:
                 log.warning("one-shot all-reduce unavailable (%s): using NCCL", reason)
         self.index = len(_REDUCERS)
         _REDUCERS.append(self)
 
     def _setup_one_shot(self) -> str | None:
-        """Allocate and map the symmetric buffer; the reason it cannot be used, or None."""
+        """Allocate and map the symmetric buffer and probe it; the reason it cannot be used, or None.
+
+        Every step ends with the group agreeing (a MAX over "failed here"): a rank that took NCCL while its
+        peers ran the one-shot kernel would leave them spinning on the GPU, where no timeout finds them."""
+        reason = self._local_reason()
+        for step in (self._map, self._probe):
+            reason = self._agree(reason)
+            if reason is not None:
+                break
+            try:
+                reason = step()
+            except Exception as e:  # no P2P, no driver support, out of memory: NCCL it is
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        else:
+            reason = self._agree(reason)
+        if reason is not None:
+            self._buffer = self._copy_op = None
+        return reason
+
+    def _local_reason(self) -> str | None:
+        """What this rank alone can tell: the dtype, the PyTorch build, one node."""
         if self.dtype not in (torch.bfloat16, torch.float32):
             return f"dtype {self.dtype} (one-shot sums bf16 and fp32)"
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
+        if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
+            return "this PyTorch has no symm_mem.one_shot_all_reduce"
+        ranks = dist.get_process_group_ranks(self.group)
+        if any(r // _local_world() != ranks[0] // _local_world() for r in ranks):
+            return "the group spans several nodes (peer memory is per node)"
+        return None
 
-            if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
-                return "this PyTorch has no symm_mem.one_shot_all_reduce"
-            ranks = dist.get_process_group_ranks(self.group)
-            if any(r // _local_world() != ranks[0] // _local_world() for r in ranks):
-                return "the group spans several nodes (peer memory is per node)"
-            elems = ONE_SHOT_MAX_BYTES // torch.empty((), dtype=self.dtype).element_size()
-            buf = symm_mem.empty(elems, dtype=self.dtype, device=self.device)
-            symm_mem.rendezvous(buf, self.group.group_name)
-            self._buffer = buf
-            self._copy_op = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy", None)
-            # one real reduction now, so a failure shows here and not inside a CUDA-graph capture
-            probe = torch.full((8,), float(dist.get_rank(self.group) + 1), dtype=self.dtype, device=self.device)
-            got = self._one_shot(probe)
-            want = self.size * (self.size + 1) / 2
-            if not torch.allclose(got.float(), torch.full_like(got.float(), want)):
-                return f"the probe reduction gave {got.tolist()}, not {want}"
-        except Exception as e:  # no P2P, no driver support, an old PyTorch: NCCL it is
-            self._buffer = None
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    def _agree(self, reason: str | None) -> str | None:
+        """This rank's reason, or another's: every rank of the group leaves with the same verdict."""
+        failed = torch.tensor([0 if reason is None else 1], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if reason is None and failed.item():
+            return "another rank of its group could not set it up (see that rank's warning)"
+        return reason
+
+    def _map(self) -> str | None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        elems = ONE_SHOT_MAX_BYTES // torch.empty((), dtype=self.dtype).element_size()
+        buf = symm_mem.empty(elems, dtype=self.dtype, device=self.device)
+        symm_mem.rendezvous(buf, self.group.group_name)
+        self._buffer = buf
+        self._copy_op = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy", None)
+        return None
+
+    def _probe(self) -> str | None:
+        """One real reduction now, so a failure shows here and not inside a CUDA-graph capture."""
+        probe = torch.full((8,), float(dist.get_rank(self.group) + 1), dtype=self.dtype, device=self.device)
+        got = self._one_shot(probe)
+        want = self.size * (self.size + 1) / 2
+        if not torch.allclose(got.float(), torch.full_like(got.float(), want)):
+            return f"the probe reduction gave {got.tolist()}, not {want}"
         return None
 
     def _one_shot(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +130,8 @@ class Reducer:
         every hidden-state message is a multiple of 2880 elements)."""
         nbytes = x.numel() * x.element_size()
         return (self._buffer is not None and x.dtype == self.dtype and x.is_contiguous()
-                and 0 < nbytes <= ONE_SHOT_MAX_BYTES and nbytes % 16 == 0)
+                and 0 < nbytes <= ONE_SHOT_MAX_BYTES and nbytes % 16 == 0
+                and x.storage_offset() * x.element_size() % 16 == 0)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_one_shot(x):

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from runtime import checkpoint, config, distributed, report, roofline
 from runtime import model as modeling
 from runtime.engine import Engine, left_pad, render_harmony
-from runtime.errors import UserError, exit_on_user_error
+from runtime.errors import UserError
 
 log = logging.getLogger("runtime.bench")
 
@@ -357,14 +357,14 @@ def respawn_under_torchrun(cfg: DictConfig) -> int | None:
 @hydra.main(config_path="../conf", config_name="bench", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    with exit_on_user_error(log):
+
+    def body() -> None:
         code = respawn_under_torchrun(cfg)
         if code is not None:
-            if code:
-                sys.exit(code)
-            return
+            sys.exit(code)
         run(cfg)
-    distributed.finish(0)
+
+    distributed.run_entry(body, log)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Rank order is dp-major, then ep, then tp: the ranks of one tensor-parallel group
 
 from __future__ import annotations
 
-from runtime.errors import UserError
+from runtime.errors import UserError, exit_on_user_error
 
 import logging
 import os
@@ -16,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -247,8 +247,12 @@ def shutdown() -> None:
     done = threading.Event()
 
     def destroy() -> None:
-        dist.destroy_process_group()
-        done.set()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - the results are written; say so and leave
+            log.warning("NCCL teardown failed: %s", e)
+        finally:
+            done.set()
 
     threading.Thread(target=destroy, name="nccl-teardown", daemon=True).start()
     if not done.wait(TEARDOWN_SECONDS):
@@ -267,6 +271,23 @@ def finish(code: int = 0) -> None:
         os._exit(code)
     if code:
         sys.exit(code)
+
+
+def run_entry(body: Callable[[], Any], log: logging.Logger) -> None:
+    """An entry point's body, then `finish` with its exit code: 0, a UserError's 2 (one `error:` line), a
+    sys.exit code, or 1 after an uncaught exception's traceback. Under torchrun every way out goes through
+    os._exit, so a process group or CUDA graph still alive after a failure cannot hang the interpreter's
+    teardown (the job must end, not hold its nodes)."""
+    code: int = 0
+    try:
+        with exit_on_user_error(log):
+            body()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the process leaves with 1
+        log.exception("failed")
+        code = 1
+    finish(code)
 
 
 def silence_non_writers(layout: WorldLayout) -> None:
@@ -293,6 +314,7 @@ __all__ = [
     "make_layout",
     "resolve_device",
     "shutdown",
+    "run_entry",
     "silence_non_writers",
     "validate_for_model",
 ]

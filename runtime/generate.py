@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, collect, config, distributed
 from runtime.engine import Engine, Request, render_harmony
-from runtime.errors import UserError, exit_on_user_error
+from runtime.errors import UserError
 from runtime.preemption import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger("runtime.generate")
@@ -224,9 +224,7 @@ def _progress(total: int) -> Any:
 
 @hydra.main(config_path="../conf", config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(log):
-        run(cfg)
-    distributed.finish(0)
+    distributed.run_entry(lambda: run(cfg), log)
 
 
 if __name__ == "__main__":

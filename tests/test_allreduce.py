@@ -30,6 +30,24 @@ WORKER = textwrap.dedent("""
     assert whole.tolist() == [[0.0, 0.0, 1.0, 1.0]] * 2, whole
     compiled = torch.compile(lambda t: r(t) * 2, backend="eager", fullgraph=True)  # an opaque op to dynamo
     assert torch.equal(compiled(x), out * 2)
+    # the one-shot setup's verdict is the group's: one rank failing to map peer memory sends every rank to
+    # NCCL, before any rank runs the one-shot kernel (its peers would spin on the GPU waiting for it)
+    from runtime.allreduce import Reducer
+    r2 = Reducer.__new__(Reducer)
+    r2.group, r2.device, r2.dtype, r2.size = groups.tp, torch.device("cpu"), torch.float32, 2
+    r2._buffer = r2._copy_op = None
+    r2._local_reason = lambda: None
+    def bad_map():
+        r2._buffer = torch.empty(4)
+        if layout.rank == 1:
+            raise RuntimeError("no peer access")
+    def no_probe():
+        raise AssertionError("the probe ran although a rank had failed")
+    r2._map, r2._probe = bad_map, no_probe
+    reason = r2._setup_one_shot()
+    assert r2._buffer is None, "a failed setup must not leave the one-shot path on"
+    want = "RuntimeError: no peer access" if layout.rank == 1 else "another rank of its group"
+    assert reason.startswith(want), reason
     groups.release()
     distributed.shutdown()
     if layout.rank == 0:

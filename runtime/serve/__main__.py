@@ -27,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, collect, config, distributed, harmony
-from runtime.errors import UserError, exit_on_user_error
+from runtime.errors import UserError
 from runtime.preemption import StopRequest
 from runtime.serve.http import App, make_server
 from runtime.serve.job import Defaults, Job
@@ -143,9 +143,7 @@ def _announce(server: Any, sc: DictConfig, name: str, keyed: bool) -> None:
 
 @hydra.main(config_path="../../conf", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(log):
-        run(cfg)
-    distributed.finish(0)
+    distributed.run_entry(lambda: run(cfg), log)
 
 
 if __name__ == "__main__":
