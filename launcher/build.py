@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import sys
@@ -48,8 +49,8 @@ def check(lc: LauncherConfig) -> None:
     if not 1 <= lc.signal_seconds <= 65535:  # sbatch's --signal takes 0..65535 seconds
         raise LaunchError(f"launcher.signal_seconds={lc.signal_seconds} must be between 1 and 65535 (seconds before "
                           "the time limit at which the job is told to stop)")
-    if lc.poll_seconds <= 0:
-        raise LaunchError(f"launcher.poll_seconds={lc.poll_seconds} must be > 0")
+    if not (math.isfinite(lc.poll_seconds) and lc.poll_seconds > 0):
+        raise LaunchError(f"launcher.poll_seconds={lc.poll_seconds} must be a positive number of seconds")
     for key in ("time", "mem", "partition", "account", "qos", "constraint"):
         value = getattr(lc, key)
         if value is not None and (value == "" and key == "time" or not _one_word(value)):
@@ -57,6 +58,10 @@ def check(lc: LauncherConfig) -> None:
                               f"characters)")
     if not _TIME.fullmatch(lc.time):
         raise LaunchError(f"launcher.time={lc.time!r}: use Slurm's MM, HH:MM:SS or D-HH:MM:SS")
+    limit = _seconds(lc.time)
+    if lc.requeue and limit is not None and lc.signal_seconds >= limit:
+        raise LaunchError(f"launcher.signal_seconds={lc.signal_seconds} is not before the end of launcher.time="
+                          f"{lc.time} ({limit} s): the stop signal would come at the start; lower it or raise the time")
     if lc.job_name is not None and (not lc.job_name or not _one_line(lc.job_name)):
         raise LaunchError(f"launcher.job_name={lc.job_name!r}: one line of printable characters")
     for line in lc.sbatch_extra:
@@ -70,6 +75,19 @@ def check(lc: LauncherConfig) -> None:
         if not _ENV_NAME.fullmatch(str(name)):
             raise LaunchError(f"launcher.env.{name}: not a shell variable name (letters, digits and _, not starting "
                               "with a digit)")
+
+
+def _seconds(time: str) -> int | None:
+    """Slurm's time formats in seconds (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for unlimited."""
+    if not time[0].isdigit():
+        return None
+    days, _, rest = time.rpartition("-") if "-" in time else ("0", "", time)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in time:  # D-HH[:MM[:SS]]
+        h, m, s = (parts + [0, 0])[:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
+    return int(days) * 86400 + h * 3600 + m * 60 + s
 
 
 def _one_line(value: str) -> bool:

@@ -99,6 +99,23 @@ class Bench:
             raise UserError("bench.repetitions and bench.baseline_repetitions must be >= 1")
         if self.b.mode == "fixed" and (self.b.input_len < 1 or self.b.output_len < 2):
             raise UserError("bench.input_len must be >= 1 and bench.output_len >= 2 (one decode step at least)")
+        if self.b.mode == "replay" and cfg.generation.max_new_tokens < 2:
+            raise UserError("bench.mode=replay needs generation.max_new_tokens >= 2 (one decode step at least)")
+        if len(set(self.b.batch_sizes)) != len(self.b.batch_sizes):
+            raise UserError(f"bench.batch_sizes={list(self.b.batch_sizes)}: give each batch size once")
+        if self.b.warmup < 0:
+            raise UserError(f"bench.warmup={self.b.warmup} must be >= 0")
+        if not 0 <= self.b.seed < 2**63:
+            raise UserError(f"bench.seed={self.b.seed} must be in [0, 2**63)")
+        out_dir = Path(cfg.bench.out_dir) if cfg.bench.out_dir else None
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"bench.out_dir={out_dir} is a file: name a directory for the results")
+        if not cfg.bench.table or Path(cfg.bench.table).is_dir():
+            raise UserError(f"bench.table={cfg.bench.table!r}: name a CSV file the rows are appended to")
+        limit = checkpoint.max_positions(cfg.model)
+        if self.b.mode == "fixed" and limit is not None and self.b.input_len + self.b.output_len > limit:
+            raise UserError(f"bench.input_len + bench.output_len = {self.b.input_len + self.b.output_len} exceeds the "
+                            f"model's {limit} positions: shorten them")
         self.replay = None
         if self.b.mode == "replay":
             from runtime.generate import load_requests

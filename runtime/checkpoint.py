@@ -232,7 +232,11 @@ def synthetic_config(arch: dict[str, Any], fmt: str) -> dict[str, Any]:
     cfg = json.loads((ASSETS / "config.json").read_text())
     for key, value in arch.items():
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"model.arch.{key}={value!r} must be a whole number >= 1")
             cfg[key] = value
+    if cfg["head_dim"] % 2:
+        raise CheckpointError(f"model.arch.head_dim={cfg['head_dim']} must be even (rotary embeddings rotate pairs)")
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if heads % kv_heads:
         raise CheckpointError(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads} "
@@ -370,6 +374,9 @@ def ensure_synthetic(name: str, arch: dict[str, Any], fmt: str, seed: int) -> Pa
 
     Safe when several ranks (or jobs) ask at once: one writes under a lock, the others wait and reuse.
     """
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise CheckpointError(f"model.name={name!r} names the synthetic checkpoint's cache directory: use a plain "
+                              "name without path separators")
     cfg = synthetic_config(arch, fmt)
     key = hashlib.sha256(json.dumps([cfg, fmt, seed], sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root() / "synthetic" / f"{name}-{fmt}-seed{seed}-{key}"

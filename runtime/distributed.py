@@ -156,6 +156,8 @@ def init(layout: WorldLayout, device: torch.device, backend: str = "auto", dtype
 
     if all_reduce not in MODES:
         raise LayoutError(f"parallel.all_reduce={all_reduce!r}: use one of {list(MODES)}")
+    if backend not in ("auto", "nccl", "gloo"):
+        raise LayoutError(f"parallel.backend={backend!r}: use auto, nccl or gloo")
     if layout.world_size == 1:
         return Groups()
     if backend == "auto":

@@ -344,6 +344,8 @@ def _check_generation(gen: Any) -> None:
             f"(smaller temperatures are greedy decoding: generation.do_sample=false)")
     if not (math.isfinite(gen.top_p) and 0 < gen.top_p <= 1):
         raise UserError(f"generation.top_p={gen.top_p} must be in (0, 1]")
+    if not 0 <= gen.seed < 2**63:
+        raise UserError(f"generation.seed={gen.seed} must be in [0, 2**63)")
     if gen.kv_cache not in ("static", "dynamic"):
         raise UserError(f"generation.kv_cache={gen.kv_cache!r}: use static or dynamic")
     if gen.reasoning_effort not in ("low", "medium", "high"):

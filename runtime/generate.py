@@ -108,6 +108,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     where = cfg.prompts.path or "prompts.texts"
     stop = StopRequest.from_env()  # a stop signal during loading is honoured before the first batch
     out_path = Path(cfg.output.path)
+    if cfg.prompts.path and Path(cfg.prompts.path).resolve() == out_path.resolve():
+        raise collect.PromptsError(f"prompts.path and output.path are the same file ({out_path}): the prompts would "
+                                   "be read as finished records and records appended to them; write elsewhere")
     writer: collect.JsonlWriter | None = None
     done: set[str] = set()
     if layout.is_writer:  # a bad output.path or output file fails now, not after minutes of loading

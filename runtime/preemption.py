@@ -35,8 +35,14 @@ class StopRequest:
         return cls(os.environ.get("GPTOSS_STOP_FILE"))
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self.signalled is None:
-            log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
+        if self.signalled is not None:  # asked twice: do not wait for a long batch to end
+            log.warning("%s received again: exiting now (the records of finished batches are written)",
+                        signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.warning("%s received: stopping after the current batch (send it again to exit now)",
+                    signal.Signals(signum).name)
         self.signalled = signum
 
     def __call__(self) -> bool:

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, config  # noqa: F401  (config registers the schemas)
-from runtime.errors import exit_on_user_error
+from runtime.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("runtime.synth")
 
@@ -28,6 +28,12 @@ def main(cfg: DictConfig) -> None:
     s = cfg.synth
     with exit_on_user_error(log):
         config.check_schema(cfg, config.SynthJobConfig)
+        if not 0 <= s.seed < 2**63:
+            raise UserError(f"synth.seed={s.seed} must be in [0, 2**63)")
+        if s.max_shard_bytes < 1:
+            raise UserError(f"synth.max_shard_bytes={s.max_shard_bytes} must be >= 1 (bytes per safetensors shard)")
+        if Path(s.out).exists() and not Path(s.out).is_dir():
+            raise UserError(f"synth.out={s.out} is a file: name a directory (new, or empty)")
         hf = checkpoint.synthetic_config(OmegaConf.to_container(cfg.model.arch), s.format)
         out = checkpoint.write_synthetic(Path(s.out), hf, s.format, seed=s.seed, max_shard_bytes=s.max_shard_bytes)
     log.info("wrote %s (%s, %d layers, %d experts)", out, s.format, hf["num_hidden_layers"], hf["num_local_experts"])

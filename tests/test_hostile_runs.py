@@ -142,3 +142,35 @@ def test_a_stopped_run_under_torchrun(tmp_path: Path) -> None:
     env.pop("GPTOSS_STOP_FILE")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and len(read_jsonl(out)) == 4, done.stderr[-2000:]
+
+
+def test_a_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
+    """One SIGTERM stops after the current batch; a batch of 100,000 new tokens would hold the job for many
+    minutes (and a second SIGTERM was ignored too). The second signal now ends the process at once; the
+    output keeps every record of the batches finished before (none here)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import CPU, ROOT
+
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", *CPU, "generation.max_new_tokens=100000",
+                             "generation.batch_size=1", "prompts.texts=[hi]", f"output.path={out}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if "to generate" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert proc.poll() is None  # the first asks to stop after the batch
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)  # a hang detector, not a timing
+    finally:
+        proc.kill()
+    assert code == -signal.SIGTERM
+    assert not out.exists() or out.read_text() == ""

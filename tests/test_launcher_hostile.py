@@ -45,6 +45,8 @@ INJECT = "gpu\ntouch PWNED"
     ("launcher.time=forever", "launcher.time='forever': use Slurm's"),
     ("launcher.run_root='/tmp/\\${x}'", "launcher.run_root="),  # would be an interpolation in the job's config
     ("launcher=kube", "launcher=kube: use launcher=local"),
+    ("launcher.poll_seconds=nan", "launcher.poll_seconds=nan must be a positive number"),
+    ("launcher.signal_seconds=7200", "launcher.signal_seconds=7200 is not before the end of launcher.time=01:00:00"),
     ("launcher.num_nodes=abc", "launcher.num_nodes"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(tmp_path: Path, arg: str, says: str) -> None:

@@ -511,3 +511,21 @@ def test_context_length_is_checked(served) -> None:  # noqa: ANN001
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="gpt-oss-test", input="hi", max_output_tokens=390)
     assert e.value.body["param"] == "max_output_tokens"
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    (b'"temperature": NaN', b"NaN is not a JSON value"),
+    (b'"metadata": {"k": Infinity}', b"Infinity is not a JSON value"),
+    (b'"user": "\\ud800"', b"lone UTF-16 surrogate"),
+    (b'"model": "\\udfff"', b"lone UTF-16 surrogate"),
+    (b'"modalities": 5', b"modalities"),
+])
+def test_bodies_that_could_not_be_answered_are_400s(served, raw: bytes, says: bytes) -> None:  # noqa: ANN001
+    """A lone surrogate anywhere in the body made the answer unencodable (a 500 after generating, an empty
+    stream, or a dropped connection); NaN/Infinity were echoed back as invalid JSON; a non-list
+    `modalities` was a 500. Each is a 400 up front, and the connection is answered."""
+    _, _, url = served
+    body = b'{"model": "gpt-oss-test", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
+    status, got = _raw(url, POST + b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                       % len(body) + body)
+    assert status.split()[1] == b"400" and says in got, got

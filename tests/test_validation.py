@@ -138,6 +138,12 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
         serve("serve.max_batch=0")
     with pytest.raises(UserError, match="serve.max_len=200000 exceeds the model's 131072 positions"):
         serve("serve.max_len=200000")
+    with pytest.raises(UserError, match="serve.timeout_seconds=10000000000.0 must be between 0 and 86400"):
+        serve("serve.timeout_seconds=1e10")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(UserError, match="serve.out_dir=.*a_file is a file"):
+        run(config.compose("serve", ["model.device=cpu", f"serve.out_dir={a_file}"]))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -165,3 +171,46 @@ def test_transformers_plan_layouts_and_kernels() -> None:
 def test_parallel_choices_are_checked(tmp_path: Path, override: str, match: str) -> None:
     with pytest.raises(UserError, match=match):
         generate([override, f"output.path={tmp_path / 'out.jsonl'}"])
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["model.arch.num_key_value_heads=0"], "model.arch.num_key_value_heads=0 must be a whole number >= 1"),
+    (["model.arch.num_hidden_layers=-1"], "model.arch.num_hidden_layers=-1 must be a whole number >= 1"),
+    (["model.arch.head_dim=15"], "model.arch.head_dim=15 must be even"),
+    (["model.name=../../escaped"], "model.name='../../escaped' names the synthetic checkpoint's cache directory"),
+    (["generation.seed=99999999999999999999"], r"generation.seed=99999999999999999999 must be in \[0, 2\*\*63\)"),
+    (["parallel.backend=bogus"], "parallel.backend='bogus': use auto, nccl or gloo"),
+])
+def test_config_values_found_by_the_audit(tmp_path: Path, overrides: list[str], match: str) -> None:
+    """Values a hostile-input audit found accepted and then crashing with a traceback (or writing outside the
+    cache): each is one clear error before any weight is read."""
+    with pytest.raises(UserError, match=match):
+        generate([*overrides, f"output.path={tmp_path / 'o.jsonl'}"])
+
+
+def test_prompts_file_is_not_the_output_file(tmp_path: Path) -> None:
+    """Both the same file: the prompts were read as finished records ("0 to generate", exit 0)."""
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    with pytest.raises(UserError, match="prompts.path and output.path are the same file"):
+        generate([f"prompts.path={same}", f"output.path={same}"])
+    assert same.read_text() == json.dumps({"id": "a", "prompt": "hi"}) + "\n"
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("bench.warmup=-5", "bench.warmup=-5 must be >= 0"),
+    ("bench.batch_sizes=[2,2]", "give each batch size once"),
+    ("bench.input_len=140000", "exceeds the model's 131072 positions"),
+    ("bench.table=''", "name a CSV file"),
+    ("bench.seed=-1", "bench.seed=-1 must be in"),
+])
+def test_bench_values_are_checked_before_measuring(tmp_path: Path, override: str, match: str) -> None:
+    from runtime import config
+    from runtime.bench import run
+
+    with pytest.raises(UserError, match=match):
+        run(config.compose("bench", ["model.device=cpu", "bench=quick", f"bench.out_dir={tmp_path}", override]))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(UserError, match="is a file: name a directory"):
+        run(config.compose("bench", ["model.device=cpu", "bench=quick", f"bench.out_dir={a_file}"]))

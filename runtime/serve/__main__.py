@@ -52,8 +52,10 @@ def check(cfg: DictConfig, world_size: int) -> None:
                      ("max_connections", 1)):
         if sc[key] < low:
             raise UserError(f"serve.{key}={sc[key]} must be >= {low}")
-    if not (math.isfinite(sc.timeout_seconds) and sc.timeout_seconds > 0):
-        raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be a positive number of seconds")
+    if not (math.isfinite(sc.timeout_seconds) and 0 < sc.timeout_seconds <= 86400):
+        raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be between 0 and 86400 seconds")
+    if Path(sc.out_dir).exists() and not Path(sc.out_dir).is_dir():
+        raise UserError(f"serve.out_dir={sc.out_dir} is a file: name a directory for config.yaml and endpoint.json")
 
 
 def run(cfg: DictConfig) -> None:
@@ -87,6 +89,10 @@ def run(cfg: DictConfig) -> None:
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         log.info("listening on %s:%d; loading the model (GET /health answers `loading` until then)",
                  sc.host, server.server_address[1])
+        if sc.host in ("", "0.0.0.0", "::") and not app.api_key:
+            log.warning("serve.host=%r answers every network this machine is on, and no API key is set: anyone who "
+                        "can reach port %d can use the model (set serve.api_key or GPTOSS_API_KEY)",
+                        sc.host, server.server_address[1])
 
     stop = StopRequest.from_env()  # installed before loading: a stop during loading is honoured
     signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone

@@ -61,7 +61,7 @@ def _refuse(body: dict[str, Any]) -> None:
     for key in ("functions", "function_call"):
         if body.get(key) is not None:
             raise f.unsupported(key, "the legacy functions API is not served; use tools.")
-    if body.get("audio") is not None or "audio" in (body.get("modalities") or []):
+    if body.get("audio") is not None or "audio" in (f.optional(body, "modalities", list) or []):
         raise f.unsupported("audio", "gpt-oss answers in text only.")
     if body.get("web_search_options") is not None:
         raise f.unsupported("web_search_options", "there is no web search here.")

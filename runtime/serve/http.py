@@ -70,6 +70,28 @@ class App:
     """Set once the model is loaded (and backend/end_ids are in place); until then generation gets 503."""
 
 
+def _refuse_constant(name: str) -> float:
+    """json.loads accepts NaN and Infinity, which are not JSON (and would be echoed back as invalid JSON)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_strings(value: Any) -> None:
+    """A JSON \\ud800-style escape gives a lone UTF-16 surrogate: no text, and unencodable in the answer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800): send text as UTF-8 or "
+                             "surrogate pairs") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k)
+            _check_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v)
+
+
 class _Server(ThreadingHTTPServer):
     """One thread per connection, at most `max_connections` at once: a connection beyond that is answered
     503 at once and closed (no thread is started for it)."""
@@ -268,7 +290,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         self._body_read = True
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_refuse_constant)
+            _check_strings(body)
         except RecursionError:
             raise ApiError(400, "The JSON body is nested too deeply to parse: send a flatter JSON object.",
                            code="invalid_json") from None
