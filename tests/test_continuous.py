@@ -116,3 +116,57 @@ def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(cont, "sample_rows", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error: x")))
     with pytest.raises(RuntimeError, match="CUDA error"):  # a device fault is not one request's: it propagates
         b.step()
+
+
+def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving loop with a draw that fails for one request's values: that request ends with an error
+    (its client gets an OpenAI-style error), the request beside it completes, and the loop keeps serving
+    (it used to end, failing every request in flight and stopping the server)."""
+    import queue
+    import threading
+
+    import runtime.continuous as cont
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=128, max_prefill_tokens=200,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    real = cont.sample_rows
+
+    def fragile(logits, temperature, top_p, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if bool((temperature == 0.5).any()):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, top_p, *a, **kw)
+
+    monkeypatch.setattr(cont, "sample_rows", fragile)
+    stop = threading.Event()
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), engine.stop_ids, CALL, 8, stop.is_set)
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+
+    def finish_of(sub: Submission) -> tuple[int, Finish]:
+        tokens = 0
+        while True:
+            item = sub.events.get(timeout=120)  # a hang guard
+            if isinstance(item, Finish):
+                return tokens, item
+            tokens += len(item)
+
+    prompt = engine.render(Request(id="x", prompt="hi"))
+    bad, good = Submission(prompt, 5, 0.5, 1.0), Submission(prompt, 5, 0.0, 1.0)
+    sched.submit(bad)
+    sched.submit(good)
+    _, why = finish_of(bad)
+    assert why.reason == "error" and "sampling failed" in why.message
+    n, done = finish_of(good)
+    assert done.reason in ("length", "stop") and n >= 1
+    again = Submission(prompt, 3, 0.0, 1.0)  # the loop is still serving
+    sched.submit(again)
+    assert finish_of(again)[1].reason in ("length", "stop")
+    stop.set()
+    loop.join(timeout=60)
+    assert not loop.is_alive()
+    with pytest.raises(queue.Empty):
+        bad.events.get_nowait()

@@ -102,10 +102,21 @@ def run(cfg: DictConfig) -> None:
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
-    batcher = ContinuousBatcher(
-        engine.model, engine.dtype, engine.device, sc.max_batch, sc.max_len, sc.max_prefill_tokens,
-        gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
-    )
+    import torch  # loaded by now (the HTTP port was bound before any of it)
+
+    try:
+        batcher = ContinuousBatcher(
+            engine.model, engine.dtype, engine.device, sc.max_batch, sc.max_len, sc.max_prefill_tokens,
+            gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
+        )
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        h = engine.hf_config
+        need = 2 * h.num_hidden_layers * sc.max_batch * sc.max_len * h.head_dim * h.num_key_value_heads
+        need *= torch.empty((), dtype=engine.dtype).element_size() / layout.tp_size
+        raise UserError(f"the KV cache of serve.max_batch={sc.max_batch} x serve.max_len={sc.max_len} tokens "
+                        f"({need / 1e9:.1f} GB on each rank) does not fit: lower either") from None
     if layout.is_writer:
         log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank", sc.max_batch, sc.max_len,
                  batcher.cache.nbytes / 1e9)
