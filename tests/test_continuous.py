@@ -91,13 +91,13 @@ def test_sampler_takes_extreme_values() -> None:
     assert tokens[:2].tolist() == logits[:2].argmax(-1).tolist()
 
 
-def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A draw that raises for one row's values: that row is reported failed (for the scheduler to end its
-    request with an error) and gets a stand-in token; the other rows still get their draws."""
+def fragile_batcher(monkeypatch: pytest.MonkeyPatch, rows: int) -> tuple[Engine, ContinuousBatcher]:
+    """A batcher on the tiny model whose draw raises for any batch holding a row at temperature 0.5 (as
+    torch.multinomial does for probabilities it cannot use)."""
     import runtime.continuous as cont
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=128, max_prefill_tokens=200,
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=128, max_prefill_tokens=200,
                           use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
     real = cont.sample_rows
 
@@ -107,6 +107,15 @@ def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> 
         return real(logits, temperature, top_p, *a, **kw)
 
     monkeypatch.setattr(cont, "sample_rows", fragile)
+    return engine, b
+
+
+def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draw that raises for one row's values: that row is reported failed (for the scheduler to end its
+    request with an error) and gets a stand-in token; the other rows still get their draws."""
+    import runtime.continuous as cont
+
+    engine, b = fragile_batcher(monkeypatch, 3)
     prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
     first = b.prefill([0, 1, 2], prompts, [0.0, 0.5, 1.0], [1.0, 1.0, 1.0])
     assert b.take_failed() == {1: "sampling failed (probability tensor contains either inf, nan or element < 0)"}
@@ -125,22 +134,11 @@ def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: p
     import queue
     import threading
 
-    import runtime.continuous as cont
     from runtime import distributed
     from runtime.engine import CALL
     from runtime.serve.scheduler import Finish, Scheduler, Submission
 
-    engine = Engine(compose("generate", ["model.device=cpu"]))
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=128, max_prefill_tokens=200,
-                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
-    real = cont.sample_rows
-
-    def fragile(logits, temperature, top_p, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if bool((temperature == 0.5).any()):
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, temperature, top_p, *a, **kw)
-
-    monkeypatch.setattr(cont, "sample_rows", fragile)
+    engine, b = fragile_batcher(monkeypatch, 2)
     stop = threading.Event()
     sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), engine.stop_ids, CALL, 8, stop.is_set)
     loop = threading.Thread(target=sched.run, daemon=True)
