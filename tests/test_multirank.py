@@ -95,3 +95,17 @@ def test_data_parallel_replicas_sample_with_their_own_seeds(tmp_path: Path) -> N
     dp, single = read_jsonl(out), read_jsonl(one)
     assert dp[0]["completion_ids"] != dp[1]["completion_ids"]
     assert dp[0]["completion_ids"] == single[0]["completion_ids"]
+
+
+def test_transformers_plan_serves(tmp_path: Path) -> None:
+    """runtime.serve with parallel.plan=transformers (tp=2 under gloo): the recipe's sharding behind our
+    server answers the openai client and stops on SIGTERM (the helper checks the clean exit)."""
+    openai = pytest.importorskip("openai")
+    from tests.serve_server import torchrun_server
+
+    with torchrun_server(tmp_path, 2, ["parallel.tp_size=2", "parallel.plan=transformers", "serve.max_batch=2",
+                                       "serve.max_len=256"]) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0)
+        assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
