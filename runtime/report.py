@@ -16,8 +16,13 @@ COLUMNS = [
     "attention", "experts", "mode", "batch_size", "input_len", "output_len", "runs", "generated_tokens", "expected_tokens",
     "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "output_tok_s", "output_tok_s_per_gpu", "decode_tok_s",
     "output_tok_s_per_user", "prefill_tok_s", "load_s", "step_bytes_gb", "achieved_gb_s", "copy_bw_gb_s",
-    "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline",
+    "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline", "speedup_vs_1gpu",
+    "scaling_efficiency",
 ]
+
+SAME_WORK = ("impl", "plan", "model", "format", "dtype", "attention", "experts", "mode", "batch_size", "input_len",
+             "output_len")
+"""What a one-GPU row must share with a multi-GPU row to be its scaling reference."""
 
 
 def default_dir(cfg: DictConfig) -> Path:
@@ -38,11 +43,33 @@ def add_ratios(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> No
         b["speedup_vs_baseline"], b["ttft_ratio_vs_baseline"] = 1.0, 1.0
 
 
+def add_scaling(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> None:
+    """Each multi-GPU row against the newest one-GPU row of the same work (SAME_WORK) in this run or the
+    table: decode tok/s over the one GPU's (speedup_vs_1gpu) and that over the GPU count
+    (scaling_efficiency, 1.0 = linear). Rows with no such reference keep them empty."""
+    def work(r: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(str(r.get(k) or ("ours" if k == "plan" else "")) for k in SAME_WORK)  # older tables: no plan
+
+    ref: dict[tuple[str, ...], dict[str, Any]] = {}
+    for r in [*earlier, *rows]:  # later rows win
+        if str(r.get("world_size")) == "1":
+            ref[work(r)] = r
+    for r in rows:
+        r.setdefault("speedup_vs_1gpu", None)
+        r.setdefault("scaling_efficiency", None)
+        one = ref.get(work(r))
+        world = int(r.get("world_size") or 1)
+        if world > 1 and one is not None and float(one["decode_tok_s"]) > 0:
+            r["speedup_vs_1gpu"] = float(r["decode_tok_s"]) / float(one["decode_tok_s"])
+            r["scaling_efficiency"] = r["speedup_vs_1gpu"] / world
+
+
 def write(out_dir: Path, result: dict[str, Any], table: Path, plots: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = out_dir.name
     for r in result["rows"]:
         r["run"] = run_id
+    add_scaling(result["rows"], _read_csv(table) if table.exists() and table.stat().st_size else [])
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
     _write_csv(out_dir / "results.csv", result["rows"], append=False)
     table.parent.mkdir(parents=True, exist_ok=True)

@@ -192,3 +192,19 @@ def test_pareto_curves_do_not_join_different_configurations() -> None:
                {"dtype": "float16"}, {"mode": "replay"})}
     assert len(labels) == 7
     assert report.series_label(row | {"run": "another"}) == report.series_label(row)  # same configuration
+
+
+def test_multi_gpu_rows_are_scaled_against_one_gpu_rows_of_the_same_work() -> None:
+    """speedup_vs_1gpu / scaling_efficiency: against the newest one-GPU row (this run's or the table's) of the
+    same model, kernels, lengths and batch; none where the table has no such row."""
+    base = {"impl": "ours", "plan": "ours", "model": "gpt-oss-120b", "format": "mxfp4", "dtype": "bfloat16",
+            "attention": "triton", "experts": "mxfp4", "mode": "fixed", "input_len": 1024.0, "output_len": 128}
+    table = [{**{k: str(v) for k, v in base.items()}, "world_size": "1", "batch_size": "1", "decode_tok_s": "250.0"},
+             {**{k: str(v) for k, v in base.items()}, "world_size": "1", "batch_size": "1", "decode_tok_s": "267.6"}]
+    rows = [{**base, "world_size": 2, "batch_size": 1, "decode_tok_s": 296.1},
+            {**base, "world_size": 2, "batch_size": 8, "decode_tok_s": 1074.6},
+            {**base, "world_size": 2, "batch_size": 1, "decode_tok_s": 280.0, "experts": "grouped_mm"}]
+    report.add_scaling(rows, table)
+    assert rows[0]["speedup_vs_1gpu"] == pytest.approx(296.1 / 267.6)
+    assert rows[0]["scaling_efficiency"] == pytest.approx(296.1 / 267.6 / 2)
+    assert rows[1]["speedup_vs_1gpu"] is None and rows[2]["scaling_efficiency"] is None
