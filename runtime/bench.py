@@ -187,7 +187,8 @@ class Bench:
         # Weights as resident: experts=mxfp4 keeps MXFP4 experts in 4.25 bits; every other path (the recipe
         # offline included) dequantizes them to the compute dtype at load.
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
-        # the recipe's tp_plan="auto" shards only lm_head: count its ranks as replicas of every weight
+        # the recipe (and parallel.plan=transformers) are counted as holding every weight on every rank: an
+        # upper bound on their bytes (transformers 5.17 splits their experts and, at tp, lm_head)
         expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
         ours_plan = ours and cfg.parallel.plan == "ours"  # transformers' plan keeps attention whole
         sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,

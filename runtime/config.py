@@ -190,7 +190,8 @@ class BenchConfig:
     """Timed runs per batch size; medians and percentiles are taken over them."""
     baseline: bool = False
     """Also run the seed recipe in this process on the same weights: transformers from_pretrained() +
-    generate() with defaults (tp_plan="auto" under torchrun); report our/baseline ratios."""
+    generate() with defaults (under torchrun the published multi-GPU recipe: DistributedConfig(tp_plan="auto",
+    enable_expert_parallel=ep_size > 1)); report our/baseline ratios."""
     baseline_repetitions: int = 1
     """Timed runs per batch size for the (slow) baseline."""
     out_dir: str | None = None
