@@ -29,6 +29,7 @@ run() {  # run NAME CMD...: output in $R/NAME.log (run.sh has the hang detector;
 [ -d /dev/shm/ck120 ] || $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120
 [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run tests-collectives $PY -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu_multi.py -k collectives
+GPTOSS_SYNTH_20B=/dev/shm/ck20 run tests-20b-layers $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_multi.py -k 20b
 run b120-tp2-profile $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1]" bench.profile=true bench.out_dir=$R/b120-tp2-profile
 run b120-tp2-nccl $TR $B $M120 parallel.tp_size=2 parallel.all_reduce=nccl "bench.batch_sizes=[1,8]" bench.out_dir=$R/b120-tp2-nccl
 run b20-tp2 $TR $B $M20 parallel.tp_size=2 "bench.batch_sizes=[1,8,64,256]" bench.out_dir=$R/b20-tp2
