@@ -16,6 +16,7 @@ torch.compile treats them as opaque calls and CUDA-graph capture sees exactly th
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -38,8 +39,7 @@ class Reducer:
     """Sum over one process group by the fastest path this group has; see the module doc."""
 
     def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> None:
-        if mode not in MODES:
-            raise ValueError(f"parallel.all_reduce={mode!r}: use one of {list(MODES)}")
+        """`mode`: one of MODES (distributed.init checks it)."""
         self.group, self.device, self.dtype = group, device, dtype
         self.size = dist.get_world_size(group)
         self.path = "nccl" if device.type == "cuda" else "gloo"
@@ -163,8 +163,6 @@ class Reducer:
 
 
 def _local_world() -> int:
-    import os
-
     return int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or 1 << 30  # unknown: treat the job as one node
 
 

@@ -127,8 +127,7 @@ class Bench:
         self.copy_bw = copy_bandwidth(self.device)
         self.mxfp4 = checkpoint.is_mxfp4(self.engine.hf_config)
         self.vocab_split = _vocab_split(self.engine.model)
-        g = self.engine.groups  # how this run's forward sums travel: one_shot / nccl / gloo (none: one process)
-        self.all_reduce_path = "/".join(sorted({r.path for r in (g.tp_reduce, g.mp_reduce) if r is not None})) or "none"
+        self.all_reduce_path = self.engine.groups.paths()
 
     def prompts(self, batch: int) -> tuple[list[list[int]], int, bool]:
         """(prompt ids, max new tokens, ignore_eos) for one run at `batch`."""

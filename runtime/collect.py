@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from runtime import harmony
 from runtime.engine import Request
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -44,32 +45,18 @@ def read_prompts(path: str | Path) -> list[Request]:
                 raise PromptsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): one JSON object per line") from e
             except RecursionError:
                 raise PromptsError(f"{where}: JSON nested too deeply: one flat object per line") from None
-            _check_text(obj, where)
+            bad = harmony.lone_surrogate(obj)
+            if bad:
+                field, at, code = bad
+                raise PromptsError(f"{where}: {field or 'a string'} holds a lone UTF-16 surrogate (\\u{code:04x} at "
+                                   f"character {at}), which is no text: write the character as UTF-8 or as a "
+                                   "surrogate pair")
             req = _request(obj, str(len(requests)), where)
             if req.id in seen:
                 raise PromptsError(f"{where}: id {req.id!r} already used on line {seen[req.id]}: ids must be unique")
             seen[req.id] = lineno
             requests.append(req)
     return requests
-
-
-def _check_text(obj: Any, where: str, key: str = "") -> None:
-    """Every string must be encodable: JSON's \\ud800-style escapes can give a lone UTF-16 surrogate, which
-    no tokenizer takes."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError as e:
-            code, at = ord(obj[e.start]), e.start + 1
-            raise PromptsError(f"{where}: {key or 'a string'} holds a lone UTF-16 surrogate (\\u{code:04x} at character "
-                               f"{at}), which is no text: write the character as UTF-8 or as a surrogate pair") from None
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_text(k, where, key)
-            _check_text(v, where, f"{key}.{k}" if key else str(k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_text(v, where, f"{key}[{i}]")
 
 
 def check_resume(requests: list[Request], written: dict[str, str | None], path: Path, prompts: str) -> None:

@@ -141,6 +141,10 @@ class Groups:
     mp_reduce: Any = None
     """The forward's sum and logits gather over `mp` (runtime.allreduce.Reducer); None with one member."""
 
+    def paths(self) -> str:
+        """How the forward's sums travel (one_shot / nccl / gloo, joined by /); `none` in one process."""
+        return "/".join(sorted({r.path for r in (self.tp_reduce, self.mp_reduce) if r is not None})) or "none"
+
     def release(self) -> None:
         """Drop the reducers' peer-memory buffers (before the process group is destroyed)."""
         for r in (self.tp_reduce, self.mp_reduce):
@@ -188,9 +192,8 @@ def init(layout: WorldLayout, device: torch.device, backend: str = "auto", dtype
         groups.tp_reduce = Reducer(groups.tp, device, dtype, all_reduce)
     if groups.mp is not None:
         groups.mp_reduce = Reducer(groups.mp, device, dtype, all_reduce)
-    paths = {r.path for r in (groups.tp_reduce, groups.mp_reduce) if r is not None}
-    if layout.is_writer and paths:
-        log.info("forward collectives: %s (parallel.all_reduce=%s)", "/".join(sorted(paths)), all_reduce)
+    if layout.is_writer and groups.paths() != "none":
+        log.info("forward collectives: %s (parallel.all_reduce=%s)", groups.paths(), all_reduce)
     return groups
 
 

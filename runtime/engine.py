@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
 from runtime.errors import UserError
-from runtime.continuous import MIN_TEMPERATURE, nucleus_keep
+from runtime.continuous import MIN_TEMPERATURE, sample_rows
 from runtime.graph_decode import DecodeState, GraphDecoder, mark_stops
 from runtime import model as modeling
 
@@ -286,12 +286,10 @@ class Engine:
         gen = self.cfg.generation
         if not gen.do_sample:
             return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
-        if gen.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = nucleus_keep(sorted_p, torch.tensor(gen.top_p, dtype=torch.float32, device=logits.device))
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-        token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        rows = logits.shape[0]
+        temperature = torch.full((rows,), gen.temperature, dtype=torch.float32, device=logits.device)
+        top_p = torch.full((rows,), gen.top_p, dtype=torch.float32, device=logits.device)
+        token = sample_rows(logits, temperature, top_p, self.generator, sampling=True, nucleus=gen.top_p < 1.0)
         # Ranks could draw differently if their logits differed in the last bit: the leader decides.
         return distributed.broadcast_from_leader_(token, self.groups.mp)
 
@@ -303,21 +301,9 @@ class Engine:
             reason = "tool_calls"
         else:
             reason = "stop"
-        rec: dict[str, Any] = {"id": req.id}
-        if req.messages is not None:
-            rec["messages"] = req.messages
-        else:
-            rec["prompt"] = req.prompt
-        rec.update(
-            text=parsed.text,
-            reasoning=parsed.reasoning,
-            tool_calls=parsed.tool_calls,
-            finish_reason=reason,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(completion),
-            parse_error=parsed.parse_error,
-            prompt_sha256=req.digest(),
-        )
+        rec = make_record(req, len(prompt), text=parsed.text, reasoning=parsed.reasoning,
+                          tool_calls=parsed.tool_calls, finish_reason=reason, completion_tokens=len(completion),
+                          parse_error=parsed.parse_error)
         if self.cfg.output.token_ids:
             rec["completion_ids"] = completion
         return rec
@@ -331,6 +317,21 @@ class Engine:
         self.groups.release()
         gc.collect()
         distributed.shutdown()
+
+
+def make_record(req: Request, prompt_tokens: int, *, text: str, reasoning: Any, tool_calls: list[Any],
+                finish_reason: str, completion_tokens: int, parse_error: str | None, **extra: Any) -> dict[str, Any]:
+    """One output record: the request as given, the answer and its counts, the prompt's digest (a resumed
+    run checks it), then `extra` fields."""
+    rec: dict[str, Any] = {"id": req.id}
+    if req.messages is not None:
+        rec["messages"] = req.messages
+    else:
+        rec["prompt"] = req.prompt
+    rec.update(text=text, reasoning=reasoning, tool_calls=tool_calls, finish_reason=finish_reason,
+               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, parse_error=parse_error,
+               prompt_sha256=req.digest(), **extra)
+    return rec
 
 
 def _check_generation(gen: Any) -> None:

@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, collect, config, distributed
-from runtime.engine import Engine, Request, render_harmony
+from runtime.engine import Engine, Request, make_record, render_harmony
 from runtime.errors import UserError
 from runtime.preemption import EXIT_STOPPED, StopRequest
 
@@ -68,14 +68,11 @@ def too_long(cfg: DictConfig, requests: list[Request], lengths: dict[str, int], 
             f"{len(bad)} prompt(s) in {where} do not fit the model's {limit} positions with "
             f"generation.max_new_tokens={new} ({shown}{'; ...' if len(bad) > 5 else ''}): shorten them, lower "
             f"max_new_tokens, or set prompts.too_long=record to write an error record for each and go on")
-    out = []
-    for r in bad:
-        rec: dict[str, Any] = {"id": r.id, **({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt})}
-        rec.update(text="", reasoning="", tool_calls=[], finish_reason="error", prompt_tokens=lengths[r.id],
-                   completion_tokens=0, parse_error=None, prompt_sha256=r.digest(),
-                   error=f"prompt of {lengths[r.id]} tokens + max_new_tokens {new} exceeds the model's {limit} positions")
-        out.append(rec)
-    return out
+    return [make_record(r, lengths[r.id], text="", reasoning="", tool_calls=[], finish_reason="error",
+                        completion_tokens=0, parse_error=None,
+                        error=f"prompt of {lengths[r.id]} tokens + max_new_tokens {new} exceeds the model's {limit} "
+                              "positions")
+            for r in bad]
 
 
 def versions() -> dict[str, str]:

@@ -210,6 +210,29 @@ def _reasoning(msg: dict[str, Any]) -> str:
     return ""
 
 
+def lone_surrogate(value: Any, key: str = "") -> tuple[str, int, int] | None:
+    """The first string in a JSON value that holds a lone UTF-16 surrogate (JSON's \\ud800-style escapes
+    give them: no text, no tokenizer takes them, and an answer echoing one cannot be encoded), as
+    (where: a field path, the 1-based character, the code point); None when every string is text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return key, e.start + 1, ord(value[e.start])
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = lone_surrogate(k, key) or lone_surrogate(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = lone_surrogate(v, f"{key}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def render_prompt(
     messages: list[dict[str, Any]],
     reasoning_effort: str = "medium",

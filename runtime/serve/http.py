@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
 from typing import Any, Protocol
 
+from runtime import harmony
 from runtime.serve import chat, responses
 from runtime.serve.fields import ApiError
 from runtime.serve.harmony_stream import HarmonyStream
@@ -73,23 +74,6 @@ class App:
 def _refuse_constant(name: str) -> float:
     """json.loads accepts NaN and Infinity, which are not JSON (and would be echoed back as invalid JSON)."""
     raise ValueError(f"{name} is not a JSON value")
-
-
-def _check_strings(value: Any) -> None:
-    """A JSON \\ud800-style escape gives a lone UTF-16 surrogate: no text, and unencodable in the answer."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800): send text as UTF-8 or "
-                             "surrogate pairs") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_strings(k)
-            _check_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_strings(v)
 
 
 class _Server(ThreadingHTTPServer):
@@ -291,7 +275,9 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = True
         try:
             body = json.loads(raw, parse_constant=_refuse_constant)
-            _check_strings(body)
+            if harmony.lone_surrogate(body):
+                raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800): send text as UTF-8 or "
+                                 "surrogate pairs")
         except RecursionError:
             raise ApiError(400, "The JSON body is nested too deeply to parse: send a flatter JSON object.",
                            code="invalid_json") from None
