@@ -17,13 +17,13 @@ from launcher.__main__ import compose_launch, hydra_quote
 from runtime import config
 from runtime.errors import UserError
 from tests.conftest import ROOT
+from tests.test_launcher import cli as launcher_cli
 
 
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    """A dry run (or a real one) from `tmp`, with run_root inside it."""
-    return subprocess.run([sys.executable, "-m", "launcher", "job=generate", "launcher=slurm",
-                           f"launcher.run_root={tmp / 'runs'}", *args], cwd=tmp, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """A slurm launch of generate from `tmp`, with run_root inside it."""
+    return launcher_cli("job=generate", "launcher=slurm", f"launcher.run_root={tmp / 'runs'}", *args,
+                        env={"PYTHONPATH": str(ROOT)}, cwd=tmp)
 
 
 INJECT = "gpu\ntouch PWNED"
@@ -34,7 +34,7 @@ INJECT = "gpu\ntouch PWNED"
       ("partition", "account", "qos", "constraint", "mem", "time")],
     ("launcher.partition='gpu --exclusive'", "launcher.partition="),  # a space would add an sbatch option
     (f"launcher.job_name='{INJECT}'", "launcher.job_name="),
-    (f"launcher.sbatch_extra=['--exclusive\ntouch PWNED']", "launcher.sbatch_extra item"),
+    ("launcher.sbatch_extra=['--exclusive\ntouch PWNED']", "launcher.sbatch_extra item"),
     ("launcher.sbatch_extra=[exclusive]", "each item is one sbatch option"),
     ("+launcher.env.A-B=1", "launcher.env.A-B: not a shell variable name"),
     ("launcher.num_nodes=0", "launcher.num_nodes=0 must be >= 1"),
