@@ -142,9 +142,6 @@ def build(
     if attention != "eager":
         model.set_attn_implementation(attention)
     fused.apply(model, attention, experts)
-    if experts == "mxfp4":
-        for layer in model.model.layers:
-            moe_mxfp4.prepare(layer.mlp.experts)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,

@@ -80,266 +80,189 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 # ------------------------------------------------------------------------------------------ kernels
 
 
-def _configs() -> list:
-    """Tiles (BLOCK_N weight rows or hidden units, BLOCK_K inputs, warps, stages) for both launches."""
-    return tile_configs([(64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (128, 256, 8, 3), (32, 256, 4, 3),
-                         (64, 512, 4, 2), (128, 64, 4, 4), (32, 512, 4, 2)], interpreted=(16, 64))
+def _decode_configs() -> list:
+    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs)."""
+    return tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+                         (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
 
 
-# A 16-bit unit of the kernel layout holds four E2M1 codes, those of two checkpoint bytes b0, b1 (inputs
-# 4u .. 4u+3 of the row: byte i holds input 4u+2i in its low nibble, 4u+2i+1 in its high one), placed so
-# that a few shifts and masks of the unit (u, zero-extended to 32 bits) put the codes of the even inputs,
-# then of the odd ones, straight into bf16 pairs: magnitude (exponent 2 bits, mantissa 1) in bf16 bits 6-8
-# and sign in bit 15 of each half. Read as bf16, such a code is its value * 2^-126 (0.5 a subnormal), and
-# one bf16x2 multiply by 2^(scale - 1) gives value * 2^(scale - 127), exactly.
-#   even pair (inputs 0, 2) = (u | u << 19) & 0x81C081C0
-#   odd pair  (inputs 1, 3) = u << 6 & 0x81C0 | u << 12 & 0x00C00000 | u << 11 & 0x01000000 | u << 17 & 0x80000000
-# so per input, the unit bits holding its code's magnitude bits m0 m1 m2, then its sign:
-_PLACES = {0: (6, 7, 8, 15), 2: (3, 4, 5, 12), 1: (0, 1, 2, 9), 3: (10, 11, 13, 14)}
-# Two bytes per unit because that is what a thread holds side by side in the tensor-core operand layout
-# Triton gives the weights (pairs along K), so each PTX call below sees one whole unit.
-
-
-def _dequant_asm(large: bool) -> str:
-    """PTX for one unit: $2 = the unit (16 bits), $3 = the group factor as a bf16 pair; $0 = inputs (0, 2),
-    $1 = inputs (1, 3) as bf16 pairs. The products are exact: a bf16x2 fused multiply-add with -0.0 (sm_80
-    and later); `large`: times 2^126 first, then the factor 2^(scale - 127)."""
-    def scaled(reg: str) -> list[str]:
-        if large:
-            return [f"fma.rn.bf16x2 {reg}, t0, big, nz;", f"fma.rn.bf16x2 {reg}, {reg}, $3, nz;"]
-        return [f"fma.rn.bf16x2 {reg}, t0, $3, nz;"]
-    return "\n".join([
-        "{", ".reg .b32 w, t0, t1, nz, big;", "mov.b32 nz, 0x80008000;", "mov.b32 big, 0x7E807E80;",
-        "cvt.u32.u16 w, $2;",
-        "shl.b32 t0, w, 19;", "or.b32 t0, t0, w;", "and.b32 t0, t0, 0x81C081C0;", *scaled("$0"),
-        "shl.b32 t0, w, 6;", "and.b32 t0, t0, 0x000081C0;",
-        "shl.b32 t1, w, 12;", "and.b32 t1, t1, 0x00C00000;", "or.b32 t0, t0, t1;",
-        "shl.b32 t1, w, 11;", "and.b32 t1, t1, 0x01000000;", "or.b32 t0, t0, t1;",
-        "shl.b32 t1, w, 17;", "and.b32 t1, t1, 0x80000000;", "or.b32 t0, t0, t1;", *scaled("$1"),
-        "}",
-    ])
-
-
-if HAVE_TRITON:
-    _ASM_EXACT = tl.constexpr(_dequant_asm(False))
-    _ASM_LARGE = tl.constexpr(_dequant_asm(True))
-
-
-def kernel_layout(blocks: torch.Tensor) -> torch.Tensor:
-    """Checkpoint MXFP4 blocks [..., G, 16] uint8 -> the kernels' layout (same shape; see _PLACES): done
-    once at load. The bits of each 2-byte unit are permuted; nothing else moves."""
-    if blocks.shape[-1] != 16 or blocks.dtype != torch.uint8:
-        raise ValueError(f"MXFP4 blocks must be [..., G, 16] uint8, not {tuple(blocks.shape)} {blocks.dtype}")
-    b = blocks.reshape(-1, 2).to(torch.int32)
-    unit = torch.zeros(b.shape[0], dtype=torch.int32, device=blocks.device)
-    for i, places in _PLACES.items():
-        code = (b[:, i // 2] >> (4 * (i % 2))) & 0xF
-        for bit, place in enumerate(places):
-            unit |= ((code >> bit) & 1) << place
-    out = torch.stack([unit & 0xFF, unit >> 8], 1).to(torch.uint8)
-    return out.reshape(blocks.shape)
-
-
-def checkpoint_layout(blocks: torch.Tensor) -> torch.Tensor:
-    """The inverse of kernel_layout (tests, and to hand weights back in the checkpoint's layout)."""
-    b = blocks.reshape(-1, 2).to(torch.int32)
-    unit = b[:, 0] | b[:, 1] << 8
-    out = torch.zeros(b.shape[0], 2, dtype=torch.int32, device=blocks.device)
-    for i, places in _PLACES.items():
-        code = sum(((unit >> place) & 1) << bit for bit, place in enumerate(places))
-        out[:, i // 2] |= code << (4 * (i % 2))
-    return out.to(torch.uint8).reshape(blocks.shape)
-
-
-def large_scales(scales: torch.Tensor) -> bool:
-    """Whether some group's scale exceeds 2 (E8M0 > 128): 2^(scale - 1) no longer fits bf16, and the
-    kernels take the exact two-multiply path (decided once, at load)."""
-    return bool(scales.numel()) and int(scales.max()) > 128
+def _dot_configs() -> list:
+    """tl.dot tiles for blocks of BLOCK_M pairs."""
+    return tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                         (64, 256, 8, 3)], interpreted=(32, 64))
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _scale_bf16(s, LARGE: tl.constexpr):
-        """E8M0 exponents [..] uint8 -> the bf16 factor of each group: 2^(s - 1) (codes read as value *
-        2^-126), or with LARGE 2^(s - 127) (the codes are first multiplied by 2^126)."""
-        s = s.to(tl.uint32)
-        if LARGE:
-            bits = tl.where(s == 0, 0x40, s << 7)  # 2^-127 is a bf16 subnormal
-        else:
-            bits = (s + 126) << 7
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    def _e2m1(wb):
+        """uint8 bytes [...] -> (low, high) nibbles as floats [...], each E2M1 value * 2^-14.
+
+        Both nibbles are moved into the fp16 bit layout of one 32-bit word at once: magnitude bits
+        (exponent 2 bits, mantissa 1 bit) to fp16 bits 9-11 of each half, sign to bit 15. An E2M1
+        code read as fp16 is its value * 2^-14, subnormals (0.5) included; fp16 -> fp32 is exact.
+        """
+        v = wb.to(tl.uint32)
+        packed = ((v * 0x200200) & 0x0E000E00) | ((v * 0x1001000) & 0x80008000)
+        lo = packed.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (packed >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
 
     @triton.jit
-    def _code_value(x):
-        """E2M1 codes placed as _dequant's bf16 halves (magnitude in bits 6-8, sign in 15 of the low 16 bits of
-        uint32 words) -> their values in fp32, by the E2M1 rule (no subnormal arithmetic: the interpreter
-        flushes those)."""
-        m = ((x >> 6) & 1).to(tl.float32)
-        e = ((x >> 7) & 3).to(tl.float32)
-        mag = tl.where(e == 0, 0.5 * m, tl.exp2(e - 1.0) * (1.0 + 0.5 * m))
-        return tl.where((x >> 15) & 1 == 1, -mag, mag)
+    def _scale(s):
+        """E8M0 exponents (uint8) -> 2^(s - 127 + 14) as fp32 (the 2^14 undoes _e2m1's 2^-14)."""
+        return (tl.minimum(s.to(tl.uint32) + 14, 255) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _halves(r, R: tl.constexpr, C: tl.constexpr):
-        """bf16-pair words [R, C/2] (one per unit) -> the values of their low and high halves [R, C] fp32."""
-        return tl.reshape(tl.join(_code_value(r), _code_value(r >> 16)), (R, C))
-
-    @triton.jit
-    def _dequant(wb, sc, R: tl.constexpr, C: tl.constexpr, ASM: tl.constexpr, LARGE: tl.constexpr):
-        """Kernel-layout bytes [R, C] uint8 and each byte's group factor [R, C] bf16 (_scale_bf16) ->
-        the values of inputs 2j and of inputs 2j+1 for byte j, [R, C] bf16 each (exact).
-
-        ASM: the PTX above, one unit (two bytes) per call; else the same bit operations in Triton (the
-        interpreter)."""
-        if ASM:
-            if LARGE:
-                even, odd = tl.inline_asm_elementwise(_ASM_LARGE, "=r,=r,h,r", [wb, sc],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-            else:
-                even, odd = tl.inline_asm_elementwise(_ASM_EXACT, "=r,=r,h,r", [wb, sc],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-        else:
-            b0, b1 = tl.split(tl.reshape(wb, (R, C // 2, 2)))
-            u = b0.to(tl.uint32) | (b1.to(tl.uint32) << 8)
-            even = _halves((u | (u << 19)) & 0x81C081C0, R, C)
-            odd = _halves(((u << 6) & 0x000081C0) | ((u << 12) & 0x00C00000) | ((u << 11) & 0x01000000)
-                          | ((u << 17) & 0x80000000), R, C)
-            f = sc.to(tl.float32)  # 2^(s-1), or 2^(s-127) with LARGE, for codes read as value * 2^-126
-            if not LARGE:
-                f = f * 1.1754943508222875e-38  # 2^-126: the values above are the codes' own
-            even = (even * f).to(tl.bfloat16)
-            odd = (odd * f).to(tl.bfloat16)
-        return even, odd
-
-    @triton.jit
-    def _mm(x_ptr, x_row, x_ok, X_SPLIT: tl.constexpr, wq_ptr, ws_ptr, rows, rows_ok, K,
-            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-            ASM: tl.constexpr, LARGE: tl.constexpr, IEEE: tl.constexpr):
-        """W[rows] @ x[x_row]^T -> [BLOCK_R, BLOCK_M] fp32, W in the kernel layout, on tensor cores with
-        the weights as the left operand (a few tokens are the narrow side; padded rows masked).
-
-        x rows [K]: in split order (X_SPLIT: K/2 even inputs, then K/2 odd ones, contiguous runs) or in
-        natural order (stride-2 reads; decode, where x is a few KB)."""
-        C: tl.constexpr = BLOCK_K // 2  # bytes of a row per tile
-        j = tl.arange(0, C)
+    def _gemv(x_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k x[k] * W[rows, k] for one input row x [K] and MXFP4 rows of W -> [BLOCK_R] fp32."""
+        groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
-        row_b = rows.to(tl.int64) * (K // 32) * 16  # (a multiple of 16: vector loads)
-        row_s = rows.to(tl.int64) * (K // 32)
-        x_base = x_ptr + x_row.to(tl.int64)[None, :] * K  # [1, M]
-        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        row_off = rows.to(tl.int64) * groups
+        acc = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            jj = k0 // 2 + j
-            j_ok = jj < K // 2
-            g = k0 // 32 + gi
-            g_ok = rows_ok[:, None] & (g < K // 32)[None, :]  # [R, NG]; constant along a group's 16 bytes
-            wb = tl.load(wq_ptr + row_b[:, None, None] + (g * 16)[None, :, None] + bi[None, None, :],
-                         mask=g_ok[:, :, None], other=0)
-            wb = tl.reshape(wb, (BLOCK_R, C))
-            s = tl.load(ws_ptr + row_s[:, None] + g[None, :], mask=g_ok, other=0)
-            sc = tl.reshape(tl.broadcast_to(_scale_bf16(s, LARGE)[:, :, None], (BLOCK_R, BLOCK_K // 32, 16)),
-                            (BLOCK_R, C))
-            we, wo = _dequant(wb, sc, BLOCK_R, C, ASM, LARGE)
-            x_mask = j_ok[:, None] & x_ok[None, :]
-            if X_SPLIT:
-                xe = tl.load(x_base + jj[:, None], mask=x_mask, other=0.0)  # [C, M]
-                xo = tl.load(x_base + K // 2 + jj[:, None], mask=x_mask, other=0.0)
-            else:
-                xe = tl.load(x_base + 2 * jj[:, None], mask=x_mask, other=0.0)
-                xo = tl.load(x_base + 2 * jj[:, None] + 1, mask=x_mask, other=0.0)
-            if IEEE:
-                acc = tl.dot(we.to(xe.dtype), xe, acc, input_precision="ieee")
-                acc = tl.dot(wo.to(xo.dtype), xo, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(we.to(xe.dtype), xe, acc)
-                acc = tl.dot(wo.to(xo.dtype), xo, acc)
-        return acc
+            g = k0 // 32 + gi  # [NG] groups of this tile
+            g_ok = g < groups
+            w_mask = rows_ok[:, None, None] & g_ok[None, :, None]
+            wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
+                         mask=w_mask, other=0)  # [R, NG, 16] bytes
+            s = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0)
+            k = g[:, None] * 32 + 2 * bi[None, :]  # [NG, 16] byte j = 16g + b holds inputs 2j and 2j+1
+            xe = tl.load(x_ptr + k, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + k + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            lo, hi = _e2m1(wb)
+            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [R, NG], unscaled
+            acc += part * _scale(s)
+        return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _rows_of(pid_m, pair_ptr, expert_ptr, num_pairs, BLOCK_M: tl.constexpr, DECODE: tl.constexpr):
-        """(expert, pair per column [BLOCK_M], column valid) of row block pid_m. DECODE: block m is pair m
-        alone (its expert id read directly; no sorting); else moe.block_layout's blocks."""
-        if DECODE:
-            e = tl.load(expert_ptr + pid_m)
-            pair = pid_m + tl.zeros((BLOCK_M,), dtype=tl.int32)
-            valid = tl.arange(0, BLOCK_M) == 0
-        else:
-            e = tl.load(expert_ptr + pid_m)
-            pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            valid = pair < num_pairs
-        return e, pair, valid
+    def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
+             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32.
+
+        x rows in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd): the inputs
+        that the tile's low and high nibbles multiply are then contiguous runs (vector loads).
+        """
+        groups = K // 32
+        gi = tl.arange(0, BLOCK_K // 32)
+        bi = tl.arange(0, 16)
+        j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile = inputs 2j (low nibble), 2j+1 (high)
+        row_off = rows.to(tl.int64) * groups
+        x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            g = k0 // 32 + gi
+            g_ok = g < groups
+            wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
+                         mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16]
+            s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :],
+                               other=0))[:, :, None]
+            lo, hi = _e2m1(wb)
+            lo = tl.reshape(lo * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
+            hi = tl.reshape(hi * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
+            jj = k0 // 2 + j
+            x_mask = x_ok[:, None] & (jj < K // 2)[None, :]
+            xe = tl.load(x_base + jj[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2] even inputs
+            xo = tl.load(x_base + K // 2 + jj[None, :], mask=x_mask, other=0.0)  # odd inputs
+            if IEEE:
+                acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
+                acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
+            else:
+                acc += tl.dot(xe, tl.trans(lo))
+                acc += tl.dot(xo, tl.trans(hi))
+        return acc
 
     @triton.jit
     def _gate_up_kernel(
         x_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DECODE: tl.constexpr, ASM: tl.constexpr, LARGE: tl.constexpr, IEEE: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
-        """h[pair, units] = SwiGLU(W_gu[e] @ x[token] + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows,
-        gate/up interleaved); h is written in split order (the down kernel's x)."""
+        """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
+
+        Blocks (BLOCK_M > 1): x rows and h rows in split order (see _dot); decode: in natural order.
+        """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e, pair, valid = _rows_of(pid_m, pair_ptr, expert_ptr, num_pairs, BLOCK_M, DECODE)
+        e = tl.load(expert_ptr + pid_m)  # decode: the pair's expert; blocks: the block's expert
         if e >= num_experts:
             return
-        r = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # gate/up rows of these units, interleaved
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units
+        r = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # their gate/up rows, interleaved
         r_ok = r < 2 * inter
         groups = hidden // 32
         wb = wb_ptr + e.to(tl.int64) * (2 * inter) * groups * 16
         ws = ws_ptr + e.to(tl.int64) * (2 * inter) * groups
-        acc = _mm(x_ptr, pair // TOP_K, valid, not DECODE, wb, ws, r, r_ok, hidden,
-                  BLOCK_M, 2 * BLOCK_N, BLOCK_K, ASM, LARGE, IEEE)  # [2N, M]
-        acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))  # [N, M] each
+        if BLOCK_M == 1:
+            pair = pid_m + tl.zeros((1,), dtype=tl.int32)
+            acc = _gemv(x_ptr + (pid_m // TOP_K).to(tl.int64) * hidden, wb, ws, r, r_ok, hidden,
+                        2 * BLOCK_N, BLOCK_K)[None, :]
+        else:
+            pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE)
+        valid = pair < num_pairs
+        acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units
-        col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
-        tl.store(h_ptr + pair[None, :].to(tl.int64) * inter + col[:, None], h.to(h_ptr.dtype.element_ty),
-                 mask=valid[None, :] & (n < inter)[:, None])
+        if BLOCK_M == 1:
+            col = n
+        else:
+            col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
+        tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + col[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (n < inter)[None, :])
 
     @triton.jit
     def _down_kernel(
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DECODE: tl.constexpr, ASM: tl.constexpr, LARGE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """out[pair, n] = (W_d[e] @ h[pair] + b_d[e]) * routing weight, for BLOCK_N output features."""
+        """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e, pair, valid = _rows_of(pid_m, pair_ptr, expert_ptr, num_pairs, BLOCK_M, DECODE)
+        e = tl.load(expert_ptr + pid_m)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < hidden
         if e >= num_experts:
-            if DECODE:  # a pair routed to another rank: its row is 0 here (out is not zeroed first)
+            if BLOCK_M == 1:  # a pair routed to another rank: its row is 0 here (out is not zeroed first)
                 tl.store(out_ptr + pid_m.to(tl.int64) * hidden + n, tl.zeros((BLOCK_N,), out_ptr.dtype.element_ty),
                          mask=n_ok)
             return
         groups = inter // 32
         wb = wb_ptr + e.to(tl.int64) * hidden * groups * 16
         ws = ws_ptr + e.to(tl.int64) * hidden * groups
-        acc = _mm(h_ptr, pair, valid, True, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, ASM, LARGE, IEEE)
-        acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        if BLOCK_M == 1:
+            pair = pid_m + tl.zeros((1,), dtype=tl.int32)
+            acc = _gemv(h_ptr + pid_m.to(tl.int64) * inter, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K)[None, :]
+        else:
+            pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        valid = pair < num_pairs
+        acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-        acc = acc * weight[None, :]
-        tl.store(out_ptr + pair[None, :].to(tl.int64) * hidden + n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[None, :] & n_ok[:, None])
+        acc = acc * weight[:, None]
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
 
     _KEY = ["pairs_bucket", "hidden", "inter"]
-    _gate_up_tuned = triton.autotune(configs=_configs(), key=_KEY)(_gate_up_kernel)
-    _down_tuned = triton.autotune(configs=_configs(), key=_KEY)(_down_kernel)
+    _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
+    _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
+    _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
+    _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_down_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launch
 
 
 def plan(num_pairs: int) -> int:
-    """Columns per block for P pairs: 16, one pair per block at decode sizes (no sorting: block m is pair
-    m), else 16 or 64 pairs of one expert per block (moe.block_layout)."""
+    """Rows per block for P pairs: 1 = the decode GEMV launch (no sorting), else the tl.dot blocks."""
+    if num_pairs <= DECODE_MAX_PAIRS:
+        return 1
     return 16 if num_pairs <= 256 else 64
 
 
@@ -349,23 +272,17 @@ def _bucket(num_pairs: int) -> int:
     return num_pairs if num_pairs <= DECODE_MAX_PAIRS else 1 << (num_pairs - 1).bit_length()
 
 
-def use_asm(device: torch.device) -> bool:
-    """The PTX dequantization runs on GPUs; Triton's CPU interpreter runs the same bit operations in Triton."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def fused_mxfp4_experts(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
     down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor,
-    limit: float = 7.0, alpha: float = 1.702, large: bool = False, config: dict[str, Any] | None = None,
+    limit: float = 7.0, alpha: float = 1.702, block_m: int | None = None, config: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """x [T, H], top_k_index/top_k_weights [T, k] (index E = another rank's expert) -> [T, H].
 
-    gate_up_blocks [E, 2I, H/32, 16] and down_blocks [E, H, I/32, 16] in the kernel layout (kernel_layout()
-    of the checkpoint's), gate_up_scales [E, 2I, H/32], gate_up_bias [E, 2I], down_scales [E, H, I/32],
-    down_bias [E, H]. large: some scale exceeds 2 (large_scales()). config (BLOCK_N, BLOCK_K, num_warps)
-    overrides the autotuned tile (tests).
+    gate_up_blocks [E, 2I, H/32, 16], gate_up_scales [E, 2I, H/32], gate_up_bias [E, 2I],
+    down_blocks [E, H, I/32, 16], down_scales [E, H, I/32], down_bias [E, H].
+    block_m / config (BLOCK_N, BLOCK_K, num_warps) override the automatic choice (tests, tuning).
     """
     if not HAVE_TRITON:
         raise RuntimeError("experts=mxfp4 needs the triton package: pip install triton (CUDA torch brings it)")
@@ -376,12 +293,11 @@ def fused_mxfp4_experts(
                 down_blocks=down_blocks, down_scales=down_scales, down_bias=down_bias)
     inter = two_inter // 2
     p = t * top_k
-    block_m = plan(p)
-    decode = p <= DECODE_MAX_PAIRS
+    block_m = block_m or plan(p)
     ids = top_k_index.reshape(-1)  # [P]
-    if decode:
-        # One block per pair reading its expert id directly, x in natural order; the down kernel writes the
-        # rows of pairs routed elsewhere: nothing launches besides the two kernels and the final sum.
+    if block_m == 1:
+        # Decode: one program per pair reads its expert id directly; x and h in natural order, and the
+        # down kernel writes the rows of pairs routed elsewhere: no extra kernel besides the final sum.
         pair, expert = ids, ids
         xs = x.contiguous()
         out = torch.empty((p, hidden), dtype=x.dtype, device=x.device)
@@ -391,16 +307,16 @@ def fused_mxfp4_experts(
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
-        # multiply are then contiguous runs (vector loads).
+        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order.
         xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)  # [T, H], one small copy
         out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
     num_rows = expert.numel()
-    h = torch.empty((p, inter), dtype=x.dtype, device=x.device)  # in split order
+    h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     weights = top_k_weights.reshape(-1)
-    common = {"BLOCK_M": block_m, "DECODE": decode, "ASM": use_asm(x.device), "LARGE": bool(large),
-              "IEEE": x.dtype == torch.float32}
+    ieee = x.dtype == torch.float32
+    common = {"BLOCK_M": block_m, "IEEE": ieee}
     if config is None:
-        gate_up, down = _gate_up_tuned, _down_tuned
+        gate_up, down = (_gate_up_decode, _down_decode) if block_m == 1 else (_gate_up_blocks, _down_blocks)
     else:
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update(config)
@@ -440,32 +356,10 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
             "experts=mxfp4 needs the experts loaded in MXFP4 (runtime.model.build with experts=mxfp4); this module "
             "holds bf16 weights: use experts=triton for those"
         )
-    weights = (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias,
-               self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias)
-    kernel = getattr(self, "mxfp4_kernel_layout", None)
-    if triton_usable(hidden_states.device):
-        if kernel is None:
-            raise MXFP4KernelError("the MXFP4 experts are still in the checkpoint's layout: call "
-                                   "runtime.kernels.moe_mxfp4.prepare(module) once after loading (runtime.model.build does)")
-        return fused_mxfp4_experts(hidden_states, top_k_index, top_k_weights, *weights, limit=self.limit,
-                                   alpha=self.alpha, large=kernel["large"])
-    if kernel is not None:  # moved off the GPU after prepare(): back to the checkpoint's layout for the reference
-        weights = (checkpoint_layout(weights[0]), *weights[1:3], checkpoint_layout(weights[3]), *weights[4:])
-    return reference_mxfp4_experts(hidden_states, top_k_index, top_k_weights, *weights, limit=self.limit,
-                                   alpha=self.alpha)
-
-
-def prepare(experts: torch.nn.Module) -> None:
-    """Once after loading, where the fused kernels will run: the blocks into the kernels' layout (in place,
-    same shapes and bytes) and the scale check; the module is marked so it is done once."""
-    if getattr(experts, "mxfp4_kernel_layout", None) is not None or not triton_usable(experts.gate_up_proj_blocks.device):
-        return
-    for name in ("gate_up_proj_blocks", "down_proj_blocks"):
-        blocks = getattr(experts, name).data
-        for e in range(blocks.shape[0]):  # an expert at a time: the temporaries stay small
-            blocks[e] = kernel_layout(blocks[e])
-    experts.mxfp4_kernel_layout = {
-        "large": large_scales(experts.gate_up_proj_scales) or large_scales(experts.down_proj_scales)}
+    fn = fused_mxfp4_experts if triton_usable(hidden_states.device) else reference_mxfp4_experts
+    return fn(hidden_states, top_k_index, top_k_weights,
+              self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias,
+              self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias, limit=self.limit, alpha=self.alpha)
 
 
 def use_mxfp4_params(experts: torch.nn.Module) -> None:
