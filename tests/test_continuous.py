@@ -168,3 +168,39 @@ def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: p
     assert not loop.is_alive()
     with pytest.raises(queue.Empty):
         bad.events.get_nowait()
+
+
+def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
+    """The scheduler ends a request at a stop token unless it asked for ignore_eos (POST /v1/completions,
+    vLLM's extension): then it runs to max_tokens, giving the tokens of a run without stops. The tiny
+    model's own second greedy token is made a stop token here (random weights seldom stop)."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=128, max_prefill_tokens=200,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    prompt = engine.render(Request(id="x", prompt="hi"))
+    free = engine.decode([prompt], 8, ignore_eos=True).tokens[0].tolist()
+    stop = threading.Event()
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), {free[1]}, CALL, 8, stop.is_set)
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+
+    def run(sub: Submission) -> tuple[list[int], str]:
+        sched.submit(sub)
+        tokens: list[int] = []
+        while True:
+            item = sub.events.get(timeout=120)  # a hang guard
+            if isinstance(item, Finish):
+                return tokens, item.reason
+            tokens += item
+
+    assert run(Submission(prompt, 8, 0.0, 1.0)) == (free[:2], "stop")
+    assert run(Submission(prompt, 8, 0.0, 1.0, ignore_eos=True)) == (free, "length")
+    stop.set()
+    loop.join(timeout=60)
+    assert not loop.is_alive()

@@ -529,3 +529,63 @@ def test_bodies_that_could_not_be_answered_are_400s(served, raw: bytes, says: by
     status, got = _raw(url, POST + b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
                        % len(body) + body)
     assert status.split()[1] == b"400" and says in got, got
+
+
+# ---------------------------------------------------------------------------------------- /v1/completions
+
+
+def test_completions_raw_text_in_and_out(served) -> None:  # noqa: ANN001
+    """A raw prompt (harmony special tokens written in it are those tokens) and the tokens back as text, no
+    harmony parsing; the stop token that ends the turn is not shown; the stream adds up to the body."""
+    client, backend, _ = served
+    prompt = "<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant"
+    answer = ids(ANALYSIS + "<|start|>assistant<|channel|>final<|message|>Sunny, 30 °C 😀.<|return|>")
+    backend.script = [answer]
+    r = client.completions.create(model="gpt-oss-test", prompt=prompt, max_tokens=200)
+    assert backend.subs[-1].prompt == ids(prompt) and backend.subs[-1].max_tokens == 200
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == harmony.decode(answer[:-1]) and r.choices[0].text.endswith("Sunny, 30 °C 😀.")
+    assert r.choices[0].finish_reason == "stop"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids(prompt)), len(answer))
+    backend.script = [answer]
+    chunks = list(client.completions.create(model="gpt-oss-test", prompt=prompt, max_tokens=200, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(answer) and not chunks[-1].choices
+    # a UTF-8 character split over tokens arrives whole: no chunk holds a replacement character
+    assert all("\ufffd" not in c.choices[0].text for c in chunks if c.choices)
+
+
+def test_completions_token_ids_default_limit_and_ignore_eos(served) -> None:  # noqa: ANN001
+    client, backend, _ = served
+    backend.script = [ids("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                          "fifteen sixteen seventeen eighteen<|return|>")]
+    r = client.completions.create(model="gpt-oss-test", prompt=[200006, 1428, 200008, 13225])
+    assert backend.subs[-1].prompt == [200006, 1428, 200008, 13225]
+    assert backend.subs[-1].max_tokens == 16 and r.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    assert r.choices[0].finish_reason == "length" and not backend.subs[-1].ignore_eos
+    backend.script = [ids("hi<|return|>")]
+    client.completions.create(model="gpt-oss-test", prompt="x", max_tokens=5, extra_body={"ignore_eos": True})
+    assert backend.subs[-1].ignore_eos
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"prompt": ["a", "b"]}, 400, "prompt"),  # several prompts
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [1, 300_000_000]}, 400, "prompt"),  # not a token
+    ({"prompt": {"text": "a"}}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a", "echo": True}, 400, "echo"),
+    ({"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "a", "stop": ["\n"]}, 400, "stop"),
+    ({"prompt": "a", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 1000}, 400, "max_tokens"),  # beyond serve.max_len (400)
+])
+def test_completions_bad_requests(served, body: dict, status: int, param: str) -> None:  # noqa: ANN001
+    client, _, _ = served
+    with pytest.raises(openai.APIStatusError) as e:
+        client.post("/completions", body={"model": "gpt-oss-test", **body}, cast_to=object)
+    assert e.value.status_code == status and e.value.body["param"] == param, e.value.body

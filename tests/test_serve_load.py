@@ -151,3 +151,26 @@ def test_sampling_parameters_reach_the_sampler(server: Server, client: openai.Op
     assert text(temperature=1.0, top_p=1e-6) == greedy
     assert text(temperature=1e-6) == greedy
     assert any(text(temperature=1.0) != greedy for _ in range(3))
+
+
+def test_completions_with_ignore_eos_stream_fixed_lengths(server: Server, client: openai.OpenAI) -> None:
+    """POST /v1/completions on the model: a raw prompt, `ignore_eos` (vLLM's extension) for an exact output
+    length, streamed token by token; the stream adds up to the non-streamed answer (greedy), concurrently too."""
+    def once(i: int, stream: bool) -> tuple[str, int, str]:
+        kw = {"model": "tiny", "prompt": f"Count to {i}:", "max_tokens": 24, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
+        if not stream:
+            r = client.completions.create(**kw)
+            return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+        text, usage, finish = "", None, None
+        for c in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+            if c.choices:
+                text += c.choices[0].text
+                finish = c.choices[0].finish_reason or finish
+            usage = c.usage or usage
+        return text, usage.completion_tokens, finish
+
+    plain = [once(i, False) for i in range(8)]
+    assert all(n == 24 and finish == "length" for _, n, finish in plain)
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda i: once(i, True), range(8))) == plain

@@ -132,7 +132,7 @@ class HarmonyStream:
         self._raw_text(tokens, events)
 
     def _raw_text(self, tokens: list[int], events: list[Event]) -> None:
-        data = b"".join(_token_bytes(t) for t in tokens if t not in self.end_ids)
+        data = b"".join(token_bytes(t) for t in tokens if t not in self.end_ids)
         text = self._raw.decode(data) if data else ""  # type: ignore[union-attr]
         if text:
             if self._open is None or self._open.kind != TEXT:
@@ -160,7 +160,8 @@ class HarmonyStream:
             self._open = None
 
 
-def _token_bytes(t: int) -> bytes:
+def token_bytes(t: int) -> bytes:
+    """One token's bytes (a special token's name); U+FFFD for an id outside the vocabulary."""
     try:
         return bytes(harmony.encoding()._inner.decode_bytes([t]))
     except Exception:  # noqa: BLE001 - an id outside the vocabulary

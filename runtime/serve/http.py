@@ -5,6 +5,7 @@
     GET  /v1/models[/{id}]       the served model
     POST /v1/chat/completions    runtime/serve/chat.py
     POST /v1/responses           runtime/serve/responses.py
+    POST /v1/completions         runtime/serve/completions.py (raw text, no harmony)
 
 One thread per connection (ThreadingHTTPServer). A generation request is checked and rendered to harmony
 token ids on its own thread, submitted to the scheduler, and then its thread turns the tokens it receives
@@ -30,7 +31,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from runtime import harmony
-from runtime.serve import chat, responses
+from runtime.serve import chat, completions, responses
 from runtime.serve.fields import ApiError
 from runtime.serve.harmony_stream import HarmonyStream
 from runtime.serve.job import Defaults, Job, Outcome, sse
@@ -40,9 +41,10 @@ log = logging.getLogger("runtime.serve")
 
 MAX_BODY_BYTES = 32 << 20
 POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
-ENDPOINTS: dict[str, ModuleType] = {chat.PATH: chat, responses.PATH: responses}
-MAX_TOKENS_FIELDS = {chat.PATH: ("max_completion_tokens", "max_tokens"), responses.PATH: ("max_output_tokens",)}
-INPUT_FIELD = {chat.PATH: "messages", responses.PATH: "input"}
+ENDPOINTS: dict[str, ModuleType] = {chat.PATH: chat, responses.PATH: responses, completions.PATH: completions}
+MAX_TOKENS_FIELDS = {chat.PATH: ("max_completion_tokens", "max_tokens"), responses.PATH: ("max_output_tokens",),
+                     completions.PATH: ("max_tokens",)}
+INPUT_FIELD = {chat.PATH: "messages", responses.PATH: "input", completions.PATH: "prompt"}
 
 
 class Backend(Protocol):
@@ -187,7 +189,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._only(method, "POST")
                 return self._generate(path)
             raise ApiError(404, f"Unknown route {method} {path}: this server has GET /health, GET /v1/models, "
-                           f"POST {chat.PATH} and POST {responses.PATH}.", code="unknown_url")
+                           f"POST {chat.PATH}, POST {responses.PATH} and POST {completions.PATH}.", code="unknown_url")
         except ApiError as e:
             self._drain_body()
             self._json(e.status, e.body(), {"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
@@ -313,12 +315,12 @@ class Handler(BaseHTTPRequestHandler):
         if job.model != app.defaults.model:
             raise self._unknown_model(job.model)
         try:
-            prompt = app.render(job)
+            prompt = job.prompt_ids if job.prompt_ids is not None else app.render(job)
         except (ValueError, TypeError, KeyError) as e:
             raise ApiError(400, f"The conversation cannot be rendered in harmony: {e}", INPUT_FIELD[path],
                            "invalid_value") from None
         max_tokens = self._max_tokens(path, job, len(prompt))
-        sub = Submission(prompt, max_tokens, job.temperature, job.top_p)
+        sub = Submission(prompt, max_tokens, job.temperature, job.top_p, job.ignore_eos)
         try:
             app.backend.submit(sub)
         except QueueFull:
@@ -327,7 +329,10 @@ class Handler(BaseHTTPRequestHandler):
         except ShuttingDown:
             raise ApiError(503, "The server is shutting down.", code="shutting_down") from None
         fmt = endpoint.Formatter(job)
-        stream = HarmonyStream(app.end_ids)
+        if job.prompt_ids is not None:  # raw text out, no harmony
+            stream: Any = completions.RawStream(app.end_ids, job.ignore_eos)
+        else:
+            stream = HarmonyStream(app.end_ids)
         if job.stream:
             self._stream(sub, stream, fmt, len(prompt))
             return
@@ -357,7 +362,9 @@ class Handler(BaseHTTPRequestHandler):
                            f"you requested {prompt_len + job.max_tokens} tokens ({prompt_len} in the "
                            f"{INPUT_FIELD[path]}, {job.max_tokens} in the completion): set {param} to at most "
                            f"{limit - prompt_len}.", param, "context_length_exceeded")
-        return job.max_tokens or limit - prompt_len
+        if job.max_tokens is not None:
+            return job.max_tokens
+        return min(job.default_max_tokens or limit, limit - prompt_len)
 
     def _stream(self, sub: Submission, stream: HarmonyStream, fmt: Any, prompt_len: int) -> None:
         self.send_response(200)

@@ -36,6 +36,12 @@ class Job:
     stream: bool
     body: dict[str, Any] = field(default_factory=dict)
     """The request as sent (Responses echoes some of it)."""
+    prompt_ids: list[int] | None = None
+    """A raw prompt's token ids (POST /v1/completions); None: `messages` rendered in harmony."""
+    ignore_eos: bool = False
+    """Generate through stop tokens up to the token limit (vLLM's extension, for benchmarks)."""
+    default_max_tokens: int | None = None
+    """The limit when the request sets none; None: all the room the context leaves."""
 
 
 @dataclass

@@ -54,6 +54,8 @@ class Submission:
     max_tokens: int
     temperature: float
     top_p: float
+    ignore_eos: bool = False
+    """Stop tokens do not end this request (it runs to max_tokens)."""
     events: queue.Queue = field(default_factory=queue.Queue)
     generated: int = 0
     finished: bool = False
@@ -225,7 +227,7 @@ class Scheduler:
         sub.generated += 1
         self.counters.generated_tokens += 1
         reason = None
-        if token in self.stop_ids:
+        if token in self.stop_ids and not sub.ignore_eos:
             reason = "tool_call" if token == self.call_id else "stop"
         elif sub.generated >= sub.max_tokens:
             reason = "length"
