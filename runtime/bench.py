@@ -10,7 +10,8 @@ Per batch size: time to first token and time per output token (p50/p99 over CUDA
 warm-up excluded), end-to-end latency, output tokens/s in total, per GPU and per user, prefill
 tokens/s, peak memory per rank, load time, and the bytes a decode step must read over the measured
 step time, as GB/s and as a fraction of this GPU's copy bandwidth measured in the same run. Fixed
-lengths with EOS ignored by default; `bench.mode=replay` replays the prompts config. Rank 0 writes
+lengths with EOS ignored by default; `bench.mode=replay` replays the prompts config; `bench.mode=serve`
+measures a server over HTTP instead (runtime/loadgen.py). Rank 0 writes
 results.json / results.csv / PNG plots and appends to a results table. Fields: runtime/config.py.
 """
 
@@ -92,7 +93,7 @@ class Bench:
         self.cfg = cfg
         self.b = cfg.bench
         if self.b.mode not in ("fixed", "replay"):
-            raise UserError(f"bench.mode={self.b.mode!r}: use fixed or replay")
+            raise UserError(f"bench.mode={self.b.mode!r}: use fixed, replay or serve")
         if not self.b.batch_sizes or min(self.b.batch_sizes) < 1:
             raise UserError(f"bench.batch_sizes={list(self.b.batch_sizes)}: give positive batch sizes")
         if self.b.repetitions < 1 or self.b.baseline_repetitions < 1:
@@ -376,6 +377,12 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     def body() -> None:
+        if cfg.bench.mode == "serve":  # a client of a server (started with its own ranks): one process here
+            from runtime import loadgen
+
+            config.check_schema(cfg, config.BenchJobConfig)
+            loadgen.run(cfg)
+            return
         code = respawn_under_torchrun(cfg)
         if code is not None:
             sys.exit(code)

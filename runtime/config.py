@@ -173,6 +173,18 @@ class GenerateJobConfig:
 
 
 @dataclass
+class Objectives:
+    """Service-level objectives of the serving benchmark, in ms; null: no objective on that metric."""
+
+    ttft: float | None = None
+    """Time to first token."""
+    tpot: float | None = None
+    """Time per output token after the first."""
+    e2el: float | None = None
+    """End-to-end latency of a request."""
+
+
+@dataclass
 class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
     """Sequences decoded together per data-parallel replica; one measurement per value."""
@@ -182,7 +194,28 @@ class BenchConfig:
     """Generated tokens per sequence, EOS ignored (as vLLM / TensorRT-LLM benchmark) in `fixed` mode."""
     mode: str = "fixed"
     """`fixed` (input_len/output_len, EOS ignored) or `replay` (the prompts config, harmony-rendered,
-    generation.max_new_tokens, stopping at EOS)."""
+    generation.max_new_tokens, stopping at EOS), both in this process; or `serve`: requests over HTTP to an
+    OpenAI-compatible server (ours, started by the bench with this config's model and layout, or `url`), at
+    each `concurrency` (runtime/loadgen.py)."""
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 64])
+    """serve mode: requests in flight at once, one measurement per value (the server's serve.max_batch is
+    set to the largest)."""
+    num_prompts: int | None = None
+    """serve mode: requests per measurement; null: 4 x the concurrency, at least 8."""
+    request_rate: float | None = None
+    """serve mode: requests sent per second (Poisson arrivals), still at most `concurrency` at once; null:
+    all at once."""
+    range_ratio: float = 0.0
+    """serve mode: prompt and output lengths drawn uniformly from [len x (1 - r), len x (1 + r)]; 0: fixed."""
+    url: str | None = None
+    """serve mode: the base URL of a running OpenAI-compatible server (http://host:port/v1) to measure
+    instead of starting ours; its key from $OPENAI_API_KEY; describe its layout with parallel.* so tokens/s
+    per GPU are right."""
+    served_model: str | None = None
+    """serve mode: the model id requests name; null: the first of GET /v1/models."""
+    goodput: Objectives = field(default_factory=lambda: Objectives())
+    """serve mode: service-level objectives (e.g. bench.goodput.ttft=500 bench.goodput.tpot=50); goodput =
+    requests per second that met every objective set. None set: not computed."""
     warmup: int = 2
     """Untimed runs per batch size before the timed ones (compilation, autotuning, allocator; a small
     prefill is captured as a CUDA graph the second time its shape comes, so 2 reach the steady state)."""

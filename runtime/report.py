@@ -18,6 +18,9 @@ COLUMNS = [
     "output_tok_s_per_user", "prefill_tok_s", "load_s", "step_bytes_gb", "achieved_gb_s", "copy_bw_gb_s",
     "bw_fraction", "peak_mem_gib", "speedup_vs_baseline", "ttft_ratio_vs_baseline", "speedup_vs_1gpu",
     "scaling_efficiency",
+    # bench.mode=serve (runtime/loadgen.py): batch_size is the concurrency
+    "request_rate", "request_throughput", "total_tok_s", "ttft_mean_ms", "tpot_mean_ms", "itl_mean_ms", "itl_p50_ms",
+    "itl_p99_ms", "e2el_mean_ms", "e2el_p99_ms", "goodput", "failed",
 ]
 
 SAME_WORK = ("impl", "plan", "model", "format", "dtype", "attention", "experts", "mode", "batch_size", "input_len",
@@ -69,6 +72,8 @@ def write(out_dir: Path, result: dict[str, Any], table: Path, plots: bool = True
     run_id = out_dir.name
     for r in result["rows"]:
         r["run"] = run_id
+        for column in COLUMNS:  # a mode's rows leave the other modes' columns empty
+            r.setdefault(column, None)
     add_scaling(result["rows"], _read_csv(table) if table.exists() and table.stat().st_size else [])
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
     _write_csv(out_dir / "results.csv", result["rows"], append=False)

@@ -1,0 +1,97 @@
+"""The serving benchmark (`runtime.bench bench.mode=serve`): our server started and stopped by it on the
+tiny model (CPU), another running server measured through `bench.url`, and the metrics' arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime import config, loadgen, report
+from runtime.errors import UserError
+from tests.conftest import CPU
+from tests.serve_server import torchrun_server
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIELDS = ("completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
+          "output_throughput", "total_token_throughput", "goodput",
+          *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")))
+
+
+def serve_bench(tmp_path: Path, *overrides: str) -> dict:
+    cfg = config.compose("bench", [*CPU, "bench.mode=serve", "bench.input_len=24", "bench.output_len=6",
+                                   f"bench.out_dir={tmp_path}/run", f"bench.table={tmp_path}/table.csv", *overrides])
+    return loadgen.run(cfg)
+
+
+def test_our_server_at_two_concurrencies(tmp_path: Path) -> None:
+    """The bench starts runtime.serve with its own model settings, sends fixed-length requests (ignore_eos) at
+    each concurrency, writes rows like the other modes, and stops the server."""
+    result = serve_bench(tmp_path, "bench.concurrency=[1,3]", "bench.num_prompts=6", "bench.goodput.ttft=1e9")
+    assert [p["concurrency"] for p in result["points"]] == [1, 3]
+    for p in result["points"]:
+        assert set(FIELDS) <= set(p), set(FIELDS) - set(p)
+        assert (p["completed"], p["failed"]) == (6, 0)
+        assert (p["total_input_tokens"], p["total_output_tokens"]) == (6 * 24, 6 * 6)  # lengths exactly as asked
+        assert p["output_throughput"] == pytest.approx(36 / p["duration_s"])
+        assert p["request_throughput"] == pytest.approx(6 / p["duration_s"]) == pytest.approx(p["goodput"])
+        assert 0 < p["median_ttft_ms"] <= p["median_e2el_ms"] and p["median_ttft_ms"] <= p["p99_ttft_ms"]
+        assert p["median_itl_ms"] > 0 and p["median_tpot_ms"] > 0
+    for r in result["rows"]:
+        assert set(report.COLUMNS) <= set(r), set(report.COLUMNS) - set(r)
+        assert (r["mode"], r["impl"], r["runs"], r["input_len"], r["output_len"]) == ("serve", "ours", 6, 24, 6)
+        assert r["output_tok_s_per_user"] == pytest.approx(1000 / r["tpot_mean_ms"])
+    with (tmp_path / "table.csv").open() as f:
+        assert [(t["mode"], t["batch_size"]) for t in csv.DictReader(f)] == [("serve", "1"), ("serve", "3")]
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "results.json").read_text())["model"] == "tiny"
+    assert (run_dir / "pareto.png").read_bytes().startswith(PNG)
+    server_log = (run_dir / "server" / "server.log").read_text()
+    assert "stopped:" in server_log  # it ran, then left on SIGTERM
+    saved = (run_dir / "server" / "config.yaml").read_text()
+    assert "max_batch: 3" in saved and "max_len: 38" in saved  # sized from the benchmark's requests
+
+
+def test_another_server_through_its_url(tmp_path: Path) -> None:
+    """bench.url: a server already running (here ours, 2 ranks, tensor parallel) measured as any OpenAI-
+    compatible endpoint; sampled lengths (range_ratio) arrive as drawn; a request rate; an unmet objective."""
+    with torchrun_server(tmp_path, 2, ["parallel.tp_size=2", "serve.max_len=256"]) as server:
+        result = serve_bench(tmp_path, f"bench.url={server.base_url}", "bench.concurrency=[2]",
+                             "bench.num_prompts=5", "bench.range_ratio=0.5", "bench.request_rate=50",
+                             "bench.goodput.tpot=0.000001", "parallel.tp_size=2", "bench.warmup=0")
+    (p,) = result["points"]
+    drawn = loadgen.draw_lengths(5, 24, 6, 0.5, 0 + 2)
+    assert (p["completed"], p["failed"]) == (5, 0)
+    assert p["total_input_tokens"] == sum(len(ids) for ids, _ in drawn)
+    assert p["total_output_tokens"] == sum(n for _, n in drawn)
+    assert p["goodput"] == 0
+    (r,) = result["rows"]
+    assert r["impl"] == "url" and r["world_size"] == 2 and r["output_tok_s_per_gpu"] == pytest.approx(r["output_tok_s"] / 2)
+
+
+def test_metrics_arithmetic() -> None:
+    a = loadgen.Result(10, output_len=4, ttft=0.1, e2el=0.4, chunks=[0.1, 0.2, 0.3, 0.4])
+    b = loadgen.Result(20, output_len=3, ttft=0.2, e2el=1.2, chunks=[0.2, 0.7, 1.2])
+    failed = loadgen.Result(5, error="HTTP 503")
+    m = loadgen.metrics([a, b, failed], duration=2.0, slo={"ttft": 150, "tpot": 600})
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (2, 1, 30, 7)
+    assert m["output_throughput"] == 3.5 and m["total_token_throughput"] == 18.5 and m["request_throughput"] == 1.0
+    assert m["mean_tpot_ms"] == pytest.approx((100 + 500) / 2)  # (e2el - ttft) / (tokens - 1)
+    assert m["median_itl_ms"] == pytest.approx(100) and m["mean_itl_ms"] == pytest.approx(1300 / 5)
+    assert m["mean_ttft_ms"] == pytest.approx(150) and m["p99_e2el_ms"] == pytest.approx(400 + 0.99 * 800)
+    assert m["goodput"] == 0.5  # a meets both objectives; b's TTFT (200 ms) misses 150
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["bench.concurrency=[0]"], "concurrency"),
+    (["bench.range_ratio=1.5"], "range_ratio"),
+    (["bench.request_rate=0"], "request_rate"),
+    (["bench.url=ftp://x"], "bench.url"),
+    (["bench.url=http://127.0.0.1:9/v1"], "cannot reach"),
+    (["bench.goodput.ttft=-5"], "objectives"),
+])
+def test_bad_settings_are_named(tmp_path: Path, overrides: list[str], match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        serve_bench(tmp_path, *overrides)
