@@ -381,6 +381,9 @@ def main(cfg: DictConfig) -> None:
             from runtime import loadgen
 
             config.check_schema(cfg, config.BenchJobConfig)
+            if distributed.env_world()[0] > 1:
+                raise UserError("bench.mode=serve is one client process that starts the server's ranks itself: "
+                                "run `python -m runtime.bench bench.mode=serve ...`, not under torchrun")
             loadgen.run(cfg)
             return
         code = respawn_under_torchrun(cfg)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +62,7 @@ class Result:
     ttft: float | None = None
     e2el: float | None = None
     chunks: list[float] = field(default_factory=list)
-    """Arrival time of every chunk that carried text."""
+    """Arrival time of every streamed chunk with a choice (vLLM's client counts these)."""
     error: str | None = None
 
     @property
@@ -78,7 +80,10 @@ class Endpoint:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise UserError(f"bench.url={base_url!r}: give the server's base URL, e.g. http://127.0.0.1:8000/v1")
         self.https = url.scheme == "https"
-        self.host, self.port = url.hostname, url.port or (443 if self.https else 80)
+        try:
+            self.host, self.port = url.hostname, url.port or (443 if self.https else 80)
+        except ValueError as e:
+            raise UserError(f"bench.url={base_url!r}: {e}") from None
         self.path = url.path or ""
         self.headers = {"Content-Type": "application/json"}
         if api_key:
@@ -96,9 +101,12 @@ class Endpoint:
             resp = conn.getresponse()
             body = resp.read()
             if resp.status != 200:
-                raise UserError(f"GET {self.path}/models answered {resp.status}: {body[:300]!r}; set bench.served_model "
-                                "(and $OPENAI_API_KEY if it needs a key)")
+                hint = "" if self.path.endswith("/v1") else " (OpenAI base URLs end in /v1)"
+                raise UserError(f"GET {self.path}/models answered {resp.status}: {body[:300]!r}; check bench.url"
+                                f"{hint}, set bench.served_model, and $OPENAI_API_KEY if it needs a key")
             return json.loads(body)["data"][0]["id"]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise UserError(f"GET {self.path}/models did not list a model: set bench.served_model") from None
         except OSError as e:
             raise UserError(f"cannot reach {self.host}:{self.port} ({e}): is the server up at bench.url?") from None
         finally:
@@ -117,27 +125,31 @@ class Endpoint:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
                 return res
-            usage = None
+            usage, done = None, False
             while True:
                 line = resp.readline()
+                now = time.perf_counter() - t0
                 if not line:
                     break
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
                     res.error = str(chunk["error"])[:300]
-                    break
-                now = time.perf_counter() - t0
+                    return res
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                if any(c.get("text") for c in chunk.get("choices") or []):
+                if chunk.get("choices"):  # as vLLM's client: every chunk with a choice, the finish one too
                     res.chunks.append(now)
-                    if res.ttft is None:
-                        res.ttft = now
+                    res.ttft = res.chunks[0]
+            if not done:
+                res.error = "the stream ended before [DONE]"
+            elif not res.chunks:
+                res.error = "the stream carried no completion"
             res.e2el = res.chunks[-1] if res.chunks else None
             res.output_len = int(usage["completion_tokens"]) if usage else len(res.chunks)
         except (OSError, ValueError, http.client.HTTPException) as e:
@@ -155,7 +167,7 @@ def draw_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: in
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
-        return max(1, rng.randint(int(mean * (1 - ratio)), int(mean * (1 + ratio))))
+        return rng.randint(max(1, int(mean * (1 - ratio))), max(1, math.ceil(mean * (1 + ratio))))
 
     return [([rng.randrange(VOCAB_TEXT_IDS) for _ in range(length(input_len))], length(output_len)) for _ in range(n)]
 
@@ -165,7 +177,8 @@ def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency
     """All requests of `work`, at most `concurrency` in flight, sent at `rate` per second (Poisson) or at
     once; (results in order, seconds from the first send to the last answer)."""
     rng = random.Random(seed)
-    with ThreadPoolExecutor(concurrency) as pool:
+    pool = ThreadPoolExecutor(concurrency)
+    try:
         t0 = time.perf_counter()
         futures = []
         due = 0.0
@@ -175,7 +188,9 @@ def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency
                 time.sleep(max(0.0, t0 + due - time.perf_counter()))
             futures.append(pool.submit(endpoint.complete, prompt, out_len))
         results = [f.result() for f in futures]
-    return results, time.perf_counter() - t0
+        return results, time.perf_counter() - t0
+    finally:  # on Ctrl-C or a stop: the requests not started yet are dropped, not run
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _stats(values: list[float], name: str, scale: float = 1000.0) -> dict[str, float | None]:
@@ -214,7 +229,7 @@ def metrics(results: list[Result], duration: float, slo: dict[str, float]) -> di
     }
     if slo:
         def meets(r: Result) -> bool:
-            got = {"ttft": r.ttft, "tpot": r.tpot, "e2el": r.e2el}
+            got = {"ttft": r.ttft, "tpot": r.tpot if r.output_len > 1 else 0.0, "e2el": r.e2el}  # vLLM's rule
             return all(got[k] is not None and 1000 * got[k] <= v for k, v in slo.items())  # type: ignore[operator]
         m["goodput"] = sum(meets(r) for r in ok) / duration
     else:
@@ -245,7 +260,7 @@ def row(cfg: DictConfig, m: dict[str, Any], concurrency: int, world: int, impl: 
         "generated_tokens": m["total_output_tokens"],
         "ttft_p50_ms": m["median_ttft_ms"], "ttft_p99_ms": m["p99_ttft_ms"],
         "tpot_p50_ms": m["median_tpot_ms"], "tpot_p99_ms": m["p99_tpot_ms"],
-        "e2e_p50_s": (m["median_e2el_ms"] or 0) / 1000, "output_tok_s": m["output_throughput"],
+        "e2e_p50_s": m["median_e2el_ms"] / 1000 if m["median_e2el_ms"] is not None else None, "output_tok_s": m["output_throughput"],
         "output_tok_s_per_gpu": m["output_throughput"] / world, "decode_tok_s": m["output_throughput"],
         "output_tok_s_per_user": 1000 / tpot if tpot else None,
         "request_rate": cfg.bench.request_rate, "request_throughput": m["request_throughput"],
@@ -272,18 +287,22 @@ def _override(key: str, value: Any) -> str:
             return "[" + ",".join(fmt(x) for x in v) + "]"
         if isinstance(v, dict):
             return "{" + ",".join(f"{k}:{fmt(x)}" for k, x in v.items()) + "}"
-        return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        # Hydra reads a backslash as an escape only before a quote or at the end of the string
+        text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(v))
+        return "'" + text.replace("'", "\\'") + "'"
     return f"{key}={fmt(value)}"
 
 
-def server_command(cfg: DictConfig, out_dir: Path, max_len: int, max_batch: int, waiting: int) -> list[str]:
+def server_command(cfg: DictConfig, out_dir: Path, max_len: int, max_batch: int, waiting: int,
+                   model_name: str | None = None) -> list[str]:
     """`runtime.serve` with this job's model, layout, kernels and generation settings (every field, so the
     server runs exactly what the bench was given), under torchrun when it has several ranks."""
     groups = OmegaConf.to_container(cfg, resolve=True)
     overrides = [_override(f"{g}.{k}", v) for g in SERVER_GROUPS for k, v in groups[g].items()]  # type: ignore[index, union-attr]
     overrides += ["serve.port=0", _override("serve.out_dir", str(out_dir)), f"serve.max_len={max_len}",
                   f"serve.max_batch={max_batch}", f"serve.max_waiting={max(waiting, 1024)}",
-                  f"serve.max_connections={max(2 * max_batch, 1024)}", f"serve.max_prefill_tokens={max(max_len, 8192)}"]
+                  f"serve.max_connections={max(2 * max_batch, 1024)}", f"serve.max_prefill_tokens={max(max_len, 8192)}",
+                  "serve.api_key=null", _override("serve.model_name", model_name)]
     world = cfg.parallel.tp_size * cfg.parallel.ep_size * cfg.parallel.dp_size
     if world > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -298,21 +317,25 @@ class OurServer:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = out_dir / "server.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPTOSS_API_KEY"):
             env.pop(var, None)
+        endpoint = out_dir / "endpoint.json"
+        endpoint.unlink(missing_ok=True)  # a reused out_dir: an earlier server's address is not this one's
         log.info("starting the server: %s", " ".join(cmd))
         with open(self.log_path, "wb") as sink:
             self.proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        endpoint = out_dir / "endpoint.json"
-        deadline = time.monotonic() + START_SECONDS
-        while not endpoint.is_file():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise UserError(f"the server did not come up (exit {self.proc.returncode}); its log "
-                                f"{self.log_path} ends:\n{tail}")
-            time.sleep(0.2)
-        self.info = json.loads(endpoint.read_text())
+        try:
+            deadline = time.monotonic() + START_SECONDS
+            while not endpoint.is_file():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise UserError(f"the server did not come up (exit {self.proc.poll()}); its log "
+                                    f"{self.log_path} ends:\n{tail}")
+                time.sleep(0.2)
+            self.info = json.loads(endpoint.read_text())
+        except BaseException:  # Ctrl-C or a stop while it loads: it must not keep the GPUs
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -331,6 +354,10 @@ class OurServer:
 # ------------------------------------------------------------------------------------------ entry
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run()'s finally, which stops the server
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Measure every concurrency; write results like the other bench modes and return them."""
     b = cfg.bench
@@ -342,27 +369,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     slo = objectives(b.goodput)
     if b.request_rate is not None and not b.request_rate > 0:
         raise UserError(f"bench.request_rate={b.request_rate}: give requests per second > 0, or null for all at once")
+    if b.num_prompts is not None and b.num_prompts < 1:
+        raise UserError(f"bench.num_prompts={b.num_prompts}: give at least 1 request per concurrency, or null")
+    if b.baseline or b.profile:
+        log.warning("bench.mode=serve measures a server over HTTP: bench.baseline and bench.profile do not apply")
     out_dir = Path(b.out_dir or report.default_dir(cfg))
     world = cfg.parallel.tp_size * cfg.parallel.ep_size * cfg.parallel.dp_size
     points = {c: draw_lengths(b.num_prompts or max(4 * c, 8), b.input_len, b.output_len, b.range_ratio, b.seed + c)
               for c in concurrency}
-    longest = max(len(p) + n for work in points.values() for p, n in work)
+    # warm-up requests of their own: a server with a prefix cache must not see the measured prompts first
+    warm = {c: draw_lengths(min(c, len(points[c])), b.input_len, b.output_len, b.range_ratio, b.seed + 10_000 + c)
+            for c in concurrency}
+    longest = max(len(p) + n for work in [*points.values(), *warm.values()] for p, n in work)
     server = None
-    if b.url:
-        endpoint = Endpoint(b.url, b.served_model, os.environ.get("OPENAI_API_KEY"))
-        impl = "url"
-    else:
-        cmd = server_command(cfg, out_dir / "server", longest + 8, max(concurrency),
-                             max(len(w) for w in points.values()))
-        server = OurServer(cmd, out_dir / "server")
-        endpoint = Endpoint(server.info["base_url"], b.served_model)
-        impl = "ours"
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a killed bench still stops its server
     rows, per_point = [], []
     try:
+        if b.url:
+            endpoint = Endpoint(b.url, b.served_model, os.environ.get("OPENAI_API_KEY"))
+            impl = "url"
+        else:
+            cmd = server_command(cfg, out_dir / "server", longest + 8, max(concurrency),
+                                 max(len(w) for w in points.values()), b.served_model)
+            server = OurServer(cmd, out_dir / "server")
+            endpoint = Endpoint(server.info["base_url"], server.info["model"])
+            impl = "ours"
         for c in concurrency:
             work = points[c]
             if b.warmup > 0:  # compilation, graph capture and autotuning for these shapes happen here, untimed
-                run_point(endpoint, work[: min(c, len(work))], c, None, b.seed)
+                run_point(endpoint, warm[c], c, None, b.seed)
             results, duration = run_point(endpoint, work, c, b.request_rate, b.seed)
             m = metrics(results, duration, slo)
             errors = [r.error for r in results if r.error]
@@ -375,6 +410,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      m["median_ttft_ms"] or float("nan"), m["median_tpot_ms"] or float("nan"),
                      m["median_itl_ms"] or float("nan"))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if server is not None:
             server.stop()
     from runtime.generate import versions

@@ -124,6 +124,8 @@ def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]])
     fig, ax = plt.subplots(figsize=(7, 5))
     series: dict[str, list[tuple[float, float, str]]] = {}
     for r in table:
+        if r.get("output_tok_s_per_user") in (None, "") or r.get("output_tok_s_per_gpu") in (None, ""):
+            continue  # a measurement with no completed request has no point to draw
         label = series_label(r)
         series.setdefault(label, []).append(
             (float(r["output_tok_s_per_user"]), float(r["output_tok_s_per_gpu"]), r["batch_size"]))
@@ -145,8 +147,9 @@ def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]])
     for impl in sorted({r["impl"] for r in rows}):
         mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["batch_size"])
         bs = [r["batch_size"] for r in mine]
-        axes[0].plot(bs, [r["tpot_p50_ms"] for r in mine], marker="o", label=impl)
-        axes[1].plot(bs, [r["ttft_p50_ms"] for r in mine], marker="o", label=impl)
+        nan = float("nan")  # a measurement with no completed request
+        axes[0].plot(bs, [nan if r["tpot_p50_ms"] is None else r["tpot_p50_ms"] for r in mine], marker="o", label=impl)
+        axes[1].plot(bs, [nan if r["ttft_p50_ms"] is None else r["ttft_p50_ms"] for r in mine], marker="o", label=impl)
     for ax, what in zip(axes, ("time per output token p50 (ms)", "time to first token p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")

@@ -185,8 +185,9 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
                           use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
     prompt = engine.render(Request(id="x", prompt="hi"))
     free = engine.decode([prompt], 8, ignore_eos=True).tokens[0].tolist()
+    at = next(i for i in range(1, 8) if free[i] not in free[:i])  # the first token not seen before it
     stop = threading.Event()
-    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), {free[1]}, CALL, 8, stop.is_set)
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), {free[at]}, CALL, 8, stop.is_set)
     loop = threading.Thread(target=sched.run, daemon=True)
     loop.start()
 
@@ -199,7 +200,7 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
                 return tokens, item.reason
             tokens += item
 
-    assert run(Submission(prompt, 8, 0.0, 1.0)) == (free[:2], "stop")
+    assert run(Submission(prompt, 8, 0.0, 1.0)) == (free[: at + 1], "stop")
     assert run(Submission(prompt, 8, 0.0, 1.0, ignore_eos=True)) == (free, "length")
     stop.set()
     loop.join(timeout=60)

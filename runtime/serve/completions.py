@@ -54,7 +54,9 @@ def _prompt(prompt: Any) -> list[int]:
         if not prompt:
             raise f.invalid_value("prompt", "the prompt is empty.")
         return harmony.encoding().encode(prompt, allowed_special="all")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and not prompt:
+        raise f.invalid_value("prompt", "the prompt is empty.")
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         try:
             harmony.encoding().decode(prompt)  # every id is one of the vocabulary's
         except Exception:  # noqa: BLE001 - harmony raises its own error type, or OverflowError for huge ids
