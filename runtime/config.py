@@ -293,6 +293,9 @@ class ServeConfig:
     single prompt is prefilled alone."""
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
+    prefix_cache: bool = True
+    """A new request takes the free row whose cache holds the longest prefix of its prompt, and only the rest
+    is prefilled (usage reports those tokens as cached_tokens); false: every prompt is computed whole."""
     max_connections: int = 1024
     """HTTP connections served at once (a thread each); a connection beyond it gets 503 and is closed."""
     timeout_seconds: float = 60.0

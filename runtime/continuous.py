@@ -9,7 +9,9 @@ Each cache row holds one sequence, at slot == position (no padding inside a row)
   kernel is given `slot_pos` and each row's write slot instead, a SlotMask). Free rows have an all-empty
   `slot_pos` and position -1: they attend to nothing and their output is ignored;
 - `release(rows)`: the row's slots are marked empty; its stale keys stay but are never seen again.
-Shapes of the decode step never change ([rows, 1] tokens against [rows, max_len] slots), so on a GPU it is
+A row has one slot more than `max_len`, a scratch slot that free rows write their step's junk key to: the
+keys a freed row holds stay intact for the next request sharing their prefix (`prefill(cached=...)`).
+Shapes of the decode step never change ([rows, 1] tokens against [rows, max_len + 1] slots), so on a GPU it is
 captured once as a CUDA graph and replayed. Sampling is per row (temperature 0 = greedy); the leader of the
 model-parallel group draws and every rank gets its tokens, so all ranks feed the same ids.
 
@@ -34,8 +36,9 @@ class RowKVCache(StaticKVCache):
     """K/V buffers [rows, kv_heads, max_len, head_dim] per layer; duck-types transformers' Cache.update.
 
     Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
-    rows and returned as they are (a fresh row holds nothing else). Decode mode: keys [rows, H, 1, D] are
-    scattered to slot `write_slot[r]` of each row and the whole buffers are returned.
+    rows and returned as they are (a fresh row holds nothing else); with `prefill_slots` [n, W] set too
+    (rows that keep a cached prefix) at those slots, and the rows' whole buffers are returned. Decode mode:
+    keys [rows, H, 1, D] are scattered to slot `write_slot[r]` of each row and the whole buffers are returned.
     """
 
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
@@ -44,8 +47,14 @@ class RowKVCache(StaticKVCache):
         self.write_slot = torch.zeros(rows, dtype=torch.long, device=device)  # [rows], read by the graph
         self._scatter_index = self.write_slot.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
         self.prefill_rows: torch.Tensor | None = None
+        self.prefill_slots: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        if self.prefill_rows is not None and self.prefill_slots is not None:
+            rows, slots = self.prefill_rows[:, None], self.prefill_slots  # [n, 1], [n, W]
+            self.k[layer_idx][rows, :, slots] = key.permute(0, 2, 1, 3)  # indexed as [n, W, H, D]
+            self.v[layer_idx][rows, :, slots] = value.permute(0, 2, 1, 3)
+            return self.k[layer_idx][self.prefill_rows], self.v[layer_idx][self.prefill_rows]
         if self.prefill_rows is not None:
             width = key.shape[2]
             self.k[layer_idx][self.prefill_rows, :, :width] = key
@@ -108,10 +117,11 @@ class ContinuousBatcher:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
-        self.cache = RowKVCache(cfg.num_hidden_layers, rows, kv_heads, max_len, cfg.head_dim, dtype, device)
+        slots = max_len + 1  # slot max_len: the scratch slot of free rows
+        self.cache = RowKVCache(cfg.num_hidden_layers, rows, kv_heads, slots, cfg.head_dim, dtype, device)
         # Per-row state on the device. pos[r]: the position where last[r] is fed next (= tokens in the
         # cache), -1 for a free row.
-        self.slot_pos = torch.full((rows, max_len), -1, dtype=torch.long, device=device)
+        self.slot_pos = torch.full((rows, slots), -1, dtype=torch.long, device=device)
         self.pos = torch.full((rows, 1), -1, dtype=torch.long, device=device)
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)  # last[r], fed by the next step
         self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -144,12 +154,18 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], temperature: Sequence[float],
-                top_p: Sequence[float]) -> torch.Tensor:
+                top_p: Sequence[float], cached: Sequence[int] | None = None) -> torch.Tensor:
         """Put each prompt in its (free) row and return its first sampled token [n], in the given order.
 
+        cached[i]: the first tokens of prompt i whose keys row i still holds at slots [0, cached[i]) from
+        its previous sequence (a shared prefix: the scheduler checked the tokens); only the rest is
+        computed, attending to those slots too. At most len(prompt) - 1 (the last token's logits are needed).
         Prompts are prefilled in groups of similar length, each group one forward of at most
         `max_prefill_tokens` (rows x padded width; a longer prompt goes alone).
         """
+        cached = list(cached) if cached is not None else [0] * len(rows)
+        if any(not 0 <= c < len(p) for c, p in zip(cached, prompts)):
+            raise ValueError("a cached prefix must leave at least the prompt's last token to compute")
         for r, t, p in zip(rows, temperature, top_p):
             self._temp_host[r], self._top_p_host[r] = float(t), float(p)
         dev = self.device
@@ -157,8 +173,9 @@ class ContinuousBatcher:
         self.temperature[idx] = torch.tensor(list(temperature), dtype=torch.float32, device=dev)
         self.top_p[idx] = torch.tensor(list(top_p), dtype=torch.float32, device=dev)
         out = torch.empty(len(rows), dtype=torch.long, device=dev)
-        for group in self._groups([len(p) for p in prompts]):
-            logits = self._prefill_group([rows[i] for i in group], [prompts[i] for i in group])
+        for group in self._groups([len(p) - c for p, c in zip(prompts, cached)]):
+            logits = self._prefill_group([rows[i] for i in group], [prompts[i] for i in group],
+                                         [cached[i] for i in group])
             g = torch.tensor(group, dtype=torch.long, device=dev)
             out[g] = self._choose(logits, [rows[i] for i in group])
         self.ids[idx, 0] = out
@@ -175,30 +192,39 @@ class ContinuousBatcher:
                 groups.append([i])
         return groups
 
-    def _prefill_group(self, rows: list[int], prompts: list[Sequence[int]]) -> torch.Tensor:
+    def _prefill_group(self, rows: list[int], prompts: list[Sequence[int]], cached: list[int]) -> torch.Tensor:
         dev = self.device
-        width = max(len(p) for p in prompts)
+        width = max(len(p) - c for p, c in zip(prompts, cached))
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         positions = torch.full((len(rows), width), -1, dtype=torch.long)  # right padding at position -1
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
-            positions[i, : len(p)] = torch.arange(len(p))
+        for i, (p, c) in enumerate(zip(prompts, cached)):
+            ids[i, : len(p) - c] = torch.tensor(list(p[c:]), dtype=torch.long)
+            positions[i, : len(p) - c] = torch.arange(c, len(p))
         ids, positions = ids.to(dev), positions.to(dev)
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        reuse = any(cached)
         self.slot_pos[idx] = -1
-        self.slot_pos[idx, :width] = positions
-        if self.slot_masks:  # the prefill attends over its own keys [n, H, W, D]: slot t holds position t
-            m = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous()).by_layer()
-        else:
-            m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
+        if not reuse:
+            self.slot_pos[idx, :width] = positions
+            if self.slot_masks:  # the prefill attends over its own keys [n, H, W, D]: slot t holds position t
+                m = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous()).by_layer()
+            else:
+                m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
+        else:  # keys go to their own slots after the cached ones; the queries attend over the whole rows
+            slots = (torch.tensor(cached, device=dev)[:, None] + torch.arange(width, device=dev)).clamp(max=self.max_len)
+            for i, (p, c) in enumerate(zip(prompts, cached)):
+                self.slot_pos[rows[i], : len(p)] = torch.arange(len(p), device=dev)
+            view = self.slot_pos[idx]
+            m = SlotMask(view, slots).by_layer() if self.slot_masks else masks(view, positions, self.window, self.dtype)
+            self.cache.prefill_slots = slots
         self.cache.prefill_rows = idx
         try:
             hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
-            self.cache.prefill_rows = None
-        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=dev)
-        self.pos[idx, 0] = last + 1
+            self.cache.prefill_rows = self.cache.prefill_slots = None
+        last = torch.tensor([len(p) - c - 1 for p, c in zip(prompts, cached)], dtype=torch.long, device=dev)
+        self.pos[idx, 0] = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         return self.model.lm_head(hidden[torch.arange(len(rows), device=dev), last])  # [n, V]
 
     # ------------------------------------------------------------------------------ decoding
@@ -207,8 +233,9 @@ class ContinuousBatcher:
     def step(self) -> torch.Tensor:
         """Feed every occupied row its last token, return each row's next token [rows] (junk for free rows)."""
         busy = self.pos >= 0
-        self.cache.write_slot.copy_(self.pos.clamp(0, self.max_len - 1).squeeze(1))
-        # the slot about to be written holds this position (a free row writes -1 over slot 0: still empty)
+        # a busy row writes at its position, a free row into its scratch slot (its held keys stay intact)
+        self.cache.write_slot.copy_(torch.where(busy, self.pos.clamp(max=self.max_len - 1), self.max_len).squeeze(1))
+        # the slot about to be written holds this position (a free row's scratch slot gets -1: stays empty)
         self.slot_pos.scatter_(1, self.cache.write_slot[:, None], self.pos)
         logits = self._run_step()
         tokens = self._choose(logits, None)

@@ -57,6 +57,43 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
     assert len(got[0]) == 14
 
 
+@pytest.mark.parametrize("attn", ["eager", "triton"])
+def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
+    """A row that held a sequence takes a prompt sharing its prefix (a conversation's next turn: the earlier
+    prompt, part of the answer, a new message) and computes only the rest; beside it a fresh row and a row
+    reusing a prefix past the 32-token sliding window: every row gives the engine's tokens for its prompt."""
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=256, max_prefill_tokens=400,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    first = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[1:3])]
+    out = b.prefill([0, 1], first, [0.0, 0.0], [1.0, 1.0])
+    drawn = [[t] for t in out.tolist()]
+    for _ in range(6):
+        for row, t in zip(drawn, b.step().tolist()):
+            row.append(t)
+    b.release([0, 1])
+    held = [p + d[:-1] for p, d in zip(first, drawn)]  # what rows 0 and 1 hold now
+    tail = engine.render(Request(id="x", prompt="And then?"))[-9:]
+    prompts = [held[0][:-2] + tail, held[1] + [drawn[1][-1]] + tail, engine.render(Request(id="y", prompt="hi"))]
+    cached = [len(held[0]) - 2, len(held[1]), 0]
+    ref = [engine.decode([p], 8, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    got = [[t] for t in b.prefill([0, 1, 2], prompts, [0.0] * 3, [1.0] * 3, cached=cached).tolist()]
+    for _ in range(7):
+        for row, t in zip(got, b.step().tolist()):
+            row.append(t)
+    assert got == ref
+    with pytest.raises(ValueError, match="last token"):
+        b.prefill([0], [prompts[0]], [0.0], [1.0], cached=[len(prompts[0])])
+
+
+def test_a_cached_prefix_with_the_flash_kernel_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "cached_prefix_gives and triton"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_sample_rows_per_row_parameters() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen)
@@ -205,3 +242,52 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
     stop.set()
     loop.join(timeout=60)
     assert not loop.is_alive()
+
+
+def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
+    """A chat's next turn (the earlier prompt + its answer + a new message) lands in the row that served the
+    first turn: only the new part is computed, `cached_tokens` says how much was not, and the tokens are those
+    of a server without the prefix cache."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
+
+    def serve(prefix_cache: bool) -> list[tuple[list[int], int]]:
+        b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=256, max_prefill_tokens=400,
+                              use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+        stop = threading.Event()
+        sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, prefix_cache)
+        loop = threading.Thread(target=sched.run, daemon=True)
+        loop.start()
+
+        def run(prompt: list[int]) -> tuple[list[int], int]:
+            sub = Submission(prompt, 6, 0.0, 1.0)
+            sched.submit(sub)
+            tokens: list[int] = []
+            while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
+                tokens += item
+            return tokens, sub.cached_tokens
+
+        first = engine.render(Request(id="a", prompt="What is the capital of France?"))
+        other = engine.render(Request(id="b", prompt="2+2?"))
+        out = [run(first)]
+        follow = first + out[0][0] + engine.render(Request(id="c", prompt="And of Italy?"))[-10:]
+        out.append(run(follow))  # the row of the first turn, not the empty one
+        out.append(run(other))  # shares the system message with it (more than nothing: the empty row)
+        stop.set()
+        loop.join(timeout=60)
+        assert sched.stats()["cached_tokens"] == sum(c for _, c in out)
+        return out
+
+    with_cache, without = serve(True), serve(False)
+    assert [t for t, _ in with_cache] == [t for t, _ in without]
+    assert [c for _, c in without] == [0, 0, 0]
+    first_len = len(engine.render(Request(id="a", prompt="What is the capital of France?")))
+    assert with_cache[0][1] == 0 and with_cache[1][1] == first_len + 5  # the first turn but its last token
+    system = len(os.path.commonprefix([engine.render(Request(id="a", prompt="x")), engine.render(Request(id="b", prompt="y"))]))
+    assert with_cache[2][1] >= system - 1

@@ -257,7 +257,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Server, clien
            path="/v1/responses")
     # routes and methods
     assert raw(server, "GET", "/v1/chat/completions")[0] == 405
-    assert raw(server, "POST", "/v1/completions", b"{}")[0] == 404
+    assert raw(server, "POST", "/v1/embeddings", b"{}")[0] == 404
+    expect(server, 400, {"model": MODEL}, "prompt", path="/v1/completions", code="missing_required_parameter")
     # the official client sees the same errors as exceptions
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=sm.HI)

@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> None:
     if layout.is_writer:
         log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank", sc.max_batch, sc.max_len,
                  batcher.cache.nbytes / 1e9)
-        scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop)
+        scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
         app.backend = scheduler

@@ -125,7 +125,7 @@ def finish_reason(out: Outcome) -> str:
 
 def usage(out: Outcome) -> dict[str, Any]:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+            "total_tokens": out.prompt_tokens + out.completion_tokens, "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 class Formatter:

@@ -343,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
             if finish.reason == "error":
                 raise ApiError(503, f"The request could not finish: {finish.message}.", code="server_error")
             stream.close()
-            out = Outcome(len(prompt), generated, stream.reasoning_tokens, finish.reason, stream.parts)
+            out = Outcome(len(prompt), generated, stream.reasoning_tokens, finish.reason, stream.parts, sub.cached_tokens)
             self._json(200, fmt.body(out))
             self._log_done(path, job, out)
         finally:
@@ -388,7 +388,7 @@ class Handler(BaseHTTPRequestHandler):
             if finish.reason == "error":
                 self._chunk(b"".join(fmt.error(ApiError(503, f"The request could not finish: {finish.message}."))))
             else:
-                out = Outcome(prompt_len, generated, stream.reasoning_tokens, finish.reason, stream.parts)
+                out = Outcome(prompt_len, generated, stream.reasoning_tokens, finish.reason, stream.parts, sub.cached_tokens)
                 self._chunk(b"".join(fmt.events(stream.close()) + fmt.tail(out)))
                 self._log_done(self.path, fmt.job, out)
             if self._chunked:

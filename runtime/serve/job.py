@@ -54,6 +54,8 @@ class Outcome:
     finish: str
     """`stop`, `tool_call` or `length`."""
     parts: list[Part]
+    cached_tokens: int = 0
+    """Prompt tokens whose keys were reused from the cache, not computed (the prefix cache)."""
 
     @property
     def text(self) -> str:

@@ -116,7 +116,7 @@ def _input(value: str | list[Any]) -> list[dict[str, Any]]:
 
 
 def usage(out: Outcome) -> dict[str, Any]:
-    return {"input_tokens": out.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": out.prompt_tokens, "input_tokens_details": {"cached_tokens": out.cached_tokens},
             "output_tokens": out.completion_tokens, "output_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
             "total_tokens": out.prompt_tokens + out.completion_tokens}
 

@@ -2,7 +2,10 @@
 
 Rank 0's HTTP threads `submit` requests (already rendered to token ids). Between steps the scheduler
 frees the rows of finished or abandoned requests, gives free rows to waiting requests, and broadcasts
-that as a `Plan` to every rank; all ranks then run the same prefill and decode forward
+that as a `Plan` to every rank. A freed row keeps its keys: the scheduler remembers which tokens they
+are, and gives a new request the free row sharing the longest prefix with its prompt (the harmony
+system message at least; a whole conversation when a chat comes back with its next turn), whose
+prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage); all ranks then run the same prefill and decode forward
 (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new tokens through the
 request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
 a request whose client left is dropped at the next step. The other ranks just loop on plans until the
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import queue
+
+import numpy as np
 import threading
 import time
 from collections import deque
@@ -58,6 +63,10 @@ class Submission:
     """Stop tokens do not end this request (it runs to max_tokens)."""
     events: queue.Queue = field(default_factory=queue.Queue)
     generated: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose keys its row already held (not computed)."""
+    tokens: list[int] = field(default_factory=list)
+    """The tokens generated so far."""
     finished: bool = False
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -78,6 +87,8 @@ class Admit:
     prompt: list[int]
     temperature: float
     top_p: float
+    cached: int = 0
+    """The prompt's first tokens whose keys the row still holds from its previous sequence."""
 
 
 @dataclass
@@ -97,7 +108,8 @@ def execute(plan: Plan, batcher: ContinuousBatcher) -> tuple[list[int] | None, l
     first = step = None
     if plan.admit:
         out = batcher.prefill([a.row for a in plan.admit], [a.prompt for a in plan.admit],
-                              [a.temperature for a in plan.admit], [a.top_p for a in plan.admit])
+                              [a.temperature for a in plan.admit], [a.top_p for a in plan.admit],
+                              [a.cached for a in plan.admit])
         first = out.tolist() if batcher.leader else None
     if plan.decode:
         out = batcher.step()
@@ -123,6 +135,8 @@ class Counters:
     cancelled: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens reused from the prefix cache instead of computed."""
     steps: int = 0
     """Decode steps run (each gives every busy row one token)."""
 
@@ -131,12 +145,15 @@ class Scheduler:
     """Rank 0's side: the waiting queue, the rows, and the loop that plans and runs every step."""
 
     def __init__(self, batcher: ContinuousBatcher, layout: WorldLayout, stop_ids: set[int], call_id: int,
-                 max_waiting: int, should_stop: Callable[[], bool]) -> None:
+                 max_waiting: int, should_stop: Callable[[], bool], prefix_cache: bool = True) -> None:
         self.batcher, self.layout = batcher, layout
         self.stop_ids, self.call_id = stop_ids, call_id
         self.max_waiting = max_waiting
         self.should_stop = should_stop
         self.rows: list[Submission | None] = [None] * batcher.rows
+        self.prefix_cache = prefix_cache
+        self.held: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batcher.rows
+        """Per row: the tokens whose keys its cache slots [0, n) hold (the leader's record)."""
         self.waiting: deque[Submission] = deque()
         self.counters = Counters()
         self.stopping = False
@@ -205,26 +222,53 @@ class Scheduler:
                             sub.finished = True
                         self.rows[r] = None
                         plan.release.append(r)
+                        # fed so far: the prompt and every token but the last one drawn
+                        fed = sub.prompt + sub.tokens[:-1] if self.prefix_cache else []
+                        self.held[r] = np.asarray(fed, dtype=np.int64)
                 free = [r for r, sub in enumerate(self.rows) if sub is None]
                 while free and self.waiting:
                     sub = self.waiting.popleft()
                     if sub.cancelled:
                         self.counters.cancelled += 1
                         continue
-                    r = free.pop(0)
+                    r, cached = self._best_row(free, sub.prompt)
+                    free.remove(r)
                     self.rows[r] = sub
+                    self.held[r] = np.asarray(sub.prompt, dtype=np.int64)
+                    sub.cached_tokens = cached
                     self.counters.prompt_tokens += len(sub.prompt)
-                    plan.admit.append(Admit(r, sub.prompt, sub.temperature, sub.top_p))
+                    self.counters.cached_tokens += cached
+                    plan.admit.append(Admit(r, sub.prompt, sub.temperature, sub.top_p, cached))
                 plan.decode = any(sub is not None for sub in self.rows)
                 if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
                     return plan
                 self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _best_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
+        """The free row for `prompt` and how many of its first tokens that row's cache holds (capped to leave
+        the last token to compute: its logits give the first new token): the longest shared prefix (a
+        conversation's own row when it comes back), then, among equals (rows sharing only the system message),
+        the row that drops the fewest held tokens, so the longer conversations stay cached."""
+        if not self.prefix_cache:
+            return free[0], 0
+        want = np.asarray(prompt, dtype=np.int64)
+        best, best_key = free[0], None
+        for r in free:
+            held = self.held[r]
+            n = min(len(held), len(want) - 1)
+            diff = np.flatnonzero(held[:n] != want[:n])
+            common = int(diff[0]) if diff.size else n
+            key = (-common, len(held) - common)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+        return best, -best_key[0]  # type: ignore[index]
 
     def _deliver(self, row: int, token: int) -> None:
         sub = self.rows[row]
         if sub is None or sub.finished:
             return  # a free row, or a request that ended earlier in this step
         sub.generated += 1
+        sub.tokens.append(token)
         self.counters.generated_tokens += 1
         reason = None
         if token in self.stop_ids and not sub.ignore_eos:
