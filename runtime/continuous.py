@@ -37,7 +37,7 @@ class RowKVCache(StaticKVCache):
 
     Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
     rows and returned as they are (a fresh row holds nothing else); with `prefill_slots` [n, W] set too
-    (rows that keep a cached prefix) at those slots, and the rows' whole buffers are returned. Decode mode:
+    (rows that keep a cached prefix) at those slots, and the rows' slots [0, prefill_end) are returned. Decode mode:
     keys [rows, H, 1, D] are scattered to slot `write_slot[r]` of each row and the whole buffers are returned.
     """
 
@@ -48,13 +48,15 @@ class RowKVCache(StaticKVCache):
         self._scatter_index = self.write_slot.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
         self.prefill_rows: torch.Tensor | None = None
         self.prefill_slots: torch.Tensor | None = None
+        self.prefill_end = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
         if self.prefill_rows is not None and self.prefill_slots is not None:
             rows, slots = self.prefill_rows[:, None], self.prefill_slots  # [n, 1], [n, W]
             self.k[layer_idx][rows, :, slots] = key.permute(0, 2, 1, 3)  # indexed as [n, W, H, D]
             self.v[layer_idx][rows, :, slots] = value.permute(0, 2, 1, 3)
-            return self.k[layer_idx][self.prefill_rows], self.v[layer_idx][self.prefill_rows]
+            end = self.prefill_end  # the slots the prompts reach: attention reads no further
+            return self.k[layer_idx][self.prefill_rows, :, :end], self.v[layer_idx][self.prefill_rows, :, :end]
         if self.prefill_rows is not None:
             width = key.shape[2]
             self.k[layer_idx][self.prefill_rows, :, :width] = key
@@ -214,9 +216,10 @@ class ContinuousBatcher:
             slots = (torch.tensor(cached, device=dev)[:, None] + torch.arange(width, device=dev)).clamp(max=self.max_len)
             for i, (p, c) in enumerate(zip(prompts, cached)):
                 self.slot_pos[rows[i], : len(p)] = torch.arange(len(p), device=dev)
-            view = self.slot_pos[idx]
+            end = max(len(p) for p in prompts)
+            view = self.slot_pos[idx, :end]
             m = SlotMask(view, slots).by_layer() if self.slot_masks else masks(view, positions, self.window, self.dtype)
-            self.cache.prefill_slots = slots
+            self.cache.prefill_slots, self.cache.prefill_end = slots, end
         self.cache.prefill_rows = idx
         try:
             hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
