@@ -49,6 +49,7 @@ class RowKVCache(StaticKVCache):
         self.prefill_rows: torch.Tensor | None = None
         self.prefill_slots: torch.Tensor | None = None
         self.prefill_end = 0
+        self.prefill_view: slice | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
         if self.prefill_rows is not None and self.prefill_slots is not None:
@@ -56,7 +57,8 @@ class RowKVCache(StaticKVCache):
             self.k[layer_idx][rows, :, slots] = key.permute(0, 2, 1, 3)  # indexed as [n, W, H, D]
             self.v[layer_idx][rows, :, slots] = value.permute(0, 2, 1, 3)
             end = self.prefill_end  # the slots the prompts reach: attention reads no further
-            return self.k[layer_idx][self.prefill_rows, :, :end], self.v[layer_idx][self.prefill_rows, :, :end]
+            rows = self.prefill_view if self.prefill_view is not None else self.prefill_rows  # a view if it can
+            return self.k[layer_idx][rows, :, :end], self.v[layer_idx][rows, :, :end]
         if self.prefill_rows is not None:
             width = key.shape[2]
             self.k[layer_idx][self.prefill_rows, :, :width] = key
@@ -220,12 +222,14 @@ class ContinuousBatcher:
             view = self.slot_pos[idx, :end]
             m = SlotMask(view, slots).by_layer() if self.slot_masks else masks(view, positions, self.window, self.dtype)
             self.cache.prefill_slots, self.cache.prefill_end = slots, end
+            if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive rows (one, most often): no copy
+                self.cache.prefill_view = slice(rows[0], rows[0] + len(rows))
         self.cache.prefill_rows = idx
         try:
             hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
-            self.cache.prefill_rows = self.cache.prefill_slots = None
+            self.cache.prefill_rows = self.cache.prefill_slots = self.cache.prefill_view = None
         last = torch.tensor([len(p) - c - 1 for p, c in zip(prompts, cached)], dtype=torch.long, device=dev)
         self.pos[idx, 0] = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         return self.model.lm_head(hidden[torch.arange(len(rows), device=dev), last])  # [n, V]
@@ -247,8 +251,10 @@ class ContinuousBatcher:
         return tokens
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.slot_masks:  # each row's query sits at its own write slot
-            m = SlotMask(self.slot_pos, self.cache.write_slot[:, None]).by_layer()
+        if self.slot_masks:  # each row's query sits at its own write slot; a free row's at slot 0 (it sees
+            # nothing either way, and the kernel then reads one block of it, not up to its scratch slot)
+            q_slot = torch.where(pos >= 0, self.cache.write_slot[:, None], 0)
+            m = SlotMask(self.slot_pos, q_slot).by_layer()
         else:
             m = masks(self.slot_pos, pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,

@@ -61,7 +61,8 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
 def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
     """A row that held a sequence takes a prompt sharing its prefix (a conversation's next turn: the earlier
     prompt, part of the answer, a new message) and computes only the rest; beside it a fresh row and a row
-    reusing a prefix past the 32-token sliding window: every row gives the engine's tokens for its prompt."""
+    reusing a prefix past the 32-token sliding window; decode steps of another row ran while they were free:
+    every row gives the engine's tokens for its prompt."""
     engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
     b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=256, max_prefill_tokens=400,
                           use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
@@ -73,6 +74,13 @@ def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
             row.append(t)
     b.release([0, 1])
     held = [p + d[:-1] for p, d in zip(first, drawn)]  # what rows 0 and 1 hold now
+    kept = [t[:2].clone() for t in b.cache.k + b.cache.v]
+    b.prefill([2], [engine.render(Request(id="z", prompt="2+2?"))], [0.0], [1.0])
+    for _ in range(3):  # steps while rows 0 and 1 are free: their held keys must survive them
+        b.step()
+    b.release([2])
+    for before, now in zip(kept, b.cache.k + b.cache.v):  # every held slot intact (the scratch slot aside)
+        assert torch.equal(before[:, :, : b.max_len], now[:2, :, : b.max_len])
     tail = engine.render(Request(id="x", prompt="And then?"))[-9:]
     prompts = [held[0][:-2] + tail, held[1] + [drawn[1][-1]] + tail, engine.render(Request(id="y", prompt="hi"))]
     cached = [len(held[0]) - 2, len(held[1]), 0]

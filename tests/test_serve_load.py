@@ -183,7 +183,6 @@ def test_a_conversation_coming_back_reuses_its_cached_prefix(server: Server, cli
     without the cache: tests/test_continuous.py)."""
     messages = [{"role": "user", "content": "Name three rivers of Europe, please."}]
     first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
-    assert first.usage.prompt_tokens_details.cached_tokens >= 0
     turn = [*messages, {"role": "assistant", "content": first.choices[0].message.content or "x"},
             {"role": "user", "content": "And of Asia?"}]
     second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=6, temperature=0)

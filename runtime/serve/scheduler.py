@@ -141,6 +141,16 @@ class Counters:
     """Decode steps run (each gives every busy row one token)."""
 
 
+def _common_prefix(a: np.ndarray, b: np.ndarray, n: int, chunk: int = 256) -> int:
+    """Length of the common prefix of a[:n] and b[:n], compared a chunk at a time (most rows differ early)."""
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        diff = np.flatnonzero(a[start:stop] != b[start:stop])
+        if diff.size:
+            return start + int(diff[0])
+    return n
+
+
 class Scheduler:
     """Rank 0's side: the waiting queue, the rows, and the loop that plans and runs every step."""
 
@@ -246,22 +256,21 @@ class Scheduler:
 
     def _best_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free row for `prompt` and how many of its first tokens that row's cache holds (capped to leave
-        the last token to compute: its logits give the first new token): the longest shared prefix (a
-        conversation's own row when it comes back), then, among equals (rows sharing only the system message),
-        the row that drops the fewest held tokens, so the longer conversations stay cached."""
+        the last token to compute: its logits give the first new token). The row where the tokens reused
+        outweigh most the held tokens dropped: a conversation's own row when it comes back; an empty row rather
+        than one whose long conversation shares only the system message; among rows that all drop more than
+        they give, the one that drops least. Ties: the longer prefix, then the first row."""
         if not self.prefix_cache:
             return free[0], 0
         want = np.asarray(prompt, dtype=np.int64)
-        best, best_key = free[0], None
+        best, best_key, best_common = free[0], None, 0
         for r in free:
             held = self.held[r]
-            n = min(len(held), len(want) - 1)
-            diff = np.flatnonzero(held[:n] != want[:n])
-            common = int(diff[0]) if diff.size else n
-            key = (-common, len(held) - common)
+            common = _common_prefix(held, want, min(len(held), len(want) - 1))
+            key = (-(common - (len(held) - common)), -common)
             if best_key is None or key < best_key:
-                best, best_key = r, key
-        return best, -best_key[0]  # type: ignore[index]
+                best, best_key, best_common = r, key, common
+        return best, best_common
 
     def _deliver(self, row: int, token: int) -> None:
         sub = self.rows[row]
