@@ -216,8 +216,8 @@ class ContinuousBatcher:
                 m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
         else:  # keys go to their own slots after the cached ones; the queries attend over the whole rows
             slots = (torch.tensor(cached, device=dev)[:, None] + torch.arange(width, device=dev)).clamp(max=self.max_len)
-            for i, (p, c) in enumerate(zip(prompts, cached)):
-                self.slot_pos[rows[i], : len(p)] = torch.arange(len(p), device=dev)
+            for r, p in zip(rows, prompts):
+                self.slot_pos[r, : len(p)] = torch.arange(len(p), device=dev)
             end = max(len(p) for p in prompts)
             view = self.slot_pos[idx, :end]
             m = SlotMask(view, slots).by_layer() if self.slot_masks else masks(view, positions, self.window, self.dtype)

@@ -16,6 +16,13 @@ from runtime.continuous import ContinuousBatcher, sample_rows
 from runtime.engine import Engine, Request
 from tests.conftest import ROOT
 
+def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int) -> ContinuousBatcher:
+    """The tiny engine's model in a CPU batcher (eager: no graph, no compile; this process samples)."""
+    return ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=max_len,
+                             max_prefill_tokens=max_prefill_tokens, use_graph=False, compile=False, group=None,
+                             leader=True, generator=engine.generator)
+
+
 TEXTS = ["hi", "What is the capital of France?",
          "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "2+2?"]
 STEPS = 24
@@ -27,8 +34,7 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
     engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
     prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
     ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=256, max_prefill_tokens=200,
-                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    b = batcher(engine, 3, 256, 200)
     got: dict[int, list[int]] = {i: [] for i in range(len(TEXTS))}
     where: dict[int, int] = {}  # prompt -> row
 
@@ -64,8 +70,7 @@ def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
     reusing a prefix past the 32-token sliding window; decode steps of another row ran while they were free:
     every row gives the engine's tokens for its prompt."""
     engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=256, max_prefill_tokens=400,
-                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    b = batcher(engine, 3, 256, 400)
     first = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[1:3])]
     out = b.prefill([0, 1], first, [0.0, 0.0], [1.0, 1.0])
     drawn = [[t] for t in out.tolist()]
@@ -142,8 +147,7 @@ def fragile_batcher(monkeypatch: pytest.MonkeyPatch, rows: int) -> tuple[Engine,
     import runtime.continuous as cont
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=128, max_prefill_tokens=200,
-                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    b = batcher(engine, rows, 128, 200)
     real = cont.sample_rows
 
     def fragile(logits, temperature, top_p, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -226,8 +230,7 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
     from runtime.serve.scheduler import Finish, Scheduler, Submission
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
-    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=128, max_prefill_tokens=200,
-                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+    b = batcher(engine, 2, 128, 200)
     prompt = engine.render(Request(id="x", prompt="hi"))
     free = engine.decode([prompt], 8, ignore_eos=True).tokens[0].tolist()
     at = next(i for i in range(1, 8) if free[i] not in free[:i])  # the first token not seen before it
@@ -266,8 +269,7 @@ def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
     layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
 
     def serve(prefix_cache: bool) -> list[tuple[list[int], int]]:
-        b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=2, max_len=256, max_prefill_tokens=400,
-                              use_graph=False, compile=False, group=None, leader=True, generator=engine.generator)
+        b = batcher(engine, 2, 256, 400)
         stop = threading.Event()
         sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, prefix_cache)
         loop = threading.Thread(target=sched.run, daemon=True)

@@ -5,8 +5,8 @@ frees the rows of finished or abandoned requests, gives free rows to waiting req
 that as a `Plan` to every rank. A freed row keeps its keys: the scheduler remembers which tokens they
 are, and gives a new request the free row sharing the longest prefix with its prompt (the harmony
 system message at least; a whole conversation when a chat comes back with its next turn), whose
-prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage); all ranks then run the same prefill and decode forward
-(`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new tokens through the
+prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage). All ranks then
+run the same prefill and decode forward (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new tokens through the
 request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
 a request whose client left is dropped at the next step. The other ranks just loop on plans until the
 shutdown plan.
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import queue
-
-import numpy as np
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from runtime import distributed
 from runtime.continuous import ContinuousBatcher
@@ -62,13 +62,16 @@ class Submission:
     ignore_eos: bool = False
     """Stop tokens do not end this request (it runs to max_tokens)."""
     events: queue.Queue = field(default_factory=queue.Queue)
-    generated: int = 0
     cached_tokens: int = 0
     """Prompt tokens whose keys its row already held (not computed)."""
     tokens: list[int] = field(default_factory=list)
     """The tokens generated so far."""
     finished: bool = False
     _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
 
     def cancel(self) -> None:
         """The client is gone: the row is freed at the next step."""
@@ -276,7 +279,6 @@ class Scheduler:
         sub = self.rows[row]
         if sub is None or sub.finished:
             return  # a free row, or a request that ended earlier in this step
-        sub.generated += 1
         sub.tokens.append(token)
         self.counters.generated_tokens += 1
         reason = None
