@@ -127,6 +127,42 @@ def test_triton_kernel_in_the_interpreter() -> None:
     assert float(proc.stdout.split()[-1]) < 1e-3, proc.stdout
 
 
+DECODE_CHECK = textwrap.dedent("""
+    import torch
+    from runtime.kernels import moe_mxfp4 as mx
+    from tests.test_mxfp4 import random_experts
+
+    # the input packing: pair order, scaled by a power of two into the top fp16 octave, the inverse factor
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 96, generator=g) * torch.tensor([[1e-4], [1.0], [3e2], [1e5]])
+    x16, factor = torch.empty(4, 96, dtype=torch.float16), torch.empty(4)
+    mx._pack_x_kernel[(4,)](x, x16, factor, 96, mx.FP16_TOP_EXP, BLOCK_K=128)
+    assert torch.equal(factor.log2(), factor.log2().round())
+    top = x16.float().abs().amax(-1)
+    assert ((top > 2 ** 14) & (top <= 2 ** 15)).all(), top
+    assert torch.allclose(x16.float() * factor[:, None], mx.pair_order(x), rtol=1e-3, atol=0), "pair order"
+    assert mx.pair_order(torch.arange(8.0)).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+    # the decode GEMV (forced) on rows of very different magnitudes, fp16 and fp32 inputs
+    for dtype in (torch.float16, torch.float32):
+        x = (torch.randn(4, 64, generator=g) * torch.tensor([[1e-3], [1.0], [30.0], [1e3]])).to(dtype)
+        idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(4)])
+        w = torch.softmax(torch.randn(4, 2, generator=g), -1).to(dtype)
+        experts = random_experts(4, 64, 96, g, dtype)
+        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=1).float()
+        err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+        assert err < 5e-3, (dtype, err)
+    print("ok")
+""")
+
+
+def test_decode_gemv_packs_and_scales_inputs_in_the_interpreter() -> None:
+    """The decode GEMV's inputs: fp16 in pair order, each row scaled into the top fp16 octave and back; the
+    GEMV (its fp32 twin of the PTX: same nibble-input pairing) matches the reference at any row scale."""
+    assert _interpret(DECODE_CHECK).stdout.split()[-1] == "ok"
+
+
 def _build(ckpt: Path, tp: int = 1, ep: int = 1, rank: int = 0, experts: str = "mxfp4") -> modeling.LoadedModel:
     hf = checkpoint.read_config(ckpt)
     return modeling.build(ckpt, hf, make_layout(tp, ep, 1, world=(tp * ep, rank, rank)), Groups(),
@@ -250,12 +286,15 @@ def test_kernels_compile_for_hopper() -> None:
 
     types = {"x_ptr": "*bf16", "h_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "wb_ptr": "*u8",
              "ws_ptr": "*u8", "rw_ptr": "*fp32", "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32",
-             "alpha": "fp32"}
+             "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
         for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), (16, moe_mxfp4._dot_configs()[0])):
-            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, **config.kwargs}
+            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, **config.kwargs}
             names = fn.arg_names
-            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+            # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
+            pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
+            sig = {n: "constexpr" if n in consts else (pairs if block_m == 1 else types).get(n, types.get(n, "i32"))
+                   for n in names}
             src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items() if n in names},
                             attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                                    if n.endswith("_ptr") or n in ("hidden", "inter")})
