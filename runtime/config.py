@@ -111,7 +111,16 @@ class GenerationConfig:
     max_new_tokens: int = 64
     """Most tokens generated per prompt (the stop token included)."""
     batch_size: int = 8
-    """Prompts decoded together on each data-parallel replica."""
+    """Sequences decoded together on each data-parallel replica (with continuous batching: the most that run
+    at once; with static: the size of each round)."""
+    batching: str = "auto"
+    """runtime.generate and Engine.generate: `continuous` (every prompt queued at once; a row whose sequence
+    ends takes the next prompt before the next step; needs kv_cache=static), `static` (rounds of batch_size
+    prompts, left-padded, each round as long as its longest answer), `auto` (continuous unless
+    kv_cache=dynamic). Outputs are the same either way in float32 greedy decoding."""
+    max_prefill_tokens: int = 8192
+    """Continuous batching: the most prompt tokens (rows x padded width) one prefill forward takes; prompts
+    admitted together beyond that are prefilled in several forwards (a longer prompt goes alone)."""
     do_sample: bool = False
     """Sample with temperature/top_p; false is greedy decoding."""
     temperature: float = 1.0

@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime import checkpoint, distributed, harmony
 from runtime.errors import UserError
-from runtime.continuous import MIN_TEMPERATURE, sample_rows
+from runtime.continuous import MIN_TEMPERATURE, ContinuousBatcher, sample_rows
 from runtime.graph_decode import DecodeState, GraphDecoder, mark_stops
+from runtime.offline import QueueRun
 from runtime import model as modeling
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class Engine:
                                           compile=cfg.generation.compile)
         self.stats = Stats()
         self.stopped_early = False
+        self.batcher: ContinuousBatcher | None = None  # continuous batching's rows, made by the first run
 
     # ------------------------------------------------------------------------------ prompts
 
@@ -254,12 +256,16 @@ class Engine:
     ) -> list[dict[str, Any]] | None:
         """All requests, in order, on rank 0 (None on other ranks).
 
-        Requests go in rounds of batch_size * dp_size; replica d takes the d-th batch of each round,
-        so gathering the replicas in rank order keeps input order. `on_round` is called on rank 0 with
-        each round's records as soon as they exist (append-and-flush writing, progress bars).
-        `should_stop` is asked before each round; if any rank says yes, every rank stops there and
-        `self.stopped_early` is set.
+        `on_round` is called on rank 0 with the next records in input order as soon as they exist
+        (append-and-flush writing, progress bars). `should_stop` is asked now and then; if any rank says
+        yes, every rank stops there and `self.stopped_early` is set.
+        Continuous batching (generation.batching, the default where the KV cache is static): see
+        _generate_continuous. Static: requests go in rounds of batch_size * dp_size; replica d takes the
+        d-th batch of each round, so gathering the replicas in rank order keeps input order.
         """
+        gen = self.cfg.generation
+        if getattr(gen, "batching", "auto") != "static" and gen.kv_cache == "static":
+            return self._generate_continuous(requests, on_round, should_stop)
         lay = self.layout
         per_round = self.cfg.generation.batch_size * lay.dp_size
         collected: list[dict[str, Any]] | None = [] if lay.is_writer else None
@@ -278,6 +284,95 @@ class Engine:
                 if on_round is not None:
                     on_round(records)
         return collected
+
+    SYNC_STEPS = 16
+    """Continuous batching: decode steps between the ranks' checks for a stop request (and, with data
+    parallel, between gathers of the replicas' finished records)."""
+
+    def _generate_continuous(
+        self,
+        requests: Sequence[Request],
+        on_round: Callable[[list[dict[str, Any]]], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> list[dict[str, Any]] | None:
+        """Every request queued at once over batch_size rows per replica (runtime/offline.py).
+
+        Replica d takes requests d, d + dp, d + 2dp, ... Finished records reach rank 0 at once (one
+        replica) or every SYNC_STEPS steps (several, gathered), and leave it in input order: a record
+        that finishes before an earlier one waits for it. On a stop request the records in order so far
+        are delivered and the rest is dropped (a resumed run computes them again).
+        """
+        lay, gen = self.layout, self.cfg.generation
+        mine = list(range(lay.dp_rank, len(requests), lay.dp_size))
+        prompts = [self.render(requests[i]) for i in mine]
+        run = self._queue(prompts) if prompts else None
+        collected: list[dict[str, Any]] | None = [] if lay.is_writer else None
+        ready: dict[int, dict[str, Any]] = {}  # on rank 0: finished, waiting for an earlier request
+        nxt = 0  # on rank 0: the next request to deliver
+        outbox: list[tuple[int, dict[str, Any]]] = []  # this replica's finished (request index, record)
+        self.stopped_early = False
+        finished = new_tokens = tick = 0
+        while True:
+            for f in run.tick() if run is not None and not run.done else []:
+                outbox.append((mine[f.index], self._record(requests[mine[f.index]], prompts[f.index], f.tokens,
+                                                          f.stopped)))
+                finished += 1
+                new_tokens += len(f.tokens)
+            tick += 1
+            sync = tick % self.SYNC_STEPS == 0  # the same ticks on every rank: collectives go here only
+            idle = run is None or run.done
+            if lay.dp_size == 1:
+                arrived, last = (outbox if lay.is_writer else []), idle
+            elif sync:  # a replica that is done idles until the next sync (no GPU work)
+                parts = distributed.gather_to_writer(outbox if lay.is_replica_leader else [], lay)
+                arrived = [item for part in parts for item in part] if parts is not None else []
+                last = not distributed.any_rank(not idle, lay, self.device)
+            else:
+                arrived, last = [], False
+            if lay.dp_size == 1 or sync:
+                outbox = []
+            for pos, rec in arrived:
+                ready[pos] = rec
+            batch = []
+            while nxt in ready:
+                batch.append(ready.pop(nxt))
+                nxt += 1
+            if batch and collected is not None:
+                collected.extend(batch)
+                if on_round is not None:
+                    on_round(batch)
+            if last:
+                break
+            if should_stop is not None and sync and distributed.any_rank(should_stop(), lay, self.device):
+                self.stopped_early = True
+                break
+        s = self.stats
+        s.prompts += finished
+        s.prompt_tokens += sum(len(prompts[f]) for f in range(len(prompts)))
+        s.completion_tokens += new_tokens
+        if run is not None:
+            s.prefill_seconds += run.prefill_seconds
+            s.decode_seconds += run.decode_seconds
+            s.decode_steps += run.steps
+            s.batches.append({"size": gen.batch_size, "prefill_s": run.prefill_seconds,
+                              "decode_s": run.decode_seconds, "new_tokens": new_tokens, "continuous": True})
+            self.batcher.release(list(run.running))  # rows a stop left running: free for the next call
+        return collected
+
+    def _queue(self, prompts: list[list[int]]) -> QueueRun:
+        """The prompts over this engine's batcher, made (or remade, longer) to hold the longest of them."""
+        gen = self.cfg.generation
+        longest = max(len(p) for p in prompts) + gen.max_new_tokens
+        if self.batcher is None or self.batcher.max_len < longest:
+            if self.batcher is not None:
+                self.batcher.release_graphs()
+            self.batcher = None  # the old buffers go before the new ones are allocated
+            self.batcher = ContinuousBatcher(self.model, self.dtype, self.device, gen.batch_size, longest,
+                                             gen.max_prefill_tokens, gen.cuda_graph, gen.compile, self.groups.mp,
+                                             self.layout.is_replica_leader, self.generator)
+        sampling = gen.do_sample
+        return QueueRun(self.batcher, prompts, [gen.max_new_tokens] * len(prompts), self.stop_ids,
+                        gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -311,7 +406,7 @@ class Engine:
     def close(self, *graph_owners: Any) -> None:
         """Free every CUDA graph (this engine's and those of `graph_owners`, e.g. the server's batcher),
         then leave the process group. The order matters: see distributed.shutdown."""
-        for owner in (self.graph_decoder, *graph_owners):
+        for owner in (self.graph_decoder, self.batcher, *graph_owners):
             if owner is not None:
                 owner.release_graphs()
         self.groups.release()
@@ -349,6 +444,14 @@ def _check_generation(gen: Any) -> None:
         raise UserError(f"generation.seed={gen.seed} must be in [0, 2**63)")
     if gen.kv_cache not in ("static", "dynamic"):
         raise UserError(f"generation.kv_cache={gen.kv_cache!r}: use static or dynamic")
+    batching = getattr(gen, "batching", "auto")
+    if batching not in ("auto", "continuous", "static"):
+        raise UserError(f"generation.batching={batching!r}: use auto, continuous or static")
+    if batching == "continuous" and gen.kv_cache == "dynamic":
+        raise UserError("generation.batching=continuous decodes over the static KV cache: drop "
+                        "generation.kv_cache=dynamic, or use generation.batching=static with it")
+    if getattr(gen, "max_prefill_tokens", 1) < 1:
+        raise UserError(f"generation.max_prefill_tokens={gen.max_prefill_tokens} must be >= 1")
     if gen.reasoning_effort not in ("low", "medium", "high"):
         raise UserError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
 

@@ -52,6 +52,7 @@ def test_reference_equals_dequantize_then_matmul() -> None:
 def test_launch_plan_depends_on_pair_count_only() -> None:
     assert moe_mxfp4.plan(4) == moe_mxfp4.plan(64) == 1  # decode: one GEMV program per pair
     assert moe_mxfp4.plan(65) == moe_mxfp4.plan(256) == 16 and moe_mxfp4.plan(4096) == 64
+    assert moe_mxfp4.plan(4, torch.float32) == 16  # fp32 models: IEEE tl.dot blocks, never the fp16 GEMV
 
 
 def test_old_gpus_get_a_clear_error() -> None:

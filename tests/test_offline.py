@@ -1,0 +1,82 @@
+"""Offline continuous batching (runtime/offline.py, Engine.generate's default): a queue of prompts over
+fewer rows gives each prompt the tokens it gets alone, with mixed prompt and output lengths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime import compose
+from runtime.engine import Engine, Request
+from runtime.offline import QueueRun
+from tests.conftest import generate, read_jsonl
+from tests.test_continuous import batcher
+
+PROMPTS = ["hi", "What is the capital of France?", "2+2?",
+           "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "Name a colour.",
+           "ok", "Tell me a story about a lighthouse keeper."]
+LIMITS = [9, 3, 14, 6, 1, 11, 5]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(compose("generate", ["model.device=cpu"]))
+
+
+def drain(run: QueueRun) -> dict[int, tuple[list[int], bool]]:
+    out: dict[int, tuple[list[int], bool]] = {}
+    while not run.done:
+        for f in run.tick():
+            assert f.index not in out
+            out[f.index] = (f.tokens, f.stopped)
+    return out
+
+
+def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engine) -> None:
+    prompts = [engine.render(Request(id=str(i), prompt=p)) for i, p in enumerate(PROMPTS)]
+    longest = max(len(p) for p in prompts) + max(LIMITS)
+    alone = {i: drain(QueueRun(batcher(engine, 1, longest, 4096), [p], [m], set()))[0]
+             for i, (p, m) in enumerate(zip(prompts, LIMITS))}
+    run = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())  # small prefills: several per admit
+    together = drain(run)
+    assert together == alone
+    assert [len(together[i][0]) for i in range(len(PROMPTS))] == LIMITS
+    assert run.steps < sum(LIMITS)  # rows ran side by side (7 prompts, 3 rows)
+
+    # a stop token ends its sequence there (the token included) and frees the row for the queue
+    stop = alone[2][0][4]
+    stopped = drain(QueueRun(batcher(engine, 2, longest, 4096), prompts, LIMITS, {stop}))
+    for i, (tokens, _) in alone.items():
+        cut = tokens.index(stop) + 1 if stop in tokens else len(tokens)
+        assert stopped[i] == (tokens[:cut], stop in tokens)
+
+
+def test_a_prompt_that_does_not_fit_the_rows_is_refused(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        QueueRun(batcher(engine, 2, 8, 4096), [[1] * 6], [4], set())
+
+
+def test_generate_continuous_equals_static_and_writes_in_input_order(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    common = [f"prompts.path={prompts}", "output.token_ids=true", "generation.max_new_tokens=10",
+              "generation.batch_size=3"]
+    static, cont = tmp_path / "static.jsonl", tmp_path / "cont.jsonl"
+    generate([f"output.path={static}", "generation.batching=static", *common])
+    generate([f"output.path={cont}", "generation.batching=continuous", *common])
+    a, b = read_jsonl(static), read_jsonl(cont)
+    assert [r["id"] for r in b] == [f"q{i}" for i in range(len(PROMPTS))]
+    assert [r["completion_ids"] for r in b] == [r["completion_ids"] for r in a]
+    run = json.loads(Path(f"{cont}.run.json").read_text())
+    assert run["status"] == "done" and run["prompts_generated"] == len(PROMPTS)
+    assert run["replica0"]["batches"][0]["continuous"] is True
+
+
+def test_continuous_needs_the_static_cache() -> None:
+    from runtime.errors import UserError
+
+    with pytest.raises(UserError, match="generation.batching=static"):
+        Engine(compose("generate", ["model.device=cpu", "generation.batching=continuous",
+                                    "generation.kv_cache=dynamic"]))
