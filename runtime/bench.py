@@ -92,13 +92,17 @@ class Bench:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.b = cfg.bench
-        if self.b.mode not in ("fixed", "replay"):
-            raise UserError(f"bench.mode={self.b.mode!r}: use fixed, replay or serve")
+        if self.b.mode not in ("fixed", "replay", "offline"):
+            raise UserError(f"bench.mode={self.b.mode!r}: use fixed, replay, offline or serve")
+        if self.b.mode == "offline" and not 0 <= self.b.range_ratio < 1:
+            raise UserError(f"bench.range_ratio={self.b.range_ratio} must be in [0, 1)")
+        if self.b.mode == "offline" and self.b.num_prompts is not None and self.b.num_prompts < 1:
+            raise UserError(f"bench.num_prompts={self.b.num_prompts} must be >= 1")
         if not self.b.batch_sizes or min(self.b.batch_sizes) < 1:
             raise UserError(f"bench.batch_sizes={list(self.b.batch_sizes)}: give positive batch sizes")
         if self.b.repetitions < 1 or self.b.baseline_repetitions < 1:
             raise UserError("bench.repetitions and bench.baseline_repetitions must be >= 1")
-        if self.b.mode == "fixed" and (self.b.input_len < 1 or self.b.output_len < 2):
+        if self.b.mode in ("fixed", "offline") and (self.b.input_len < 1 or self.b.output_len < 2):
             raise UserError("bench.input_len must be >= 1 and bench.output_len >= 2 (one decode step at least)")
         if self.b.mode == "replay" and cfg.generation.max_new_tokens < 2:
             raise UserError("bench.mode=replay needs generation.max_new_tokens >= 2 (one decode step at least)")
@@ -114,9 +118,10 @@ class Bench:
         if not cfg.bench.table or Path(cfg.bench.table).is_dir():
             raise UserError(f"bench.table={cfg.bench.table!r}: name a CSV file the rows are appended to")
         limit = checkpoint.max_positions(cfg.model)
-        if self.b.mode == "fixed" and limit is not None and self.b.input_len + self.b.output_len > limit:
-            raise UserError(f"bench.input_len + bench.output_len = {self.b.input_len + self.b.output_len} exceeds the "
-                            f"model's {limit} positions: shorten them")
+        longest = (self.b.input_len + self.b.output_len) * (1 + (self.b.range_ratio if self.b.mode == "offline" else 0))
+        if self.b.mode in ("fixed", "offline") and limit is not None and longest > limit:
+            raise UserError(f"bench.input_len + bench.output_len (x (1 + range_ratio) offline) = {int(longest)} exceeds "
+                            f"the model's {limit} positions: shorten them")
         self.replay = None
         if self.b.mode == "replay":
             from runtime.generate import load_requests
@@ -152,6 +157,68 @@ class Bench:
             generated += int(out.lengths.sum())
         return self._row("ours", batch, prompts, new_tokens, ttft, tpot, e2e, generated,
                          load_seconds=self.engine.load_seconds)
+
+    def offline_work(self) -> tuple[list[list[int]], list[int]]:
+        """bench.mode=offline: num_prompts random prompts (default 4 x the largest batch size) and their
+        output lengths, each drawn uniformly from len x [1 - range_ratio, 1 + range_ratio]."""
+        b = self.b
+        n = b.num_prompts or 4 * max(b.batch_sizes)
+        gen = torch.Generator().manual_seed(b.seed)
+
+        def draw(length: int, floor: int) -> list[int]:
+            lo, hi = max(floor, int(length * (1 - b.range_ratio))), max(floor, int(length * (1 + b.range_ratio)))
+            return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+        ins, outs = draw(b.input_len, 1), draw(b.output_len, 2)
+        return [torch.randint(0, 199_998, (k,), generator=gen).tolist() for k in ins], outs
+
+    def measure_offline(self, batch: int) -> list[dict[str, Any]]:
+        """The whole offline workload at `batch` sequences per replica, EOS ignored: continuous batching
+        (runtime/offline.py, each prompt ends at its drawn length and its row takes the next) against static
+        rounds of `batch` prompts (runtime.generate's generation.batching=static: each round decodes until its
+        longest output; tokens past a prompt's own length are not counted). One warm-up of each, then one
+        timed run; replica d takes prompts d, d + dp, ...; the wall time is the slowest replica's."""
+        from runtime.offline import QueueRun
+
+        prompts, outs = self.offline_work()
+        lay = self.layout
+        mine = list(range(lay.dp_rank, len(prompts), lay.dp_size))
+        p_mine, o_mine = [prompts[i] for i in mine], [outs[i] for i in mine]
+        engine = self.engine
+
+        def continuous(ps: list[list[int]], limits: list[int]) -> None:
+            run = QueueRun(engine.queue_batcher(ps, max(limits), batch), ps, limits, set())
+            while not run.done:
+                run.tick()
+
+        def static(ps: list[list[int]], limits: list[int]) -> None:
+            for i in range(0, len(ps), batch):
+                engine.decode(ps[i : i + batch], max(limits[i : i + batch]), ignore_eos=True)
+
+        rows = []
+        for impl, fn in (("continuous", continuous), ("static", static)):
+            fn(p_mine[:batch], [min(4, o) for o in o_mine[:batch]])  # compile, capture, autotune
+            reset_peak(self.device)
+            wall, _ = _timed(lambda fn=fn: fn(p_mine, o_mine), self.device)
+            walls = distributed.gather_to_writer(wall, lay)
+            wall = max(walls) if walls is not None else wall
+            cfg = self.cfg
+            rows.append({
+                "impl": impl, "model": cfg.model.name, "format": "mxfp4" if self.mxfp4 else "bf16",
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
+                "plan": cfg.parallel.plan, "all_reduce": self.all_reduce_path,
+                "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
+                "mode": "offline", "batch_size": batch,
+                "input_len": round(sum(map(len, prompts)) / len(prompts), 1), "output_len": round(sum(outs) / len(outs), 1),
+                "runs": 1, "generated_tokens": sum(outs), "expected_tokens": sum(outs), "e2e_p50_s": wall,
+                "output_tok_s": sum(outs) / wall, "output_tok_s_per_gpu": sum(outs) / wall / lay.world_size,
+                "total_tok_s": (sum(outs) + sum(map(len, prompts))) / wall, "load_s": engine.load_seconds,
+                "peak_mem_gib": peak_memory(self.device) / 2**30,
+            })
+        rows[0]["speedup_vs_static"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
+        rows[1]["speedup_vs_static"] = 1.0
+        return rows
 
     def profile(self, batch: int, out_dir: Path) -> None:
         """One more run of `batch` under torch.profiler: GPU kernels by total time, for the prefill alone
@@ -312,6 +379,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     out_dir = Path(cfg.bench.out_dir or report.default_dir(cfg))
     rows = []
     for batch in cfg.bench.batch_sizes:
+        if cfg.bench.mode == "offline":
+            rows.extend(bench.measure_offline(batch))
+            log.info("offline batch %4d: continuous %8.1f tok/s, static %8.1f tok/s (%.2fx)", batch,
+                     rows[-2]["output_tok_s"], rows[-1]["output_tok_s"], rows[-2]["speedup_vs_static"])
+            continue
         try:
             rows.append(bench.measure_ours(batch))
             if cfg.bench.profile:

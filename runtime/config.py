@@ -203,19 +203,23 @@ class BenchConfig:
     """Generated tokens per sequence, EOS ignored (as vLLM / TensorRT-LLM benchmark) in `fixed` mode."""
     mode: str = "fixed"
     """`fixed` (input_len/output_len, EOS ignored) or `replay` (the prompts config, harmony-rendered,
-    generation.max_new_tokens, stopping at EOS), both in this process; or `serve`: requests over HTTP to an
+    generation.max_new_tokens, stopping at EOS), both in this process; `offline` (num_prompts prompts of
+    drawn lengths, EOS ignored, all queued: continuous batching against static rounds at each batch size,
+    runtime.generate's two modes, in this process); or `serve`: requests over HTTP to an
     OpenAI-compatible server (ours, started by the bench with this config's model and layout, or `url`), at
     each `concurrency` (runtime/loadgen.py)."""
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 64])
     """serve mode: requests in flight at once, one measurement per value (the server's serve.max_batch is
     set to the largest)."""
     num_prompts: int | None = None
-    """serve mode: requests per measurement; null: 4 x the concurrency, at least 8."""
+    """serve mode: requests per measurement; null: 4 x the concurrency, at least 8. offline mode: prompts in
+    the workload; null: 4 x the largest batch size."""
     request_rate: float | None = None
     """serve mode: requests sent per second (Poisson arrivals), still at most `concurrency` at once; null:
     all at once."""
     range_ratio: float = 0.0
-    """serve mode: prompt and output lengths drawn uniformly from [len x (1 - r), len x (1 + r)]; 0: fixed."""
+    """serve and offline modes: prompt and output lengths drawn uniformly from [len x (1 - r), len x (1 + r)];
+    0: fixed."""
     url: str | None = None
     """serve mode: the base URL of a running OpenAI-compatible server (http://host:port/v1) to measure
     instead of starting ours; its key from $OPENAI_API_KEY; describe its layout with parallel.* so tokens/s

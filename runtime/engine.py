@@ -360,19 +360,27 @@ class Engine:
         return collected
 
     def _queue(self, prompts: list[list[int]]) -> QueueRun:
-        """The prompts over this engine's batcher, made (or remade, longer) to hold the longest of them."""
+        """The prompts over this engine's batcher (see queue_batcher), greedy or sampled as configured."""
         gen = self.cfg.generation
-        longest = max(len(p) for p in prompts) + gen.max_new_tokens
-        if self.batcher is None or self.batcher.max_len < longest:
+        batcher = self.queue_batcher(prompts, gen.max_new_tokens, gen.batch_size)
+        sampling = gen.do_sample
+        return QueueRun(batcher, prompts, [gen.max_new_tokens] * len(prompts), self.stop_ids,
+                        gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0)
+
+    def queue_batcher(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, rows: int) -> ContinuousBatcher:
+        """This engine's continuous batcher with `rows` rows that hold the longest prompt plus max_new_tokens;
+        made on first use, remade (the old graphs and buffers freed first) when it is too short or has
+        another number of rows."""
+        gen = self.cfg.generation
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if self.batcher is None or self.batcher.max_len < longest or self.batcher.rows != rows:
             if self.batcher is not None:
                 self.batcher.release_graphs()
             self.batcher = None  # the old buffers go before the new ones are allocated
-            self.batcher = ContinuousBatcher(self.model, self.dtype, self.device, gen.batch_size, longest,
+            self.batcher = ContinuousBatcher(self.model, self.dtype, self.device, rows, longest,
                                              gen.max_prefill_tokens, gen.cuda_graph, gen.compile, self.groups.mp,
                                              self.layout.is_replica_leader, self.generator)
-        sampling = gen.do_sample
-        return QueueRun(self.batcher, prompts, [gen.max_new_tokens] * len(prompts), self.stop_ids,
-                        gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0)
+        return self.batcher
 
     # ------------------------------------------------------------------------------ internals
 

@@ -21,6 +21,8 @@ COLUMNS = [
     # bench.mode=serve (runtime/loadgen.py): batch_size is the concurrency
     "request_rate", "request_throughput", "total_tok_s", "ttft_mean_ms", "tpot_mean_ms", "itl_mean_ms", "itl_p50_ms",
     "itl_p99_ms", "e2el_mean_ms", "e2el_p99_ms", "goodput", "failed",
+    # bench.mode=offline: continuous batching's output tok/s over static rounds' (the same workload)
+    "speedup_vs_static",
 ]
 
 SAME_WORK = ("impl", "plan", "model", "format", "dtype", "attention", "experts", "mode", "batch_size", "input_len",
@@ -62,8 +64,9 @@ def add_scaling(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> No
         r.setdefault("scaling_efficiency", None)
         one = ref.get(work(r))
         world = int(r.get("world_size") or 1)
-        if world > 1 and one is not None and float(one["decode_tok_s"]) > 0:
-            r["speedup_vs_1gpu"] = float(r["decode_tok_s"]) / float(one["decode_tok_s"])
+        key = "decode_tok_s" if r.get("decode_tok_s") not in (None, "") else "output_tok_s"  # offline: no steps
+        if world > 1 and one is not None and one.get(key) not in (None, "") and float(one[key]) > 0:
+            r["speedup_vs_1gpu"] = float(r[key]) / float(one[key])
             r["scaling_efficiency"] = r["speedup_vs_1gpu"] / world
 
 

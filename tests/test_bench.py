@@ -53,6 +53,40 @@ def test_fields_are_present_and_consistent(tmp_path: Path) -> None:
         assert (tmp_path / "run" / png).read_bytes().startswith(PNG)
 
 
+def test_offline_mode_runs_continuous_and_static_on_the_same_workload(tmp_path: Path, monkeypatch) -> None:
+    """bench.mode=offline: drawn prompt/output lengths, EOS ignored, continuous batching against static rounds;
+    every prompt generates exactly its drawn length in the continuous run (counted by wrapping QueueRun)."""
+    from runtime import offline
+
+    counted: list[int] = []
+    tick = offline.QueueRun.tick
+
+    def counting(self: offline.QueueRun) -> list:
+        done = tick(self)
+        counted.extend(len(f.tokens) for f in done)
+        return done
+
+    monkeypatch.setattr(offline.QueueRun, "tick", counting)
+    result = bench(tmp_path, "bench.mode=offline", "bench.batch_sizes=[3]", "bench.num_prompts=7",
+                   "bench.input_len=20", "bench.output_len=10", "bench.range_ratio=0.5")
+    rows = result["rows"]
+    assert [(r["impl"], r["mode"], r["batch_size"]) for r in rows] == [("continuous", "offline", 3),
+                                                                        ("static", "offline", 3)]
+    cfg = config.compose("bench", [*CPU, "bench.mode=offline", "bench.batch_sizes=[3]", "bench.num_prompts=7",
+                                   "bench.input_len=20", "bench.output_len=10", "bench.range_ratio=0.5"])
+    prompts, outs = Bench.offline_work(SimpleNamespace(b=cfg.bench))
+    assert len(prompts) == 7 and all(10 <= len(p) <= 30 for p in prompts) and all(5 <= o <= 15 for o in outs)
+    assert len(set(outs)) > 1  # lengths are drawn, not fixed
+    assert sorted(counted[-7:]) == sorted(outs)  # the timed continuous run: each prompt its own length
+    for r in rows:
+        assert set(report.COLUMNS) <= set(r)
+        assert r["generated_tokens"] == sum(outs)
+        assert r["output_tok_s"] == pytest.approx(sum(outs) / r["e2e_p50_s"])
+    assert rows[0]["speedup_vs_static"] == pytest.approx(rows[0]["output_tok_s"] / rows[1]["output_tok_s"])
+    with pytest.raises(Exception, match="range_ratio"):
+        bench(tmp_path, "bench.mode=offline", "bench.range_ratio=1.5")
+
+
 def test_table_accumulates_and_replay_mode(tmp_path: Path) -> None:
     bench(tmp_path, "bench.batch_sizes=[2]", "bench.profile=true")
     prof = (tmp_path / "run" / "profile-b2.txt").read_text()  # where the time goes, prefill and whole run
