@@ -142,6 +142,23 @@ class ContinuousBatcher:
         """Drop the captured decode step (before the process group goes; the next step captures anew)."""
         self._graph, self._logits = None, None
 
+    @torch.inference_mode()
+    def warm_up(self, prompt_len: int = 16, steps: int = 2) -> float:
+        """Run what the first request would pay for once (compiling and capturing the decode step, the
+        kernels' autotuning at a small prefill) on row 0, then free it: nothing of it stays visible.
+        Every rank of the group calls it at the same point (it runs the group's collectives). Seconds."""
+        import time
+
+        t0 = time.perf_counter()
+        n = max(1, min(prompt_len, self.max_len - steps - 1))
+        self.prefill([0], [[(7 * i + 1) % 1000 for i in range(n)]], [0.0], [1.0])
+        for _ in range(steps):
+            self.step()
+        self.release([0])  # (the scheduler never learnt its tokens: no request reuses them)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------------------ row lifecycle
 
     def release(self, rows: Sequence[int]) -> None:

@@ -301,3 +301,20 @@ def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
     assert with_cache[0][1] == 0 and with_cache[1][1] == first_len + 5  # the first turn but its last token
     system = len(os.path.commonprefix([engine.render(Request(id="a", prompt="x")), engine.render(Request(id="b", prompt="y"))]))
     assert with_cache[2][1] >= system - 1
+
+
+def test_warm_up_leaves_no_trace() -> None:
+    """The server warms its batcher up before saying ready: afterwards every row is free and a request's
+    tokens are those of a batcher that never warmed up."""
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    prompt = engine.render(Request(id="0", prompt="What is the capital of France?"))
+
+    def tokens(b: ContinuousBatcher) -> list[int]:
+        out = [int(b.prefill([1], [prompt], [0.0], [1.0])[0])]
+        out += [int(b.step()[1]) for _ in range(6)]
+        return out
+
+    warmed = batcher(engine, 2, 128, 4096)
+    assert warmed.warm_up() >= 0
+    assert bool((warmed.pos == -1).all()) and bool((warmed.slot_pos == -1).all())
+    assert tokens(warmed) == tokens(batcher(engine, 2, 128, 4096))

@@ -117,9 +117,10 @@ def run(cfg: DictConfig) -> None:
         need *= torch.empty((), dtype=engine.dtype).element_size() / layout.tp_size
         raise UserError(f"the KV cache of serve.max_batch={sc.max_batch} x serve.max_len={sc.max_len} tokens "
                         f"({need / 1e9:.1f} GB on each rank) does not fit: lower either") from None
+    warm = batcher.warm_up()  # compile, capture and autotune before /health says ok (every rank at once)
     if layout.is_writer:
-        log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank", sc.max_batch, sc.max_len,
-                 batcher.cache.nbytes / 1e9)
+        log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank; warm-up (compile, graph capture) %.1f s",
+                 sc.max_batch, sc.max_len, batcher.cache.nbytes / 1e9, warm)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
