@@ -187,7 +187,8 @@ class Bench:
         engine = self.engine
 
         def continuous(ps: list[list[int]], limits: list[int]) -> None:
-            run = QueueRun(engine.queue_batcher(ps, max(limits), batch), ps, limits, set())
+            run = QueueRun(engine.queue_batcher(ps, max(limits), batch), ps, limits, set(),
+                           chunk=self.cfg.generation.max_prefill_tokens)
             while not run.done:
                 run.tick()
 

@@ -119,8 +119,9 @@ class GenerationConfig:
     prompts, left-padded, each round as long as its longest answer), `auto` (continuous unless
     kv_cache=dynamic). Outputs are the same either way in float32 greedy decoding."""
     max_prefill_tokens: int = 8192
-    """Continuous batching: the most prompt tokens (rows x padded width) one prefill forward takes; prompts
-    admitted together beyond that are prefilled in several forwards (a longer prompt goes alone)."""
+    """Continuous batching: the most prompt tokens prefilled between two decode steps (chunked prefill: a
+    longer prompt goes in pieces over several steps, its keys kept in its row, so running sequences wait
+    for at most this many tokens of prefill per step)."""
     do_sample: bool = False
     """Sample with temperature/top_p; false is greedy decoding."""
     temperature: float = 1.0

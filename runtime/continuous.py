@@ -175,8 +175,12 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], temperature: Sequence[float],
-                top_p: Sequence[float], cached: Sequence[int] | None = None) -> torch.Tensor:
+                top_p: Sequence[float], cached: Sequence[int] | None = None, partial: bool = False) -> torch.Tensor:
         """Put each prompt in its (free) row and return its first sampled token [n], in the given order.
+
+        partial: the prompts are the first chunks of longer ones (chunked prefill): their keys are stored,
+        nothing is sampled (an empty tensor comes back) and the rows stay out of the decode step; the next
+        chunk comes as the longer prompt with `cached` = the tokens already in.
 
         cached[i]: the first tokens of prompt i whose keys row i still holds at slots [0, cached[i]) from
         its previous sequence (a shared prefix: the scheduler checked the tokens); only the rest is
@@ -197,8 +201,12 @@ class ContinuousBatcher:
         for group in self._groups([len(p) - c for p, c in zip(prompts, cached)]):
             logits = self._prefill_group([rows[i] for i in group], [prompts[i] for i in group],
                                          [cached[i] for i in group])
-            g = torch.tensor(group, dtype=torch.long, device=dev)
-            out[g] = self._choose(logits, [rows[i] for i in group])
+            if not partial:
+                g = torch.tensor(group, dtype=torch.long, device=dev)
+                out[g] = self._choose(logits, [rows[i] for i in group])
+        if partial:
+            self.pos[idx] = -1  # held keys, no decoding yet: the step treats the rows as free
+            return out[:0]
         self.ids[idx, 0] = out
         return out
 

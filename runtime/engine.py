@@ -365,7 +365,8 @@ class Engine:
         batcher = self.queue_batcher(prompts, gen.max_new_tokens, gen.batch_size)
         sampling = gen.do_sample
         return QueueRun(batcher, prompts, [gen.max_new_tokens] * len(prompts), self.stop_ids,
-                        gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0)
+                        gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0,
+                        chunk=gen.max_prefill_tokens)
 
     def queue_batcher(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, rows: int) -> ContinuousBatcher:
         """This engine's continuous batcher with `rows` rows that hold the longest prompt plus max_new_tokens;

@@ -7,6 +7,10 @@ continuous). Each prompt's tokens are what it would get alone: the batcher's row
 
 Every rank of a model-parallel replica runs this same loop on the same prompts and receives the same
 tokens from the batcher (its leader samples), so the ranks stay in step without exchanging anything else.
+Chunked prefill (`chunk` tokens per tick): a tick prefills at most `chunk` prompt tokens, a long prompt a
+piece at a time (its keys stay in its row between pieces), so running sequences never wait for more than
+one chunk between their steps.
+
 No files, no rank logic: runtime/engine.py gathers the replicas and orders the records.
 """
 
@@ -36,7 +40,7 @@ class QueueRun:
     """Prompts queued over a batcher's rows; `tick()` admits, steps once and returns what finished."""
 
     def __init__(self, batcher: ContinuousBatcher, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                 stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0) -> None:
+                 stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0, chunk: int | None = None) -> None:
         if len(max_new_tokens) != len(prompts):
             raise ValueError("one max_new_tokens per prompt")
         if any(len(p) + m > batcher.max_len for p, m in zip(prompts, max_new_tokens)):
@@ -49,27 +53,53 @@ class QueueRun:
         self.running: dict[int, int] = {}  # row -> prompt index
         self.tokens: dict[int, list[int]] = {}  # prompt index -> its tokens so far
         self.free = list(range(batcher.rows))
+        self.chunk = chunk
+        if chunk is not None and chunk < 1:
+            raise ValueError("a prefill chunk is at least one token")
+        self.filling: dict[int, tuple[int, int]] = {}  # row -> (prompt index, tokens of it in the row so far)
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.steps = 0
 
     @property
     def done(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and not self.filling
 
     def tick(self) -> list[Finished]:
-        """Fill free rows from the queue (one prefill), then one decode step if any row runs."""
+        """Prefill: the rows part-way through their prompts first, then free rows from the queue, at most
+        `chunk` prompt tokens in all; then one decode step if any row runs."""
         finished: list[Finished] = []
-        if self.waiting and self.free:
-            admit = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
-            rows = [self.free.pop(0) for _ in admit]
-            t0 = time.perf_counter()
-            first = self.batcher.prefill(rows, [self.prompts[i] for i in admit], [self.temperature] * len(rows),
-                                         [self.top_p] * len(rows)).tolist()
-            self.prefill_seconds += time.perf_counter() - t0
-            for row, i, tok in zip(rows, admit, first):
+        budget = self.chunk if self.chunk is not None else float("inf")
+        plan: list[tuple[int, int, int, int]] = []  # (row, prompt index, tokens already in, tokens after this)
+        for row, (i, done) in list(self.filling.items()):
+            if budget <= 0:
+                break
+            end = int(min(len(self.prompts[i]), done + budget))
+            plan.append((row, i, done, end))
+            budget -= end - done
+        while self.waiting and self.free and budget > 0:
+            i, row = self.waiting.popleft(), self.free.pop(0)
+            end = int(min(len(self.prompts[i]), budget))
+            plan.append((row, i, 0, end))
+            budget -= end
+        t0 = time.perf_counter()
+        for final in (False, True):
+            part = [(row, i, start, end) for row, i, start, end in plan if (end == len(self.prompts[i])) == final]
+            if not part:
+                continue
+            rows = [row for row, *_ in part]
+            out = self.batcher.prefill(rows, [self.prompts[i][:end] for _, i, _, end in part],
+                                       [self.temperature] * len(rows), [self.top_p] * len(rows),
+                                       cached=[start for *_, start, _ in part], partial=not final).tolist()
+            for row, i, _, end in part:
+                self.filling.pop(row, None)
+                if not final:
+                    self.filling[row] = (i, end)
+            for (row, i, *_), tok in zip(part, out):
                 self.running[row], self.tokens[i] = i, []
                 self._add(row, tok, finished)
+        if plan:
+            self.prefill_seconds += time.perf_counter() - t0
         if self.running:
             t0 = time.perf_counter()
             out = self.batcher.step().tolist()

@@ -53,6 +53,38 @@ def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engi
         assert stopped[i] == (tokens[:cut], stop in tokens)
 
 
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(engine: Engine, chunk: int) -> None:
+    """A tick prefills at most `chunk` prompt tokens (the long prompt crosses the 32-token sliding window in
+    pieces), the running rows step every tick meanwhile, and every prompt's tokens equal one-shot prefill."""
+    prompts = [engine.render(Request(id=str(i), prompt=p)) for i, p in enumerate(PROMPTS)]
+    longest = max(len(p) for p in prompts) + max(LIMITS)
+    whole = drain(QueueRun(batcher(engine, 3, longest, 4096), prompts, LIMITS, set()))
+    b = batcher(engine, 3, longest, 4096)
+    computed: list[int] = []
+    prefill = b.prefill
+
+    def counting(rows, ps, temperature, top_p, cached=None, partial=False):  # type: ignore[no-untyped-def]
+        computed.append(sum(len(p) - c for p, c in zip(ps, cached or [0] * len(ps))))
+        return prefill(rows, ps, temperature, top_p, cached, partial)
+
+    b.prefill = counting  # type: ignore[method-assign]
+    run = QueueRun(b, prompts, LIMITS, set(), chunk=chunk)
+    per_tick, stepped = [], []
+    chunked: dict[int, tuple[list[int], bool]] = {}
+    while not run.done:
+        computed.clear()
+        steps, running = run.steps, bool(run.running)
+        for f in run.tick():
+            chunked[f.index] = (f.tokens, f.stopped)
+        per_tick.append(sum(computed))
+        stepped.append(run.steps == steps + 1 or not running)
+    assert chunked == whole
+    assert max(per_tick) <= chunk and sum(per_tick) == sum(len(p) for p in prompts)
+    assert all(stepped)  # a row that was running before a tick stepped in it
+    assert max(len(p) for p in prompts) > chunk  # some prompt really went in pieces
+
+
 def test_a_prompt_that_does_not_fit_the_rows_is_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match="exceeds"):
         QueueRun(batcher(engine, 2, 8, 4096), [[1] * 6], [4], set())
