@@ -303,8 +303,9 @@ class ServeConfig:
     """Tokens per request, prompt and answer together (slots per KV-cache row). Longer prompts, or a
     max_tokens beyond what is left, get a 400. The cache holds max_batch * max_len tokens on every rank."""
     max_prefill_tokens: int = 8192
-    """Most prompt tokens (rows x longest prompt) prefilled in one forward when requests join; a longer
-    single prompt is prefilled alone."""
+    """Most prompt tokens prefilled between two decode steps (chunked prefill): a longer prompt goes in
+    pieces over several steps while the running streams keep decoding, so none waits for more than this
+    many tokens of prefill per step."""
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
     prefix_cache: bool = True

@@ -318,3 +318,50 @@ def test_warm_up_leaves_no_trace() -> None:
     assert warmed.warm_up() >= 0
     assert bool((warmed.pos == -1).all()) and bool((warmed.slot_pos == -1).all())
     assert tokens(warmed) == tokens(batcher(engine, 2, 128, 4096))
+
+
+def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
+    """serve.max_prefill_tokens as the per-step budget: a prompt longer than it goes in pieces while another
+    request keeps decoding; every request's tokens are those of a server with a budget that never splits."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
+
+    def serve(budget: int) -> tuple[list[list[int]], int]:
+        b = batcher(engine, 2, 256, budget)
+        calls: list[int] = []
+        prefill = b.prefill
+
+        def counting(rows, ps, temperature, top_p, cached=None, partial=False):  # type: ignore[no-untyped-def]
+            calls.append(sum(len(p) - c for p, c in zip(ps, cached or [0] * len(ps))))
+            return prefill(rows, ps, temperature, top_p, cached, partial)
+
+        b.prefill = counting  # type: ignore[method-assign]
+        stop = threading.Event()
+        sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, prefix_cache=False)
+        loop = threading.Thread(target=sched.run, daemon=True)
+        loop.start()
+        subs = [Submission(p, 5, 0.0, 1.0) for p in prompts]
+        for sub in subs:
+            sched.submit(sub)
+        out = []
+        for sub in subs:
+            tokens: list[int] = []
+            while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
+                tokens += item
+            out.append(tokens)
+        stop.set()
+        loop.join(timeout=60)
+        assert max(calls) <= budget
+        return out, len(calls)
+
+    whole, _ = serve(4096)
+    chunked, calls = serve(9)
+    assert chunked == whole
+    assert max(len(p) for p in prompts) > 9 and calls > len(prompts)  # prompts really went in pieces

@@ -91,7 +91,10 @@ class Admit:
     temperature: float
     top_p: float
     cached: int = 0
-    """The prompt's first tokens whose keys the row still holds from its previous sequence."""
+    """The prompt's first tokens whose keys the row still holds (from its previous sequence, or the earlier
+    chunks of this prompt)."""
+    end: int | None = None
+    """Chunked prefill: compute the prompt up to here only (None: to its end, then decode)."""
 
 
 @dataclass
@@ -109,10 +112,14 @@ def execute(plan: Plan, batcher: ContinuousBatcher) -> tuple[list[int] | None, l
     on the leader (None elsewhere, where nothing waits for them)."""
     batcher.release(plan.release)
     first = step = None
-    if plan.admit:
-        out = batcher.prefill([a.row for a in plan.admit], [a.prompt for a in plan.admit],
-                              [a.temperature for a in plan.admit], [a.top_p for a in plan.admit],
-                              [a.cached for a in plan.admit])
+    part = [a for a in plan.admit if a.end is not None]
+    if part:  # chunks of longer prompts: keys stored, nothing sampled, the rows wait for their next chunk
+        batcher.prefill([a.row for a in part], [a.prompt[: a.end] for a in part], [a.temperature for a in part],
+                        [a.top_p for a in part], [a.cached for a in part], partial=True)
+    whole = [a for a in plan.admit if a.end is None]
+    if whole:
+        out = batcher.prefill([a.row for a in whole], [a.prompt for a in whole], [a.temperature for a in whole],
+                              [a.top_p for a in whole], [a.cached for a in whole])
         first = out.tolist() if batcher.leader else None
     if plan.decode:
         out = batcher.step()
@@ -168,6 +175,9 @@ class Scheduler:
         self.held: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batcher.rows
         """Per row: the tokens whose keys its cache slots [0, n) hold (the leader's record)."""
         self.waiting: deque[Submission] = deque()
+        self.filling: dict[int, int] = {}
+        """Rows part-way through their prompt (chunked prefill): the prompt tokens in so far. At most
+        batcher.max_prefill_tokens prompt tokens are computed per step, continuing rows first."""
         self.counters = Counters()
         self.stopping = False
         self._lock = threading.Condition()
@@ -208,7 +218,7 @@ class Scheduler:
                 for r, why in self.batcher.take_failed().items():
                     self._fail(r, why)  # that request ends with an error; everyone else goes on
                 if first is not None:
-                    for a, token in zip(plan.admit, first):
+                    for a, token in zip([a for a in plan.admit if a.end is None], first):
                         self._deliver(a.row, token)
                 if step is not None:
                     self.counters.steps += 1
@@ -234,12 +244,21 @@ class Scheduler:
                             self.counters.cancelled += 1
                             sub.finished = True
                         self.rows[r] = None
+                        self.filling.pop(r, None)
                         plan.release.append(r)
                         # fed so far: the prompt and every token but the last one drawn
                         fed = sub.prompt + sub.tokens[:-1] if self.prefix_cache else []
                         self.held[r] = np.asarray(fed, dtype=np.int64)
+                budget = self.batcher.max_prefill_tokens
+                for r, done in list(self.filling.items()):  # prompts part-way in go on first
+                    if budget <= 0:
+                        break
+                    sub = self.rows[r]
+                    assert sub is not None
+                    plan.admit.append(self._chunk(r, sub, done, budget))
+                    budget -= min(len(sub.prompt), done + budget) - done
                 free = [r for r, sub in enumerate(self.rows) if sub is None]
-                while free and self.waiting:
+                while free and self.waiting and budget > 0:
                     sub = self.waiting.popleft()
                     if sub.cancelled:
                         self.counters.cancelled += 1
@@ -251,11 +270,22 @@ class Scheduler:
                     sub.cached_tokens = cached
                     self.counters.prompt_tokens += len(sub.prompt)
                     self.counters.cached_tokens += cached
-                    plan.admit.append(Admit(r, sub.prompt, sub.temperature, sub.top_p, cached))
-                plan.decode = any(sub is not None for sub in self.rows)
+                    plan.admit.append(self._chunk(r, sub, cached, budget))
+                    budget -= min(len(sub.prompt), cached + budget) - cached
+                plan.decode = any(sub is not None and r not in self.filling for r, sub in enumerate(self.rows))
                 if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
                     return plan
                 self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _chunk(self, row: int, sub: Submission, done: int, budget: int) -> Admit:
+        """The next piece of `sub`'s prompt for `row` (its first `done` tokens are in): up to `budget` tokens,
+        the rest of the prompt if it fits (then the request decodes from this step on)."""
+        end = min(len(sub.prompt), done + budget)
+        if end < len(sub.prompt):
+            self.filling[row] = end
+            return Admit(row, sub.prompt, sub.temperature, sub.top_p, done, end)
+        self.filling.pop(row, None)
+        return Admit(row, sub.prompt, sub.temperature, sub.top_p, done)
 
     def _best_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free row for `prompt` and how many of its first tokens that row's cache holds (capped to leave
@@ -277,8 +307,8 @@ class Scheduler:
 
     def _deliver(self, row: int, token: int) -> None:
         sub = self.rows[row]
-        if sub is None or sub.finished:
-            return  # a free row, or a request that ended earlier in this step
+        if sub is None or sub.finished or row in self.filling:
+            return  # a free row, a request that ended earlier in this step, or one still prefilling
         sub.tokens.append(token)
         self.counters.generated_tokens += 1
         reason = None
