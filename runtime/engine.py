@@ -94,6 +94,8 @@ class Stats:
 
     prompts: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose keys continuous batching found in a row (a shared prefix) instead of computing."""
     completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -354,6 +356,7 @@ class Engine:
             s.prefill_seconds += run.prefill_seconds
             s.decode_seconds += run.decode_seconds
             s.decode_steps += run.steps
+            s.cached_tokens += run.cached_tokens
             s.batches.append({"size": gen.batch_size, "prefill_s": run.prefill_seconds,
                               "decode_s": run.decode_seconds, "new_tokens": new_tokens, "continuous": True})
             self.batcher.release(list(run.running))  # rows a stop left running: free for the next call

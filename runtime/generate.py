@@ -196,7 +196,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                 output_tokens_per_second=counts["completion_tokens"] / wall if wall > 0 else 0.0,
                 replica0={  # timings of the first data-parallel replica (rank 0 measures its own batches)
                     "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
-                    "decode_steps": s.decode_steps, "batches": s.batches,
+                    "decode_steps": s.decode_steps, "batches": s.batches, "cached_tokens": s.cached_tokens,
                 },
             )
             try:

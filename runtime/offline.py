@@ -7,6 +7,10 @@ continuous). Each prompt's tokens are what it would get alone: the batcher's row
 
 Every rank of a model-parallel replica runs this same loop on the same prompts and receives the same
 tokens from the batcher (its leader samples), so the ranks stay in step without exchanging anything else.
+Prefix reuse (`reuse_prefix`): a row keeps the keys of its last sequence; a prompt joins the free row whose
+tokens share the longest prefix with it (every harmony prompt starts with the same system message) and
+only the rest is computed.
+
 Chunked prefill (`chunk` tokens per tick): a tick prefills at most `chunk` prompt tokens, a long prompt a
 piece at a time (its keys stay in its row between pieces), so running sequences never wait for more than
 one chunk between their steps.
@@ -40,7 +44,8 @@ class QueueRun:
     """Prompts queued over a batcher's rows; `tick()` admits, steps once and returns what finished."""
 
     def __init__(self, batcher: ContinuousBatcher, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                 stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0, chunk: int | None = None) -> None:
+                 stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0, chunk: int | None = None,
+                 reuse_prefix: bool = True) -> None:
         if len(max_new_tokens) != len(prompts):
             raise ValueError("one max_new_tokens per prompt")
         if any(len(p) + m > batcher.max_len for p, m in zip(prompts, max_new_tokens)):
@@ -57,6 +62,9 @@ class QueueRun:
         if chunk is not None and chunk < 1:
             raise ValueError("a prefill chunk is at least one token")
         self.filling: dict[int, tuple[int, int]] = {}  # row -> (prompt index, tokens of it in the row so far)
+        self.reuse_prefix = reuse_prefix
+        self.held: list[list[int]] = [[] for _ in range(batcher.rows)]  # per row: tokens whose keys it holds
+        self.cached_tokens = 0  # prompt tokens not computed, their keys found in a row
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.steps = 0
@@ -78,10 +86,14 @@ class QueueRun:
             plan.append((row, i, done, end))
             budget -= end - done
         while self.waiting and self.free and budget > 0:
-            i, row = self.waiting.popleft(), self.free.pop(0)
-            end = int(min(len(self.prompts[i]), budget))
-            plan.append((row, i, 0, end))
-            budget -= end
+            i = self.waiting.popleft()
+            row, start = self._best_row(self.prompts[i])
+            self.free.remove(row)
+            self.held[row] = list(self.prompts[i])
+            self.cached_tokens += start
+            end = int(min(len(self.prompts[i]), start + budget))
+            plan.append((row, i, start, end))
+            budget -= end - start
         t0 = time.perf_counter()
         for final in (False, True):
             part = [(row, i, start, end) for row, i, start, end in plan if (end == len(self.prompts[i])) == final]
@@ -109,6 +121,19 @@ class QueueRun:
                 self._add(row, out[row], finished)
         return finished
 
+    def _best_row(self, prompt: Sequence[int]) -> tuple[int, int]:
+        """The free row holding the longest prefix of `prompt` (the first free row if none), and that
+        prefix's length, leaving at least the last prompt token to compute."""
+        best, best_common = self.free[0], 0
+        if self.reuse_prefix:
+            for row in self.free:
+                held, n, common = self.held[row], min(len(self.held[row]), len(prompt) - 1), 0
+                while common < n and held[common] == prompt[common]:
+                    common += 1
+                if common > best_common:
+                    best, best_common = row, common
+        return best, best_common
+
     def _add(self, row: int, token: int, finished: list[Finished]) -> None:
         i = self.running[row]
         toks = self.tokens[i]
@@ -116,6 +141,7 @@ class QueueRun:
         stopped = token in self.stop_ids
         if stopped or len(toks) >= self.limits[i]:
             del self.running[row], self.tokens[i]
+            self.held[row] = list(self.prompts[i]) + toks[:-1]  # every token fed: all but the last drawn
             self.batcher.release([row])
             self.free.append(row)
             finished.append(Finished(i, toks, stopped))

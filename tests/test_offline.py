@@ -1,9 +1,11 @@
 """Offline continuous batching (runtime/offline.py, Engine.generate's default): a queue of prompts over
-fewer rows gives each prompt the tokens it gets alone, with mixed prompt and output lengths."""
+fewer rows gives each prompt the tokens it gets alone, with mixed prompt and output lengths, chunked
+prefill and prefix reuse."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,11 @@ def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engi
     assert together == alone
     assert [len(together[i][0]) for i in range(len(PROMPTS))] == LIMITS
     assert run.steps < sum(LIMITS)  # rows ran side by side (7 prompts, 3 rows)
+    # a prompt joined a freed row holding the shared system message: its keys were reused, tokens unchanged
+    system = len(os.path.commonprefix(prompts))
+    assert run.cached_tokens >= (len(PROMPTS) - 3) * (system - 1)
+    fresh = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set(), reuse_prefix=False)
+    assert drain(fresh) == alone and fresh.cached_tokens == 0
 
     # a stop token ends its sequence there (the token included) and frees the row for the queue
     stop = alone[2][0][4]
@@ -80,7 +87,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(engine: Engine
         per_tick.append(sum(computed))
         stepped.append(run.steps == steps + 1 or not running)
     assert chunked == whole
-    assert max(per_tick) <= chunk and sum(per_tick) == sum(len(p) for p in prompts)
+    assert max(per_tick) <= chunk and sum(per_tick) == sum(len(p) for p in prompts) - run.cached_tokens
     assert all(stepped)  # a row that was running before a tick stepped in it
     assert max(len(p) for p in prompts) > chunk  # some prompt really went in pieces
 
@@ -104,6 +111,7 @@ def test_generate_continuous_equals_static_and_writes_in_input_order(tmp_path: P
     run = json.loads(Path(f"{cont}.run.json").read_text())
     assert run["status"] == "done" and run["prompts_generated"] == len(PROMPTS)
     assert run["replica0"]["batches"][0]["continuous"] is True
+    assert run["replica0"]["cached_tokens"] > 0  # the system message, reused by prompts that joined freed rows
 
 
 def test_continuous_needs_the_static_cache() -> None:
