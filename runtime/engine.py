@@ -315,6 +315,10 @@ class Engine:
         self.stopped_early = False
         finished = new_tokens = tick = 0
         while True:
+            if should_stop is not None and tick % self.SYNC_STEPS == 0 and distributed.any_rank(
+                    should_stop(), lay, self.device):  # before the first step too, and every SYNC_STEPS
+                self.stopped_early = True
+                break
             for f in run.tick() if run is not None and not run.done else []:
                 outbox.append((mine[f.index], self._record(requests[mine[f.index]], prompts[f.index], f.tokens,
                                                           f.stopped)))
@@ -344,9 +348,6 @@ class Engine:
                 if on_round is not None:
                     on_round(batch)
             if last:
-                break
-            if should_stop is not None and sync and distributed.any_rank(should_stop(), lay, self.device):
-                self.stopped_early = True
                 break
         s = self.stats
         s.prompts += finished

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from runtime import Engine, Request, compose, harmony
+from runtime.continuous import ContinuousBatcher
 from runtime.engine import CALL, RETURN
 from tests.conftest import CPU, generate, read_jsonl
 
@@ -101,8 +102,10 @@ def test_sampling_is_seeded() -> None:
     assert run(1) == run(1) != run(2)
 
 
-def test_stops_on_harmony_stop_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows end on <|return|> / <|call|>, the others run to max_new_tokens; records are parsed from harmony."""
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_stops_on_harmony_stop_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch, batching: str) -> None:
+    """Rows end on <|return|> / <|call|>, the others run to max_new_tokens; records are parsed from harmony
+    (static rounds: the engine's sampler scripted; continuous batching: the batcher's, row r = request r)."""
     enc = harmony.encoding()
     answer = enc.encode("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Paris",
                         allowed_special="all") + [RETURN]
@@ -116,12 +119,28 @@ def test_stops_on_harmony_stop_tokens(engine: Engine, monkeypatch: pytest.Monkey
         step["i"] += 1
         return torch.tensor([s[i] if i < len(s) else 0 for s in script])
 
+    drawn = [0, 0, 0]
+
+    def scripted_rows(self: ContinuousBatcher, logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        out = []
+        for r in rows if rows is not None else range(self.rows):
+            if r < 3:
+                out.append(script[r][drawn[r]] if drawn[r] < len(script[r]) else 0)
+                drawn[r] += 1
+            else:
+                out.append(0)
+        step["i"] = drawn[2]
+        return torch.tensor(out)
+
     monkeypatch.setattr(engine, "_sample", scripted)
+    monkeypatch.setattr(ContinuousBatcher, "_choose", scripted_rows)
     engine.cfg.generation.max_new_tokens = 30
+    engine.cfg.generation.batching = batching
     try:
         recs = engine.generate([Request(id=str(i), prompt="q") for i in range(3)])
     finally:
         engine.cfg.generation.max_new_tokens = 6
+        engine.cfg.generation.batching = "auto"
     a, c, n = recs
     assert (a["finish_reason"], a["text"], a["reasoning"], a["completion_ids"]) == ("stop", "Paris", "Think.", answer)
     assert c["finish_reason"] == "tool_calls" and c["tool_calls"] == [{"name": "lookup", "arguments": '{"q": 1}'}]
