@@ -4,7 +4,9 @@ The real HTTP layer (runtime/serve/http.py: App, make_server, /v1/completions, t
 a paced backend that behaves like the scheduler at a fixed decode rate: every STEP_MS it hands one token to
 each running request (no model: what is measured is HTTP + JSON + SSE + threads), driven by the serving
 benchmark's own client (runtime/loadgen.py: one thread per stream, streamed POST /v1/completions). Server
-and client are separate processes. Prints offered vs delivered output tokens/s and the latencies.
+and client are separate processes. Prints offered vs delivered output tokens/s, the latencies, and the
+server process's CPU time: tokens per server CPU-second is what the HTTP layer can deliver on one core
+(one Python process), whatever the client machine adds.
 
     python docs/bench/2026-12-01-cpu-http/http512.py [CONCURRENCY ...] [--step-ms 30] [--tokens 128]
 """
@@ -58,7 +60,7 @@ def serve(port_q: mp.Queue, step_ms: float) -> None:
                 self.steps += 1
 
         def stats(self) -> dict:
-            return {"running": len(self.running), "steps": self.steps}
+            return {"running": len(self.running), "steps": self.steps, "cpu_s": time.process_time()}
 
     harmony.encoding()
     app = App(Defaults("paced", 0.0, 1.0, "low"), max_len=100_000, render=lambda job: [1], backend=Paced(),
@@ -82,16 +84,27 @@ def main() -> None:
     proc.start()
     port = q.get(timeout=120)
     endpoint = loadgen.Endpoint(f"http://127.0.0.1:{port}/v1", model="paced")
+    def server_cpu() -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+            return float(json.loads(r.read())["cpu_s"])
+
     for c in args.concurrency:
         work = [([1000 + i] * 64, args.tokens) for i in range(2 * c)]
+        cpu0 = server_cpu()
         results, duration = loadgen.run_point(endpoint, work, c, None, seed=0)
+        cpu = server_cpu() - cpu0
         m = loadgen.metrics(results, duration, {})
         offered = c * 1000 / args.step_ms  # tokens/s the paced backend produces with c streams running
         print(json.dumps({"concurrency": c, "step_ms": args.step_ms, "offered_tok_s": round(offered),
                           "delivered_tok_s": round(m["output_throughput"]), "failed": m["failed"],
                           "ttft_p50_ms": round(m["median_ttft_ms"], 1), "ttft_p99_ms": round(m["p99_ttft_ms"], 1),
                           "itl_p50_ms": round(m["median_itl_ms"], 1), "itl_p99_ms": round(m["p99_itl_ms"], 1),
-                          "tpot_mean_ms": round(m["mean_tpot_ms"], 1)}), flush=True)
+                          "tpot_mean_ms": round(m["mean_tpot_ms"], 1), "server_cpu_s": round(cpu, 2),
+                          # one Python process (the GIL): what its CPU time per token allows on one core
+                          "server_capacity_tok_s": round(m["total_output_tokens"] / cpu) if cpu > 0 else None}),
+              flush=True)
     proc.terminate()
 
 
