@@ -96,8 +96,10 @@ class Bench:
             raise UserError(f"bench.mode={self.b.mode!r}: use fixed, replay, offline or serve")
         if self.b.mode == "offline" and not 0 <= self.b.range_ratio < 1:
             raise UserError(f"bench.range_ratio={self.b.range_ratio} must be in [0, 1)")
-        if self.b.mode == "offline" and self.b.num_prompts is not None and self.b.num_prompts < 1:
-            raise UserError(f"bench.num_prompts={self.b.num_prompts} must be >= 1")
+        dp = cfg.parallel.dp_size
+        if self.b.mode == "offline" and self.b.num_prompts is not None and self.b.num_prompts < dp:
+            raise UserError(f"bench.num_prompts={self.b.num_prompts}: give at least one prompt per data-parallel "
+                            f"replica (parallel.dp_size={dp})")
         if not self.b.batch_sizes or min(self.b.batch_sizes) < 1:
             raise UserError(f"bench.batch_sizes={list(self.b.batch_sizes)}: give positive batch sizes")
         if self.b.repetitions < 1 or self.b.baseline_repetitions < 1:
@@ -158,11 +160,11 @@ class Bench:
         return self._row("ours", batch, prompts, new_tokens, ttft, tpot, e2e, generated,
                          load_seconds=self.engine.load_seconds)
 
-    def offline_work(self) -> tuple[list[list[int]], list[int]]:
+    def offline_work(self, dp_size: int = 1) -> tuple[list[list[int]], list[int]]:
         """bench.mode=offline: num_prompts random prompts (default 4 x the largest batch size) and their
         output lengths, each drawn uniformly from len x [1 - range_ratio, 1 + range_ratio]."""
         b = self.b
-        n = b.num_prompts or 4 * max(b.batch_sizes)
+        n = b.num_prompts or max(4 * max(b.batch_sizes), dp_size)
         gen = torch.Generator().manual_seed(b.seed)
 
         def draw(length: int, floor: int) -> list[int]:
@@ -180,7 +182,7 @@ class Bench:
         timed run; replica d takes prompts d, d + dp, ...; the wall time is the slowest replica's."""
         from runtime.offline import QueueRun
 
-        prompts, outs = self.offline_work()
+        prompts, outs = self.offline_work(self.layout.dp_size)
         lay = self.layout
         mine = list(range(lay.dp_rank, len(prompts), lay.dp_size))
         p_mine, o_mine = [prompts[i] for i in mine], [outs[i] for i in mine]
@@ -197,6 +199,7 @@ class Bench:
                 engine.decode(ps[i : i + batch], max(limits[i : i + batch]), ignore_eos=True)
 
         rows = []
+        engine.queue_batcher(p_mine, max(o_mine), batch)  # at its final size: the warm-up's graph is the timed one's
         for impl, fn in (("continuous", continuous), ("static", static)):
             fn(p_mine[:batch], [min(4, o) for o in o_mine[:batch]])  # compile, capture, autotune
             reset_peak(self.device)

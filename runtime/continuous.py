@@ -191,12 +191,13 @@ class ContinuousBatcher:
         cached = list(cached) if cached is not None else [0] * len(rows)
         if any(not 0 <= c < len(p) for c, p in zip(cached, prompts)):
             raise ValueError("a cached prefix must leave at least the prompt's last token to compute")
-        for r, t, p in zip(rows, temperature, top_p):
-            self._temp_host[r], self._top_p_host[r] = float(t), float(p)
         dev = self.device
         idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
-        self.temperature[idx] = torch.tensor(list(temperature), dtype=torch.float32, device=dev)
-        self.top_p[idx] = torch.tensor(list(top_p), dtype=torch.float32, device=dev)
+        if not partial:  # a row part-way in keeps a free row's greedy settings: steps draw nothing for it
+            for r, t, p in zip(rows, temperature, top_p):
+                self._temp_host[r], self._top_p_host[r] = float(t), float(p)
+            self.temperature[idx] = torch.tensor(list(temperature), dtype=torch.float32, device=dev)
+            self.top_p[idx] = torch.tensor(list(top_p), dtype=torch.float32, device=dev)
         out = torch.empty(len(rows), dtype=torch.long, device=dev)
         for group in self._groups([len(p) - c for p, c in zip(prompts, cached)]):
             logits = self._prefill_group([rows[i] for i in group], [prompts[i] for i in group],

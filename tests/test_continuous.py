@@ -309,9 +309,9 @@ def test_warm_up_leaves_no_trace() -> None:
     engine = Engine(compose("generate", ["model.device=cpu"]))
     prompt = engine.render(Request(id="0", prompt="What is the capital of France?"))
 
-    def tokens(b: ContinuousBatcher) -> list[int]:
-        out = [int(b.prefill([1], [prompt], [0.0], [1.0])[0])]
-        out += [int(b.step()[1]) for _ in range(6)]
+    def tokens(b: ContinuousBatcher) -> list[int]:  # on row 0, the row the warm-up used
+        out = [int(b.prefill([0], [prompt], [0.0], [1.0])[0])]
+        out += [int(b.step()[0]) for _ in range(6)]
         return out
 
     warmed = batcher(engine, 2, 128, 4096)
@@ -365,3 +365,24 @@ def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
     chunked, calls = serve(9)
     assert chunked == whole
     assert max(len(p) for p in prompts) > 9 and calls > len(prompts)  # prompts really went in pieces
+
+
+def test_a_request_cancelled_part_way_through_its_prefill_leaves_only_its_chunks_for_reuse() -> None:
+    """The prefix cache must not offer a row's whole prompt when only its first chunks went in (a client
+    that gave up during a long prefill, then retried): the row holds, and offers, exactly those chunks."""
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    b = batcher(engine, 1, 256, 16)
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), set(), CALL, 8, lambda: False)
+    prompt = engine.render(Request(id="0", prompt="A long question " * 4))
+    sub = Submission(prompt, 4, 0.0, 1.0)
+    sched.submit(sub)
+    first = sched._plan()
+    assert [(a.row, a.cached, a.end) for a in first.admit] == [(0, 0, 16)] and not first.decode
+    sub.cancel()
+    second = sched._plan()
+    assert second.release == [0] and sched.held[0].tolist() == prompt[:16]
+    assert sched._best_row([0], prompt) == (0, 16)  # a retry reuses the 16 tokens that are in, no more

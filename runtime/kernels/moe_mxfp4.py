@@ -422,7 +422,8 @@ def fused_mxfp4_experts(
         h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     num_rows = expert.numel()
     # |h| <= limit * (limit + 1) (gate <= limit, |up| <= limit): the decode GEMV's fp16 h is h / h_factor,
-    # with max|h / h_factor| <= 2^FP16_TOP_EXP
+    # with max|h / h_factor| <= 2^FP16_TOP_EXP. A static bound, not each row's maximum (gate_up's programs
+    # write a row in pieces): a row whose |h| all lie below ~2e-3 multiplies in subnormal fp16 (~1e-2 error)
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32

@@ -244,10 +244,12 @@ class Scheduler:
                             self.counters.cancelled += 1
                             sub.finished = True
                         self.rows[r] = None
-                        self.filling.pop(r, None)
+                        part = self.filling.pop(r, None)
                         plan.release.append(r)
-                        # fed so far: the prompt and every token but the last one drawn
-                        fed = sub.prompt + sub.tokens[:-1] if self.prefix_cache else []
+                        # fed so far: the prompt and every token but the last one drawn (or, for a prompt
+                        # that ended part-way through its prefill, the chunks that went in)
+                        fed = (sub.prompt[:part] if part is not None else sub.prompt + sub.tokens[:-1]) \
+                            if self.prefix_cache else []
                         self.held[r] = np.asarray(fed, dtype=np.int64)
                 budget = self.batcher.max_prefill_tokens
                 for r, done in list(self.filling.items()):  # prompts part-way in go on first
