@@ -122,8 +122,8 @@ class Bench:
         limit = checkpoint.max_positions(cfg.model)
         longest = (self.b.input_len + self.b.output_len) * (1 + (self.b.range_ratio if self.b.mode == "offline" else 0))
         if self.b.mode in ("fixed", "offline") and limit is not None and longest > limit:
-            raise UserError(f"bench.input_len + bench.output_len (x (1 + range_ratio) offline) = {int(longest)} exceeds "
-                            f"the model's {limit} positions: shorten them")
+            raise UserError(f"bench.input_len + bench.output_len (x (1 + range_ratio) offline) = {int(longest)} "
+                            f"exceeds the model's {limit} positions: shorten them")
         self.replay = None
         if self.b.mode == "replay":
             from runtime.generate import load_requests
@@ -159,6 +159,20 @@ class Bench:
             generated += int(out.lengths.sum())
         return self._row("ours", batch, prompts, new_tokens, ttft, tpot, e2e, generated,
                          load_seconds=self.engine.load_seconds)
+
+    def _setup(self, impl: str, batch: int, ours: bool = True) -> dict[str, Any]:
+        """A row's first columns: what ran (the recipe has its own plan and no all-reduce path of ours)."""
+        lay, cfg = self.layout, self.cfg
+        return {
+            "impl": impl,
+            "model": cfg.model.name,
+            "format": "mxfp4" if self.mxfp4 else "bf16",
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
+            "plan": cfg.parallel.plan if ours else "recipe", "all_reduce": self.all_reduce_path if ours else "",
+            "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
+            "mode": self.b.mode, "batch_size": batch,
+        }
 
     def offline_work(self, dp_size: int = 1) -> tuple[list[list[int]], list[int]]:
         """bench.mode=offline: num_prompts random prompts (default 4 x the largest batch size) and their
@@ -206,15 +220,10 @@ class Bench:
             wall, _ = _timed(lambda fn=fn: fn(p_mine, o_mine), self.device)
             walls = distributed.gather_to_writer(wall, lay)
             wall = max(walls) if walls is not None else wall
-            cfg = self.cfg
             rows.append({
-                "impl": impl, "model": cfg.model.name, "format": "mxfp4" if self.mxfp4 else "bf16",
-                "dtype": str(engine.dtype).removeprefix("torch."),
-                "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
-                "plan": cfg.parallel.plan, "all_reduce": self.all_reduce_path,
-                "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
-                "mode": "offline", "batch_size": batch,
-                "input_len": round(sum(map(len, prompts)) / len(prompts), 1), "output_len": round(sum(outs) / len(outs), 1),
+                **self._setup(impl, batch),
+                "input_len": round(sum(map(len, prompts)) / len(prompts), 1),
+                "output_len": round(sum(outs) / len(outs), 1),
                 "runs": 1, "generated_tokens": sum(outs), "expected_tokens": sum(outs), "e2e_p50_s": wall,
                 "output_tok_s": sum(outs) / wall, "output_tok_s_per_gpu": sum(outs) / wall / lay.world_size,
                 "total_tok_s": (sum(outs) + sum(map(len, prompts))) / wall, "load_s": engine.load_seconds,
@@ -268,14 +277,7 @@ class Bench:
                                         vocab_split=self.vocab_split if ours_plan else 1)
         achieved = sb.total / tpot_p50
         return {
-            "impl": impl,
-            "model": cfg.model.name,
-            "format": "mxfp4" if self.mxfp4 else "bf16",
-            "dtype": str(self.engine.dtype).removeprefix("torch."),
-            "world_size": lay.world_size, "tp_size": lay.tp_size, "ep_size": lay.ep_size, "dp_size": lay.dp_size,
-            "plan": cfg.parallel.plan if ours else "recipe", "all_reduce": self.all_reduce_path if ours else "",
-            "attention": cfg.attention.implementation, "experts": cfg.experts.implementation,
-            "mode": self.b.mode, "batch_size": batch,
+            **self._setup(impl, batch, ours),
             "input_len": round(prompt_tokens / batch, 1), "output_len": new_tokens,
             "runs": runs, "generated_tokens": generated, "expected_tokens": runs * batch * new_tokens,
             "ttft_p50_ms": ttft_p50 * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,

@@ -266,7 +266,7 @@ class Engine:
         d-th batch of each round, so gathering the replicas in rank order keeps input order.
         """
         gen = self.cfg.generation
-        if getattr(gen, "batching", "auto") != "static" and gen.kv_cache == "static":
+        if gen.batching != "static" and gen.kv_cache == "static":
             return self._generate_continuous(requests, on_round, should_stop)
         lay = self.layout
         per_round = self.cfg.generation.batch_size * lay.dp_size
@@ -351,7 +351,7 @@ class Engine:
                 break
         s = self.stats
         s.prompts += finished
-        s.prompt_tokens += sum(len(prompts[f]) for f in range(len(prompts)))
+        s.prompt_tokens += sum(map(len, prompts))
         s.completion_tokens += new_tokens
         if run is not None:
             s.prefill_seconds += run.prefill_seconds
@@ -457,13 +457,12 @@ def _check_generation(gen: Any) -> None:
         raise UserError(f"generation.seed={gen.seed} must be in [0, 2**63)")
     if gen.kv_cache not in ("static", "dynamic"):
         raise UserError(f"generation.kv_cache={gen.kv_cache!r}: use static or dynamic")
-    batching = getattr(gen, "batching", "auto")
-    if batching not in ("auto", "continuous", "static"):
-        raise UserError(f"generation.batching={batching!r}: use auto, continuous or static")
-    if batching == "continuous" and gen.kv_cache == "dynamic":
+    if gen.batching not in ("auto", "continuous", "static"):
+        raise UserError(f"generation.batching={gen.batching!r}: use auto, continuous or static")
+    if gen.batching == "continuous" and gen.kv_cache == "dynamic":
         raise UserError("generation.batching=continuous decodes over the static KV cache: drop "
                         "generation.kv_cache=dynamic, or use generation.batching=static with it")
-    if getattr(gen, "max_prefill_tokens", 1) < 1:
+    if gen.max_prefill_tokens < 1:
         raise UserError(f"generation.max_prefill_tokens={gen.max_prefill_tokens} must be >= 1")
     if gen.reasoning_effort not in ("low", "medium", "high"):
         raise UserError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")

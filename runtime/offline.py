@@ -89,7 +89,6 @@ class QueueRun:
             i = self.waiting.popleft()
             row, start = self._best_row(self.prompts[i])
             self.free.remove(row)
-            self.held[row] = list(self.prompts[i])
             self.cached_tokens += start
             end = int(min(len(self.prompts[i]), start + budget))
             plan.append((row, i, start, end))

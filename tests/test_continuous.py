@@ -23,6 +23,19 @@ def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int) ->
                              leader=True, generator=engine.generator)
 
 
+def count_prefill(b: ContinuousBatcher) -> list[int]:
+    """Wrap b.prefill: the returned list gets, per call, the prompt tokens it computes (not cached)."""
+    computed: list[int] = []
+    prefill = b.prefill
+
+    def counting(rows, ps, temperature, top_p, cached=None, partial=False):  # type: ignore[no-untyped-def]
+        computed.append(sum(len(p) - c for p, c in zip(ps, cached or [0] * len(ps))))
+        return prefill(rows, ps, temperature, top_p, cached, partial)
+
+    b.prefill = counting  # type: ignore[method-assign]
+    return computed
+
+
 TEXTS = ["hi", "What is the capital of France?",
          "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "2+2?"]
 STEPS = 24
@@ -335,14 +348,7 @@ def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
 
     def serve(budget: int) -> tuple[list[list[int]], int]:
         b = batcher(engine, 2, 256, budget)
-        calls: list[int] = []
-        prefill = b.prefill
-
-        def counting(rows, ps, temperature, top_p, cached=None, partial=False):  # type: ignore[no-untyped-def]
-            calls.append(sum(len(p) - c for p, c in zip(ps, cached or [0] * len(ps))))
-            return prefill(rows, ps, temperature, top_p, cached, partial)
-
-        b.prefill = counting  # type: ignore[method-assign]
+        calls = count_prefill(b)
         stop = threading.Event()
         sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, prefix_cache=False)
         loop = threading.Thread(target=sched.run, daemon=True)

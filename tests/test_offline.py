@@ -14,7 +14,7 @@ from runtime import compose
 from runtime.engine import Engine, Request
 from runtime.offline import QueueRun
 from tests.conftest import generate, read_jsonl
-from tests.test_continuous import batcher
+from tests.test_continuous import batcher, count_prefill
 
 PROMPTS = ["hi", "What is the capital of France?", "2+2?",
            "A prompt long enough to run past the tiny model's 32-token sliding window " * 2, "Name a colour.",
@@ -68,14 +68,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(engine: Engine
     longest = max(len(p) for p in prompts) + max(LIMITS)
     whole = drain(QueueRun(batcher(engine, 3, longest, 4096), prompts, LIMITS, set()))
     b = batcher(engine, 3, longest, 4096)
-    computed: list[int] = []
-    prefill = b.prefill
-
-    def counting(rows, ps, temperature, top_p, cached=None, partial=False):  # type: ignore[no-untyped-def]
-        computed.append(sum(len(p) - c for p, c in zip(ps, cached or [0] * len(ps))))
-        return prefill(rows, ps, temperature, top_p, cached, partial)
-
-    b.prefill = counting  # type: ignore[method-assign]
+    computed = count_prefill(b)
     run = QueueRun(b, prompts, LIMITS, set(), chunk=chunk)
     per_tick, stepped = [], []
     chunked: dict[int, tuple[list[int], bool]] = {}

@@ -5,9 +5,11 @@ frees the rows of finished or abandoned requests, gives free rows to waiting req
 that as a `Plan` to every rank. A freed row keeps its keys: the scheduler remembers which tokens they
 are, and gives a new request the free row sharing the longest prefix with its prompt (the harmony
 system message at least; a whole conversation when a chat comes back with its next turn), whose
-prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage). All ranks then
-run the same prefill and decode forward (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new tokens through the
-request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
+prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage). At most
+batcher.max_prefill_tokens prompt tokens go in per step: a longer prompt is prefilled in pieces over
+several steps while the other rows keep decoding (chunked prefill). All ranks then run the same prefill
+and decode forward (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new
+tokens through the request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
 a request whose client left is dropped at the next step. The other ranks just loop on plans until the
 shutdown plan.
 """
@@ -95,6 +97,11 @@ class Admit:
     chunks of this prompt)."""
     end: int | None = None
     """Chunked prefill: compute the prompt up to here only (None: to its end, then decode)."""
+
+    @property
+    def computed(self) -> int:
+        """Prompt tokens this step computes."""
+        return (len(self.prompt) if self.end is None else self.end) - self.cached
 
 
 @dataclass
@@ -258,7 +265,7 @@ class Scheduler:
                     sub = self.rows[r]
                     assert sub is not None
                     plan.admit.append(self._chunk(r, sub, done, budget))
-                    budget -= min(len(sub.prompt), done + budget) - done
+                    budget -= plan.admit[-1].computed
                 free = [r for r, sub in enumerate(self.rows) if sub is None]
                 while free and self.waiting and budget > 0:
                     sub = self.waiting.popleft()
@@ -273,7 +280,7 @@ class Scheduler:
                     self.counters.prompt_tokens += len(sub.prompt)
                     self.counters.cached_tokens += cached
                     plan.admit.append(self._chunk(r, sub, cached, budget))
-                    budget -= min(len(sub.prompt), cached + budget) - cached
+                    budget -= plan.admit[-1].computed
                 plan.decode = any(sub is not None and r not in self.filling for r, sub in enumerate(self.rows))
                 if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
                     return plan
