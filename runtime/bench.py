@@ -194,6 +194,7 @@ class Bench:
         rounds of `batch` prompts (runtime.generate's generation.batching=static: each round decodes until its
         longest output; tokens past a prompt's own length are not counted). One warm-up of each, then one
         timed run; replica d takes prompts d, d + dp, ...; the wall time is the slowest replica's."""
+        from runtime.generate import progress
         from runtime.offline import QueueRun
 
         prompts, outs = self.offline_work(self.layout.dp_size)
@@ -202,22 +203,35 @@ class Bench:
         p_mine, o_mine = [prompts[i] for i in mine], [outs[i] for i in mine]
         engine = self.engine
 
-        def continuous(ps: list[list[int]], limits: list[int]) -> None:
+        def continuous(ps: list[list[int]], limits: list[int], bar: Any = None) -> str:
             run = QueueRun(engine.queue_batcher(ps, max(limits), batch), ps, limits, set(),
                            chunk=self.cfg.generation.max_prefill_tokens)
             while not run.done:
-                run.tick()
+                done = run.tick()
+                if bar is not None:
+                    bar.update(len(done))
+            return (f"prefill {run.prefill_seconds:.1f} s, decode {run.decode_seconds:.1f} s in {run.steps} steps "
+                    f"({1e3 * run.decode_seconds / max(run.steps, 1):.2f} ms each)")
 
-        def static(ps: list[list[int]], limits: list[int]) -> None:
+        def static(ps: list[list[int]], limits: list[int], bar: Any = None) -> str:
             for i in range(0, len(ps), batch):
                 engine.decode(ps[i : i + batch], max(limits[i : i + batch]), ignore_eos=True)
+                if bar is not None:
+                    bar.update(len(ps[i : i + batch]))
+            return f"{-(-len(ps) // batch)} rounds"
 
         rows = []
         engine.queue_batcher(p_mine, max(o_mine), batch)  # at its final size: the warm-up's graph is the timed one's
         for impl, fn in (("continuous", continuous), ("static", static)):
+            t0 = time.perf_counter()
             fn(p_mine[:batch], [min(4, o) for o in o_mine[:batch]])  # compile, capture, autotune
+            log.info("offline batch %4d %s: warm-up %.1f s; timing %d prompts", batch, impl,
+                     time.perf_counter() - t0, len(prompts))
             reset_peak(self.device)
-            wall, _ = _timed(lambda fn=fn: fn(p_mine, o_mine), self.device)
+            with progress(len(p_mine), f"{impl} b{batch}", lay.is_writer) as bar:
+                wall, detail = _timed(lambda fn=fn: fn(p_mine, o_mine, bar), self.device)
+            log.info("offline batch %4d %s: %.1f s, %.1f output tok/s on this replica (%s)", batch, impl, wall,
+                     sum(o_mine) / wall, detail)
             walls = distributed.gather_to_writer(wall, lay)
             wall = max(walls) if walls is not None else wall
             rows.append({

@@ -146,7 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         }
         collect.write_json_atomic(out_path.with_name(out_path.name + ".run.json"), record)
         log.info("%d prompts, %d already in %s, %d to generate", len(requests), len(requests) - len(todo), out_path, len(todo))
-    bar = _progress(len(todo)) if writer is not None else None
+    bar = progress(len(todo)) if writer is not None else None
 
     counts = {"prompts": 0, "prompt_tokens": 0, "completion_tokens": 0}  # every replica's, from the records
     position = {r.id: i for i, r in enumerate(requests)}
@@ -216,10 +216,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return record if layout.is_writer else None
 
 
-def _progress(total: int) -> Any:
+def progress(total: int, desc: str = "generate", show: bool = True) -> Any:
+    """A bar over prompts on a terminal (none in a log file, none where `show` is false: other ranks)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="prompt", desc="generate", disable=None)
+    return tqdm(total=total, unit="prompt", desc=desc, disable=None if show else True)
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base=None)
