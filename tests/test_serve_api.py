@@ -122,15 +122,15 @@ class ScriptedBackend:
     def _play(self, sub: Submission, tokens: list[int] | None) -> None:
         if tokens is None:  # no script: generate forever until cancelled
             while not sub.cancelled:
-                sub.events.put([220])
+                sub.emit([220])
                 time.sleep(0.01)
             return
         tokens = tokens[: sub.max_tokens]
         for t in tokens:
-            sub.events.put([t])
+            sub.emit([t])
         reason = "length" if len(tokens) == sub.max_tokens and tokens[-1] not in END_IDS else \
             "tool_call" if tokens[-1] == 200012 else "stop"
-        sub.events.put(Finish(reason))
+        sub.emit(Finish(reason))
 
     def stats(self) -> dict[str, int]:
         return {"requests": len(self.subs)}
@@ -475,6 +475,93 @@ def test_a_stalled_client_is_let_go_and_connections_are_capped() -> None:
         while (status := _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0]) != \
                 b"HTTP/1.1 200 OK" and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert status == b"HTTP/1.1 200 OK"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class EchoBackend:
+    """Answers a token-id prompt with the same ids, handed out in random batches from one thread for all
+    requests, as the scheduler does; or, for a prompt [0], floods tokens until the request is cancelled."""
+
+    def __init__(self) -> None:
+        self.subs: list[Submission] = []
+        self.lock = threading.Lock()
+        self.running: list[tuple[Submission, list[int]]] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def submit(self, sub: Submission) -> None:
+        with self.lock:
+            self.subs.append(sub)
+            self.running.append((sub, list(sub.prompt)))
+
+    def _loop(self) -> None:
+        rng = random.Random(0)
+        while True:
+            time.sleep(0.002)
+            with self.lock:
+                running, self.running = self.running, []
+            keep = []
+            for sub, rest in running:
+                if sub.cancelled:
+                    continue
+                if sub.prompt == [0]:  # the flood
+                    sub.emit([220] * 2000)
+                    keep.append((sub, rest))
+                    continue
+                n = rng.randint(1, 3)
+                sub.emit(rest[:n])
+                if rest[n:]:
+                    keep.append((sub, rest[n:]))
+                else:
+                    sub.emit(Finish("length"))
+            with self.lock:
+                self.running = keep + self.running
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": len(self.subs)}
+
+
+def test_many_streams_each_get_their_own_tokens_and_a_reader_that_stops_is_let_go() -> None:
+    """The stream writer (one thread for every stream): 96 concurrent streams get exactly their tokens, in
+    order, while a client that stops reading (its socket full) neither stalls them nor stays: its request is
+    cancelled after serve.timeout_seconds, and the server keeps answering."""
+    import socket
+
+    import openai
+
+    backend = EchoBackend()
+    app = App(Defaults("gpt-oss-test", 1.0, 1.0, "medium"), max_len=100_000, render=lambda job: [1],
+              backend=backend, end_ids=END_IDS)
+    server = make_server(app, "127.0.0.1", 0, timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        body = json.dumps({"model": "gpt-oss-test", "prompt": [0], "max_tokens": 90_000, "stream": True}).encode()
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        words = [[1000 + 7 * i + j for j in range(40)] for i in range(96)]
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            stream = client.completions.create(model="gpt-oss-test", prompt=words[i], max_tokens=40, stream=True)
+            got[i] = "".join(c.choices[0].text for c in stream)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(96)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == {i: harmony.encoding().decode(words[i]) for i in range(96)}
+        flood = next(s for s in backend.subs if s.prompt == [0])
+        assert flood._cancelled.wait(timeout=60)  # a failure guard: the timeout is 1 s
+        stalled.close()
+        status, _ = _raw(f"http://127.0.0.1:{port}", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status == b"HTTP/1.1 200 OK"
     finally:
         server.shutdown()

@@ -7,10 +7,13 @@
     POST /v1/responses           runtime/serve/responses.py
     POST /v1/completions         runtime/serve/completions.py (raw text, no harmony)
 
-One thread per connection (ThreadingHTTPServer). A generation request is checked and rendered to harmony
-token ids on its own thread, submitted to the scheduler, and then its thread turns the tokens it receives
-into events (runtime/serve/harmony_stream.py) and writes them: a slow client only slows its own thread.
-A client that goes away (a failed write, or its socket closed) cancels its request, which frees its row.
+One thread per connection (ThreadingHTTPServer) reads, checks and answers requests. A generation request
+is rendered to harmony token ids on its thread and submitted to the scheduler. A streamed answer is then
+written by the server's one stream writer (runtime/serve/streams.py: every stream's new tokens turned into
+events (runtime/serve/harmony_stream.py) and written without blocking, one pass per step) while the
+connection's thread sleeps until the stream ends; a whole answer is awaited on the connection's thread. A
+slow client only fills its own buffer. A client that goes away (a failed write, or its socket closed)
+cancels its request, which frees its row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import queue
 import select
 import socket
 import threading
@@ -36,6 +38,7 @@ from runtime.serve.fields import ApiError
 from runtime.serve.harmony_stream import HarmonyStream
 from runtime.serve.job import Defaults, Job, Outcome, sse
 from runtime.serve.scheduler import Finish, QueueFull, ShuttingDown, Submission
+from runtime.serve.streams import Stream, StreamWriter
 
 log = logging.getLogger("runtime.serve")
 
@@ -117,6 +120,10 @@ class _Server(ThreadingHTTPServer):
             with self._open_lock:
                 self._open -= 1
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.writer.close()  # type: ignore[attr-defined]
+
 
 def make_server(app: App, host: str, port: int, timeout: float = 60.0, max_connections: int = 1024) -> ThreadingHTTPServer:
     """Bind (port 0: any free port); `serve_forever()` starts answering. `timeout`: seconds a socket read or
@@ -126,6 +133,7 @@ def make_server(app: App, host: str, port: int, timeout: float = 60.0, max_conne
     cls = type("Server", (base,), {"max_connections": max_connections})
     server = cls((host, port), type("Handler", (Handler,), {"timeout": timeout}))
     server.app = app  # type: ignore[attr-defined]
+    server.writer = StreamWriter()  # type: ignore[attr-defined]
     return server
 
 
@@ -337,7 +345,7 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(sub, stream, fmt, len(prompt))
             return
         try:
-            finish, generated = self._consume(sub, stream, None)
+            finish, generated = self._consume(sub, stream)
             if finish is None:  # the client left
                 return
             if finish.reason == "error":
@@ -380,59 +388,49 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
         self._streaming = True
+
+        def tokens(new: list[int]) -> bytes:  # on the stream writer's thread, as is `finish`
+            events = stream.feed(new)
+            return self._frame(b"".join(fmt.events(events))) if events else b""
+
+        def finish(end: Finish, generated: int) -> bytes:
+            if end.reason == "error":
+                data = self._frame(b"".join(fmt.error(ApiError(503, f"The request could not finish: {end.message}."))))
+            else:
+                out = Outcome(prompt_len, generated, stream.reasoning_tokens, end.reason, stream.parts, sub.cached_tokens)
+                data = self._frame(b"".join(fmt.events(stream.close()) + fmt.tail(out)))
+                self._log_done(self.path, fmt.job, out)
+            return data + (b"0\r\n\r\n" if self._chunked else b"")
+
         try:
             self._chunk(b"".join(fmt.head()))
-            finish, generated = self._consume(sub, stream, lambda events: self._chunk(b"".join(fmt.events(events))))
-            if finish is None:
-                return
-            if finish.reason == "error":
-                self._chunk(b"".join(fmt.error(ApiError(503, f"The request could not finish: {finish.message}."))))
-            else:
-                out = Outcome(prompt_len, generated, stream.reasoning_tokens, finish.reason, stream.parts, sub.cached_tokens)
-                self._chunk(b"".join(fmt.events(stream.close()) + fmt.tail(out)))
-                self._log_done(self.path, fmt.job, out)
-            if self._chunked:
-                self.wfile.write(b"0\r\n\r\n")
+            st = Stream(self.connection, sub, tokens, finish, self.timeout)
+            self.server.writer.stream(st)  # type: ignore[attr-defined] - returns when the stream has ended
+            if st.gone:
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         finally:
             sub.cancel()  # no-op for a finished request; frees the row of one whose client left or failed
 
-    def _consume(self, sub: Submission, stream: HarmonyStream,
-                 write: Callable[[list], None] | None) -> tuple[Finish | None, int]:
-        """Tokens -> events until the request finishes: (its Finish, tokens generated), or (None, n) when the
-        client left (the request is cancelled)."""
-        generated = 0
-        checked = time.monotonic()
-        while True:
-            items: list[Any] = []
-            try:
-                items.append(sub.events.get(timeout=POLL_SECONDS))
-                while len(items) < 256:  # take what has piled up: one write for many steps
-                    items.append(sub.events.get_nowait())
-            except queue.Empty:
-                pass
-            if time.monotonic() - checked >= POLL_SECONDS:
-                checked = time.monotonic()
-                if self._client_gone():
-                    sub.cancel()
-                    self.close_connection = True
-                    return None, generated
-            if not items:
-                continue
-            tokens: list[int] = []
-            finish = None
-            for item in items:
-                if isinstance(item, Finish):
-                    finish = item
-                else:
-                    tokens += item
-            generated += len(tokens)
-            events = stream.feed(tokens)
-            if write is not None and events:
-                write(events)
-            if finish is not None:
-                return finish, generated
+    def _consume(self, sub: Submission, stream: HarmonyStream) -> tuple[Finish | None, int]:
+        """Wait for the whole answer: (its Finish, tokens generated), or (None, 0) when the client left (the
+        request is cancelled)."""
+        while not sub.done.wait(POLL_SECONDS):
+            if self._client_gone():
+                sub.cancel()
+                self.close_connection = True
+                return None, 0
+        tokens: list[int] = []
+        finish = None
+        while finish is None:
+            item = sub.events.get_nowait()  # the Finish is the last item, and it is in
+            if isinstance(item, Finish):
+                finish = item
+            else:
+                tokens += item
+        stream.feed(tokens)
+        return finish, len(tokens)
 
     def _client_gone(self) -> bool:
         """The peer closed its side (a readable socket with nothing to read) or the socket failed."""
@@ -444,9 +442,15 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------ output
 
+    def _frame(self, data: bytes) -> bytes:
+        """Bytes of the response body as sent: a chunk (HTTP/1.1) or as they are (HTTP/1.0)."""
+        if not data:
+            return b""
+        return b"%X\r\n%s\r\n" % (len(data), data) if self._chunked else data
+
     def _chunk(self, data: bytes) -> None:
         if data:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+            self.wfile.write(self._frame(data))
 
     def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()

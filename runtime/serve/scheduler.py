@@ -9,7 +9,7 @@ prefill then computes only the rest (the prefix cache; `cached_tokens` in the us
 batcher.max_prefill_tokens prompt tokens go in per step: a longer prompt is prefilled in pieces over
 several steps while the other rows keep decoding (chunked prefill). All ranks then run the same prefill
 and decode forward (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new
-tokens through the request's own queue. Handing over never blocks: a slow or vanished client only fills its own queue, and
+tokens through the request's own queue (`Submission.emit`). Handing over never blocks: a slow or vanished client only fills its own queue, and
 a request whose client left is dropped at the next step. The other ranks just loop on plans until the
 shutdown plan.
 """
@@ -69,11 +69,25 @@ class Submission:
     tokens: list[int] = field(default_factory=list)
     """The tokens generated so far."""
     finished: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    """Set when the Finish is in `events` (a request that waits for its whole answer waits on this)."""
+    listener: Callable[[Submission], None] | None = None
+    """Called (on the scheduler's thread; it must not block) after each item put in `events`: the HTTP
+    layer's stream writer, which then writes every stream with news in one pass."""
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def generated(self) -> int:
         return len(self.tokens)
+
+    def emit(self, item: list[int] | Finish) -> None:
+        """Hand the client a list of new tokens or the Finish."""
+        self.events.put(item)
+        if isinstance(item, Finish):
+            self.done.set()
+        listener = self.listener
+        if listener is not None:
+            listener(self)
 
     def cancel(self) -> None:
         """The client is gone: the row is freed at the next step."""
@@ -325,12 +339,12 @@ class Scheduler:
             reason = "tool_call" if token == self.call_id else "stop"
         elif sub.generated >= sub.max_tokens:
             reason = "length"
-        sub.events.put([token])
+        sub.emit([token])
         if reason is not None or sub.cancelled:
             sub.finished = True
             if reason is not None:
                 self.counters.completed += 1
-                sub.events.put(Finish(reason))
+                sub.emit(Finish(reason))
             else:
                 self.counters.cancelled += 1
 
@@ -340,7 +354,7 @@ class Scheduler:
         if sub is not None and not sub.finished:
             sub.finished = True
             log.warning("request in row %d failed: %s", row, message)
-            sub.events.put(Finish("error", message))
+            sub.emit(Finish("error", message))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -351,4 +365,4 @@ class Scheduler:
         for sub in subs:
             if not sub.finished:
                 sub.finished = True
-                sub.events.put(Finish("error", message))
+                sub.emit(Finish("error", message))

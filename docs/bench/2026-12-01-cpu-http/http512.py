@@ -50,9 +50,9 @@ def serve(port_q: mp.Queue, step_ms: float) -> None:
                     if sub.cancelled:
                         continue
                     sub.tokens.append(220)
-                    sub.events.put([220])
+                    sub.emit([220])
                     if len(sub.tokens) >= sub.max_tokens:
-                        sub.events.put(Finish("length"))
+                        sub.emit(Finish("length"))
                     else:
                         keep.append(sub)
                 with self.lock:
