@@ -221,6 +221,10 @@ class BenchConfig:
     range_ratio: float = 0.0
     """serve and offline modes: prompt and output lengths drawn uniformly from [len x (1 - r), len x (1 + r)];
     0: fixed."""
+    prefix_len: int = 0
+    """serve mode: every prompt starts with the same prefix_len random tokens (a shared document or system
+    prompt) before its own input_len: what a prefix cache saves shows in TTFT, and each point reports the
+    cached prompt tokens the server's usage counted."""
     url: str | None = None
     """serve mode: the base URL of a running OpenAI-compatible server (http://host:port/v1) to measure
     instead of starting ours; its key from $OPENAI_API_KEY; describe its layout with parallel.* so tokens/s
@@ -309,8 +313,9 @@ class ServeConfig:
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
     prefix_cache: bool = True
-    """A new request takes the free row whose cache holds the longest prefix of its prompt, and only the rest
-    is prefilled (usage reports those tokens as cached_tokens); false: every prompt is computed whole."""
+    """A freed row keeps its keys; a new request takes the lowest free row, or one holding 32+ more tokens of
+    its prompt's prefix, and only the part of its prompt not held is prefilled (usage reports the held tokens
+    as cached_tokens); false: every prompt is computed whole."""
     max_connections: int = 1024
     """HTTP connections served at once (a thread each); a connection beyond it gets 503 and is closed."""
     timeout_seconds: float = 60.0

@@ -11,8 +11,10 @@ Each cache row holds one sequence, at slot == position (no padding inside a row)
 - `release(rows)`: the row's slots are marked empty; its stale keys stay but are never seen again.
 A row has one slot more than `max_len`, a scratch slot that free rows write their step's junk key to: the
 keys a freed row holds stay intact for the next request sharing their prefix (`prefill(cached=...)`).
-Shapes of the decode step never change ([rows, 1] tokens against [rows, max_len + 1] slots), so on a GPU it is
-captured once as a CUDA graph and replayed. Sampling is per row (temperature 0 = greedy); the leader of the
+The decode step runs the first n rows only, n the smallest of a few sizes (`step_buckets`: 1, 8, 64, ...,
+rows) that holds every busy row (rows are given out lowest first), so a step costs what the running
+sequences need, not all rows; each size has fixed shapes ([n, 1] tokens against [n, max_len + 1] slots), so
+on a GPU each is compiled and captured once as a CUDA graph and replayed. Sampling is per row (temperature 0 = greedy); the leader of the
 model-parallel group draws and every rank gets its tokens, so all ranks feed the same ids.
 
 No HTTP, no scheduling and no rank logic beyond "the leader samples": runtime/serve/ decides what runs.
@@ -32,13 +34,43 @@ from runtime.graph_decode import StaticKVCache, capture, masks
 from runtime.kernels.flash import NAME as FLASH, SlotMask
 
 
+STEP_BUCKET_GROWTH = 8
+"""The decode step's sizes grow by this factor: 1, 8, 64, ... (each one more compile and graph at warm-up)."""
+
+
+def step_buckets(rows: int) -> list[int]:
+    """Row counts the decode step is captured for: powers of STEP_BUCKET_GROWTH below `rows`, then `rows`."""
+    out, n = [], 1
+    while n < rows:
+        out.append(n)
+        n *= STEP_BUCKET_GROWTH
+    return out + [rows]
+
+
+REUSE_WORTH = 32
+"""Prompt tokens a cached prefix must save, beyond the lowest free row's, to take a higher row instead (a
+higher row can make every decode step larger while the sequence runs)."""
+
+
+def pick_row(free: Sequence[int], common: Sequence[int], worth: int = REUSE_WORTH) -> tuple[int, int]:
+    """The row a new sequence takes among the `free` ones, `common[i]` being how many of its first tokens
+    free[i] still holds: the lowest free row (the decode step runs only up to the highest busy row), unless
+    another one holds at least `worth` more of its prefix (the longest such prefix; the lowest row on ties).
+    Returns (row, prefix length)."""
+    low = min(range(len(free)), key=lambda i: free[i])
+    best = min(range(len(free)), key=lambda i: (-common[i], free[i]))
+    i = best if common[best] - common[low] >= worth else low
+    return free[i], common[i]
+
+
 class RowKVCache(StaticKVCache):
     """K/V buffers [rows, kv_heads, max_len, head_dim] per layer; duck-types transformers' Cache.update.
 
     Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
     rows and returned as they are (a fresh row holds nothing else); with `prefill_slots` [n, W] set too
     (rows that keep a cached prefix) at those slots, and the rows' slots [0, prefill_end) are returned. Decode mode:
-    keys [rows, H, 1, D] are scattered to slot `write_slot[r]` of each row and the whole buffers are returned.
+    keys [n, H, 1, D] of the first n rows are scattered to slot `write_slot[r]` of each, and those rows'
+    buffers are returned (views).
     """
 
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
@@ -64,9 +96,11 @@ class RowKVCache(StaticKVCache):
             self.k[layer_idx][self.prefill_rows, :, :width] = key
             self.v[layer_idx][self.prefill_rows, :, :width] = value
             return key, value
-        self.k[layer_idx].scatter_(2, self._scatter_index, key)
-        self.v[layer_idx].scatter_(2, self._scatter_index, value)
-        return self.k[layer_idx], self.v[layer_idx]
+        n = key.shape[0]  # the step's rows: the first n
+        k, v = self.k[layer_idx][:n], self.v[layer_idx][:n]
+        k.scatter_(2, self._scatter_index[:n], key)
+        v.scatter_(2, self._scatter_index[:n], value)
+        return k, v
 
 
 MIN_TEMPERATURE = 1e-5
@@ -134,27 +168,35 @@ class ContinuousBatcher:
         self._temp_host = [0.0] * rows  # the leader's copy, to skip sampling work an all-greedy batch needs not
         self._top_p_host = [1.0] * rows
         self.use_graph = use_graph and device.type == "cuda" and cfg._experts_implementation != "eager"
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None
+        self.buckets = step_buckets(rows)
+        self._busy: set[int] = set()  # rows decoding (host copy of pos >= 0): the step's size follows them
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # step size -> graph, logits
+        if compile:  # one compile per step size, per batcher a process makes (the bench makes several)
+            import torch._dynamo as dynamo
+
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def release_graphs(self) -> None:
-        """Drop the captured decode step (before the process group goes; the next step captures anew)."""
-        self._graph, self._logits = None, None
+        """Drop the captured decode steps (before the process group goes; the next step captures anew)."""
+        self._graphs = {}
 
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16, steps: int = 2) -> float:
-        """Run what the first request would pay for once (compiling and capturing the decode step, the
-        kernels' autotuning at a small prefill) on row 0, then free it: nothing of it stays visible.
-        Every rank of the group calls it at the same point (it runs the group's collectives). Seconds."""
+        """Run what the first requests would pay for once (compiling and capturing the decode step at each
+        of its sizes, the kernels' autotuning at a small prefill): a sequence in the last row of each size,
+        then freed: nothing of it stays visible. Every rank of the group calls it at the same point (it runs
+        the group's collectives). Seconds."""
         import time
 
         t0 = time.perf_counter()
         n = max(1, min(prompt_len, self.max_len - steps - 1))
-        self.prefill([0], [[(7 * i + 1) % 1000 for i in range(n)]], [0.0], [1.0])
-        for _ in range(steps):
-            self.step()
-        self.release([0])  # (the scheduler never learnt its tokens: no request reuses them)
+        for size in self.buckets:
+            row = size - 1
+            self.prefill([row], [[(7 * i + 1) % 1000 for i in range(n)]], [0.0], [1.0])
+            for _ in range(steps):
+                self.step()
+            self.release([row])  # (the scheduler never learnt its tokens: no request reuses them)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -172,6 +214,7 @@ class ContinuousBatcher:
         self.top_p[idx] = 1.0
         for r in rows:
             self._temp_host[r], self._top_p_host[r] = 0.0, 1.0
+            self._busy.discard(r)
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], temperature: Sequence[float],
@@ -207,8 +250,10 @@ class ContinuousBatcher:
                 out[g] = self._choose(logits, [rows[i] for i in group])
         if partial:
             self.pos[idx] = -1  # held keys, no decoding yet: the step treats the rows as free
+            self._busy.difference_update(rows)
             return out[:0]
         self.ids[idx, 0] = out
+        self._busy.update(rows)
         return out
 
     def _groups(self, lengths: list[int]) -> list[list[int]]:
@@ -263,53 +308,67 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------------------ decoding
 
     @torch.inference_mode()
+    def step_rows(self) -> int:
+        """Rows the next decode step runs: the smallest step size holding every busy row."""
+        need = max(self._busy) + 1 if self._busy else 1
+        return next(b for b in self.buckets if b >= need)
+
     def step(self) -> torch.Tensor:
         """Feed every occupied row its last token, return each row's next token [rows] (junk for free rows)."""
-        busy = self.pos >= 0
+        n = self.step_rows()
+        pos, write_slot = self.pos[:n], self.cache.write_slot[:n]
+        busy = pos >= 0
         # a busy row writes at its position, a free row into its scratch slot (its held keys stay intact)
-        self.cache.write_slot.copy_(torch.where(busy, self.pos.clamp(max=self.max_len - 1), self.max_len).squeeze(1))
+        write_slot.copy_(torch.where(busy, pos.clamp(max=self.max_len - 1), self.max_len).squeeze(1))
         # the slot about to be written holds this position (a free row's scratch slot gets -1: stays empty)
-        self.slot_pos.scatter_(1, self.cache.write_slot[:, None], self.pos)
-        logits = self._run_step()
+        self.slot_pos[:n].scatter_(1, write_slot[:, None], pos)
+        logits = self._run_step(n)
         tokens = self._choose(logits, None)
-        self.ids.copy_(tokens[:, None])
-        self.pos.add_(busy.long())
+        self.ids[:n].copy_(tokens[:, None])
+        pos.add_(busy.long())
+        if n < self.rows:  # rows past the step's: free, their token is junk
+            tokens = torch.cat([tokens, tokens.new_zeros(self.rows - n)])
         return tokens
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[0]  # the first n rows
+        slot_pos = self.slot_pos[:n]
         if self.slot_masks:  # each row's query sits at its own write slot; a free row's at slot 0 (it sees
             # nothing either way, and the kernel then reads one block of it, not up to its scratch slot)
-            q_slot = torch.where(pos >= 0, self.cache.write_slot[:, None], 0)
-            m = SlotMask(self.slot_pos, q_slot).by_layer()
+            q_slot = torch.where(pos >= 0, self.cache.write_slot[:n, None], 0)
+            m = SlotMask(slot_pos, q_slot).by_layer()
         else:
-            m = masks(self.slot_pos, pos, self.window, self.dtype)
+            m = masks(slot_pos, pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _run_step(self) -> torch.Tensor:
-        """The decode forward over the static buffers; captured once as a CUDA graph when possible."""
+    def _run_step(self, n: int) -> torch.Tensor:
+        """The decode forward of the first n rows over the static buffers; captured once per size as a CUDA
+        graph when possible."""
+        ids, pos = self.ids[:n], self.pos[:n]
         if not self.use_graph:
-            return self._decode_forward(self.ids, self.pos)
-        if self._graph is None:
-            captured = capture(lambda: self._decode_forward(self.ids, self.pos), [self.slot_pos])
+            return self._decode_forward(ids, pos)
+        if n not in self._graphs:
+            captured = capture(lambda: self._decode_forward(ids, pos), [self.slot_pos])
             if captured is None:
                 self.use_graph = False
-                return self._forward(self.ids, self.pos)
-            self._graph, self._logits = captured
-        self._graph.replay()
-        return self._logits  # type: ignore[return-value]
+                return self._forward(ids, pos)
+            self._graphs[n] = captured
+        graph, logits = self._graphs[n]
+        graph.replay()
+        return logits
 
     def _choose(self, logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
-        """The leader samples; every rank of the group gets the same tokens."""
+        """The leader samples; every rank of the group gets the same tokens. rows None: the first n rows."""
         n = logits.shape[0]
         if self.leader:
-            sel = range(self.rows) if rows is None else rows
+            sel = range(n) if rows is None else rows
             temps = [self._temp_host[r] for r in sel]
             sampling = any(t > 0 for t in temps)
             nucleus = any(self._top_p_host[r] < 1.0 for r, t in zip(sel, temps) if t > 0)
             if rows is None:
-                temperature, top_p = self.temperature, self.top_p
+                temperature, top_p = self.temperature[:n], self.top_p[:n]
             else:
                 idx = torch.tensor(rows, dtype=torch.long, device=self.device)
                 temperature, top_p = self.temperature[idx], self.top_p[idx]

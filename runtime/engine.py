@@ -385,6 +385,9 @@ class Engine:
             self.batcher = ContinuousBatcher(self.model, self.dtype, self.device, rows, longest,
                                              gen.max_prefill_tokens, gen.cuda_graph, gen.compile, self.groups.mp,
                                              self.layout.is_replica_leader, self.generator)
+            if self.device.type == "cuda":  # every step size compiled and captured now, not mid-run
+                log.info("continuous batcher: %d rows of %d slots, decode step sizes %s warmed up in %.1f s", rows,
+                         longest, self.batcher.buckets, self.batcher.warm_up())
         return self.batcher
 
     # ------------------------------------------------------------------------------ internals

@@ -64,6 +64,8 @@ class Result:
     chunks: list[float] = field(default_factory=list)
     """Arrival time of every streamed chunk with a choice (vLLM's client counts these)."""
     error: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens the server took from its prefix cache (its usage's cached_tokens; 0 if not reported)."""
 
     @property
     def tpot(self) -> float | None:
@@ -152,6 +154,8 @@ class Endpoint:
                 res.error = "the stream carried no completion"
             res.e2el = res.chunks[-1] if res.chunks else None
             res.output_len = int(usage["completion_tokens"]) if usage else len(res.chunks)
+            details = (usage or {}).get("prompt_tokens_details") or {}
+            res.cached_tokens = int(details.get("cached_tokens") or 0)
         except (OSError, ValueError, http.client.HTTPException) as e:
             res.error = f"{type(e).__name__}: {e}"
         finally:
@@ -159,17 +163,22 @@ class Endpoint:
         return res
 
 
-def draw_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: int) -> list[tuple[list[int], int]]:
+def draw_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: int,
+                 prefix_len: int = 0) -> list[tuple[list[int], int]]:
     """n (prompt ids, output length): lengths uniform in [len (1 - ratio), len (1 + ratio)], ids random text
-    tokens (no special ones)."""
+    tokens (no special ones); every prompt starts with the same `prefix_len` random ids (then its own)."""
     if not 0 <= ratio < 1:
         raise UserError(f"bench.range_ratio={ratio}: use a value in [0, 1)")
+    if prefix_len < 0:
+        raise UserError(f"bench.prefix_len={prefix_len}: give shared prompt tokens >= 0")
     rng = random.Random(seed)
+    prefix = [rng.randrange(VOCAB_TEXT_IDS) for _ in range(prefix_len)]
 
     def length(mean: int) -> int:
         return rng.randint(max(1, int(mean * (1 - ratio))), max(1, math.ceil(mean * (1 + ratio))))
 
-    return [([rng.randrange(VOCAB_TEXT_IDS) for _ in range(length(input_len))], length(output_len)) for _ in range(n)]
+    return [(prefix + [rng.randrange(VOCAB_TEXT_IDS) for _ in range(length(input_len))], length(output_len))
+            for _ in range(n)]
 
 
 def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
@@ -221,6 +230,7 @@ def metrics(results: list[Result], duration: float, slo: dict[str, float]) -> di
         "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_cached_tokens": sum(r.cached_tokens for r in ok),
         "total_token_throughput": (in_tokens + out_tokens) / duration,
         **_stats([r.ttft for r in ok if r.ttft is not None], "ttft"),
         **_stats([t for r in ok if (t := r.tpot) is not None], "tpot"),
@@ -375,11 +385,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("bench.mode=serve measures a server over HTTP: bench.baseline and bench.profile do not apply")
     out_dir = Path(b.out_dir or report.default_dir(cfg))
     world = cfg.parallel.tp_size * cfg.parallel.ep_size * cfg.parallel.dp_size
-    points = {c: draw_lengths(b.num_prompts or max(4 * c, 8), b.input_len, b.output_len, b.range_ratio, b.seed + c)
-              for c in concurrency}
-    # warm-up requests of their own: a server with a prefix cache must not see the measured prompts first
-    warm = {c: draw_lengths(min(c, len(points[c])), b.input_len, b.output_len, b.range_ratio, b.seed + 10_000 + c)
-            for c in concurrency}
+    points = {c: draw_lengths(b.num_prompts or max(4 * c, 8), b.input_len, b.output_len, b.range_ratio, b.seed + c,
+                              b.prefix_len) for c in concurrency}
+    # warm-up requests of their own (another shared prefix too): a server with a prefix cache must not see
+    # the measured prompts first
+    warm = {c: draw_lengths(min(c, len(points[c])), b.input_len, b.output_len, b.range_ratio, b.seed + 10_000 + c,
+                            b.prefix_len) for c in concurrency}
     longest = max(len(p) + n for work in [*points.values(), *warm.values()] for p, n in work)
     server = None
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a killed bench still stops its server
@@ -406,9 +417,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             per_point.append({"concurrency": c, **m})
             rows.append(row(cfg, m, c, world, impl))
             log.info("serve concurrency %4d: %8.1f output tok/s  %.2f req/s  TTFT %7.1f ms  TPOT %6.2f ms  "
-                     "ITL %6.2f ms (median)", c, m["output_throughput"], m["request_throughput"],
+                     "ITL %6.2f ms (median)%s", c, m["output_throughput"], m["request_throughput"],
                      m["median_ttft_ms"] or float("nan"), m["median_tpot_ms"] or float("nan"),
-                     m["median_itl_ms"] or float("nan"))
+                     m["median_itl_ms"] or float("nan"),
+                     f"  {m['total_cached_tokens']} of {m['total_input_tokens']} prompt tokens cached" if b.prefix_len else "")
     finally:
         signal.signal(signal.SIGTERM, previous)
         if server is not None:

@@ -7,9 +7,9 @@ continuous). Each prompt's tokens are what it would get alone: the batcher's row
 
 Every rank of a model-parallel replica runs this same loop on the same prompts and receives the same
 tokens from the batcher (its leader samples), so the ranks stay in step without exchanging anything else.
-Prefix reuse (`reuse_prefix`): a row keeps the keys of its last sequence; a prompt joins the free row whose
-tokens share the longest prefix with it (every harmony prompt starts with the same system message) and
-only the rest is computed.
+Prefix reuse (`reuse_prefix`): a row keeps the keys of its last sequence; a prompt joins the lowest free row
+(every harmony prompt shares its system message with it), or a higher one holding a much longer prefix of it,
+and only the rest is computed.
 
 Chunked prefill (`chunk` tokens per tick): a tick prefills at most `chunk` prompt tokens, a long prompt a
 piece at a time (its keys stay in its row between pieces), so running sequences never wait for more than
@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.continuous import ContinuousBatcher
+from runtime.continuous import ContinuousBatcher, pick_row
 
 
 @dataclass
@@ -121,17 +121,17 @@ class QueueRun:
         return finished
 
     def _best_row(self, prompt: Sequence[int]) -> tuple[int, int]:
-        """The free row holding the longest prefix of `prompt` (the first free row if none), and that
-        prefix's length, leaving at least the last prompt token to compute."""
-        best, best_common = self.free[0], 0
-        if self.reuse_prefix:
-            for row in self.free:
-                held, n, common = self.held[row], min(len(self.held[row]), len(prompt) - 1), 0
-                while common < n and held[common] == prompt[common]:
-                    common += 1
-                if common > best_common:
-                    best, best_common = row, common
-        return best, best_common
+        """The free row for `prompt` (`pick_row`: the lowest, unless another holds REUSE_WORTH more of its
+        prefix) and that prefix's length, leaving at least the last prompt token to compute."""
+        if not self.reuse_prefix:
+            return min(self.free), 0
+        common = []
+        for row in self.free:
+            held, n, c = self.held[row], min(len(self.held[row]), len(prompt) - 1), 0
+            while c < n and held[c] == prompt[c]:
+                c += 1
+            common.append(c)
+        return pick_row(self.free, common)
 
     def _add(self, row: int, token: int, finished: list[Finished]) -> None:
         i = self.running[row]

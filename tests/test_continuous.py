@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime import compose
-from runtime.continuous import ContinuousBatcher, sample_rows
+from runtime.continuous import ContinuousBatcher, pick_row, sample_rows, step_buckets
 from runtime.engine import Engine, Request
 from tests.conftest import ROOT
 
@@ -74,6 +74,56 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
     step(STEPS)
     assert got == {i: r for i, r in enumerate(ref)} | {0: ref[0][:len(got[0])]}
     assert len(got[0]) == 14
+
+
+def test_step_sizes_and_row_choice() -> None:
+    assert step_buckets(1) == [1] and step_buckets(3) == [1, 3] and step_buckets(64) == [1, 8, 64]
+    assert step_buckets(200) == [1, 8, 64, 200] and step_buckets(512) == [1, 8, 64, 512]
+    # the lowest free row, unless another holds REUSE_WORTH (32) more of the prompt
+    assert pick_row([5, 2, 9], [0, 0, 0]) == (2, 0)
+    assert pick_row([5, 2, 9], [45, 10, 0]) == (5, 45)
+    assert pick_row([5, 2, 9], [50, 10, 50]) == (5, 50)  # ties: the lower row
+    assert pick_row([5, 2, 9], [30, 0, 0]) == (2, 0)  # not worth a larger step
+
+
+@pytest.mark.parametrize("attn", ["eager", "triton"])
+def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
+    """10 rows step as 1, 8 or 10 (the smallest size holding every busy row), growing and shrinking as
+    sequences join and leave, and each sequence still gets the tokens it gets alone."""
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
+    ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    b = batcher(engine, 10, 256, 400)
+    assert b.buckets == [1, 8, 10]
+    got: dict[int, list[int]] = {i: [] for i in range(3)}
+    where: dict[int, int] = {}
+    sizes = []
+
+    def admit(i: int, row: int) -> None:
+        got[i].append(int(b.prefill([row], [prompts[i]], [0.0], [1.0])[0]))
+        where[i] = row
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            sizes.append(b.step_rows())
+            tokens = b.step()
+            assert tokens.shape == (10,)
+            for i, r in where.items():
+                if len(got[i]) < STEPS:
+                    got[i].append(int(tokens[r]))
+
+    admit(0, 0)
+    step(3)
+    admit(1, 5)
+    step(3)
+    admit(2, 9)
+    step(3)
+    b.release([9, 5])
+    for i in (1, 2):
+        del where[i]
+    step(STEPS)
+    assert sizes[:9] == [1] * 3 + [8] * 3 + [10] * 3 and set(sizes[9:]) == {1}
+    assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
 
 
 @pytest.mark.parametrize("attn", ["eager", "triton"])

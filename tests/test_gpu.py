@@ -306,6 +306,51 @@ def test_mxfp4_matches_dequantized_logits_on_20b() -> None:
         assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
+    """The continuous batcher on the GPU (fp32, our kernels, a CUDA graph per step size, compiled or not):
+    10 rows stepping as 1, 8 and 10 rows as sequences join and leave give each sequence the tokens it gets
+    alone (the CPU test of the same scenario runs eagerly)."""
+    from runtime.continuous import ContinuousBatcher
+
+    eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
+                                      "experts=triton"]))
+    prompts = [eng.render(Request(id=str(i), prompt=p.prompt)) for i, p in enumerate(PROMPTS)]
+    ref = [eng.decode([p], 24, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=10, max_len=512, max_prefill_tokens=400,
+                          use_graph=True, compile=compile, group=None, leader=True, generator=eng.generator)
+    b.warm_up()
+    got: dict[int, list[int]] = {i: [] for i in range(3)}
+    where: dict[int, int] = {}
+    sizes = []
+
+    def admit(i: int, row: int) -> None:
+        got[i].append(int(b.prefill([row], [prompts[i]], [0.0], [1.0])[0]))
+        where[i] = row
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            sizes.append(b.step_rows())
+            tokens = b.step().tolist()
+            for i, r in where.items():
+                if len(got[i]) < 24:
+                    got[i].append(tokens[r])
+
+    admit(0, 0)
+    step(3)
+    admit(1, 5)
+    step(3)
+    admit(2, 9)
+    step(3)
+    b.release([9, 5])
+    for i in (1, 2):
+        del where[i]
+    step(24)
+    assert sorted(b._graphs) == [1, 8, 10]
+    assert sizes[:9] == [1] * 3 + [8] * 3 + [10] * 3 and set(sizes[9:]) == {1}
+    assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
+
+
 def test_serve_on_gpu(tmp_path) -> None:  # noqa: ANN001
     """runtime.serve on the GPU (continuous batching, its decode step captured as a CUDA graph, our
     kernels): concurrent chat requests all complete, and a greedy request gives the same text twice."""

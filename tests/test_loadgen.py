@@ -16,7 +16,7 @@ from tests.serve_server import torchrun_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIELDS = ("completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
-          "output_throughput", "total_token_throughput", "goodput",
+          "output_throughput", "total_token_throughput", "total_cached_tokens", "goodput",
           *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")))
 
 
@@ -52,6 +52,18 @@ def test_our_server_at_two_concurrencies(tmp_path: Path) -> None:
     assert "stopped:" in server_log  # it ran, then left on SIGTERM
     saved = (run_dir / "server" / "config.yaml").read_text()
     assert "max_batch: 3" in saved and "max_len: 38" in saved  # sized from the benchmark's requests
+
+
+def test_a_shared_prefix_is_taken_from_the_prefix_cache(tmp_path: Path) -> None:
+    """bench.prefix_len: every prompt starts with the same random tokens; one at a time, each request after
+    the first finds them in our server's prefix cache, and the point counts what its usage reported."""
+    drawn = loadgen.draw_lengths(3, 24, 6, 0.0, 7, prefix_len=40)
+    assert all(ids[:40] == drawn[0][0][:40] and len(ids) == 64 for ids, _ in drawn)
+    assert drawn[0][0][40:] != drawn[1][0][40:]
+    result = serve_bench(tmp_path, "bench.concurrency=[1]", "bench.num_prompts=4", "bench.prefix_len=40")
+    (p,) = result["points"]
+    assert (p["completed"], p["total_input_tokens"]) == (4, 4 * 64)
+    assert 3 * 40 <= p["total_cached_tokens"] < 3 * 40 + 3  # the 40 shared tokens (+ a chance equal one)
 
 
 def test_another_server_through_its_url(tmp_path: Path) -> None:
@@ -92,6 +104,7 @@ def test_metrics_arithmetic() -> None:
     (["bench.url=http://127.0.0.1:9/v1"], "cannot reach"),
     (["bench.goodput.ttft=-5"], "objectives"),
     (["bench.num_prompts=0"], "num_prompts"),
+    (["bench.prefix_len=-1"], "prefix_len"),
     (["bench.url=http://127.0.0.1:9"], "cannot reach"),
 ])
 def test_bad_settings_are_named(tmp_path: Path, overrides: list[str], match: str) -> None:

@@ -122,7 +122,9 @@ class _Server(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.writer.close()  # type: ignore[attr-defined]
+        writer = getattr(self, "writer", None)  # none yet when binding the address failed
+        if writer is not None:
+            writer.close()
 
 
 def make_server(app: App, host: str, port: int, timeout: float = 60.0, max_connections: int = 1024) -> ThreadingHTTPServer:

@@ -3,9 +3,10 @@
 Rank 0's HTTP threads `submit` requests (already rendered to token ids). Between steps the scheduler
 frees the rows of finished or abandoned requests, gives free rows to waiting requests, and broadcasts
 that as a `Plan` to every rank. A freed row keeps its keys: the scheduler remembers which tokens they
-are, and gives a new request the free row sharing the longest prefix with its prompt (the harmony
-system message at least; a whole conversation when a chat comes back with its next turn), whose
-prefill then computes only the rest (the prefix cache; `cached_tokens` in the usage). At most
+are, and gives a new request the lowest free row (the decode step runs up to the highest busy row; every
+row shares the harmony system message with it) or, when one holds a much longer prefix of its prompt (a
+whole conversation when a chat comes back with its next turn), that row, whose prefill then computes only
+the rest (the prefix cache; `cached_tokens` in the usage). At most
 batcher.max_prefill_tokens prompt tokens go in per step: a longer prompt is prefilled in pieces over
 several steps while the other rows keep decoding (chunked prefill). All ranks then run the same prefill
 and decode forward (`runtime.continuous.ContinuousBatcher`), and rank 0 hands each request its new
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime import distributed
-from runtime.continuous import ContinuousBatcher
+from runtime.continuous import ContinuousBatcher, pick_row
 from runtime.distributed import WorldLayout
 
 log = logging.getLogger(__name__)
@@ -312,21 +313,13 @@ class Scheduler:
 
     def _best_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free row for `prompt` and how many of its first tokens that row's cache holds (capped to leave
-        the last token to compute: its logits give the first new token). The row where the tokens reused
-        outweigh most the held tokens dropped: a conversation's own row when it comes back; an empty row rather
-        than one whose long conversation shares only the system message; among rows that all drop more than
-        they give, the one that drops least. Ties: the longer prefix, then the first row."""
+        the last token to compute: its logits give the first new token): the lowest free row, unless another
+        holds REUSE_WORTH more of the prompt (a conversation's own row when it comes back): see `pick_row`."""
         if not self.prefix_cache:
-            return free[0], 0
+            return min(free), 0
         want = np.asarray(prompt, dtype=np.int64)
-        best, best_key, best_common = free[0], None, 0
-        for r in free:
-            held = self.held[r]
-            common = _common_prefix(held, want, min(len(held), len(want) - 1))
-            key = (-(common - (len(held) - common)), -common)
-            if best_key is None or key < best_key:
-                best, best_key, best_common = r, key, common
-        return best, best_common
+        common = [_common_prefix(self.held[r], want, min(len(self.held[r]), len(want) - 1)) for r in free]
+        return pick_row(free, common)
 
     def _deliver(self, row: int, token: int) -> None:
         sub = self.rows[row]
