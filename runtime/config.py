@@ -313,8 +313,8 @@ class ServeConfig:
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
     prefix_cache: bool = True
-    """A freed row keeps its keys; a new request takes the lowest free row, or one holding 32+ more tokens of
-    its prompt's prefix, and only the part of its prompt not held is prefilled (usage reports the held tokens
+    """A freed row keeps its keys; a new request takes the lowest free row, or one holding enough more of its
+    prompt's prefix (runtime.continuous.pick_row), and only the part of its prompt not held is prefilled (usage reports the held tokens
     as cached_tokens); false: every prompt is computed whole."""
     max_connections: int = 1024
     """HTTP connections served at once (a thread each); a connection beyond it gets 503 and is closed."""

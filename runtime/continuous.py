@@ -48,19 +48,30 @@ def step_buckets(rows: int) -> list[int]:
 
 
 REUSE_WORTH = 32
-"""Prompt tokens a cached prefix must save, beyond the lowest free row's, to take a higher row instead (a
-higher row can make every decode step larger while the sequence runs)."""
+"""Prompt tokens a cached prefix must save, beyond the lowest free row's, times the factor by which taking
+its row makes the decode step larger (for as long as the sequence runs); within the current step size any
+saving is taken."""
 
 
-def pick_row(free: Sequence[int], common: Sequence[int], worth: int = REUSE_WORTH) -> tuple[int, int]:
+def pick_row(free: Sequence[int], common: Sequence[int], busy_top: int, buckets: Sequence[int],
+             worth: int = REUSE_WORTH) -> tuple[int, int]:
     """The row a new sequence takes among the `free` ones, `common[i]` being how many of its first tokens
-    free[i] still holds: the lowest free row (the decode step runs only up to the highest busy row), unless
-    another one holds at least `worth` more of its prefix (the longest such prefix; the lowest row on ties).
-    Returns (row, prefix length)."""
+    free[i] still holds; `busy_top`: 1 + the highest busy row (0: none), `buckets`: the decode step's sizes.
+    The lowest free row, unless another saves more prefill than it costs: any more cached tokens when the
+    step stays the size it needs with the lowest row, else at least `worth` x (how many times larger the step
+    gets) more. Among those, the longest prefix; ties: the lower row. Returns (row, prefix length)."""
+    def size(row: int) -> int:
+        return next((b for b in buckets if b >= max(busy_top, row + 1)), buckets[-1])
+
     low = min(range(len(free)), key=lambda i: free[i])
-    best = min(range(len(free)), key=lambda i: (-common[i], free[i]))
-    i = best if common[best] - common[low] >= worth else low
-    return free[i], common[i]
+    base = size(free[low])
+    best = low
+    for i in range(len(free)):
+        gain = common[i] - common[low]
+        need = 1 if size(free[i]) <= base else worth * size(free[i]) // base
+        if gain >= need and (common[i], -free[i]) > (common[best], -free[best]):
+            best = i
+    return free[best], common[best]
 
 
 class RowKVCache(StaticKVCache):
@@ -307,12 +318,12 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------------------ decoding
 
-    @torch.inference_mode()
     def step_rows(self) -> int:
         """Rows the next decode step runs: the smallest step size holding every busy row."""
         need = max(self._busy) + 1 if self._busy else 1
         return next(b for b in self.buckets if b >= need)
 
+    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """Feed every occupied row its last token, return each row's next token [rows] (junk for free rows)."""
         n = self.step_rows()

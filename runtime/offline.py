@@ -121,8 +121,8 @@ class QueueRun:
         return finished
 
     def _best_row(self, prompt: Sequence[int]) -> tuple[int, int]:
-        """The free row for `prompt` (`pick_row`: the lowest, unless another holds REUSE_WORTH more of its
-        prefix) and that prefix's length, leaving at least the last prompt token to compute."""
+        """The free row for `prompt` (`pick_row`: the lowest, unless another holds enough more of its prefix
+        for the larger decode step it may cause) and that prefix's length, leaving the last token to compute."""
         if not self.reuse_prefix:
             return min(self.free), 0
         common = []
@@ -131,7 +131,8 @@ class QueueRun:
             while c < n and held[c] == prompt[c]:
                 c += 1
             common.append(c)
-        return pick_row(self.free, common)
+        busy = [*self.running, *self.filling]
+        return pick_row(self.free, common, max(busy) + 1 if busy else 0, self.batcher.buckets)
 
     def _add(self, row: int, token: int, finished: list[Finished]) -> None:
         i = self.running[row]

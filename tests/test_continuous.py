@@ -79,11 +79,16 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
 def test_step_sizes_and_row_choice() -> None:
     assert step_buckets(1) == [1] and step_buckets(3) == [1, 3] and step_buckets(64) == [1, 8, 64]
     assert step_buckets(200) == [1, 8, 64, 200] and step_buckets(512) == [1, 8, 64, 512]
-    # the lowest free row, unless another holds REUSE_WORTH (32) more of the prompt
-    assert pick_row([5, 2, 9], [0, 0, 0]) == (2, 0)
-    assert pick_row([5, 2, 9], [45, 10, 0]) == (5, 45)
-    assert pick_row([5, 2, 9], [50, 10, 50]) == (5, 50)  # ties: the lower row
-    assert pick_row([5, 2, 9], [30, 0, 0]) == (2, 0)  # not worth a larger step
+    sizes = [1, 8, 64]
+    # the lowest free row, or one holding more of the prompt within the step size the batch needs anyway
+    assert pick_row([5, 2, 9], [0, 0, 0], 7, sizes) == (2, 0)
+    assert pick_row([5, 2, 9], [11, 10, 0], 7, sizes) == (5, 11)  # rows 0-7 step anyway: any saving
+    assert pick_row([5, 2, 9], [50, 10, 50], 7, sizes) == (5, 50)  # ties: the lower row
+    # a row that makes the step 8x larger must save 32 x 8 more tokens
+    assert pick_row([5, 2, 9], [0, 10, 265], 7, sizes) == (2, 10)
+    assert pick_row([5, 2, 9], [0, 10, 266], 7, sizes) == (9, 266)
+    assert pick_row([0, 9], [0, 2047], 0, sizes) == (0, 0)  # from 1 row to 64: 32 x 64 more needed
+    assert pick_row([0, 9], [0, 2048], 0, sizes) == (9, 2048)
 
 
 @pytest.mark.parametrize("attn", ["eager", "triton"])

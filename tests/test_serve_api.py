@@ -523,6 +523,35 @@ class EchoBackend:
         return {"requests": len(self.subs)}
 
 
+def test_the_stream_writer_sends_a_last_finish_before_it_closes() -> None:
+    """A request ended as the server stops (the scheduler's error Finish, then the writer closed at once) still
+    gets its last bytes: they were lost when the writer ended its streams before writing what was handed over."""
+    import socket
+
+    from runtime.serve.streams import Stream, StreamWriter
+
+    for _ in range(20):
+        writer = StreamWriter()
+        ours, theirs = socket.socketpair()
+        sub = Submission([1], 8, 0.0, 1.0)
+        st = Stream(ours, sub, lambda toks: b"t%d;" % len(toks), lambda end, n: b"end %s %d" % (end.reason.encode(), n),
+                    timeout=5.0)
+        handler = threading.Thread(target=writer.stream, args=(st,))
+        handler.start()
+        sub.emit([5, 6])
+        theirs.settimeout(10)
+        assert theirs.recv(3) == b"t2;"
+        sub.emit(Finish("error", "the server is stopping"))
+        writer.close()
+        handler.join(timeout=10)
+        got = b""
+        while not got.endswith(b"end error 2") and (chunk := theirs.recv(64)):
+            got += chunk
+        assert got == b"end error 2" and not st.gone
+        ours.close()
+        theirs.close()
+
+
 def test_many_streams_each_get_their_own_tokens_and_a_reader_that_stops_is_let_go() -> None:
     """The stream writer (one thread for every stream): 96 concurrent streams get exactly their tokens, in
     order, while a client that stops reading (its socket full) neither stalls them nor stays: its request is

@@ -437,8 +437,17 @@ class Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """The peer closed its side (a readable socket with nothing to read) or the socket failed."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            poll = select.poll()  # not select.select: it refuses descriptors >= 1024, which a busy server has
+            poll.register(self.connection, select.POLLIN)
+            if not poll.poll(0):
+                return False
+            self.connection.setblocking(False)
+            try:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            finally:
+                self.connection.settimeout(self.timeout)
+        except BlockingIOError:
+            return False
         except (OSError, ValueError):
             return True
 

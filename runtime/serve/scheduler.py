@@ -314,12 +314,14 @@ class Scheduler:
     def _best_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free row for `prompt` and how many of its first tokens that row's cache holds (capped to leave
         the last token to compute: its logits give the first new token): the lowest free row, unless another
-        holds REUSE_WORTH more of the prompt (a conversation's own row when it comes back): see `pick_row`."""
+        holds enough more of the prompt for the larger decode step it may cause (a conversation's own row when
+        it comes back): see `pick_row`."""
         if not self.prefix_cache:
             return min(free), 0
         want = np.asarray(prompt, dtype=np.int64)
         common = [_common_prefix(self.held[r], want, min(len(self.held[r]), len(want) - 1)) for r in free]
-        return pick_row(free, common)
+        busy = [r for r, sub in enumerate(self.rows) if sub is not None]
+        return pick_row(free, common, max(busy) + 1 if busy else 0, self.batcher.buckets)
 
     def _deliver(self, row: int, token: int) -> None:
         sub = self.rows[row]

@@ -75,6 +75,7 @@ class StreamWriter:
         self._woken = False
         self._closed = False
         self._streams: set[Stream] = set()
+        self._last_check = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
         self._thread.start()
 
@@ -85,18 +86,20 @@ class StreamWriter:
         st.sock.setblocking(False)
         st.progress = time.monotonic()
         st.sub.listener = lambda _sub: self._news(st)  # before it is registered: no emit goes unnoticed
-        with self._lock:
-            if self._closed:  # the server is stopping: the connection just closes
-                st.gone, st.sub.listener = True, None
-                return
-            self._new.append(st)
-        self._wake()
-        while not st.ended.wait(1.0):
-            if not self._thread.is_alive():  # a bug stopped the writer: the connection cannot be finished
-                st.gone = True
-                break
-        st.sub.listener = None
-        st.sock.settimeout(st.timeout)
+        try:
+            with self._lock:
+                if self._closed or not self._thread.is_alive():  # stopping: the connection just closes
+                    st.gone = True
+                    return
+                self._new.append(st)
+            self._wake()
+            while not st.ended.wait(1.0):
+                if not self._thread.is_alive():  # the writer is gone: the connection cannot be finished
+                    st.gone = True
+                    break
+        finally:
+            st.sub.listener = None
+            st.sock.settimeout(st.timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -131,51 +134,63 @@ class StreamWriter:
     # ------------------------------------------------------------------------------ the writer thread
 
     def _run(self) -> None:
-        last_check = time.monotonic()
         while True:
-            for key, mask in self._sel.select(timeout=POLL_SECONDS):
-                if key.data is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                    continue
-                st: Stream = key.data
-                if mask & selectors.EVENT_READ:
-                    self._check_client(st)
-                if mask & selectors.EVENT_WRITE and not st.ended.is_set():
-                    self._flush(st)
-                    if not st.out and not st.ended.is_set():
-                        self._pump(st)  # what waited in its queue while the client was slow
-            with self._lock:
-                ready, self._ready = self._ready, set()
-                new, self._new = self._new, []
-                self._woken = False
-                closed = self._closed
-            for st in new:
-                self._streams.add(st)
-                self._watch(st, selectors.EVENT_READ)
-                ready.add(st)  # tokens emitted before it was registered
-            if closed:
+            try:
+                if self._turn():
+                    return
+            except Exception:  # noqa: BLE001 - a bug must not leave every later stream without a writer
+                log.exception("the stream writer failed; the streams it was writing are ended")
                 for st in list(self._streams):
                     st.sub.cancel()
                     self._end(st, gone=True)
-                self._sel.close()
-                self._wake_r.close()
-                self._wake_w.close()
-                return
-            for st in ready:
-                if st in self._streams:  # registered and not ended (news can come before registration)
-                    self._pump(st)
-            now = time.monotonic()
-            if now - last_check >= POLL_SECONDS:
-                last_check = now
-                for st in list(self._streams):
-                    if st.out and now - st.progress > st.timeout:
-                        log.info("a stream's client took no bytes for %.0f s: request cancelled", st.timeout)
-                        st.sub.cancel()
-                        self._end(st, gone=True)
+                time.sleep(0.1)  # no busy loop should the failure repeat
+
+    def _turn(self) -> bool:
+        """Wait for news or sockets, write what can be written; True once closed and done."""
+        for key, mask in self._sel.select(timeout=POLL_SECONDS):
+            if key.data is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                continue
+            st: Stream = key.data
+            if mask & selectors.EVENT_READ:
+                self._check_client(st)
+            if mask & selectors.EVENT_WRITE and not st.ended.is_set():
+                self._flush(st)
+                if not st.out and not st.ended.is_set():
+                    self._pump(st)  # what waited in its queue while the client was slow
+        with self._lock:
+            ready, self._ready = self._ready, set()
+            new, self._new = self._new, []
+            self._woken = False
+            closed = self._closed
+        for st in new:
+            self._streams.add(st)
+            self._watch(st, selectors.EVENT_READ)
+            ready.add(st)  # tokens emitted before it was registered
+        for st in ready:
+            if st in self._streams:  # registered and not ended (news can come before registration)
+                self._pump(st)
+        if closed:  # what could be written went out above (a shutdown's error events too): end the rest
+            for st in list(self._streams):
+                st.sub.cancel()
+                self._end(st, gone=True)
+            self._sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            return True
+        now = time.monotonic()
+        if now - self._last_check >= POLL_SECONDS:
+            self._last_check = now
+            for st in list(self._streams):
+                if st.out and now - st.progress > st.timeout:
+                    log.info("a stream's client took no bytes for %.0f s: request cancelled", st.timeout)
+                    st.sub.cancel()
+                    self._end(st, gone=True)
+        return False
 
     def _pump(self, st: Stream) -> None:
         """Take what the scheduler handed `st`, turn it into bytes and write (unless its client is behind)."""
@@ -242,12 +257,16 @@ class StreamWriter:
     def _watch(self, st: Stream, events: int) -> None:
         if events == st.watching:
             return
-        if st.watching and events:
-            self._sel.modify(st.sock, events, st)
-        elif events:
-            self._sel.register(st.sock, events, st)
-        else:
-            self._sel.unregister(st.sock)
+        try:
+            if st.watching and events:
+                self._sel.modify(st.sock, events, st)
+            elif events:
+                self._sel.register(st.sock, events, st)
+            else:
+                self._sel.unregister(st.sock)
+        except (KeyError, ValueError, OSError):  # a socket already closed: nothing left to watch
+            if events:
+                raise
         st.watching = events
 
     def _end(self, st: Stream, gone: bool) -> None:
