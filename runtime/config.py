@@ -302,7 +302,12 @@ class ServeConfig:
     model_name: str | None = None
     """Model id served at /v1/models and expected in requests' `model`; null uses model.name."""
     max_batch: int = 32
-    """Requests decoded together (rows of the KV cache); more wait in a queue and join as rows free up."""
+    """Requests decoded together (rows of the KV cache); more wait in a queue and join as rows free up.
+    Ignored when gpu_memory_utilization is set."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of each GPU's memory the server may hold (weights, KV cache, activations), as vLLM's flag: the
+    KV cache then gets as many rows of max_len tokens as fit after the weights (the fewest any rank fits),
+    and the start log says how many tokens it holds. null: serve.max_batch rows."""
     max_len: int = 8192
     """Tokens per request, prompt and answer together (slots per KV-cache row). Longer prompts, or a
     max_tokens beyond what is left, get a 400. The cache holds max_batch * max_len tokens on every rank."""

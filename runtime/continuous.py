@@ -147,6 +147,21 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(temperature > 0, drawn, greedy)
 
 
+def row_bytes(model: nn.Module, dtype: torch.dtype, max_len: int) -> int:
+    """Device bytes one batcher row of `max_len` tokens takes on this rank (its keys and values in every layer,
+    the scratch slot, its slot positions)."""
+    attn = model.model.layers[0].self_attn
+    kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's
+    per_slot = 2 * model.config.num_hidden_layers * kv_heads * attn.head_dim * torch.empty((), dtype=dtype).element_size()
+    return (max_len + 1) * (per_slot + 8)
+
+
+def rows_that_fit(total: int, used: int, utilization: float, reserve: int, per_row: int) -> int:
+    """Rows of `per_row` bytes in `utilization` x `total` bytes of device memory, less what is `used` (the
+    weights, other processes) and a `reserve` for activations."""
+    return max(0, int((utilization * total - used - reserve) // per_row))
+
+
 class ContinuousBatcher:
     """`rows` sequences decoded together; rows are filled by `prefill` and emptied by `release`."""
 

@@ -76,6 +76,22 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
     assert len(got[0]) == 14
 
 
+def test_kv_rows_sized_from_memory() -> None:
+    """serve.gpu_memory_utilization's arithmetic: a row is every layer's keys and values for max_len + 1
+    slots (the scratch slot) plus its slot positions; rows fill what is left of the fraction."""
+    from runtime.continuous import row_bytes, rows_that_fit
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    h = engine.model.config
+    per_row = row_bytes(engine.model, engine.dtype, 100)
+    assert per_row == 101 * (2 * h.num_hidden_layers * h.num_key_value_heads * h.head_dim * 4 + 8)
+    b = batcher(engine, 3, 100, 64)
+    assert b.cache.nbytes + b.slot_pos.numel() * 8 == 3 * per_row
+    gib = 1 << 30
+    assert rows_that_fit(100 * gib, 30 * gib, 0.9, 2 * gib, gib) == 58  # 90 - 30 - 2
+    assert rows_that_fit(100 * gib, 95 * gib, 0.9, 2 * gib, gib) == 0
+
+
 def test_step_sizes_and_row_choice() -> None:
     assert step_buckets(1) == [1] and step_buckets(3) == [1, 3] and step_buckets(64) == [1, 8, 64]
     assert step_buckets(200) == [1, 8, 64, 200] and step_buckets(512) == [1, 8, 64, 512]

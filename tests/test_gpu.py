@@ -385,3 +385,25 @@ def test_serve_on_gpu(tmp_path) -> None:  # noqa: ANN001
             assert r["chunks"], i
         else:
             assert r["choices"][0]["finish_reason"] in ("stop", "length") and r["usage"]["completion_tokens"] >= 1
+
+
+def test_serve_sizes_its_cache_from_gpu_memory(tmp_path) -> None:  # noqa: ANN001
+    """serve.gpu_memory_utilization: the KV cache gets the rows that fit in that fraction of the GPU after the
+    weights (more than serve.max_batch's default here), says so, and the server answers."""
+    import json
+    import re
+    import urllib.request
+
+    from tests.serve_server import torchrun_server
+
+    overrides = ["attention=triton", "experts=triton", "serve.max_len=1024", "serve.gpu_memory_utilization=0.3"]
+    with torchrun_server(tmp_path, 1, overrides, device=["model.device=cuda"]) as server:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        req = urllib.request.Request(server.root + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert json.loads(r.read())["choices"]
+        log = server.log.read_text()
+    rows = int(re.search(r"gpu_memory_utilization=0.3: (\d+) rows of 1024 tokens fit", log).group(1))
+    assert rows > 32 and f"KV cache: {rows} rows x 1024 tokens" in log
+

@@ -136,6 +136,10 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
         serve("generation.kv_cache=dynamic")
     with pytest.raises(UserError, match="serve.max_batch=0 must be >= 1"):
         serve("serve.max_batch=0")
+    with pytest.raises(UserError, match=r"serve.gpu_memory_utilization=1.5: give a fraction"):
+        serve("serve.gpu_memory_utilization=1.5")
+    with pytest.raises(UserError, match="with model.device=cpu set serve.max_batch"):
+        serve("serve.gpu_memory_utilization=0.9")
     with pytest.raises(UserError, match="serve.max_len=200000 exceeds the model's 131072 positions"):
         serve("serve.max_len=200000")
     with pytest.raises(UserError, match="serve.timeout_seconds=10000000000.0 must be between 0 and 86400"):

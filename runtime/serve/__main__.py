@@ -52,6 +52,12 @@ def check(cfg: DictConfig, world_size: int) -> None:
                      ("max_connections", 1)):
         if sc[key] < low:
             raise UserError(f"serve.{key}={sc[key]} must be >= {low}")
+    util = sc.gpu_memory_utilization
+    if util is not None and not 0 < util <= 1:
+        raise UserError(f"serve.gpu_memory_utilization={util}: give a fraction of GPU memory in (0, 1], e.g. 0.9")
+    if util is not None and cfg.model.device == "cpu":
+        raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; with model.device=cpu set "
+                        "serve.max_batch (and drop serve.gpu_memory_utilization)")
     if not (math.isfinite(sc.timeout_seconds) and 0 < sc.timeout_seconds <= 86400):
         raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be between 0 and 86400 seconds")
     if Path(sc.out_dir).exists() and not Path(sc.out_dir).is_dir():
@@ -97,30 +103,31 @@ def run(cfg: DictConfig) -> None:
     stop = StopRequest.from_env()  # installed before loading: a stop during loading is honoured
     signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone
 
-    from runtime.continuous import ContinuousBatcher
+    from runtime.continuous import ContinuousBatcher, row_bytes
     from runtime.engine import CALL, Engine
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
     import torch  # loaded by now (the HTTP port was bound before any of it)
 
+    per_row = row_bytes(engine.model, engine.dtype, sc.max_len)
+    rows = sc.max_batch if sc.gpu_memory_utilization is None else _rows_in_memory(engine, sc, per_row, layout)
     try:
         batcher = ContinuousBatcher(
-            engine.model, engine.dtype, engine.device, sc.max_batch, sc.max_len, sc.max_prefill_tokens,
+            engine.model, engine.dtype, engine.device, rows, sc.max_len, sc.max_prefill_tokens,
             gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
         )
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "alloc" not in str(e):
             raise
-        h = engine.hf_config
-        need = 2 * h.num_hidden_layers * sc.max_batch * sc.max_len * h.head_dim * h.num_key_value_heads
-        need *= torch.empty((), dtype=engine.dtype).element_size() / layout.tp_size
-        raise UserError(f"the KV cache of serve.max_batch={sc.max_batch} x serve.max_len={sc.max_len} tokens "
-                        f"({need / 1e9:.1f} GB on each rank) does not fit: lower either") from None
+        raise UserError(f"the KV cache of {rows} rows (serve.max_batch) x serve.max_len={sc.max_len} tokens "
+                        f"({rows * per_row / 1e9:.1f} GB on each rank) does not fit: lower either, or set "
+                        "serve.gpu_memory_utilization to size it from the memory left") from None
     warm = batcher.warm_up()  # compile, capture and autotune before /health says ok (every rank at once)
     if layout.is_writer:
-        log.info("KV cache: %d rows x %d tokens, %.2f GB on this rank; warm-up (compile, graph capture) %.1f s",
-                 sc.max_batch, sc.max_len, batcher.cache.nbytes / 1e9, warm)
+        log.info("KV cache: %d rows x %d tokens = %d tokens, %.2f GB on this rank; decode step sizes %s; warm-up "
+                 "(compile, graph capture) %.1f s", rows, sc.max_len, rows * sc.max_len, batcher.cache.nbytes / 1e9,
+                 batcher.buckets, warm)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
@@ -136,6 +143,32 @@ def run(cfg: DictConfig) -> None:
     else:
         follow(batcher, layout)
     engine.close(batcher)
+
+
+def _rows_in_memory(engine: Any, sc: DictConfig, per_row: int, layout: Any) -> int:
+    """serve.gpu_memory_utilization: the rows of serve.max_len tokens that fit on every rank after the weights,
+    leaving room for a prefill's activations."""
+    import torch
+
+    from runtime.continuous import rows_that_fit
+
+    if engine.device.type != "cuda":
+        raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; without a GPU set "
+                        "serve.max_batch (and drop serve.gpu_memory_utilization)")
+    free, total = torch.cuda.mem_get_info(engine.device)
+    h = engine.hf_config
+    reserve = max(1 << 30, 64 * sc.max_prefill_tokens * h.hidden_size)  # a chunk's activations, generously
+    rows = rows_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_row)
+    everyone = distributed.gather_to_writer(rows, layout)
+    rows = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)
+    if rows < 1:
+        raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves no room for one KV-cache "
+                        f"row of serve.max_len={sc.max_len} tokens ({per_row / 1e9:.2f} GB; {free / 2**30:.1f} GiB "
+                        f"of {total / 2**30:.1f} GiB free after loading): raise it, or lower serve.max_len")
+    if layout.is_writer:
+        log.info("serve.gpu_memory_utilization=%s: %d rows of %d tokens fit (%.1f GiB free of %.1f GiB after the "
+                 "weights)", sc.gpu_memory_utilization, rows, sc.max_len, free / 2**30, total / 2**30)
+    return rows
 
 
 def _render(job: Job) -> list[int]:
