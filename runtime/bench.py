@@ -192,8 +192,8 @@ class Bench:
         """The whole offline workload at `batch` sequences per replica, EOS ignored: continuous batching
         (runtime/offline.py, each prompt ends at its drawn length and its row takes the next) against static
         rounds of `batch` prompts (runtime.generate's generation.batching=static: each round decodes until its
-        longest output; tokens past a prompt's own length are not counted). One warm-up of each, then one
-        timed run; replica d takes prompts d, d + dp, ...; the wall time is the slowest replica's."""
+        longest output; tokens past a prompt's own length are not counted). One warm-up of each (static: a
+        round of the longest prompt and output, so no timed round compiles), then one timed run; replica d takes prompts d, d + dp, ...; the wall time is the slowest replica's."""
         from runtime.generate import progress
         from runtime.offline import QueueRun
 
@@ -215,16 +215,26 @@ class Bench:
 
         def static(ps: list[list[int]], limits: list[int], bar: Any = None) -> str:
             for i in range(0, len(ps), batch):
-                engine.decode(ps[i : i + batch], max(limits[i : i + batch]), ignore_eos=True)
+                part = ps[i : i + batch]
+                # a short last round runs at the full batch (its rows repeated): the same buffers and graphs,
+                # as an engine with a fixed batch shape would; only its own prompts' tokens count
+                rows = part + [part[0]] * (min(batch, len(ps)) - len(part))
+                engine.decode(rows, max(limits[i : i + batch]), ignore_eos=True)
                 if bar is not None:
-                    bar.update(len(ps[i : i + batch]))
+                    bar.update(len(part))
             return f"{-(-len(ps) // batch)} rounds"
 
         rows = []
         engine.queue_batcher(p_mine, max(o_mine), batch)  # at its final size: the warm-up's graph is the timed one's
+        longest = max(p_mine, key=len)
+        warm_up = {  # compile, capture, autotune: continuous at its batcher's final size (made above), static at
+            # the longest round's shapes (its buffers then serve every round: GraphDecoder reuses them)
+            "continuous": (p_mine[:batch], [min(4, o) for o in o_mine[:batch]]),
+            "static": ([longest] * min(batch, len(p_mine)), [max(o_mine)] * min(batch, len(p_mine))),
+        }
         for impl, fn in (("continuous", continuous), ("static", static)):
             t0 = time.perf_counter()
-            fn(p_mine[:batch], [min(4, o) for o in o_mine[:batch]])  # compile, capture, autotune
+            fn(*warm_up[impl])
             log.info("offline batch %4d %s: warm-up %.1f s; timing %d prompts", batch, impl,
                      time.perf_counter() - t0, len(prompts))
             reset_peak(self.device)

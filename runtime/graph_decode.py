@@ -146,11 +146,12 @@ class GraphDecoder:
 
     def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
         """Static buffers for `batch` rows of at least `max_len` slots: the current ones when they have that
-        many rows and between max_len and 2 x max_len slots (a new shape costs a compile and a capture;
-        rounds of varied lengths, as static batching runs them, reuse one), else new ones."""
+        many rows and enough slots (a new shape costs a compile and a capture, more than attention over the
+        spare slots costs: rounds of varied lengths, as static batching runs them, reuse the longest's), else
+        new ones."""
         if self._graph is not None:
             rows, slots = self._graph["key"]
-            if rows == batch and max_len <= slots <= 2 * max_len:
+            if rows == batch and max_len <= slots:
                 return self._graph
         self._graph = None  # free the old cache and graph pool before allocating the new ones
         if self.device.type == "cuda":
