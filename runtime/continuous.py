@@ -26,6 +26,7 @@ import gc
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +46,16 @@ def step_buckets(rows: int) -> list[int]:
         out.append(n)
         n *= STEP_BUCKET_GROWTH
     return out + [rows]
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray, n: int, chunk: int = 256) -> int:
+    """Length of the common prefix of a[:n] and b[:n], compared a chunk at a time (most rows differ early)."""
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        diff = np.flatnonzero(a[start:stop] != b[start:stop])
+        if diff.size:
+            return start + int(diff[0])
+    return n
 
 
 REUSE_WORTH = 32

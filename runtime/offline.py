@@ -25,7 +25,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.continuous import ContinuousBatcher, pick_row
+import numpy as np
+
+from runtime.continuous import ContinuousBatcher, common_prefix, pick_row
 
 
 @dataclass
@@ -63,7 +65,7 @@ class QueueRun:
             raise ValueError("a prefill chunk is at least one token")
         self.filling: dict[int, tuple[int, int]] = {}  # row -> (prompt index, tokens of it in the row so far)
         self.reuse_prefix = reuse_prefix
-        self.held: list[list[int]] = [[] for _ in range(batcher.rows)]  # per row: tokens whose keys it holds
+        self.held = [np.zeros(0, dtype=np.int64)] * batcher.rows  # per row: the tokens whose keys it holds
         self.cached_tokens = 0  # prompt tokens not computed, their keys found in a row
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
@@ -125,12 +127,8 @@ class QueueRun:
         for the larger decode step it may cause) and that prefix's length, leaving the last token to compute."""
         if not self.reuse_prefix:
             return min(self.free), 0
-        common = []
-        for row in self.free:
-            held, n, c = self.held[row], min(len(self.held[row]), len(prompt) - 1), 0
-            while c < n and held[c] == prompt[c]:
-                c += 1
-            common.append(c)
+        want = np.asarray(prompt, dtype=np.int64)
+        common = [common_prefix(self.held[r], want, min(len(self.held[r]), len(want) - 1)) for r in self.free]
         busy = [*self.running, *self.filling]
         return pick_row(self.free, common, max(busy) + 1 if busy else 0, self.batcher.buckets)
 
@@ -141,7 +139,7 @@ class QueueRun:
         stopped = token in self.stop_ids
         if stopped or len(toks) >= self.limits[i]:
             del self.running[row], self.tokens[i]
-            self.held[row] = list(self.prompts[i]) + toks[:-1]  # every token fed: all but the last drawn
+            self.held[row] = np.asarray([*self.prompts[i], *toks[:-1]], dtype=np.int64)  # all fed: not the last drawn
             self.batcher.release([row])
             self.free.append(row)
             finished.append(Finished(i, toks, stopped))

@@ -107,15 +107,10 @@ def test_step_sizes_and_row_choice() -> None:
     assert pick_row([0, 9], [0, 2048], 0, sizes) == (9, 2048)
 
 
-@pytest.mark.parametrize("attn", ["eager", "triton"])
-def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
-    """10 rows step as 1, 8 or 10 (the smallest size holding every busy row), growing and shrinking as
-    sequences join and leave, and each sequence still gets the tokens it gets alone."""
-    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
-    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
-    ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
-    b = batcher(engine, 10, 256, 400)
-    assert b.buckets == [1, 8, 10]
+def join_and_leave(b: ContinuousBatcher, prompts: list[list[int]], steps: int) -> tuple[dict[int, list[int]], list[int]]:
+    """Three greedy sequences in rows 0, 5 and 9 of a 10-row batcher, joining 3 steps apart; rows 5 and 9 leave
+    after 9 steps and row 0 goes on to `steps` tokens: (each sequence's tokens, every step's size). Also
+    used by the GPU test of the step sizes' graphs (tests/test_gpu.py)."""
     got: dict[int, list[int]] = {i: [] for i in range(3)}
     where: dict[int, int] = {}
     sizes = []
@@ -130,7 +125,7 @@ def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
             tokens = b.step()
             assert tokens.shape == (10,)
             for i, r in where.items():
-                if len(got[i]) < STEPS:
+                if len(got[i]) < steps:
                     got[i].append(int(tokens[r]))
 
     admit(0, 0)
@@ -142,7 +137,20 @@ def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
     b.release([9, 5])
     for i in (1, 2):
         del where[i]
-    step(STEPS)
+    step(steps)
+    return got, sizes
+
+
+@pytest.mark.parametrize("attn", ["eager", "triton"])
+def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
+    """10 rows step as 1, 8 or 10 (the smallest size holding every busy row), growing and shrinking as
+    sequences join and leave, and each sequence still gets the tokens it gets alone."""
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attn}"]))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
+    ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    b = batcher(engine, 10, 256, 400)
+    assert b.buckets == [1, 8, 10]
+    got, sizes = join_and_leave(b, prompts, STEPS)
     assert sizes[:9] == [1] * 3 + [8] * 3 + [10] * 3 and set(sizes[9:]) == {1}
     assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
 

@@ -312,6 +312,7 @@ def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     10 rows stepping as 1, 8 and 10 rows as sequences join and leave give each sequence the tokens it gets
     alone (the CPU test of the same scenario runs eagerly)."""
     from runtime.continuous import ContinuousBatcher
+    from tests.test_continuous import join_and_leave
 
     eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
                                       "experts=triton"]))
@@ -320,32 +321,7 @@ def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=10, max_len=512, max_prefill_tokens=400,
                           use_graph=True, compile=compile, group=None, leader=True, generator=eng.generator)
     b.warm_up()
-    got: dict[int, list[int]] = {i: [] for i in range(3)}
-    where: dict[int, int] = {}
-    sizes = []
-
-    def admit(i: int, row: int) -> None:
-        got[i].append(int(b.prefill([row], [prompts[i]], [0.0], [1.0])[0]))
-        where[i] = row
-
-    def step(n: int) -> None:
-        for _ in range(n):
-            sizes.append(b.step_rows())
-            tokens = b.step().tolist()
-            for i, r in where.items():
-                if len(got[i]) < 24:
-                    got[i].append(tokens[r])
-
-    admit(0, 0)
-    step(3)
-    admit(1, 5)
-    step(3)
-    admit(2, 9)
-    step(3)
-    b.release([9, 5])
-    for i in (1, 2):
-        del where[i]
-    step(24)
+    got, sizes = join_and_leave(b, prompts, 24)
     assert sorted(b._graphs) == [1, 8, 10]
     assert sizes[:9] == [1] * 3 + [8] * 3 + [10] * 3 and set(sizes[9:]) == {1}
     assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime import distributed
-from runtime.continuous import ContinuousBatcher, pick_row
+from runtime.continuous import ContinuousBatcher, common_prefix, pick_row
 from runtime.distributed import WorldLayout
 
 log = logging.getLogger(__name__)
@@ -173,16 +173,6 @@ class Counters:
     """Decode steps run (each gives every busy row one token)."""
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray, n: int, chunk: int = 256) -> int:
-    """Length of the common prefix of a[:n] and b[:n], compared a chunk at a time (most rows differ early)."""
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        diff = np.flatnonzero(a[start:stop] != b[start:stop])
-        if diff.size:
-            return start + int(diff[0])
-    return n
-
-
 class Scheduler:
     """Rank 0's side: the waiting queue, the rows, and the loop that plans and runs every step."""
 
@@ -319,7 +309,7 @@ class Scheduler:
         if not self.prefix_cache:
             return min(free), 0
         want = np.asarray(prompt, dtype=np.int64)
-        common = [_common_prefix(self.held[r], want, min(len(self.held[r]), len(want) - 1)) for r in free]
+        common = [common_prefix(self.held[r], want, min(len(self.held[r]), len(want) - 1)) for r in free]
         busy = [r for r, sub in enumerate(self.rows) if sub is not None]
         return pick_row(free, common, max(busy) + 1 if busy else 0, self.batcher.buckets)
 
