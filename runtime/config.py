@@ -302,15 +302,20 @@ class ServeConfig:
     model_name: str | None = None
     """Model id served at /v1/models and expected in requests' `model`; null uses model.name."""
     max_batch: int = 32
-    """Requests decoded together (rows of the KV cache); more wait in a queue and join as rows free up.
-    Ignored when gpu_memory_utilization is set."""
+    """Requests decoded together (rows of the batch); more wait in a queue and join as rows and KV-cache blocks
+    free up."""
     gpu_memory_utilization: float | None = None
     """Fraction of each GPU's memory the server may hold (weights, KV cache, activations), as vLLM's flag: the
-    KV cache then gets as many rows of max_len tokens as fit after the weights (the fewest any rank fits),
-    and the start log says how many tokens it holds. null: serve.max_batch rows."""
+    paged KV cache then gets as many blocks of 16 tokens as fit after the weights (the fewest any rank fits),
+    and the start log says how many tokens it holds. null: kv_cache_tokens, else max_batch x max_len tokens."""
+    kv_cache_tokens: int | None = None
+    """Tokens the paged KV cache holds on every rank (rounded up to blocks of 16), shared by the running requests
+    as they grow: fewer than max_batch x max_len lets more requests run than a full reservation would, and
+    when the blocks run out the newest request is preempted and recomputed later (none fails). null: max_batch x
+    max_len (or gpu_memory_utilization's). At least max_len."""
     max_len: int = 8192
-    """Tokens per request, prompt and answer together (slots per KV-cache row). Longer prompts, or a
-    max_tokens beyond what is left, get a 400. The cache holds max_batch * max_len tokens on every rank."""
+    """Tokens per request, prompt and answer together (a row's block table). Longer prompts, or a max_tokens
+    beyond what is left, get a 400."""
     max_prefill_tokens: int = 8192
     """Most prompt tokens prefilled between two decode steps (chunked prefill): a longer prompt goes in
     pieces over several steps while the running streams keep decoding, so none waits for more than this
@@ -318,9 +323,10 @@ class ServeConfig:
     max_waiting: int = 1024
     """Requests that may wait for a free row; beyond it new requests get 503."""
     prefix_cache: bool = True
-    """A freed row keeps its keys; a new request takes the lowest free row, or one holding enough more of its
-    prompt's prefix (runtime.continuous.pick_row), and only the part of its prompt not held is prefilled (usage reports the held tokens
-    as cached_tokens); false: every prompt is computed whole."""
+    """Full KV-cache blocks (16 tokens) are found again by their content and everything before it: a request whose
+    prompt starts with blocks in the cache (a system message, an earlier turn of the conversation) computes only
+    the rest, and its usage reports them as cached_tokens; blocks of ended requests stay findable until their
+    room is needed. false: every prompt is computed whole."""
     max_connections: int = 1024
     """HTTP connections served at once (a thread each); a connection beyond it gets 503 and is closed."""
     timeout_seconds: float = 60.0

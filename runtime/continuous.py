@@ -1,23 +1,24 @@
-"""Continuous batching: a KV cache of `rows` independent sequences that requests join and leave between steps.
+"""Continuous batching over the paged KV cache: `rows` sequences that requests join and leave between steps.
 
-Each cache row holds one sequence, at slot == position (no padding inside a row):
-- `prefill(rows, prompts)`: the new prompts run together, right-padded to the longest, and their keys go
-  to slots [0, len) of their own rows; the logits of each prompt's last token are kept;
-- `step()`: one decode forward for all rows at once, each row writing its key at its own slot (a scatter
-  with a per-row slot index), attending through additive masks built on the device from `slot_pos`
-  (the position held in each slot, -1 empty) as `runtime.graph_decode` does (with attention=triton the
-  kernel is given `slot_pos` and each row's write slot instead, a SlotMask). Free rows have an all-empty
-  `slot_pos` and position -1: they attend to nothing and their output is ignored;
-- `release(rows)`: the row's slots are marked empty; its stale keys stay but are never seen again.
-A row has one slot more than `max_len`, a scratch slot that free rows write their step's junk key to: the
-keys a freed row holds stay intact for the next request sharing their prefix (`prefill(cached=...)`).
+The model runner of the one engine (runtime/planner.py decides what runs, runtime/kvcache.py holds the keys):
+- `set_tables({row: blocks})`: a row's block table (its sequence's blocks, position p in block p // BS);
+- `prefill(rows, prompts)`: the new prompts run together, right-padded to the longest, each key written to
+  its position's block; with `cached` the first tokens' keys are in the row's blocks already (the prefix
+  cache, or earlier chunks of the same prompt) and only the rest is computed, attending to them; the logits
+  of each prompt's last token are kept;
+- `step()`: one decode forward for the busy rows at once, each row writing its key at its own position and
+  attending through its block table (attention=triton: the kernel reads the pools through the tables,
+  `PagedMask`; other attention implementations get the rows' blocks gathered and additive masks). Free rows
+  have position -1 and write to the scratch block: they attend to nothing and their output is ignored;
+- `release(rows)`: the rows are free (their blocks are the planner's to reuse).
 The decode step runs the first n rows only, n the smallest of a few sizes (`step_buckets`: 1, 8, 64, ...,
-rows) that holds every busy row (rows are given out lowest first), so a step costs what the running
-sequences need, not all rows; each size has fixed shapes ([n, 1] tokens against [n, max_len + 1] slots), so
-on a GPU each is compiled and captured once as a CUDA graph and replayed. Sampling is per row (temperature 0 = greedy); the leader of the
-model-parallel group draws and every rank gets its tokens, so all ranks feed the same ids.
+rows) that holds every busy row (the planner gives out the lowest free row), so a step costs what the
+running sequences need, not all rows; each size has fixed shapes ([n, 1] tokens against [n, max_blocks]
+block tables), so on a GPU each is compiled and captured once as a CUDA graph and replayed. Sampling is
+per row (temperature 0 = greedy); the leader of the model-parallel group draws and every rank gets its
+tokens, so all ranks feed the same ids.
 
-No HTTP, no scheduling and no rank logic beyond "the leader samples": runtime/serve/ decides what runs.
+No HTTP, no scheduling and no rank logic beyond "the leader samples".
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import gc
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from runtime import distributed
-from runtime.graph_decode import StaticKVCache, capture, masks
-from runtime.kernels.flash import NAME as FLASH, SlotMask
+from runtime.graph_decode import capture, masks
+from runtime.kernels.flash import NAME as FLASH, PagedMask, SlotMask
+from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for
 
 
 STEP_BUCKET_GROWTH = 8
@@ -46,83 +47,6 @@ def step_buckets(rows: int) -> list[int]:
         out.append(n)
         n *= STEP_BUCKET_GROWTH
     return out + [rows]
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray, n: int, chunk: int = 256) -> int:
-    """Length of the common prefix of a[:n] and b[:n], compared a chunk at a time (most rows differ early)."""
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        diff = np.flatnonzero(a[start:stop] != b[start:stop])
-        if diff.size:
-            return start + int(diff[0])
-    return n
-
-
-REUSE_WORTH = 32
-"""Prompt tokens a cached prefix must save, beyond the lowest free row's, times the factor by which taking
-its row makes the decode step larger (for as long as the sequence runs); within the current step size any
-saving is taken."""
-
-
-def pick_row(free: Sequence[int], common: Sequence[int], busy_top: int, buckets: Sequence[int],
-             worth: int = REUSE_WORTH) -> tuple[int, int]:
-    """The row a new sequence takes among the `free` ones, `common[i]` being how many of its first tokens
-    free[i] still holds; `busy_top`: 1 + the highest busy row (0: none), `buckets`: the decode step's sizes.
-    The lowest free row, unless another saves more prefill than it costs: any more cached tokens when the
-    step stays the size it needs with the lowest row, else at least `worth` x (how many times larger the step
-    gets) more. Among those, the longest prefix; ties: the lower row. Returns (row, prefix length)."""
-    def size(row: int) -> int:
-        return next((b for b in buckets if b >= max(busy_top, row + 1)), buckets[-1])
-
-    low = min(range(len(free)), key=lambda i: free[i])
-    base = size(free[low])
-    best = low
-    for i in range(len(free)):
-        gain = common[i] - common[low]
-        need = 1 if size(free[i]) <= base else worth * size(free[i]) // base
-        if gain >= need and (common[i], -free[i]) > (common[best], -free[best]):
-            best = i
-    return free[best], common[best]
-
-
-class RowKVCache(StaticKVCache):
-    """K/V buffers [rows, kv_heads, max_len, head_dim] per layer; duck-types transformers' Cache.update.
-
-    Prefill mode (`prefill_rows` set): the forward's keys [n, H, W, D] are stored at slots [0, W) of those
-    rows and returned as they are (a fresh row holds nothing else); with `prefill_slots` [n, W] set too
-    (rows that keep a cached prefix) at those slots, and the rows' slots [0, prefill_end) are returned. Decode mode:
-    keys [n, H, 1, D] of the first n rows are scattered to slot `write_slot[r]` of each, and those rows'
-    buffers are returned (views).
-    """
-
-    def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(layers, rows, kv_heads, max_len, head_dim, dtype, device)
-        self.write_slot = torch.zeros(rows, dtype=torch.long, device=device)  # [rows], read by the graph
-        self._scatter_index = self.write_slot.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
-        self.prefill_rows: torch.Tensor | None = None
-        self.prefill_slots: torch.Tensor | None = None
-        self.prefill_end = 0
-        self.prefill_view: slice | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
-        if self.prefill_rows is not None and self.prefill_slots is not None:
-            rows, slots = self.prefill_rows[:, None], self.prefill_slots  # [n, 1], [n, W]
-            self.k[layer_idx][rows, :, slots] = key.permute(0, 2, 1, 3)  # indexed as [n, W, H, D]
-            self.v[layer_idx][rows, :, slots] = value.permute(0, 2, 1, 3)
-            end = self.prefill_end  # the slots the prompts reach: attention reads no further
-            rows = self.prefill_view if self.prefill_view is not None else self.prefill_rows  # a view if it can
-            return self.k[layer_idx][rows, :, :end], self.v[layer_idx][rows, :, :end]
-        if self.prefill_rows is not None:
-            width = key.shape[2]
-            self.k[layer_idx][self.prefill_rows, :, :width] = key
-            self.v[layer_idx][self.prefill_rows, :, :width] = value
-            return key, value
-        n = key.shape[0]  # the step's rows: the first n
-        k, v = self.k[layer_idx][:n], self.v[layer_idx][:n]
-        k.scatter_(2, self._scatter_index[:n], key)
-        v.scatter_(2, self._scatter_index[:n], value)
-        return k, v
 
 
 MIN_TEMPERATURE = 1e-5
@@ -158,47 +82,35 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(temperature > 0, drawn, greedy)
 
 
-def row_bytes(model: nn.Module, dtype: torch.dtype, max_len: int) -> int:
-    """Device bytes one batcher row of `max_len` tokens takes on this rank (its keys and values in every layer,
-    the scratch slot, its slot positions)."""
-    attn = model.model.layers[0].self_attn
-    kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's
-    per_slot = 2 * model.config.num_hidden_layers * kv_heads * attn.head_dim * torch.empty((), dtype=dtype).element_size()
-    return (max_len + 1) * (per_slot + 8)
-
-
-def rows_that_fit(total: int, used: int, utilization: float, reserve: int, per_row: int) -> int:
-    """Rows of `per_row` bytes in `utilization` x `total` bytes of device memory, less what is `used` (the
-    weights, other processes) and a `reserve` for activations."""
-    return max(0, int((utilization * total - used - reserve) // per_row))
-
-
 class ContinuousBatcher:
-    """`rows` sequences decoded together; rows are filled by `prefill` and emptied by `release`."""
+    """`rows` sequences decoded together over a paged KV cache of `num_blocks` blocks; rows are filled by
+    `prefill` (their tables set first) and emptied by `release`."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int, max_len: int,
                  max_prefill_tokens: int, use_graph: bool, compile: bool, group: Any, leader: bool,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, num_blocks: int | None = None) -> None:
         self.model = model
         cfg = model.config
         self.dtype, self.device = dtype, device
         self.rows, self.max_len = rows, max_len
+        self.max_blocks = blocks_for(max_len)  # a row's block table: max_len positions
+        self.num_blocks = num_blocks if num_blocks is not None else rows * self.max_blocks
         self.max_prefill_tokens = max_prefill_tokens
         self.group, self.leader, self.generator = group, leader, generator
         self.window = getattr(cfg, "sliding_window", None)
-        self.slot_masks = cfg._attn_implementation == FLASH  # attention=triton reads slot_pos itself
+        self.paged_reads = cfg._attn_implementation == FLASH  # attention=triton reads the pools itself
         attn = model.model.layers[0].self_attn
         kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
-        slots = max_len + 1  # slot max_len: the scratch slot of free rows
-        self.cache = RowKVCache(cfg.num_hidden_layers, rows, kv_heads, slots, cfg.head_dim, dtype, device)
-        # Per-row state on the device. pos[r]: the position where last[r] is fed next (= tokens in the
+        self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks, rows, self.max_blocks, kv_heads,
+                                  cfg.head_dim, dtype, device)
+        # Per-row state on the device. pos[r]: the position where ids[r] is fed next (= tokens in the
         # cache), -1 for a free row.
-        self.slot_pos = torch.full((rows, slots), -1, dtype=torch.long, device=device)
         self.pos = torch.full((rows, 1), -1, dtype=torch.long, device=device)
-        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)  # last[r], fed by the next step
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.slots = torch.arange(self.max_blocks * BLOCK_SIZE, device=device).expand(rows, -1)  # dense reads
         self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.failed: dict[int, str] = {}  # rows whose draw failed this step (see _sample_each)
@@ -221,31 +133,46 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16, steps: int = 2) -> float:
         """Run what the first requests would pay for once (compiling and capturing the decode step at each
-        of its sizes, the kernels' autotuning at a small prefill): a sequence in the last row of each size,
-        then freed: nothing of it stays visible. Every rank of the group calls it at the same point (it runs
-        the group's collectives). Seconds."""
+        of its sizes, the kernels' autotuning at a small prefill): a sequence in the last row of each size on
+        the first blocks, then freed (the planner hands those blocks out as if never used: nothing of it is
+        findable). Every rank of the group calls it at the same point (it runs the group's collectives).
+        Seconds."""
         import time
 
         t0 = time.perf_counter()
         n = max(1, min(prompt_len, self.max_len - steps - 1))
+        blocks = list(range(1, 1 + min(self.num_blocks, blocks_for(n + steps + 1))))
         for size in self.buckets:
             row = size - 1
+            self.set_tables({row: blocks})
             self.prefill([row], [[(7 * i + 1) % 1000 for i in range(n)]], [0.0], [1.0])
             for _ in range(steps):
                 self.step()
-            self.release([row])  # (the scheduler never learnt its tokens: no request reuses them)
+            self.release([row])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ row lifecycle
 
+    def set_tables(self, tables: dict[int, Sequence[int]]) -> None:
+        """Rows' block tables: row r's position p is in block tables[r][p // BLOCK_SIZE]."""
+        if not tables:
+            return
+        host = torch.full((len(tables), self.max_blocks), SCRATCH, dtype=torch.int32)
+        for i, blocks in enumerate(tables.values()):
+            if len(blocks) > self.max_blocks:
+                raise ValueError(f"{len(blocks)} blocks exceed a row's {self.max_blocks}")
+            host[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+        idx = torch.tensor(list(tables), dtype=torch.long)
+        self.cache.table[idx.to(self.device)] = host.to(self.device)
+
     def release(self, rows: Sequence[int]) -> None:
-        """Empty these rows (their slots become invisible; the row can take a new sequence)."""
+        """Empty these rows (they attend to nothing and write to the scratch block; the row can take a new
+        sequence, whose blocks are set with it). Their tables stay as they were: the blocks keep their keys."""
         if not rows:
             return
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        self.slot_pos[idx] = -1
         self.pos[idx] = -1
         self.temperature[idx] = 0.0
         self.top_p[idx] = 1.0
@@ -256,21 +183,24 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], temperature: Sequence[float],
                 top_p: Sequence[float], cached: Sequence[int] | None = None, partial: bool = False) -> torch.Tensor:
-        """Put each prompt in its (free) row and return its first sampled token [n], in the given order.
+        """Put each prompt in its (free) row and return its first sampled token [n], in the given order. The
+        rows' block tables must cover every position written (the prompt, and the next token's when the step
+        that follows feeds it).
 
         partial: the prompts are the first chunks of longer ones (chunked prefill): their keys are stored,
         nothing is sampled (an empty tensor comes back) and the rows stay out of the decode step; the next
         chunk comes as the longer prompt with `cached` = the tokens already in.
 
-        cached[i]: the first tokens of prompt i whose keys row i still holds at slots [0, cached[i]) from
-        its previous sequence (a shared prefix: the scheduler checked the tokens); only the rest is
-        computed, attending to those slots too. At most len(prompt) - 1 (the last token's logits are needed).
-        Prompts are prefilled in groups of similar length, each group one forward of at most
-        `max_prefill_tokens` (rows x padded width; a longer prompt goes alone).
+        cached[i]: the first tokens of prompt i whose keys row i's blocks hold already (a shared prefix, or
+        earlier chunks); only the rest is computed, attending to those too. At most len(prompt) - 1 (the last
+        token's logits are needed). Prompts are prefilled in groups of similar length, each group one forward
+        of at most `max_prefill_tokens` (rows x padded width; a longer prompt goes alone).
         """
         cached = list(cached) if cached is not None else [0] * len(rows)
         if any(not 0 <= c < len(p) for c, p in zip(cached, prompts)):
             raise ValueError("a cached prefix must leave at least the prompt's last token to compute")
+        if any(len(p) > self.max_len for p in prompts):
+            raise ValueError(f"a prompt longer than the batcher's {self.max_len} positions per row")
         dev = self.device
         idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
         if not partial:  # a row part-way in keeps a free row's greedy settings: steps draw nothing for it
@@ -314,30 +244,29 @@ class ContinuousBatcher:
             positions[i, : len(p) - c] = torch.arange(c, len(p))
         ids, positions = ids.to(dev), positions.to(dev)
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        reuse = any(cached)
-        self.slot_pos[idx] = -1
-        if not reuse:
-            self.slot_pos[idx, :width] = positions
-            if self.slot_masks:  # the prefill attends over its own keys [n, H, W, D]: slot t holds position t
+        table = self.cache.table[idx]  # [n, max_blocks]
+        at = positions.clamp(min=0)
+        held = positions >= 0  # pad tokens write to the scratch block
+        block = torch.where(held, table.gather(1, at // BLOCK_SIZE).long(), SCRATCH)
+        self.cache.prefill_write = (block.flatten(), torch.where(held, at % BLOCK_SIZE, 0).flatten())
+        if not any(cached):  # a fresh prompt attends to its own keys only [n, H, W, D]: slot t holds position t
+            self.cache.fresh = True
+            if self.paged_reads:
                 m = SlotMask(positions, torch.arange(width, device=dev).expand(len(rows), width).contiguous()).by_layer()
             else:
-                m = masks(positions, positions, self.window, self.dtype)  # a fresh row sees only its own prompt
-        else:  # keys go to their own slots after the cached ones; the queries attend over the whole rows
-            slots = (torch.tensor(cached, device=dev)[:, None] + torch.arange(width, device=dev)).clamp(max=self.max_len)
-            for r, p in zip(rows, prompts):
-                self.slot_pos[r, : len(p)] = torch.arange(len(p), device=dev)
-            end = max(len(p) for p in prompts)
-            view = self.slot_pos[idx, :end]
-            m = SlotMask(view, slots).by_layer() if self.slot_masks else masks(view, positions, self.window, self.dtype)
-            self.cache.prefill_slots, self.cache.prefill_end = slots, end
-            if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive rows (one, most often): no copy
-                self.cache.prefill_view = slice(rows[0], rows[0] + len(rows))
-        self.cache.prefill_rows = idx
+                m = masks(positions, positions, self.window, self.dtype)
+        elif self.paged_reads:  # the queries read the rows' blocks (cached prefix and their own keys)
+            self.cache.dense_rows = None
+            m = PagedMask(table.contiguous(), positions).by_layer()
+        else:
+            used = blocks_for(max(len(p) for p in prompts))
+            self.cache.dense_rows, self.cache.dense_blocks = idx, used
+            m = masks(self.slots[: len(rows), : used * BLOCK_SIZE], positions, self.window, self.dtype)
         try:
-            hidden = self.model.model(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=m,
+            hidden = self.model.model(input_ids=ids, position_ids=at, attention_mask=m,
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
-            self.cache.prefill_rows = self.cache.prefill_slots = self.cache.prefill_view = None
+            self.cache.prefill_write, self.cache.fresh, self.cache.dense_rows = None, False, None
         last = torch.tensor([len(p) - c - 1 for p, c in zip(prompts, cached)], dtype=torch.long, device=dev)
         self.pos[idx, 0] = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         return self.model.lm_head(hidden[torch.arange(len(rows), device=dev), last])  # [n, V]
@@ -353,13 +282,19 @@ class ContinuousBatcher:
     def step(self) -> torch.Tensor:
         """Feed every occupied row its last token, return each row's next token [rows] (junk for free rows)."""
         n = self.step_rows()
-        pos, write_slot = self.pos[:n], self.cache.write_slot[:n]
+        pos = self.pos[:n]
         busy = pos >= 0
-        # a busy row writes at its position, a free row into its scratch slot (its held keys stay intact)
-        write_slot.copy_(torch.where(busy, pos.clamp(max=self.max_len - 1), self.max_len).squeeze(1))
-        # the slot about to be written holds this position (a free row's scratch slot gets -1: stays empty)
-        self.slot_pos[:n].scatter_(1, write_slot[:, None], pos)
-        logits = self._run_step(n)
+        at = pos.clamp(min=0)
+        # a busy row writes at its position's block, a free row into the scratch block
+        block = self.cache.table[:n].gather(1, at // BLOCK_SIZE).long()
+        self.cache.write_block[:n].copy_(torch.where(busy, block, SCRATCH).squeeze(1))
+        self.cache.write_offset[:n].copy_(torch.where(busy, at % BLOCK_SIZE, 0).squeeze(1))
+        if not self.paged_reads:  # other attention implementations read the rows' blocks gathered
+            self.cache.dense_rows, self.cache.dense_blocks = slice(0, n), self.max_blocks
+        try:
+            logits = self._run_step(n)
+        finally:
+            self.cache.dense_rows = None
         tokens = self._choose(logits, None)
         self.ids[:n].copy_(tokens[:, None])
         pos.add_(busy.long())
@@ -369,13 +304,10 @@ class ContinuousBatcher:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]  # the first n rows
-        slot_pos = self.slot_pos[:n]
-        if self.slot_masks:  # each row's query sits at its own write slot; a free row's at slot 0 (it sees
-            # nothing either way, and the kernel then reads one block of it, not up to its scratch slot)
-            q_slot = torch.where(pos >= 0, self.cache.write_slot[:n, None], 0)
-            m = SlotMask(slot_pos, q_slot).by_layer()
+        if self.paged_reads:
+            m = PagedMask(self.cache.table[:n], pos).by_layer()
         else:
-            m = masks(slot_pos, pos, self.window, self.dtype)
+            m = masks(self.slots[:n], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
@@ -387,7 +319,7 @@ class ContinuousBatcher:
         if not self.use_graph:
             return self._decode_forward(ids, pos)
         if n not in self._graphs:
-            captured = capture(lambda: self._decode_forward(ids, pos), [self.slot_pos])
+            captured = capture(lambda: self._decode_forward(ids, pos))
             if captured is None:
                 self.use_graph = False
                 return self._forward(ids, pos)

@@ -12,15 +12,25 @@ import pytest
 import torch
 
 from runtime import compose
-from runtime.continuous import ContinuousBatcher, pick_row, sample_rows, step_buckets
+from runtime.continuous import ContinuousBatcher, sample_rows, step_buckets
 from runtime.engine import Engine, Request
 from tests.conftest import ROOT
 
 def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int) -> ContinuousBatcher:
-    """The tiny engine's model in a CPU batcher (eager: no graph, no compile; this process samples)."""
-    return ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=max_len,
-                             max_prefill_tokens=max_prefill_tokens, use_graph=False, compile=False, group=None,
-                             leader=True, generator=engine.generator)
+    """The tiny engine's model in a CPU batcher (eager: no graph, no compile; this process samples), each row
+    given its own blocks for max_len tokens (`own_blocks`: the tests that drive the batcher directly; a
+    planner sets every row's table itself)."""
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=max_len,
+                          max_prefill_tokens=max_prefill_tokens, use_graph=False, compile=False, group=None,
+                          leader=True, generator=engine.generator)
+    own_blocks(b)
+    return b
+
+
+def own_blocks(b: ContinuousBatcher) -> None:
+    """Row r: blocks 1 + r * m ... (r + 1) * m, m the blocks of a row (a fixed reservation, like a row cache)."""
+    m = b.max_blocks
+    b.set_tables({r: list(range(1 + r * m, 1 + (r + 1) * m)) for r in range(b.rows)})
 
 
 def count_prefill(b: ContinuousBatcher) -> list[int]:
@@ -76,35 +86,25 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
     assert len(got[0]) == 14
 
 
-def test_kv_rows_sized_from_memory() -> None:
-    """serve.gpu_memory_utilization's arithmetic: a row is every layer's keys and values for max_len + 1
-    slots (the scratch slot) plus its slot positions; rows fill what is left of the fraction."""
-    from runtime.continuous import row_bytes, rows_that_fit
+def test_kv_blocks_sized_from_memory() -> None:
+    """The paged cache's arithmetic: a block is every layer's keys and values for 16 positions; a batcher
+    holds its blocks plus the scratch block; serve.gpu_memory_utilization's blocks fill what is left."""
+    from runtime.kvcache import BLOCK_SIZE, block_bytes, blocks_that_fit
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
     h = engine.model.config
-    per_row = row_bytes(engine.model, engine.dtype, 100)
-    assert per_row == 101 * (2 * h.num_hidden_layers * h.num_key_value_heads * h.head_dim * 4 + 8)
+    per_block = block_bytes(h.num_hidden_layers, h.num_key_value_heads, h.head_dim, engine.dtype)
+    assert per_block == 2 * h.num_hidden_layers * h.num_key_value_heads * BLOCK_SIZE * h.head_dim * 4
     b = batcher(engine, 3, 100, 64)
-    assert b.cache.nbytes + b.slot_pos.numel() * 8 == 3 * per_row
+    assert b.max_blocks == 7 and b.num_blocks == 21 and b.cache.nbytes == 22 * per_block
     gib = 1 << 30
-    assert rows_that_fit(100 * gib, 30 * gib, 0.9, 2 * gib, gib) == 58  # 90 - 30 - 2
-    assert rows_that_fit(100 * gib, 95 * gib, 0.9, 2 * gib, gib) == 0
+    assert blocks_that_fit(100 * gib, 30 * gib, 0.9, 2 * gib, gib) == 58  # 90 - 30 - 2
+    assert blocks_that_fit(100 * gib, 95 * gib, 0.9, 2 * gib, gib) == 0
 
 
-def test_step_sizes_and_row_choice() -> None:
+def test_step_sizes() -> None:
     assert step_buckets(1) == [1] and step_buckets(3) == [1, 3] and step_buckets(64) == [1, 8, 64]
     assert step_buckets(200) == [1, 8, 64, 200] and step_buckets(512) == [1, 8, 64, 512]
-    sizes = [1, 8, 64]
-    # the lowest free row, or one holding more of the prompt within the step size the batch needs anyway
-    assert pick_row([5, 2, 9], [0, 0, 0], 7, sizes) == (2, 0)
-    assert pick_row([5, 2, 9], [11, 10, 0], 7, sizes) == (5, 11)  # rows 0-7 step anyway: any saving
-    assert pick_row([5, 2, 9], [50, 10, 50], 7, sizes) == (5, 50)  # ties: the lower row
-    # a row that makes the step 8x larger must save 32 x 8 more tokens
-    assert pick_row([5, 2, 9], [0, 10, 265], 7, sizes) == (2, 10)
-    assert pick_row([5, 2, 9], [0, 10, 266], 7, sizes) == (9, 266)
-    assert pick_row([0, 9], [0, 2047], 0, sizes) == (0, 0)  # from 1 row to 64: 32 x 64 more needed
-    assert pick_row([0, 9], [0, 2048], 0, sizes) == (9, 2048)
 
 
 def join_and_leave(b: ContinuousBatcher, prompts: list[list[int]], steps: int) -> tuple[dict[int, list[int]], list[int]]:
@@ -171,13 +171,14 @@ def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
             row.append(t)
     b.release([0, 1])
     held = [p + d[:-1] for p, d in zip(first, drawn)]  # what rows 0 and 1 hold now
-    kept = [t[:2].clone() for t in b.cache.k + b.cache.v]
+    theirs = slice(1, 1 + 2 * b.max_blocks)  # rows 0 and 1's blocks
+    kept = [t[theirs].clone() for t in b.cache.k + b.cache.v]
     b.prefill([2], [engine.render(Request(id="z", prompt="2+2?"))], [0.0], [1.0])
     for _ in range(3):  # steps while rows 0 and 1 are free: their held keys must survive them
         b.step()
     b.release([2])
-    for before, now in zip(kept, b.cache.k + b.cache.v):  # every held slot intact (the scratch slot aside)
-        assert torch.equal(before[:, :, : b.max_len], now[:2, :, : b.max_len])
+    for before, now in zip(kept, b.cache.k + b.cache.v):  # every held block intact
+        assert torch.equal(before, now[theirs])
     tail = engine.render(Request(id="x", prompt="And then?"))[-9:]
     prompts = [held[0][:-2] + tail, held[1] + [drawn[1][-1]] + tail, engine.render(Request(id="y", prompt="hi"))]
     cached = [len(held[0]) - 2, len(held[1]), 0]
@@ -348,9 +349,9 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
 
 
 def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
-    """A chat's next turn (the earlier prompt + its answer + a new message) lands in the row that served the
-    first turn: only the new part is computed, `cached_tokens` says how much was not, and the tokens are those
-    of a server without the prefix cache."""
+    """A chat's next turn (the earlier prompt + its answer + a new message) finds the first turn's full blocks
+    in the prefix cache: only the rest is computed, `cached_tokens` says how much was not, and the tokens are
+    those of a server without the prefix cache; another prompt finds the blocks of the system message."""
     import threading
 
     from runtime import distributed
@@ -390,9 +391,10 @@ def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
     assert [t for t, _ in with_cache] == [t for t, _ in without]
     assert [c for _, c in without] == [0, 0, 0]
     first_len = len(engine.render(Request(id="a", prompt="What is the capital of France?")))
-    assert with_cache[0][1] == 0 and with_cache[1][1] == first_len + 5  # the first turn but its last token
+    # the first turn's blocks but its last drawn token (never fed), in whole blocks of 16
+    assert with_cache[0][1] == 0 and with_cache[1][1] == (first_len + 5) // 16 * 16 > 0
     system = len(os.path.commonprefix([engine.render(Request(id="a", prompt="x")), engine.render(Request(id="b", prompt="y"))]))
-    assert with_cache[2][1] >= system - 1
+    assert with_cache[2][1] == system // 16 * 16 > 0
 
 
 def test_warm_up_leaves_no_trace() -> None:
@@ -408,7 +410,8 @@ def test_warm_up_leaves_no_trace() -> None:
 
     warmed = batcher(engine, 2, 128, 4096)
     assert warmed.warm_up() >= 0
-    assert bool((warmed.pos == -1).all()) and bool((warmed.slot_pos == -1).all())
+    assert bool((warmed.pos == -1).all())
+    own_blocks(warmed)  # (the warm-up's sequence had blocks of its own)
     assert tokens(warmed) == tokens(batcher(engine, 2, 128, 4096))
 
 
@@ -453,8 +456,8 @@ def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
 
 
 def test_a_request_cancelled_part_way_through_its_prefill_leaves_only_its_chunks_for_reuse() -> None:
-    """The prefix cache must not offer a row's whole prompt when only its first chunks went in (a client
-    that gave up during a long prefill, then retried): the row holds, and offers, exactly those chunks."""
+    """The prefix cache must not offer a whole prompt when only its first chunks went in (a client that gave
+    up during a long prefill, then retried): exactly those chunks' blocks are findable."""
     from runtime import distributed
     from runtime.engine import CALL
     from runtime.serve.scheduler import Scheduler, Submission
@@ -469,5 +472,5 @@ def test_a_request_cancelled_part_way_through_its_prefill_leaves_only_its_chunks
     assert [(a.row, a.cached, a.end) for a in first.admit] == [(0, 0, 16)] and not first.decode
     sub.cancel()
     second = sched._plan()
-    assert second.release == [0] and sched.held[0].tolist() == prompt[:16]
-    assert sched._best_row([0], prompt) == (0, 16)  # a retry reuses the 16 tokens that are in, no more
+    assert second.release == [0] and not second.admit
+    assert len(sched.planner.pool.lookup(prompt)) == 1  # a retry reuses the 16 tokens that are in, no more

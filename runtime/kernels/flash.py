@@ -7,16 +7,18 @@ visible keys plus one sink logit per head, the sink dropped after the softmax. H
   the sink is the softmax's starting state (max = sink, sum = 1), so a row that sees no key gives 0;
 - the query heads that share a KV head are rows of one tile (row r = query r // G, head r % G), so
   each key and value is read once per KV head, for all G query heads (grouped-query attention);
-- what a query sees comes from the cache's bookkeeping (`SlotMask`): slot s is visible to a query
-  written at slot q when slot s holds a token (position >= 0), s <= q and, on sliding layers,
-  s > q - window. Slots of a row hold consecutive positions, so this is the causal rule and the
-  128-token window; key blocks outside [q - window, q] are never read (sliding layers read the
-  window, not the cache);
+- what a query sees comes from the cache's bookkeeping: with a static cache (`SlotMask`) slot s is
+  visible to a query written at slot q when slot s holds a token (position >= 0), s <= q and, on
+  sliding layers, s > q - window. Slots of a row hold consecutive positions, so this is the causal
+  rule and the 128-token window; key blocks outside [q - window, q] are never read (sliding layers
+  read the window, not the cache). With the paged cache (`PagedMask`, runtime/kvcache.py) the keys are
+  a pool of blocks and each row's block table says where its position s lives (block s // BS of the
+  row's list, slot s % BS); position s is visible to the query at position q by the same rule;
 - decode (few query rows) splits the keys of a long cache over several programs (split-K) whose
   partial results are merged by their log-sum-exp, so a batch of one still fills the GPU.
 The bounds are read from tensors inside the kernel: no host sync, capturable in a CUDA graph.
 Where Triton cannot run (no GPU and not TRITON_INTERPRET=1) the same SlotMask becomes an additive
-mask for runtime.kernels.attention (gqa_sinks).
+mask (and a PagedMask's blocks are gathered first) for runtime.kernels.attention (gqa_sinks).
 """
 
 from __future__ import annotations
@@ -65,21 +67,48 @@ class SlotMask:
         return torch.where(vis, torch.zeros((), dtype=dtype, device=vis.device), torch.finfo(dtype).min)
 
 
+@dataclass
+class PagedMask:
+    """What each query may see in the paged KV cache (runtime/kvcache.py), given in place of an additive mask:
+    the keys passed are the layer's pools [blocks, Hkv, BS, D].
+
+    table: [B, M] int32, the physical block of each row's block 0..M-1 (position p: block p // BS, slot p % BS).
+    q_pos: [B, T] each query's position; it sees positions <= its own (in the window on sliding layers); -1: a
+           pad query, which sees nothing.
+    """
+
+    table: torch.Tensor
+    q_pos: torch.Tensor
+
+    def by_layer(self) -> dict[str, PagedMask]:
+        return {"full_attention": self, "sliding_attention": self}
+
+    def dense(self, key: torch.Tensor, value: torch.Tensor, window: int | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows' keys and values as consecutive slots [B, Hkv, M * BS, D] and the additive mask [B, 1, T, S]
+        (for the torch fallback)."""
+        from runtime.kvcache import gather
+
+        k, v = gather(key, self.table), gather(value, self.table)
+        slots = torch.arange(k.shape[2], device=k.device).expand(k.shape[0], -1)
+        return k, v, SlotMask(slots, self.q_pos).additive(window, dtype)
+
+
 if HAVE_TRITON:
 
     @triton.jit
     def _flash_kernel(
-        q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, table_ptr, o_ptr, lse_ptr,
         sq_b, sq_h, sq_t,  # q [B, Hq, T, D] strides (D contiguous)
-        sk_b, sk_h, sk_s,  # k [B, Hkv, S, D] strides (D contiguous)
-        sv_b, sv_h, sv_s,  # v [B, Hkv, S, D] strides (D contiguous)
+        sk_b, sk_h, sk_s,  # k [B, Hkv, S, D] strides (paged: [blocks, Hkv, BS, D]; D contiguous)
+        sv_b, sv_h, sv_s,  # v likewise
         so_p, so_b, so_t,  # out [P, B, T, Hq, D] strides (Hq, D contiguous)
-        T, S, HKV, HQ, scale_log2, window,
+        T, S, HKV, HQ, scale_log2, window, st_b,  # st_b: the block table's row stride
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)  # rows x KV heads on the first axis: the one that may exceed 65,535
+        pid_m = tl.program_id(1)
         split = tl.program_id(2)
         b = (pid_bh // HKV).to(tl.int64)
         hk = pid_bh % HKV
@@ -104,19 +133,27 @@ if HAVE_TRITON:
         m_i = tl.where(first, sink, float("-inf"))
         l_i = tl.where(first, 1.0, 0.0)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        k_row = b * sk_b + hk * sk_h
-        v_row = b * sv_b + hk * sv_h
         for s0 in range(start, end, BLOCK_N):
             s = s0 + tl.arange(0, BLOCK_N)
             s_ok = s < end
-            kt = tl.load(k_ptr + k_row + s[None, :] * sk_s + d[:, None], mask=s_ok[None, :], other=0.0)  # [D, N]
+            if PAGED:  # position s of row b: slot s % BS of the block its table lists at s // BS
+                blk = tl.load(table_ptr + b * st_b + s // BS, mask=s_ok, other=0).to(tl.int64)
+                k_at = blk * sk_b + hk * sk_h + (s % BS) * sk_s
+                v_at = blk * sv_b + hk * sv_h + (s % BS) * sv_s
+            else:
+                k_at = b * sk_b + hk * sk_h + s * sk_s
+                v_at = b * sv_b + hk * sv_h + s * sv_s
+            kt = tl.load(k_ptr + k_at[None, :] + d[:, None], mask=s_ok[None, :], other=0.0)  # [D, N]
             if IEEE:
                 sc = tl.dot(q, kt, input_precision="ieee")
             else:
                 sc = tl.dot(q, kt)
             sc = (sc * scale_log2).to(tl.float32)  # (under torch.compile the scale may arrive as fp64)
-            pos = tl.load(slot_pos_ptr + b * S + s, mask=s_ok, other=-1)
-            vis = (pos[None, :] >= 0) & (s[None, :] <= qs[:, None]) & s_ok[None, :]
+            if PAGED:  # every position before a query's own is held
+                vis = (s[None, :] <= qs[:, None]) & s_ok[None, :]
+            else:
+                pos = tl.load(slot_pos_ptr + b * S + s, mask=s_ok, other=-1)
+                vis = (pos[None, :] >= 0) & (s[None, :] <= qs[:, None]) & s_ok[None, :]
             vis = vis & ((window == 0) | (s[None, :] > qs[:, None] - window))
             sc = tl.where(vis, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -124,7 +161,7 @@ if HAVE_TRITON:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_ptr + v_row + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0.0)  # [N, D]
+            vt = tl.load(v_ptr + v_at[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)  # [N, D]
             if IEEE:
                 pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
             else:
@@ -138,18 +175,21 @@ if HAVE_TRITON:
         tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
         if SPLITS > 1:  # log-sum-exp (natural) of this split's part, for the merge
             lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-            tl.store(lse_ptr + ((split * (tl.num_programs(1) // HKV) + b) * T + t) * HQ + h, lse, mask=row_ok)
+            tl.store(lse_ptr + ((split * (tl.num_programs(0) // HKV) + b) * T + t) * HQ + h, lse, mask=row_ok)
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, (n - 1).bit_length()))
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, mask: SlotMask,
-                    scaling: float, window: int | None) -> torch.Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D] (the cache), sinks [Hq] -> [B, T, Hq, D]."""
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                    mask: SlotMask | PagedMask, scaling: float, window: int | None) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] (the cache; with a PagedMask the pools [blocks, Hkv, BS, D]),
+    sinks [Hq] -> [B, T, Hq, D]."""
     b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    paged = isinstance(mask, PagedMask)
+    hkv = k.shape[1]
+    s = mask.table.shape[1] * k.shape[2] if paged else k.shape[2]
     g = hq // hkv
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel steps D by 1
     rows = t * g
@@ -163,13 +203,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
         splits = max(1, min(math.ceil(span / 256), math.ceil(2 * sms / (b * hkv))))
     out = torch.empty((splits, b, t, hq, d), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, b, t, hq) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(rows, block_m), b * hkv, splits)
+    grid = (b * hkv, triton.cdiv(rows, block_m), splits)
+    table = mask.table if paged else mask.slot_pos  # (the other pointer is not read)
+    q_slot = mask.q_pos if paged else mask.q_slot
     _flash_kernel[grid](
-        q, k, v, sinks, mask.slot_pos, mask.q_slot.contiguous(), out, lse,
+        q, k, v, sinks, mask.q_pos if paged else mask.slot_pos, q_slot.contiguous(), table, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
-        t, s, hkv, hq, scaling * LOG2E, int(window or 0),
+        t, s, hkv, hq, scaling * LOG2E, int(window or 0), table.stride(0),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        PAGED=paged, BS=k.shape[2] if paged else 1,
         num_warps=4 if decode else 8, num_stages=2 if decode else 3,
     )
     if splits == 1:
@@ -189,16 +232,20 @@ def sinks_attention(
     query: torch.Tensor,  # [B, Hq, T, D]
     key: torch.Tensor,  # [B, Hkv, S, D]
     value: torch.Tensor,  # [B, Hkv, S, D]
-    attention_mask: SlotMask | torch.Tensor | None,
+    attention_mask: SlotMask | PagedMask | torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
     sliding_window: int | None = None,
     s_aux: torch.Tensor | None = None,  # [Hq] sink logits
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature; a SlotMask selects the kernel, anything else
+    """transformers' attention-interface signature; a SlotMask or PagedMask selects the kernel, anything else
     (transformers' own masks with the dynamic cache, or no Triton here) the gqa_sinks path."""
     sinks = module.sinks if s_aux is None else s_aux
+    if isinstance(attention_mask, PagedMask):
+        if supported(query, key):
+            return flash_attention(query, key, value, sinks, attention_mask, scaling, sliding_window), None
+        key, value, attention_mask = attention_mask.dense(key, value, sliding_window, query.dtype)
     if isinstance(attention_mask, SlotMask):
         if supported(query, key):
             return flash_attention(query, key, value, sinks, attention_mask, scaling, sliding_window), None

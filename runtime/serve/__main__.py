@@ -44,7 +44,7 @@ def check(cfg: DictConfig, world_size: int) -> None:
             "over tp_size/ep_size, or start one server per replica behind a load balancer"
         )
     if cfg.generation.kv_cache != "static":
-        raise UserError(f"generation.kv_cache={cfg.generation.kv_cache}: the server always uses its own static "
+        raise UserError(f"generation.kv_cache={cfg.generation.kv_cache}: the server always uses its own paged "
                         "per-request cache; drop the override")
     if not 0 <= sc.port <= 65535:
         raise UserError(f"serve.port={sc.port}: use a TCP port (0 picks a free one)")
@@ -52,6 +52,9 @@ def check(cfg: DictConfig, world_size: int) -> None:
                      ("max_connections", 1)):
         if sc[key] < low:
             raise UserError(f"serve.{key}={sc[key]} must be >= {low}")
+    if sc.kv_cache_tokens is not None and sc.kv_cache_tokens < sc.max_len:
+        raise UserError(f"serve.kv_cache_tokens={sc.kv_cache_tokens} cannot hold one request of serve.max_len="
+                        f"{sc.max_len} tokens: raise it to at least {sc.max_len}, or lower serve.max_len")
     util = sc.gpu_memory_utilization
     if util is not None and not 0 < util <= 1:
         raise UserError(f"serve.gpu_memory_utilization={util}: give a fraction of GPU memory in (0, 1], e.g. 0.9")
@@ -103,30 +106,37 @@ def run(cfg: DictConfig) -> None:
     stop = StopRequest.from_env()  # installed before loading: a stop during loading is honoured
     signal.signal(signal.SIGINT, lambda *_: setattr(stop, "signalled", signal.SIGINT))  # rank 0 stops everyone
 
-    from runtime.continuous import ContinuousBatcher, row_bytes
+    from runtime.continuous import ContinuousBatcher
     from runtime.engine import CALL, Engine
+    from runtime.kvcache import BLOCK_SIZE, blocks_for
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
     import torch  # loaded by now (the HTTP port was bound before any of it)
 
-    per_row = row_bytes(engine.model, engine.dtype, sc.max_len)
-    rows = sc.max_batch if sc.gpu_memory_utilization is None else _rows_in_memory(engine, sc, per_row, layout)
+    per_block = _block_bytes(engine)
+    if sc.gpu_memory_utilization is not None:
+        blocks = _blocks_in_memory(engine, sc, per_block, layout)
+    else:
+        blocks = blocks_for(sc.kv_cache_tokens if sc.kv_cache_tokens is not None else sc.max_batch * sc.max_len)
+    rows = sc.max_batch
     try:
         batcher = ContinuousBatcher(
             engine.model, engine.dtype, engine.device, rows, sc.max_len, sc.max_prefill_tokens,
             gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
+            num_blocks=blocks,
         )
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "alloc" not in str(e):
             raise
-        raise UserError(f"the KV cache of {rows} rows (serve.max_batch) x serve.max_len={sc.max_len} tokens "
-                        f"({rows * per_row / 1e9:.1f} GB on each rank) does not fit: lower either, or set "
+        raise UserError(f"a KV cache of {blocks * BLOCK_SIZE} tokens ({blocks * per_block / 1e9:.1f} GB on each rank) "
+                        "does not fit: lower serve.kv_cache_tokens (or serve.max_batch x serve.max_len), or set "
                         "serve.gpu_memory_utilization to size it from the memory left") from None
     warm = batcher.warm_up()  # compile, capture and autotune before /health says ok (every rank at once)
     if layout.is_writer:
-        log.info("KV cache: %d rows x %d tokens = %d tokens, %.2f GB on this rank; decode step sizes %s; warm-up "
-                 "(compile, graph capture) %.1f s", rows, sc.max_len, rows * sc.max_len, batcher.cache.nbytes / 1e9,
+        log.info("KV cache: %d blocks of %d = %d tokens (%.1f requests of serve.max_len=%d), %.2f GB on this rank; "
+                 "%d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks, BLOCK_SIZE,
+                 blocks * BLOCK_SIZE, blocks * BLOCK_SIZE / sc.max_len, sc.max_len, batcher.cache.nbytes / 1e9, rows,
                  batcher.buckets, warm)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
@@ -145,30 +155,39 @@ def run(cfg: DictConfig) -> None:
     engine.close(batcher)
 
 
-def _rows_in_memory(engine: Any, sc: DictConfig, per_row: int, layout: Any) -> int:
-    """serve.gpu_memory_utilization: the rows of serve.max_len tokens that fit on every rank after the weights,
-    leaving room for a prefill's activations."""
+def _block_bytes(engine: Any) -> int:
+    """Device bytes of one KV-cache block on this rank (its KV heads, every layer)."""
+    from runtime.kvcache import block_bytes
+
+    attn = engine.model.model.layers[0].self_attn
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    return block_bytes(engine.hf_config.num_hidden_layers, kv_heads, attn.head_dim, engine.dtype)
+
+
+def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) -> int:
+    """serve.gpu_memory_utilization: the KV-cache blocks that fit on every rank after the weights, leaving room
+    for a prefill's activations."""
     import torch
 
-    from runtime.continuous import rows_that_fit
+    from runtime.kvcache import BLOCK_SIZE, blocks_for, blocks_that_fit
 
     if engine.device.type != "cuda":
         raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; without a GPU set "
-                        "serve.max_batch (and drop serve.gpu_memory_utilization)")
+                        "serve.kv_cache_tokens or serve.max_batch (and drop serve.gpu_memory_utilization)")
     free, total = torch.cuda.mem_get_info(engine.device)
     h = engine.hf_config
     reserve = max(1 << 30, 64 * sc.max_prefill_tokens * h.hidden_size)  # a chunk's activations, generously
-    rows = rows_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_row)
-    everyone = distributed.gather_to_writer(rows, layout)
-    rows = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)
-    if rows < 1:
-        raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves no room for one KV-cache "
-                        f"row of serve.max_len={sc.max_len} tokens ({per_row / 1e9:.2f} GB; {free / 2**30:.1f} GiB "
+    blocks = blocks_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_block)
+    everyone = distributed.gather_to_writer(blocks, layout)
+    blocks = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)
+    if blocks < blocks_for(sc.max_len):
+        raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves room for {blocks * BLOCK_SIZE} "
+                        f"KV-cache tokens, less than one request of serve.max_len={sc.max_len} ({free / 2**30:.1f} GiB "
                         f"of {total / 2**30:.1f} GiB free after loading): raise it, or lower serve.max_len")
     if layout.is_writer:
-        log.info("serve.gpu_memory_utilization=%s: %d rows of %d tokens fit (%.1f GiB free of %.1f GiB after the "
-                 "weights)", sc.gpu_memory_utilization, rows, sc.max_len, free / 2**30, total / 2**30)
-    return rows
+        log.info("serve.gpu_memory_utilization=%s: %d KV-cache tokens fit (%.1f GiB free of %.1f GiB after the "
+                 "weights)", sc.gpu_memory_utilization, blocks * BLOCK_SIZE, free / 2**30, total / 2**30)
+    return blocks
 
 
 def _render(job: Job) -> list[int]:

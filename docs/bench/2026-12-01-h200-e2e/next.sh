@@ -30,8 +30,8 @@ run prefix-shared $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.
 run prefix-none $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     'bench.concurrency=[1]' bench.num_prompts=8 bench.prefix_len=0 bench.input_len=4100 bench.output_len=16 \
     $OUT bench.out_dir=$R/prefix-none
-run http512 $PY docs/bench/2026-12-01-cpu-http/http512.py 64 256 512 --tokens 128
 run offline20 $PY -m runtime.bench bench.mode=offline model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
-    bench.num_prompts=1000 bench.input_len=1050 bench.output_len=525 bench.range_ratio=0.9 'bench.batch_sizes=[256]' \
+    bench.num_prompts=512 bench.input_len=1050 bench.output_len=525 bench.range_ratio=0.9 'bench.batch_sizes=[256]' \
     $OUT bench.out_dir=$R/offline20
+run http512 $PY docs/bench/2026-12-01-cpu-http/http512.py 64 256 512 --tokens 128
 stamp "all done"

@@ -1,0 +1,185 @@
+"""The paged KV cache: a pool of fixed-size blocks on the device, and the host's bookkeeping of them.
+
+Every layer's keys and values live in one pool per layer, [blocks, kv_heads, BLOCK_SIZE, head_dim]. A
+sequence owns a list of blocks (its block table): position p of the sequence is slot p % BLOCK_SIZE of its
+block p // BLOCK_SIZE. Blocks are taken as a sequence grows and given back when it ends, so the cache holds
+the tokens the running sequences have, not rows x max_len (`PagedKVCache`, on the device).
+
+`BlockPool` (host only, no torch) hands blocks out and keeps the prefix cache: a full block is known by its
+tokens and everything before them (a chain of keys: the previous block's key and this block's tokens), so
+two prompts that start alike share their first blocks, and a sequence that ended leaves its full blocks
+findable until their room is needed (least recently freed first). Shared blocks are only ever read: a
+sequence writes to blocks it alone holds (a prompt's cached part ends at a block boundary before its last
+token, see `lookup`). Block 0 is scratch: free rows of a decode step and pad tokens write their junk there.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+BLOCK_SIZE = 16
+"""Tokens per KV-cache block (the prefix cache's granularity)."""
+
+SCRATCH = 0
+"""The block that junk writes go to; never given to a sequence."""
+
+
+def blocks_for(tokens: int) -> int:
+    """Blocks that hold `tokens` positions."""
+    return -(-tokens // BLOCK_SIZE)
+
+
+class BlockPool:
+    """Blocks 1..num_blocks: free, held by sequences (reference counted), or cached (free, but findable by
+    their content until reused)."""
+
+    def __init__(self, num_blocks: int, prefix_cache: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.prefix_cache = prefix_cache
+        self.free: deque[int] = deque(range(1, num_blocks + 1))  # holding nothing findable
+        self.refs = [0] * (num_blocks + 1)
+        self.key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its content key
+        self.by_key: dict[tuple[int, tuple[int, ...]], int] = {}  # content key -> block
+        self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced findable blocks, oldest first
+
+    @property
+    def available(self) -> int:
+        """Blocks that can be handed out now (free, or cached and unreferenced)."""
+        return len(self.free) + len(self.cached)
+
+    @staticmethod
+    def _keys(tokens: Sequence[int], n: int) -> list[tuple[int, tuple[int, ...]]]:
+        keys, parent = [], 0
+        for j in range(n):
+            key = (parent, tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def lookup(self, tokens: Sequence[int]) -> list[int]:
+        """The cached blocks holding the longest prefix of `tokens`, in whole blocks, leaving at least the last
+        token to compute (its logits give the next token). Not taken: see `take`."""
+        if not self.prefix_cache:
+            return []
+        out = []
+        for key in self._keys(tokens, (len(tokens) - 1) // BLOCK_SIZE):
+            block = self.by_key.get(key)
+            if block is None:
+                break
+            out.append(block)
+        return out
+
+    def take(self, blocks: Sequence[int]) -> None:
+        """Hold these (cached) blocks for one more sequence."""
+        for b in blocks:
+            self.refs[b] += 1
+            self.cached.pop(b, None)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n blocks for one sequence (fresh ones first, then the least recently freed cached ones, whose content
+        is forgotten); None, taking nothing, when fewer are available."""
+        if n > self.available:
+            return None
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:
+                b, _ = self.cached.popitem(last=False)
+                del self.by_key[self.key_of.pop(b)]
+            self.refs[b] = 1
+            out.append(b)
+        return out
+
+    def register(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
+        """`tokens` (position order) have their keys in `blocks`: the full ones become findable by that content
+        (unless the same content is findable already), for other sequences to share while this one runs and
+        after it ends."""
+        full = min(len(blocks), len(tokens) // BLOCK_SIZE) if self.prefix_cache else 0
+        for b, key in zip(blocks, self._keys(tokens, full)):
+            if b not in self.key_of and key not in self.by_key:
+                self.key_of[b], self.by_key[key] = key, b
+
+    def release(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
+        """A sequence lets go of its blocks; `tokens` are the ones whose keys it wrote (see `register`)."""
+        self.register(blocks, tokens)
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.key_of:
+                    self.cached[b] = None
+                else:
+                    self.free.append(b)
+
+
+class PagedKVCache:
+    """K/V pools [num_blocks + 1, kv_heads, BLOCK_SIZE, head_dim] per layer (block 0: scratch) and the rows'
+    block tables [rows, max_blocks] on the device; duck-types the part of transformers' Cache that
+    GptOssAttention uses (`update`).
+
+    Before each forward the batcher sets where this forward's tokens go (`write_block`, `write_offset`, one per
+    token, flattened) and what `update` returns: `dense_rows` None: the pools themselves (the paged kernel reads
+    them through the block table); `dense_rows` set (attention implementations that want [n, H, S, D] keys):
+    those rows' blocks gathered into consecutive slots, `dense_blocks` of them; `fresh`: the forward's own keys
+    (a prompt with nothing cached attends to itself only).
+    """
+
+    def __init__(self, layers: int, num_blocks: int, rows: int, max_blocks: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_blocks + 1, kv_heads, BLOCK_SIZE, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.table = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
+        self.write_block = torch.zeros(rows, dtype=torch.long, device=device)  # the decode step's, per row
+        self.write_offset = torch.zeros(rows, dtype=torch.long, device=device)
+        self.prefill_write: tuple[torch.Tensor, torch.Tensor] | None = None  # [n * W] blocks, offsets
+        self.fresh = False
+        self.dense_rows: torch.Tensor | slice | None = None
+        self.dense_blocks = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        n, h, w, d = key.shape
+        if self.prefill_write is not None:
+            blk, off = self.prefill_write
+        else:
+            blk, off = self.write_block[:n], self.write_offset[:n]
+        kp, vp = self.k[layer_idx], self.v[layer_idx]
+        kp[blk, :, off] = key.permute(0, 2, 1, 3).reshape(n * w, h, d)
+        vp[blk, :, off] = value.permute(0, 2, 1, 3).reshape(n * w, h, d)
+        if self.fresh:
+            return key, value
+        if self.dense_rows is None:
+            return kp, vp
+        table = self.table[self.dense_rows, : self.dense_blocks]
+        return gather(kp, table), gather(vp, table)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def gather(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A pool's blocks [N, H, BS, D] listed in `table` [n, m], as consecutive slots [n, H, m * BS, D]."""
+    n, m = table.shape
+    _, h, bs, d = pool.shape
+    return pool[table.long()].permute(0, 2, 1, 3, 4).reshape(n, h, m * bs, d)
+
+
+def block_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Device bytes of one block in every layer's key and value pools."""
+    return 2 * layers * kv_heads * BLOCK_SIZE * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def blocks_that_fit(total: int, used: int, utilization: float, reserve: int, per_block: int) -> int:
+    """Blocks of `per_block` bytes in `utilization` x `total` bytes of device memory, less what is `used` (the
+    weights, other processes) and a `reserve` for activations."""
+    return max(0, int((utilization * total - used - reserve) // per_block))

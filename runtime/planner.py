@@ -1,0 +1,245 @@
+"""The engine's one scheduler: which sequences run, which blocks they hold, what each step computes.
+
+`Planner` keeps the waiting queue (first come, first served), the running sequences in the batcher's rows
+and the KV cache's blocks (`runtime.kvcache.BlockPool`). Each `plan()` says what one step does:
+- rows whose sequence ended are freed (their blocks go back to the pool; full blocks stay findable);
+- every decoding sequence gets the block its next token's key goes to; when the pool is out of blocks the
+  newest running sequence is preempted: its blocks are given back and it waits at the head of the queue, to
+  be prefilled again (prompt and the tokens it has drawn; most of it found in the prefix cache) and go on
+  where it stopped, so nothing fails and its tokens are what it would get alone;
+- at most `max_prefill_tokens` prompt tokens are computed (chunked prefill): sequences part-way through
+  their prompt go on first, then waiting ones join the lowest free rows while blocks allow, each skipping
+  the whole blocks of its prompt the prefix cache holds.
+A `Plan` is plain data: the server's leader broadcasts it and every rank runs it (`execute`); the offline
+queue (runtime/offline.py) computes the same plans on every rank. The drivers hand sampled tokens to the
+sequences and call `finish` when one ends (a stop token, its limit, a cancel).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.kvcache import BLOCK_SIZE, BlockPool, blocks_for
+
+
+@dataclass
+class Seq:
+    """One request as the planner sees it."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    payload: Any = None
+    """The driver's handle (the server's Submission, the offline prompt's index)."""
+    tokens: list[int] = field(default_factory=list)
+    """Tokens drawn so far (kept across preemptions)."""
+    blocks: list[int] = field(default_factory=list)
+    done: int = 0
+    """While prefilling: tokens of `fed()` whose keys are in its blocks."""
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at its first admission (the usage's cached_tokens)."""
+    row: int = -1
+    preemptions: int = 0
+
+    def fed(self) -> list[int]:
+        """What a prefill computes: the prompt and every token drawn (a preempted sequence's are fed again)."""
+        return self.prompt + self.tokens if self.tokens else self.prompt
+
+
+@dataclass
+class Admit:
+    """A prefill: a row's sequence (prompt and drawn tokens) from `cached` to `end` (None: to its end, then it
+    decodes; else a chunk, the rest in later steps)."""
+
+    row: int
+    prompt: list[int]
+    temperature: float
+    top_p: float
+    cached: int = 0
+    end: int | None = None
+
+    @property
+    def computed(self) -> int:
+        """Prompt tokens this step computes."""
+        return (len(self.prompt) if self.end is None else self.end) - self.cached
+
+
+@dataclass
+class Plan:
+    """One step for every rank: free rows, set block tables, prefill, decode the batch (or stop)."""
+
+    release: list[int] = field(default_factory=list)
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    """Rows whose block list changed: the whole list."""
+    admit: list[Admit] = field(default_factory=list)
+    decode: bool = False
+    shutdown: bool = False
+
+
+class Planner:
+    """Waiting and running sequences over `rows` rows and a pool of blocks."""
+
+    def __init__(self, rows: int, pool: BlockPool, max_blocks: int, max_prefill_tokens: int) -> None:
+        if pool.num_blocks < max_blocks:
+            raise ValueError(f"a KV cache of {pool.num_blocks} blocks cannot hold one sequence of {max_blocks} "
+                             "blocks")
+        self.pool, self.max_blocks = pool, max_blocks
+        self.max_prefill_tokens = max_prefill_tokens
+        self.rows: list[Seq | None] = [None] * rows
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # admission order
+        self.filling: set[int] = set()  # rows part-way through their prompt
+        self.preemptions = 0
+        self.cached_tokens = 0
+        """Prompt tokens found in the prefix cache at first admissions, in all."""
+        self._freed: list[int] = []  # rows freed since the last plan
+        self._register: list[Seq] = []  # sequences whose new prompt blocks become findable at the next plan
+
+    def fits(self, prompt_len: int, max_tokens: int) -> bool:
+        """Whether a sequence of this prompt and answer can ever run (it fits a row and the whole cache)."""
+        return blocks_for(prompt_len + max_tokens) <= self.max_blocks
+
+    def add(self, seq: Seq) -> None:
+        if not self.fits(len(seq.prompt), seq.max_tokens):
+            raise ValueError(f"a prompt of {len(seq.prompt)} tokens and {seq.max_tokens} new ones exceed a row's "
+                             f"{self.max_blocks * BLOCK_SIZE} positions")
+        self.waiting.append(seq)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def decoding(self, row: int) -> bool:
+        return self.rows[row] is not None and row not in self.filling
+
+    def written(self, seq: Seq) -> list[int]:
+        """The tokens whose keys `seq`'s blocks hold: its prefill so far, or all fed but the last drawn."""
+        fed = seq.fed() if seq.row in self.filling else seq.prompt + seq.tokens[:-1]
+        return fed[: seq.done] if seq.row in self.filling else fed
+
+    def finish(self, seq: Seq) -> None:
+        """The sequence ended (or is dropped): its row is freed at the next plan, its blocks now."""
+        self._leave(seq)
+
+    def _leave(self, seq: Seq) -> None:
+        self.pool.release(seq.blocks, self.written(seq))
+        self.rows[seq.row] = None
+        self.running.remove(seq)
+        self.filling.discard(seq.row)
+        self._freed.append(seq.row)
+        seq.blocks, seq.done, seq.row = [], 0, -1
+
+    def _preempt(self, seq: Seq) -> None:
+        self._leave(seq)
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Seq, blocks: int, plan: Plan) -> bool:
+        """Give `seq` blocks up to `blocks` in all, preempting newer sequences while the pool is short;
+        False when `seq` is the newest and the pool still is."""
+        need = blocks - len(seq.blocks)
+        if need <= 0:
+            return True
+        while self.pool.available < need:
+            victim = next((s for s in reversed(self.running) if s is not seq), None)
+            if victim is None or self.running.index(victim) < self.running.index(seq):
+                return False
+            self._preempt(victim)
+        new = self.pool.allocate(need)
+        assert new is not None
+        seq.blocks += new
+        plan.tables[seq.row] = list(seq.blocks)
+        return True
+
+    def plan(self) -> Plan:
+        plan = Plan()
+        for seq in self._register:
+            if seq.row >= 0:
+                self.pool.register(seq.blocks, self.written(seq))
+        self._register = []
+        # the decode step's blocks, oldest sequence first (newest preempted when short)
+        for seq in list(self.running):
+            if seq.row < 0 or seq.row in self.filling:
+                continue  # preempted meanwhile, or still prefilling
+            at = len(seq.prompt) + len(seq.tokens) - 1  # where the last drawn token's key goes
+            if not self._grow(seq, at // BLOCK_SIZE + 1, plan):
+                self._preempt(seq)
+        budget = self.max_prefill_tokens
+        for seq in [s for s in self.running if s.row in self.filling]:  # chunks of prompts part-way in
+            if budget <= 0:
+                break
+            if seq.row < 0:
+                continue
+            fed = seq.fed()
+            end = min(len(fed), seq.done + budget)
+            if not self._grow(seq, blocks_for(end + (end == len(fed))), plan):
+                break
+            plan.admit.append(self._admit(seq, fed, seq.done, end))
+            budget -= end - plan.admit[-1].cached
+        free = [r for r, s in enumerate(self.rows) if s is None]
+        while self.waiting and free and budget > 0:
+            seq = self.waiting[0]
+            fed = seq.fed()
+            hits = self.pool.lookup(fed)
+            start = len(hits) * BLOCK_SIZE
+            end = min(len(fed), start + budget)
+            self.pool.take(hits)  # before allocating: the hits are not evicted for this sequence's own blocks
+            new = self.pool.allocate(blocks_for(end + (end == len(fed))) - len(hits))
+            if new is None:  # the pool is full: wait for blocks (first come, first served)
+                self.pool.release(hits, [])
+                break
+            self.waiting.popleft()
+            seq.row, seq.blocks = free.pop(0), hits + new
+            if not seq.tokens and not seq.preemptions:
+                seq.cached_tokens = start
+                self.cached_tokens += start
+            self.rows[seq.row] = seq
+            self.running.append(seq)
+            plan.tables[seq.row] = list(seq.blocks)
+            plan.admit.append(self._admit(seq, fed, start, end))
+            budget -= end - start
+        plan.release, self._freed = sorted(set(self._freed)), []  # (a row taken again is released first)
+        plan.decode = any(s.row not in self.filling for s in self.running)
+        return plan
+
+    def _admit(self, seq: Seq, fed: list[int], start: int, end: int) -> Admit:
+        seq.done = end
+        self._register.append(seq)
+        if end < len(fed):
+            self.filling.add(seq.row)
+            return Admit(seq.row, fed, seq.temperature, seq.top_p, start, end)
+        self.filling.discard(seq.row)
+        return Admit(seq.row, fed, seq.temperature, seq.top_p, start)
+
+
+def execute_prefill(plan: Plan, batcher: Any, everywhere: bool = False) -> list[int] | None:
+    """Free the plan's rows, set its block tables, run its prefills on this rank; the first tokens of the
+    sequences that completed their prompt (a host list on the leader, or `everywhere`; None elsewhere)."""
+    batcher.release(plan.release)
+    batcher.set_tables(plan.tables)
+    part = [a for a in plan.admit if a.end is not None]
+    if part:  # chunks of longer prompts: keys stored, nothing sampled, the rows wait for their next chunk
+        batcher.prefill([a.row for a in part], [a.prompt[: a.end] for a in part], [a.temperature for a in part],
+                        [a.top_p for a in part], [a.cached for a in part], partial=True)
+    whole = [a for a in plan.admit if a.end is None]
+    listed = batcher.leader or everywhere
+    if not whole:
+        return [] if listed else None
+    out = batcher.prefill([a.row for a in whole], [a.prompt for a in whole], [a.temperature for a in whole],
+                          [a.top_p for a in whole], [a.cached for a in whole])
+    return out.tolist() if listed else None
+
+
+def execute(plan: Plan, batcher: Any) -> tuple[list[int] | None, list[int] | None]:
+    """Run a plan on this rank; (first tokens of the completed prefills, one token per row), as host lists on
+    the leader (None elsewhere, where nothing waits for them)."""
+    first = execute_prefill(plan, batcher)
+    step = None
+    if plan.decode:
+        out = batcher.step()
+        step = out.tolist() if batcher.leader else None
+    return first, step
