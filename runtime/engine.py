@@ -360,7 +360,7 @@ class Engine:
             s.cached_tokens += run.cached_tokens
             s.batches.append({"size": gen.batch_size, "prefill_s": run.prefill_seconds,
                               "decode_s": run.decode_seconds, "new_tokens": new_tokens, "continuous": True})
-            self.batcher.release(run.unfinished_rows)  # rows a stop left busy: free for the next call
+            run.close()  # rows a stop left busy: free for the next call
         return collected
 
     def _queue(self, prompts: list[list[int]]) -> QueueRun:

@@ -71,10 +71,10 @@ class QueueRun:
         """Prompt tokens not computed, their keys found in the prefix cache."""
         return self.planner.cached_tokens
 
-    @property
-    def unfinished_rows(self) -> list[int]:
-        """Rows holding a sequence (to free when a run stops early)."""
-        return [s.row for s in self.planner.running]
+    def close(self) -> None:
+        """Free every row of the batcher (the last sequences' rows, and those a stop left running), for the next
+        run over it."""
+        self.batcher.release(list(range(self.batcher.rows)))
 
     def tick(self) -> list[Finished]:
         """One plan: the prompts part-way in first, then waiting prompts into free rows (at most `chunk` prompt
@@ -95,6 +95,8 @@ class QueueRun:
             for row in range(len(self.planner.rows)):
                 if self.planner.decoding(row):
                     self._add(row, out[row], finished)
+        if self.done:
+            self.close()
         return finished
 
     def _add(self, row: int, token: int, finished: list[Finished]) -> None:

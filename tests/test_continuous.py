@@ -16,14 +16,16 @@ from runtime.continuous import ContinuousBatcher, sample_rows, step_buckets
 from runtime.engine import Engine, Request
 from tests.conftest import ROOT
 
-def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int) -> ContinuousBatcher:
+def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int,
+            num_blocks: int | None = None) -> ContinuousBatcher:
     """The tiny engine's model in a CPU batcher (eager: no graph, no compile; this process samples), each row
     given its own blocks for max_len tokens (`own_blocks`: the tests that drive the batcher directly; a
     planner sets every row's table itself)."""
     b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=max_len,
                           max_prefill_tokens=max_prefill_tokens, use_graph=False, compile=False, group=None,
-                          leader=True, generator=engine.generator)
-    own_blocks(b)
+                          leader=True, generator=engine.generator, num_blocks=num_blocks)
+    if num_blocks is None:
+        own_blocks(b)
     return b
 
 
@@ -474,3 +476,43 @@ def test_a_request_cancelled_part_way_through_its_prefill_leaves_only_its_chunks
     second = sched._plan()
     assert second.release == [0] and not second.admit
     assert len(sched.planner.pool.lookup(prompt)) == 1  # a retry reuses the 16 tokens that are in, no more
+
+
+def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_completes() -> None:
+    """Four concurrent requests over a KV cache too small for them all (serve.kv_cache_tokens below max_batch x
+    max_len): the scheduler preempts the newest and resumes it later; every request gets the tokens of a server
+    with a full reservation, and /health's stats count the preemptions."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.kvcache import blocks_for
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
+
+    def serve(num_blocks: int | None) -> tuple[list[list[int]], dict[str, int]]:
+        b = batcher(engine, 4, 160, 4096, num_blocks=num_blocks)
+        stop = threading.Event()
+        sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set)
+        loop = threading.Thread(target=sched.run, daemon=True)
+        loop.start()
+        subs = [Submission(p, 30, 0.0, 1.0, ignore_eos=True) for p in prompts]
+        for sub in subs:
+            sched.submit(sub)
+        out = []
+        for sub in subs:
+            tokens: list[int] = []
+            while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
+                tokens += item
+            out.append(tokens)
+        stop.set()
+        loop.join(timeout=60)
+        return out, sched.stats()
+
+    full, _ = serve(None)
+    small, stats = serve(blocks_for(160) + 2)
+    assert small == full and all(len(t) == 30 for t in small)
+    assert stats["preemptions"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks"]

@@ -143,6 +143,37 @@ def test_triton_flash_attention_bf16(b: int, hkv: int, t: int, written: int, win
     assert not out.isnan().any() and _rel(out[live], ref[live]) <= 1e-2
 
 
+@pytest.mark.parametrize("b,t,lengths,window", [
+    (64, 1, 2000, None), (64, 1, 2000, 128), (1, 1, 8000, None), (4, 100, 4100, None), (4, 100, 4100, 128)])
+def test_paged_flash_attention_bf16(b: int, t: int, lengths: int, window: int | None) -> None:
+    """The kernel over the paged cache at gpt-oss shapes (64 query heads, 8 KV heads, head size 64): decode at
+    batch 64 and 1, and a prompt's last 100 tokens after 4,000 cached (the prefix cache's case), each row's
+    blocks scattered over the pool, against eager attention on the gathered keys."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from runtime.kernels import flash
+    from runtime.kvcache import BLOCK_SIZE
+
+    hq, hkv, d = 64, 8, 64
+    g = torch.Generator(device="cuda").manual_seed(b + t)
+    m = -(-lengths // BLOCK_SIZE)
+    blocks = b * m + 1
+    k_pool, v_pool = (torch.randn(blocks, hkv, BLOCK_SIZE, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    table = (torch.randperm(blocks - 1, device="cuda", generator=g)[: b * m].view(b, m) + 1).int()
+    n = torch.randint(t, lengths + 1, (b,), device="cuda", generator=g)  # each row's length
+    q_pos = n[:, None] - t + torch.arange(t, device="cuda")
+    q = torch.randn(b, t, hq, d, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    sinks = torch.randn(hq, device="cuda", generator=g).bfloat16()
+    mask = flash.PagedMask(table, q_pos)
+    out = flash.flash_attention(q, k_pool, v_pool, sinks, mask, 0.125, window)
+    k, v, add = mask.dense(k_pool, v_pool, window, torch.float32)
+    module = SimpleNamespace(sinks=sinks.float(), num_key_value_groups=8, training=False)
+    ref, _ = eager_attention_forward(module, q.float(), k.float(), v.float(), add, scaling=0.125)
+    assert not out.isnan().any() and _rel(out, ref) <= 1e-2
+
+
 @pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
 def test_fast_path_tokens_equal_reference_path(attention: str) -> None:
     """Tiny model, fp32 on the GPU: static cache + CUDA graph + our attention + triton experts = dynamic +
@@ -364,8 +395,8 @@ def test_serve_on_gpu(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_serve_sizes_its_cache_from_gpu_memory(tmp_path) -> None:  # noqa: ANN001
-    """serve.gpu_memory_utilization: the KV cache gets the rows that fit in that fraction of the GPU after the
-    weights (more than serve.max_batch's default here), says so, and the server answers."""
+    """serve.gpu_memory_utilization: the paged KV cache gets the blocks that fit in that fraction of the GPU after
+    the weights (far more tokens than serve.max_batch x serve.max_len here), says so, and the server answers."""
     import json
     import re
     import urllib.request
@@ -380,6 +411,6 @@ def test_serve_sizes_its_cache_from_gpu_memory(tmp_path) -> None:  # noqa: ANN00
         with urllib.request.urlopen(req, timeout=300) as r:
             assert json.loads(r.read())["choices"]
         log = server.log.read_text()
-    rows = int(re.search(r"gpu_memory_utilization=0.3: (\d+) rows of 1024 tokens fit", log).group(1))
-    assert rows > 32 and f"KV cache: {rows} rows x 1024 tokens" in log
+    tokens = int(re.search(r"gpu_memory_utilization=0.3: (\d+) KV-cache tokens fit", log).group(1))
+    assert tokens > 32 * 1024 and f"= {tokens} tokens" in log
 

@@ -129,6 +129,53 @@ def test_flash_attention_kernel_in_the_interpreter() -> None:
     assert float(out.split()[-1]) < 1e-3, out
 
 
+PAGED_CHECK = """
+import torch
+from types import SimpleNamespace
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+from runtime.kernels import flash
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+BS = 16
+# (B, Hq, Hkv, T, D, window, lengths): row i's T queries are its last T positions (length - T ... length - 1);
+# a length of 0: a free row (position -1, sees nothing)
+for b, hq, hkv, t, d, window, lengths in (
+    (3, 8, 2, 1, 16, None, (300, 17, 0)),     # decode, full layer, split over keys, a free row
+    (3, 8, 2, 1, 16, 32, (300, 40, 1)),       # decode, sliding layer
+    (2, 4, 4, 9, 32, None, (41, 16)),         # a prompt's rest after its cached blocks
+    (2, 8, 2, 20, 16, 8, (53, 20)),           # the same on a sliding layer
+):
+    m = max(-(-n // BS) for n in lengths) + 1
+    blocks = b * m + 1
+    for dtype in (torch.float32, torch.float16):
+        k_pool, v_pool = (torch.randn(blocks, hkv, BS, d, generator=g).to(dtype) for _ in range(2))
+        table = torch.randperm(blocks - 1, generator=g)[: b * m].view(b, m).int() + 1  # scattered blocks
+        q = torch.randn(b, t, hq, d, generator=g).to(dtype).transpose(1, 2)
+        q_pos = torch.stack([torch.arange(n - t, n) if n else torch.full((t,), -1) for n in lengths])
+        q_pos = q_pos.clamp(min=-1).where(q_pos >= 0, torch.tensor(-1))
+        sinks = torch.randn(hq, generator=g)
+        mask = flash.PagedMask(table, q_pos)
+        k, v, add = mask.dense(k_pool, v_pool, window, torch.float32)
+        mod = SimpleNamespace(sinks=sinks, num_key_value_groups=hq // hkv, training=False)
+        ref, _ = eager_attention_forward(mod, q.float(), k.float(), v.float(), add, scaling=d**-0.5)
+        out = flash.flash_attention(q, k_pool, v_pool, sinks, mask, d**-0.5, window).float()
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        assert not out.isnan().any()
+        live = (q_pos >= 0)[:, :, None, None].expand_as(ref)  # pad queries: any finite output is fine
+        err = ((out - ref)[live].norm() / ref[live].norm()).item()
+        print(b, hq, hkv, t, d, window, lengths, dtype, err)
+        worst = max(worst, err)
+print("worst", worst)
+"""
+
+
+def test_paged_flash_attention_kernel_in_the_interpreter() -> None:
+    """The kernel reading the paged cache's pools through scattered block tables (decode with split-K and a free
+    row, a prompt's rest after cached blocks, sliding windows), against eager attention on the gathered keys."""
+    out = interpret(PAGED_CHECK)
+    assert float(out.split()[-1]) < 1e-3, out
+
+
 ROUTER_CHECK = """
 import torch
 from transformers import GptOssConfig

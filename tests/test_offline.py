@@ -46,9 +46,10 @@ def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engi
     assert together == alone
     assert [len(together[i][0]) for i in range(len(PROMPTS))] == LIMITS
     assert run.steps < sum(LIMITS)  # rows ran side by side (7 prompts, 3 rows)
-    # a prompt joined a freed row holding the shared system message: its keys were reused, tokens unchanged
+    # the prompts after the first plan found the shared system message's full blocks: not computed again,
+    # tokens unchanged
     system = len(os.path.commonprefix(prompts))
-    assert run.cached_tokens >= (len(PROMPTS) - 3) * (system - 1)
+    assert run.cached_tokens >= (len(PROMPTS) - 3) * (system // 16 * 16) > 0
     fresh = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set(), reuse_prefix=False)
     assert drain(fresh) == alone and fresh.cached_tokens == 0
 
@@ -74,7 +75,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(engine: Engine
     chunked: dict[int, tuple[list[int], bool]] = {}
     while not run.done:
         computed.clear()
-        steps, running = run.steps, bool(run.running)
+        steps, running = run.steps, any(map(run.planner.decoding, range(3)))
         for f in run.tick():
             chunked[f.index] = (f.tokens, f.stopped)
         per_tick.append(sum(computed))

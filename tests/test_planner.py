@@ -1,0 +1,152 @@
+"""The engine's scheduler on the host (runtime/planner.py, runtime/kvcache.BlockPool), no model: blocks handed
+out and back, the prefix cache's keys and eviction order, chunked admission, and preemption when blocks run
+out; then preemption on the tiny model, whose tokens must not change."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.kvcache import BLOCK_SIZE, BlockPool
+from runtime.planner import Planner, Seq
+
+B = BLOCK_SIZE
+
+
+def test_blocks_are_handed_out_and_back() -> None:
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert a == [1, 2, 3] and pool.available == 1
+    assert pool.allocate(2) is None and pool.available == 1  # nothing taken on a refusal
+    pool.release(a, [])  # content unknown: plain free blocks
+    assert pool.available == 4 and pool.lookup(list(range(5 * B))) == []
+
+
+def test_the_prefix_cache_finds_whole_blocks_by_content_and_everything_before() -> None:
+    pool = BlockPool(8)
+    tokens = list(range(3 * B + 5))
+    blocks = pool.allocate(4)
+    pool.register(blocks, tokens)  # while running: its 3 full blocks are findable
+    assert pool.lookup(tokens) == blocks[:3]
+    assert pool.lookup(tokens[: 3 * B]) == blocks[:2]  # the last token is always computed
+    assert pool.lookup(tokens[:B] + [999] + tokens[B + 1 :]) == blocks[:1]  # a difference ends the match
+    other = [7] * B + tokens[B : 2 * B]  # block 2's tokens after another block 1: not the same keys
+    assert pool.lookup(other + [0]) == []
+    pool.release(blocks, tokens)
+    assert pool.available == 8 and pool.lookup(tokens) == blocks[:3]  # freed, still findable
+    off = BlockPool(8, prefix_cache=False)
+    kept = off.allocate(2)
+    off.release(kept, tokens)
+    assert off.lookup(tokens) == []
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first_and_never_while_held() -> None:
+    pool = BlockPool(4)
+    first, second = list(range(B + 1)), list(range(100, 100 + B + 1))
+    a, b = pool.allocate(1), pool.allocate(1)
+    pool.release(a, first)
+    pool.release(b, second)
+    assert pool.lookup(first) == a and pool.lookup(second) == b
+    pool.take(pool.lookup(second))  # a sequence shares b
+    fresh = pool.allocate(3)  # two fresh blocks, then a (the oldest unreferenced cached one)
+    assert fresh is not None and a[0] in fresh and b[0] not in fresh
+    assert pool.lookup(first) == [] and pool.lookup(second) == b
+    assert pool.allocate(1) is None  # b is held
+
+
+def drive(planner: Planner, draw: int = 5) -> dict[int, list[int]]:
+    """Run plans to the end as a driver would, every drawn token `draw` + the row; tokens per payload."""
+    out: dict[int, list[int]] = {}
+    for _ in range(10_000):
+        if planner.idle:
+            return out
+        plan = planner.plan()
+        for a in plan.admit:
+            assert a.cached % B == 0 or a.cached == planner.rows[a.row].done - a.computed
+        for a in [a for a in plan.admit if a.end is None]:
+            deliver(planner, a.row, draw, out)
+        if plan.decode:
+            for r in range(len(planner.rows)):
+                if planner.decoding(r) and not any(a.row == r and a.end is None for a in plan.admit):
+                    deliver(planner, r, draw, out)
+    raise AssertionError("the planner did not finish")
+
+
+def deliver(planner: Planner, row: int, draw: int, out: dict[int, list[int]]) -> None:
+    seq = planner.rows[row]
+    assert seq is not None
+    seq.tokens.append(draw)
+    if len(seq.tokens) >= seq.max_tokens:
+        out[seq.payload] = list(seq.tokens)
+        planner.finish(seq)
+
+
+def test_admission_takes_free_rows_within_the_token_budget_and_chunks_long_prompts() -> None:
+    planner = Planner(2, BlockPool(64), 8, max_prefill_tokens=40)
+    for i, n in enumerate((30, 50, 10)):
+        planner.add(Seq([i] * n, 3, payload=i))
+    plan = planner.plan()
+    assert [(a.row, a.cached, a.end) for a in plan.admit] == [(0, 0, None), (1, 0, 10)]  # 30 + 10 tokens
+    assert plan.tables == {0: [1, 2], 1: [3]} and plan.decode  # row 0 decodes: its next key's block is there
+    plan = planner.plan()
+    assert [(a.row, a.cached, a.end) for a in plan.admit][0] == (1, 10, None)  # row 1 goes on first, to its end
+    with pytest.raises(ValueError, match="exceed"):
+        planner.add(Seq([0] * 120, 9))  # 129 positions > 8 blocks of 16
+
+
+def test_when_blocks_run_out_the_newest_sequence_is_preempted_and_resumes() -> None:
+    """Three sequences that together outgrow a 9-block cache: the newest is preempted (its row freed, back at
+    the head of the queue) and recomputed later from its prompt and tokens; every one gets all its tokens."""
+    planner = Planner(3, BlockPool(9), 6, max_prefill_tokens=1000)
+    for i in range(3):
+        planner.add(Seq([10 * i + 1] * 20, 40, payload=i))  # 20 + 40 positions: 4 blocks each, 12 in all
+    preempted_rows = []
+    out: dict[int, list[int]] = {}
+    for _ in range(1000):
+        if planner.idle:
+            break
+        plan = planner.plan()
+        preempted_rows += [r for r in plan.release if planner.rows[r] is None or r in plan.tables]
+        for a in [a for a in plan.admit if a.end is None]:
+            deliver(planner, a.row, 5, out)
+        for r in range(3):
+            if plan.decode and planner.decoding(r) and not any(a.row == r for a in plan.admit):
+                deliver(planner, r, 5, out)
+        used = sum(len(s.blocks) for s in planner.running)
+        assert used <= 9
+    assert planner.preemptions >= 1 and preempted_rows
+    assert sorted(out) == [0, 1, 2] and all(len(t) == 40 for t in out.values())
+    assert planner.pool.available == 9  # every block back
+
+
+def test_a_sequence_that_can_never_fit_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Planner(2, BlockPool(3), 4, 100)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_preemption_keeps_each_prompts_tokens(reuse: bool) -> None:
+    """The tiny model (float32) with mixed prompt and output lengths over 3 rows and a KV cache too small for
+    them all: sequences are preempted and recomputed (from the prefix cache, or whole), and each prompt's
+    greedy tokens equal those it gets alone."""
+    from runtime import compose
+    from runtime.continuous import ContinuousBatcher
+    from runtime.engine import Engine, Request
+    from runtime.kvcache import blocks_for
+    from runtime.offline import QueueRun
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    texts = ["hi", "What is the capital of France?", "2+2?", "Tell me a story about a lighthouse keeper."]
+    limits = [40, 12, 33, 25]
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(texts)]
+    longest = max(len(p) + m for p, m in zip(prompts, limits))
+    alone = [engine.decode([p], m, ignore_eos=True).tokens[0].tolist() for p, m in zip(prompts, limits)]
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=longest, max_prefill_tokens=4096,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator,
+                          num_blocks=blocks_for(longest) + 3)
+    run = QueueRun(b, prompts, limits, set(), reuse_prefix=reuse)
+    got: dict[int, list[int]] = {}
+    while not run.done:
+        for f in run.tick():
+            got[f.index] = f.tokens
+    assert run.planner.preemptions > 0
+    assert [got[i] for i in range(len(texts))] == alone
