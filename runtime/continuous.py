@@ -36,6 +36,12 @@ from runtime.kernels.flash import NAME as FLASH, PagedMask, SlotMask
 from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for
 
 
+PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
+"""With attention=triton, one prompt (or chunk) of up to 1,024 new tokens is prefilled padded to the next of
+these widths, reading its keys through its block table like any cached prefix: fixed shapes, so on a GPU each
+width is captured once as a CUDA graph (at warm-up) and a short prefill (a chat's next turn after its cached
+history, a small chunk) costs its GPU time, not ~1,000 kernel launches from Python."""
+
 STEP_BUCKET_GROWTH = 8
 """The decode step's sizes grow by this factor: 1, 8, 64, ... (each one more compile and graph at warm-up)."""
 
@@ -120,6 +126,9 @@ class ContinuousBatcher:
         self.buckets = step_buckets(rows)
         self._busy: set[int] = set()  # rows decoding (host copy of pos >= 0): the step's size follows them
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # step size -> graph, logits
+        self.prefill_widths = [w for w in PREFILL_WIDTHS if w <= max_len] if self.paged_reads else []
+        self._prefill_in: dict[int, dict[str, torch.Tensor]] = {}  # width -> its static inputs
+        self._prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if compile:  # one compile per step size, per batcher a process makes (the bench makes several)
             import torch._dynamo as dynamo
 
@@ -127,8 +136,8 @@ class ContinuousBatcher:
         self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def release_graphs(self) -> None:
-        """Drop the captured decode steps (before the process group goes; the next step captures anew)."""
-        self._graphs = {}
+        """Drop the captured decode steps and prefills (before the process group goes; they are captured anew)."""
+        self._graphs, self._prefill_graphs = {}, {}
 
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16, steps: int = 2) -> float:
@@ -149,6 +158,11 @@ class ContinuousBatcher:
             for _ in range(steps):
                 self.step()
             self.release([row])
+        for width in self.prefill_widths if self.use_graph else []:  # each prefill width's graph
+            n = min(width, self.max_len - 1, self.num_blocks * BLOCK_SIZE - 1)
+            self.set_tables({0: list(range(1, 1 + blocks_for(n + 1)))})
+            self.prefill([0], [[(3 * i + 2) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
+            self.release([0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -237,6 +251,8 @@ class ContinuousBatcher:
     def _prefill_group(self, rows: list[int], prompts: list[Sequence[int]], cached: list[int]) -> torch.Tensor:
         dev = self.device
         width = max(len(p) - c for p, c in zip(prompts, cached))
+        if len(rows) == 1 and self.prefill_widths and width <= self.prefill_widths[-1]:
+            return self._prefill_padded(rows[0], prompts[0], cached[0])
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         positions = torch.full((len(rows), width), -1, dtype=torch.long)  # right padding at position -1
         for i, (p, c) in enumerate(zip(prompts, cached)):
@@ -270,6 +286,50 @@ class ContinuousBatcher:
         last = torch.tensor([len(p) - c - 1 for p, c in zip(prompts, cached)], dtype=torch.long, device=dev)
         self.pos[idx, 0] = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         return self.model.lm_head(hidden[torch.arange(len(rows), device=dev), last])  # [n, V]
+
+    def _prefill_padded(self, row: int, prompt: Sequence[int], cached: int) -> torch.Tensor:
+        """One prompt's tokens after `cached`, padded to the next of `prefill_widths`, through its block table:
+        the logits of its last token [1, V]. A CUDA graph per width on GPUs."""
+        new = len(prompt) - cached
+        width = next(w for w in self.prefill_widths if w >= new)
+        host = torch.full((2, width), -1, dtype=torch.long)
+        host[0] = 0
+        host[0, :new] = torch.tensor(list(prompt[cached:]), dtype=torch.long)
+        host[1, :new] = torch.arange(cached, len(prompt))
+        buf = self._prefill_in.get(width)
+        if buf is None:
+            buf = self._prefill_in[width] = {
+                "tokens": torch.zeros((2, width), dtype=torch.long, device=self.device),
+                "table": torch.zeros((1, self.max_blocks), dtype=torch.int32, device=self.device),
+                "last": torch.zeros(1, dtype=torch.long, device=self.device)}
+        buf["tokens"].copy_(host)
+        buf["table"].copy_(self.cache.table[row : row + 1])
+        buf["last"].fill_(new - 1)
+        self.pos[row, 0] = len(prompt)
+        if not self.use_graph:
+            return self._prefill_forward(buf)
+        if width not in self._prefill_graphs:
+            captured = capture(lambda: self._prefill_forward(buf), what="prefill")
+            if captured is None:
+                self.prefill_widths = []  # eager from now on, the old way
+                return self._prefill_forward(buf)
+            self._prefill_graphs[width] = captured
+        graph, logits = self._prefill_graphs[width]
+        graph.replay()
+        return logits
+
+    def _prefill_forward(self, buf: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, positions = buf["tokens"][0:1], buf["tokens"][1:2]
+        at = positions.clamp(min=0)
+        held = positions >= 0  # pad tokens write to the scratch block and see nothing
+        block = torch.where(held, buf["table"].gather(1, at // BLOCK_SIZE).long(), SCRATCH)
+        self.cache.prefill_write = (block.flatten(), torch.where(held, at % BLOCK_SIZE, 0).flatten())
+        try:
+            hidden = self.model.model(input_ids=ids, position_ids=at, attention_mask=PagedMask(buf["table"], positions).by_layer(),
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+        finally:
+            self.cache.prefill_write = None
+        return self.model.lm_head(hidden[0].index_select(0, buf["last"]))  # [1, V]
 
     # ------------------------------------------------------------------------------ decoding
 

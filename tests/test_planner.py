@@ -123,18 +123,19 @@ def test_a_sequence_that_can_never_fit_is_refused() -> None:
         Planner(2, BlockPool(3), 4, 100)
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_preemption_keeps_each_prompts_tokens(reuse: bool) -> None:
+@pytest.mark.parametrize("reuse,attention", [(True, "eager"), (False, "eager"), (True, "triton")])
+def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> None:
     """The tiny model (float32) with mixed prompt and output lengths over 3 rows and a KV cache too small for
     them all: sequences are preempted and recomputed (from the prefix cache, or whole), and each prompt's
-    greedy tokens equal those it gets alone."""
+    greedy tokens equal those it gets alone (attention=triton: prefills padded to fixed widths, read through
+    the block tables; its kernel through the torch fallback here)."""
     from runtime import compose
     from runtime.continuous import ContinuousBatcher
     from runtime.engine import Engine, Request
     from runtime.kvcache import blocks_for
     from runtime.offline import QueueRun
 
-    engine = Engine(compose("generate", ["model.device=cpu"]))
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attention}"]))
     texts = ["hi", "What is the capital of France?", "2+2?", "Tell me a story about a lighthouse keeper."]
     limits = [40, 12, 33, 25]
     prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(texts)]
@@ -150,3 +151,18 @@ def test_preemption_keeps_each_prompts_tokens(reuse: bool) -> None:
             got[f.index] = f.tokens
     assert run.planner.preemptions > 0
     assert [got[i] for i in range(len(texts))] == alone
+    assert bool(b.prefill_widths) == (attention == "triton")  # (triton: the padded prefills ran)
+
+
+def test_preemption_with_the_flash_kernel_in_the_interpreter() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "preemption_keeps and triton"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
