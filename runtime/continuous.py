@@ -344,11 +344,6 @@ class ContinuousBatcher:
         n = self.step_rows()
         pos = self.pos[:n]
         busy = pos >= 0
-        at = pos.clamp(min=0)
-        # a busy row writes at its position's block, a free row into the scratch block
-        block = self.cache.table[:n].gather(1, at // BLOCK_SIZE).long()
-        self.cache.write_block[:n].copy_(torch.where(busy, block, SCRATCH).squeeze(1))
-        self.cache.write_offset[:n].copy_(torch.where(busy, at % BLOCK_SIZE, 0).squeeze(1))
         if not self.paged_reads:  # other attention implementations read the rows' blocks gathered
             self.cache.dense_rows, self.cache.dense_blocks = slice(0, n), self.max_blocks
         try:
@@ -364,6 +359,11 @@ class ContinuousBatcher:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]  # the first n rows
+        # where each row's key goes (inside the graph): a busy row's position's block, a free row's the scratch
+        busy, at = pos >= 0, pos.clamp(min=0)
+        block = self.cache.table[:n].gather(1, at // BLOCK_SIZE).long()
+        self.cache.write_block[:n].copy_(torch.where(busy, block, SCRATCH).squeeze(1))
+        self.cache.write_offset[:n].copy_(torch.where(busy, at % BLOCK_SIZE, 0).squeeze(1))
         if self.paged_reads:
             m = PagedMask(self.cache.table[:n], pos).by_layer()
         else:

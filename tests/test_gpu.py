@@ -341,9 +341,9 @@ def test_mxfp4_matches_dequantized_logits_on_20b() -> None:
 def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     """The continuous batcher on the GPU (fp32, our kernels, a CUDA graph per step size, compiled or not):
     10 rows stepping as 1, 8 and 10 rows as sequences join and leave give each sequence the tokens it gets
-    alone (the CPU test of the same scenario runs eagerly)."""
+    alone, its prefill a padded-width graph (the CPU test of the same scenario runs eagerly)."""
     from runtime.continuous import ContinuousBatcher
-    from tests.test_continuous import join_and_leave
+    from tests.test_continuous import join_and_leave, own_blocks
 
     eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
                                       "experts=triton"]))
@@ -352,8 +352,10 @@ def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=10, max_len=512, max_prefill_tokens=400,
                           use_graph=True, compile=compile, group=None, leader=True, generator=eng.generator)
     b.warm_up()
+    own_blocks(b)
     got, sizes = join_and_leave(b, prompts, 24)
     assert sorted(b._graphs) == [1, 8, 10]
+    assert sorted(b._prefill_graphs) == [16, 32, 64, 128, 256, 512]  # every prefill a graph replay
     assert sizes[:9] == [1] * 3 + [8] * 3 + [10] * 3 and set(sizes[9:]) == {1}
     assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
 

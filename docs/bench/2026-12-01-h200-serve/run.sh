@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For the next one-H200 session (issue 15 on the GPU; written 2026-12-01 after the stream writer and the
+# Run on 2026-12-01 (fourth session; see docs/benchmarks.md) with the offline run cut to 512 prompts and the
+# HTTP check moved last. Written after the stream writer and the
 # bucketed decode step landed, neither yet run on a GPU). In order of value, each line's log in $R:
 #   1. the GPU tests of the continuous batcher / server paths (the bucketed step's graphs and compiles);
 #   2. the serving sweep on the 20b (1,024 in / 1,024 out; single stream vs bench batch 1, 64 streams vs
