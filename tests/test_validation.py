@@ -132,13 +132,15 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="parallel.dp_size=2: a server runs one model replica"):
         serve("parallel.dp_size=2")
-    with pytest.raises(UserError, match="own static per-request cache"):
+    with pytest.raises(UserError, match="own paged KV cache"):
         serve("generation.kv_cache=dynamic")
+    with pytest.raises(UserError, match="serve.kv_cache_tokens=100 cannot hold one request of serve.max_len=512"):
+        serve("serve.kv_cache_tokens=100", "serve.max_len=512")
     with pytest.raises(UserError, match="serve.max_batch=0 must be >= 1"):
         serve("serve.max_batch=0")
     with pytest.raises(UserError, match=r"serve.gpu_memory_utilization=1.5: give a fraction"):
         serve("serve.gpu_memory_utilization=1.5")
-    with pytest.raises(UserError, match="with model.device=cpu set serve.max_batch"):
+    with pytest.raises(UserError, match="with model.device=cpu set serve.kv_cache_tokens or serve.max_batch"):
         serve("serve.gpu_memory_utilization=0.9")
     with pytest.raises(UserError, match="serve.max_len=200000 exceeds the model's 131072 positions"):
         serve("serve.max_len=200000")

@@ -44,8 +44,8 @@ def check(cfg: DictConfig, world_size: int) -> None:
             "over tp_size/ep_size, or start one server per replica behind a load balancer"
         )
     if cfg.generation.kv_cache != "static":
-        raise UserError(f"generation.kv_cache={cfg.generation.kv_cache}: the server always uses its own paged "
-                        "per-request cache; drop the override")
+        raise UserError(f"generation.kv_cache={cfg.generation.kv_cache}: the server always uses its own paged KV "
+                        "cache; drop the override")
     if not 0 <= sc.port <= 65535:
         raise UserError(f"serve.port={sc.port}: use a TCP port (0 picks a free one)")
     for key, low in (("max_batch", 1), ("max_len", 2), ("max_prefill_tokens", 1), ("max_waiting", 1),
@@ -60,7 +60,7 @@ def check(cfg: DictConfig, world_size: int) -> None:
         raise UserError(f"serve.gpu_memory_utilization={util}: give a fraction of GPU memory in (0, 1], e.g. 0.9")
     if util is not None and cfg.model.device == "cpu":
         raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; with model.device=cpu set "
-                        "serve.max_batch (and drop serve.gpu_memory_utilization)")
+                        "serve.kv_cache_tokens or serve.max_batch (and drop serve.gpu_memory_utilization)")
     if not (math.isfinite(sc.timeout_seconds) and 0 < sc.timeout_seconds <= 86400):
         raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be between 0 and 86400 seconds")
     if Path(sc.out_dir).exists() and not Path(sc.out_dir).is_dir():

@@ -1,0 +1,64 @@
+"""Where a continuous-batching decode step's time goes, against the engine's static decode (issue 15: the server's
+single stream paid 3.03 ms per token where `runtime.bench` decodes at 2.28 ms). On one GPU:
+
+    python docs/bench/2026-12-01-h200-serve/step_profile.py /dev/shm/ck20 [rows]
+
+Prints, for a 1,024-token prompt at batch 1: the engine's static decode per step (CUDA events, no host sync);
+the batcher's step with a host sync per step as the server runs it (wall) and back to back without one; the
+prefill of 100 new tokens after 4,000 cached (padded graph) against 1,024 fresh; then the GPU kernels of 20
+synced batcher steps (torch.profiler), so the difference shows kernel by kernel.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from runtime import compose
+from runtime.continuous import ContinuousBatcher
+from runtime.engine import Engine
+from runtime.kvcache import blocks_for
+
+path = sys.argv[1]
+rows = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+eng = Engine(compose("generate", ["model=gpt-oss-20b", f"model.path={path}", "attention=triton", "experts=mxfp4",
+                                  "generation.compile=true"]))
+prompt = [(7 * i + 3) % 50000 for i in range(1024)]
+d = eng.decode([prompt], 128, ignore_eos=True)
+d = eng.decode([prompt], 128, ignore_eos=True)
+print(f"engine static decode, batch 1: {1e3 * sum(d.step_seconds) / len(d.step_seconds):.3f} ms/step")
+
+b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=rows, max_len=8192, max_prefill_tokens=8192,
+                      use_graph=True, compile=True, group=None, leader=True, generator=eng.generator)
+t0 = time.perf_counter()
+b.warm_up()
+print(f"batcher warm-up ({rows} rows, steps {b.buckets}, prefill widths {b.prefill_widths}): {time.perf_counter() - t0:.1f} s")
+b.set_tables({0: list(range(1, 1 + blocks_for(8192)))})
+
+
+def timed(fn, n: int) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / n
+
+
+b.prefill([0], [prompt], [0.0], [1.0])
+print(f"batcher step, host sync each (as the server): {timed(lambda: b.step().tolist(), 200):.3f} ms")
+print(f"batcher step, back to back:                   {timed(lambda: b.step(), 200):.3f} ms")
+b.release([0])
+long = [(11 * i + 5) % 50000 for i in range(4100)]
+b.prefill([0], [long[:4000] + [1]], [0.0], [1.0])  # 4,000 tokens in (eager: wider than the graphs)
+b.release([0])
+print(f"prefill 100 after 4,000 cached (graph):  {timed(lambda: (b.prefill([0], [long], [0.0], [1.0], cached=[4000]), b.release([0])), 20):.2f} ms")
+print(f"prefill 1,024 fresh (graph):             {timed(lambda: (b.prefill([0], [prompt], [0.0], [1.0]), b.release([0])), 20):.2f} ms")
+print(f"prefill 4,100 fresh (eager):             {timed(lambda: (b.prefill([0], [long], [0.0], [1.0]), b.release([0])), 5):.2f} ms")
+b.prefill([0], [prompt], [0.0], [1.0])
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(20):
+        b.step().tolist()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
