@@ -312,7 +312,7 @@ class ServeConfig:
     """Tokens the paged KV cache holds on every rank (rounded up to blocks of 16), shared by the running requests
     as they grow: fewer than max_batch x max_len lets more requests run than a full reservation would, and
     when the blocks run out the newest request is preempted and recomputed later (none fails). null: max_batch x
-    max_len (or gpu_memory_utilization's). At least max_len."""
+    max_len (or gpu_memory_utilization's; setting both is refused). At least max_len."""
     max_len: int = 8192
     """Tokens per request, prompt and answer together (a row's block table). Longer prompts, or a max_tokens
     beyond what is left, get a 400."""

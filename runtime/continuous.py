@@ -129,6 +129,7 @@ class ContinuousBatcher:
         self.prefill_widths = [w for w in PREFILL_WIDTHS if w <= max_len] if self.paged_reads else []
         self._prefill_in: dict[int, dict[str, torch.Tensor]] = {}  # width -> its static inputs
         self._prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prefill_pool: Any = None
         if compile:  # one compile per step size, per batcher a process makes (the bench makes several)
             import torch._dynamo as dynamo
 
@@ -309,7 +310,9 @@ class ContinuousBatcher:
         if not self.use_graph:
             return self._prefill_forward(buf)
         if width not in self._prefill_graphs:
-            captured = capture(lambda: self._prefill_forward(buf), what="prefill")
+            if self._prefill_pool is None:  # one memory pool for all widths: they never run at once
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            captured = capture(lambda: self._prefill_forward(buf), what="prefill", pool=self._prefill_pool)
             if captured is None:
                 self.prefill_widths = []  # eager from now on, the old way
                 return self._prefill_forward(buf)

@@ -85,14 +85,14 @@ def mark_stops(token: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor, s
 
 
 def capture(forward: Callable[[], torch.Tensor], restore: Sequence[torch.Tensor] = (), warm_up: bool = True,
-            what: str = "decode step") -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+            what: str = "decode step", pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
     """`forward()` captured as a CUDA graph, and the output tensor that its replays refill.
 
     warm_up: run it once first on a side stream, outside the capture (allocator, autotuning,
     compiling), then put the `restore` tensors back as they were. Without it the GPU is synchronized
     first (the caller ran the same work eagerly before). None, after a warning, when an op in it
     cannot be captured (one that syncs with the host, e.g. grouped_mm's fp32 fallback): the caller
-    then runs it eagerly.
+    then runs it eagerly. `pool`: a memory pool shared with other graphs that never run at the same time.
     """
     if warm_up:
         saved = [t.clone() for t in restore]
@@ -107,7 +107,7 @@ def capture(forward: Callable[[], torch.Tensor], restore: Sequence[torch.Tensor]
         torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = forward()
     except RuntimeError as e:
         log.warning("%s cannot be captured as a CUDA graph (%s); running it eagerly", what,

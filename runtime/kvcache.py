@@ -6,15 +6,19 @@ block p // BLOCK_SIZE. Blocks are taken as a sequence grows and given back when 
 the tokens the running sequences have, not rows x max_len (`PagedKVCache`, on the device).
 
 `BlockPool` (host only, no torch) hands blocks out and keeps the prefix cache: a full block is known by its
-tokens and everything before them (a chain of keys: the previous block's key and this block's tokens), so
+tokens and everything before them (a chain of BLAKE2b digests: the previous block's digest and this block's
+tokens; a collision-resistant key, so one request can never be handed another's keys by a crafted prompt), so
 two prompts that start alike share their first blocks, and a sequence that ended leaves its full blocks
-findable until their room is needed (least recently freed first). Shared blocks are only ever read: a
+findable until their room is needed (least recently freed first; a sequence's last block before its first,
+so an evicted block never cuts a chain whose tail is still cached). Shared blocks are only ever read: a
 sequence writes to blocks it alone holds (a prompt's cached part ends at a block boundary before its last
 token, see `lookup`). Block 0 is scratch: free rows of a decode step and pad tokens write their junk there.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -44,8 +48,8 @@ class BlockPool:
         self.prefix_cache = prefix_cache
         self.free: deque[int] = deque(range(1, num_blocks + 1))  # holding nothing findable
         self.refs = [0] * (num_blocks + 1)
-        self.key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its content key
-        self.by_key: dict[tuple[int, tuple[int, ...]], int] = {}  # content key -> block
+        self.key_of: dict[int, bytes] = {}  # block -> its content key
+        self.by_key: dict[bytes, int] = {}  # content key -> block
         self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced findable blocks, oldest first
 
     @property
@@ -54,21 +58,28 @@ class BlockPool:
         return len(self.free) + len(self.cached)
 
     @staticmethod
-    def _keys(tokens: Sequence[int], n: int) -> list[tuple[int, tuple[int, ...]]]:
-        keys, parent = [], 0
-        for j in range(n):
-            key = (parent, tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]))
-            keys.append(key)
-            parent = hash(key)
+    def keys(tokens: Sequence[int], n: int, known: Sequence[bytes] = ()) -> list[bytes]:
+        """The content keys of the first n full blocks of `tokens` (`known`: keys of its first blocks already
+        computed, reused)."""
+        keys = list(known[:n])
+        parent = keys[-1] if keys else b""
+        for j in range(len(keys), n):
+            data = array("q", tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]).tobytes()
+            parent = hashlib.blake2b(parent + data, digest_size=16).digest()
+            keys.append(parent)
         return keys
 
     def lookup(self, tokens: Sequence[int]) -> list[int]:
         """The cached blocks holding the longest prefix of `tokens`, in whole blocks, leaving at least the last
         token to compute (its logits give the next token). Not taken: see `take`."""
-        if not self.prefix_cache:
-            return []
+        return self.match(self.keys(tokens, (len(tokens) - 1) // BLOCK_SIZE)) if self.prefix_cache else []
+
+    def match(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest run of these content keys from the first."""
         out = []
-        for key in self._keys(tokens, (len(tokens) - 1) // BLOCK_SIZE):
+        if not self.prefix_cache:
+            return out
+        for key in keys:
             block = self.by_key.get(key)
             if block is None:
                 break
@@ -102,14 +113,14 @@ class BlockPool:
         (unless the same content is findable already), for other sequences to share while this one runs and
         after it ends."""
         full = min(len(blocks), len(tokens) // BLOCK_SIZE) if self.prefix_cache else 0
-        for b, key in zip(blocks, self._keys(tokens, full)):
+        for b, key in zip(blocks, self.keys(tokens, full)):
             if b not in self.key_of and key not in self.by_key:
                 self.key_of[b], self.by_key[key] = key, b
 
     def release(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
         """A sequence lets go of its blocks; `tokens` are the ones whose keys it wrote (see `register`)."""
         self.register(blocks, tokens)
-        for b in blocks:
+        for b in reversed(blocks):  # the chain's tail is evicted before its head
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 if b in self.key_of:

@@ -6,7 +6,8 @@ and the KV cache's blocks (`runtime.kvcache.BlockPool`). Each `plan()` says what
 - every decoding sequence gets the block its next token's key goes to; when the pool is out of blocks the
   newest running sequence is preempted: its blocks are given back and it waits at the head of the queue, to
   be prefilled again (prompt and the tokens it has drawn; most of it found in the prefix cache) and go on
-  where it stopped, so nothing fails and its tokens are what it would get alone;
+  where it stopped, so nothing fails and its greedy tokens are what it would get alone (a sampled one draws
+  on from where it was, from other random numbers than it would have without the preemption);
 - at most `max_prefill_tokens` prompt tokens are computed (chunked prefill): sequences part-way through
   their prompt go on first, then waiting ones join the lowest free rows while blocks allow, each skipping
   the whole blocks of its prompt the prefix cache holds.
@@ -43,6 +44,8 @@ class Seq:
     """Prompt tokens found in the prefix cache at its first admission (the usage's cached_tokens)."""
     row: int = -1
     preemptions: int = 0
+    keys: list[bytes] = field(default_factory=list)
+    """Content keys of the full blocks of `fed()` looked up so far (kept while it waits: computed once)."""
 
     def fed(self) -> list[int]:
         """What a prefill computes: the prompt and every token drawn (a preempted sequence's are fed again)."""
@@ -95,6 +98,8 @@ class Planner:
         self.preemptions = 0
         self.cached_tokens = 0
         """Prompt tokens found in the prefix cache at first admissions, in all."""
+        self.prompt_tokens = 0
+        """Prompt tokens of the sequences admitted, in all (first admissions)."""
         self._freed: list[int] = []  # rows freed since the last plan
         self._register: list[Seq] = []  # sequences whose new prompt blocks become findable at the next plan
 
@@ -169,6 +174,7 @@ class Planner:
             if not self._grow(seq, at // BLOCK_SIZE + 1, plan):
                 self._preempt(seq)
         budget = self.max_prefill_tokens
+        stalled = False  # a sequence part-way in could not go on: admitting newer ones would only preempt them
         for seq in [s for s in self.running if s.row in self.filling]:  # chunks of prompts part-way in
             if budget <= 0:
                 break
@@ -177,14 +183,17 @@ class Planner:
             fed = seq.fed()
             end = min(len(fed), seq.done + budget)
             if not self._grow(seq, blocks_for(end + (end == len(fed))), plan):
+                stalled = True
                 break
             plan.admit.append(self._admit(seq, fed, seq.done, end))
             budget -= end - plan.admit[-1].cached
         free = [r for r, s in enumerate(self.rows) if s is None]
-        while self.waiting and free and budget > 0:
+        while self.waiting and free and budget > 0 and not stalled:
             seq = self.waiting[0]
             fed = seq.fed()
-            hits = self.pool.lookup(fed)
+            if self.pool.prefix_cache:
+                seq.keys = self.pool.keys(fed, (len(fed) - 1) // BLOCK_SIZE, seq.keys)
+            hits = self.pool.match(seq.keys)
             start = len(hits) * BLOCK_SIZE
             end = min(len(fed), start + budget)
             self.pool.take(hits)  # before allocating: the hits are not evicted for this sequence's own blocks
@@ -197,6 +206,7 @@ class Planner:
             if not seq.tokens and not seq.preemptions:
                 seq.cached_tokens = start
                 self.cached_tokens += start
+                self.prompt_tokens += len(seq.prompt)
             self.rows[seq.row] = seq
             self.running.append(seq)
             plan.tables[seq.row] = list(seq.blocks)

@@ -516,3 +516,29 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
     small, stats = serve(blocks_for(160) + 2)
     assert small == full and all(len(t) == 30 for t in small)
     assert stats["preemptions"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
+
+
+def test_a_request_whose_client_leaves_as_it_finishes_counts_as_completed_only() -> None:
+    """A client thread that cancels on its way out as soon as the Finish arrives (the HTTP layer's `finally`)
+    must not make a completed request count as cancelled too."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    b = batcher(engine, 2, 128, 4096)
+    stop = threading.Event()
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), set(), CALL, 8, stop.is_set)
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+    sub = Submission(engine.render(Request(id="x", prompt="hi")), 3, 0.0, 1.0)
+    sub.listener = lambda s: s.cancel() if s.done.is_set() else None  # leaves the moment it is done
+    sched.submit(sub)
+    while not isinstance(sub.events.get(timeout=120), Finish):  # a hang guard
+        pass
+    stop.set()
+    loop.join(timeout=60)
+    stats = sched.stats()
+    assert (stats["completed"], stats["cancelled"], stats["requests"]) == (1, 0, 1)

@@ -53,6 +53,29 @@ def test_cached_blocks_are_evicted_least_recently_freed_first_and_never_while_he
     assert pool.allocate(1) is None  # b is held
 
 
+def test_a_freed_chain_is_evicted_from_its_tail_so_its_head_stays_findable() -> None:
+    """Blocks of an ended sequence are evicted last block first: taking one block's room leaves the chain's first
+    blocks findable (evicting its first block would have made every later one unreachable)."""
+    pool = BlockPool(4)
+    tokens = list(range(3 * B + 1))
+    chain = pool.allocate(3)
+    pool.release(chain, tokens)
+    assert pool.lookup(tokens) == chain
+    assert pool.allocate(2) is not None  # the free block, then the chain's last
+    assert pool.lookup(tokens) == chain[:2]
+
+
+def test_the_content_keys_are_a_digest_chain() -> None:
+    """Keys are BLAKE2b digests of the previous key and the block's tokens: equal prefixes give equal keys,
+    a change anywhere before changes every later key, and keys computed in part are reused."""
+    a = list(range(3 * B))
+    b = a[:5] + [999] + a[6:]
+    ka, kb = BlockPool.keys(a, 3), BlockPool.keys(b, 3)
+    assert all(len(k) == 16 for k in ka) and len(set(ka)) == 3
+    assert ka[0] != kb[0] and ka[1] != kb[1] and ka[2] != kb[2]
+    assert BlockPool.keys(a, 3, ka[:1]) == ka and BlockPool.keys(a + [1] * B, 4, ka)[:3] == ka
+
+
 def drive(planner: Planner, draw: int = 5) -> dict[int, list[int]]:
     """Run plans to the end as a driver would, every drawn token `draw` + the row; tokens per payload."""
     out: dict[int, list[int]] = {}

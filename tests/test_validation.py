@@ -132,6 +132,8 @@ def test_serve_refuses_before_loading(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="parallel.dp_size=2: a server runs one model replica"):
         serve("parallel.dp_size=2")
+    with pytest.raises(UserError, match="both size the KV cache: set one"):
+        serve("serve.kv_cache_tokens=100000", "serve.gpu_memory_utilization=0.9")
     with pytest.raises(UserError, match="own paged KV cache"):
         serve("generation.kv_cache=dynamic")
     with pytest.raises(UserError, match="serve.kv_cache_tokens=100 cannot hold one request of serve.max_len=512"):

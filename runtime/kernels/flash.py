@@ -122,7 +122,7 @@ if HAVE_TRITON:
         qs = tl.load(q_slot_ptr + b * T + t, mask=row_ok, other=-1)
         # the keys any row of this block can see: [lo, hi)
         hi = tl.minimum(tl.max(qs, axis=0) + 1, S)
-        first_q = tl.min(tl.where(row_ok, qs, S), axis=0)
+        first_q = tl.min(tl.where(row_ok & (qs >= 0), qs, S), axis=0)  # (pad queries see nothing)
         lo = tl.where(window > 0, tl.maximum(first_q - window + 1, 0), 0)
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
         start = lo + split * chunk

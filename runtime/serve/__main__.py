@@ -56,6 +56,8 @@ def check(cfg: DictConfig, world_size: int) -> None:
         raise UserError(f"serve.kv_cache_tokens={sc.kv_cache_tokens} cannot hold one request of serve.max_len="
                         f"{sc.max_len} tokens: raise it to at least {sc.max_len}, or lower serve.max_len")
     util = sc.gpu_memory_utilization
+    if util is not None and sc.kv_cache_tokens is not None:
+        raise UserError("serve.kv_cache_tokens and serve.gpu_memory_utilization both size the KV cache: set one")
     if util is not None and not 0 < util <= 1:
         raise UserError(f"serve.gpu_memory_utilization={util}: give a fraction of GPU memory in (0, 1], e.g. 0.9")
     if util is not None and cfg.model.device == "cpu":
@@ -118,7 +120,7 @@ def run(cfg: DictConfig) -> None:
     if sc.gpu_memory_utilization is not None:
         blocks = _blocks_in_memory(engine, sc, per_block, layout)
     else:
-        blocks = blocks_for(sc.kv_cache_tokens if sc.kv_cache_tokens is not None else sc.max_batch * sc.max_len)
+        blocks = blocks_for(sc.kv_cache_tokens) if sc.kv_cache_tokens is not None else sc.max_batch * blocks_for(sc.max_len)
     rows = sc.max_batch
     try:
         batcher = ContinuousBatcher(
@@ -174,9 +176,12 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     if engine.device.type != "cuda":
         raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; without a GPU set "
                         "serve.kv_cache_tokens or serve.max_batch (and drop serve.gpu_memory_utilization)")
+    torch.cuda.empty_cache()  # what the allocator kept from loading is free for the cache
     free, total = torch.cuda.mem_get_info(engine.device)
     h = engine.hf_config
-    reserve = max(1 << 30, 64 * sc.max_prefill_tokens * h.hidden_size)  # a chunk's activations, generously
+    # a chunk's activations, generously, and sampling over the rows (logits, probabilities, a sort: ~24 B a
+    # vocabulary entry per row)
+    reserve = max(1 << 30, 64 * sc.max_prefill_tokens * h.hidden_size) + 24 * sc.max_batch * h.vocab_size
     blocks = blocks_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_block)
     everyone = distributed.gather_to_writer(blocks, layout)
     blocks = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)

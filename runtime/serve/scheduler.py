@@ -141,22 +141,24 @@ class Scheduler:
         with self._lock:
             if self.stopping:
                 raise ShuttingDown()
-            waiting = self.planner.waiting
-            if len(waiting) >= self.max_waiting:  # requests whose client left do not count
+            if self._queued() >= self.max_waiting:  # requests whose client left do not count
                 self._drop_cancelled()
-            if len(waiting) >= self.max_waiting:
+            if self._queued() >= self.max_waiting:
                 raise QueueFull()
             sub.seq = Seq(sub.prompt, sub.max_tokens, sub.temperature, sub.top_p, payload=sub, tokens=sub.tokens)
             self.planner.add(sub.seq)
-            self.counters.prompt_tokens += len(sub.prompt)
             self.counters.requests += 1
             self._lock.notify()
+
+    def _queued(self) -> int:
+        """Requests waiting for their first admission (preempted ones, which wait again, do not count)."""
+        return sum(not s.preemptions for s in self.planner.waiting)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             pl = self.planner
             return {"rows_busy": len(pl.running), "rows": len(pl.rows), "waiting": len(pl.waiting),
-                    "kv_blocks": pl.pool.num_blocks, "kv_blocks_free": pl.pool.available,
+                    "kv_blocks": pl.pool.num_blocks, "kv_blocks_free": pl.pool.available,  # (free or cached)
                     "preemptions": pl.preemptions, **self.counters.__dict__}
 
     # ------------------------------------------------------------------------------ the loop
@@ -195,11 +197,12 @@ class Scheduler:
                     return Plan(shutdown=True)
                 for seq in list(self.planner.running):
                     if seq.payload.cancelled:
-                        self._end(seq)
+                        self._end(seq, cancelled=True)
                 self._drop_cancelled()
-                before = self.planner.cached_tokens
+                before = self.planner.cached_tokens, self.planner.prompt_tokens
                 plan = self.planner.plan()
-                self.counters.cached_tokens += self.planner.cached_tokens - before
+                self.counters.cached_tokens += self.planner.cached_tokens - before[0]
+                self.counters.prompt_tokens += self.planner.prompt_tokens - before[1]
                 for a in plan.admit:
                     sub = self.planner.rows[a.row].payload
                     sub.cached_tokens = self.planner.rows[a.row].cached_tokens
@@ -216,10 +219,11 @@ class Scheduler:
                 waiting.remove(seq)
                 seq.payload.finished = True
 
-    def _end(self, seq: Seq) -> None:
-        """A running request ends (finished, failed or cancelled): its row and blocks are freed."""
+    def _end(self, seq: Seq, cancelled: bool = False) -> None:
+        """A running request ends (finished, failed, or `cancelled` by its client): its row and blocks are
+        freed."""
         sub = seq.payload
-        if sub.cancelled and not sub.finished:
+        if cancelled:
             self.counters.cancelled += 1
         sub.finished = True
         self.planner.finish(seq)
@@ -239,10 +243,10 @@ class Scheduler:
         sub.emit([token])
         if reason is not None:
             self.counters.completed += 1
+            self._end(seq)  # (before the Finish wakes the client's thread, which may cancel on its way out)
             sub.emit(Finish(reason))
-            self._end(seq)
         elif sub.cancelled:
-            self._end(seq)
+            self._end(seq, cancelled=True)
 
     def _fail(self, row: int, message: str) -> None:
         """End one request with an error (its row is freed at the next step)."""
