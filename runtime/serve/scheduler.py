@@ -24,7 +24,7 @@ from runtime import distributed
 from runtime.continuous import ContinuousBatcher
 from runtime.distributed import WorldLayout
 from runtime.kvcache import BlockPool
-from runtime.planner import Plan, Planner, Seq, execute
+from runtime.planner import Plan, Planner, Seq, execute, execute_prefill
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ class Scheduler:
         self.counters = Counters()
         self.stopping = False
         self._lock = threading.Condition()
+        self._outbox: list[tuple[Submission, list[int] | Finish]] = []
+        """What the last step gave the requests, handed to them (`_hand_out`) while the GPU runs the next step."""
 
     # ------------------------------------------------------------------------------ HTTP threads
 
@@ -164,27 +166,43 @@ class Scheduler:
     # ------------------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """Plan, broadcast, execute, hand out tokens; until a stop is requested (then every rank stops)."""
+        """Plan, broadcast, execute, hand out tokens; until a stop is requested (then every rank stops).
+
+        A step's tokens are booked at once (stops, lengths, freed rows: the next plan needs them) but reach
+        their requests' queues while the GPU runs the next step, so the per-token handing over (queues, the
+        stream writer's wake-up) does not leave the GPU idle between steps."""
         try:
             while True:
                 plan = self._plan()
                 distributed.broadcast_object(plan, self.layout)
                 if plan.shutdown:
                     return
-                first, step = execute(plan, self.batcher)
+                if plan.admit:
+                    self._hand_out()  # before a prefill, whose sync would hold them back
+                first = execute_prefill(plan, self.batcher)
+                step = self.batcher.step() if plan.decode else None  # launched; read below
+                self._hand_out()
+                tokens = step.tolist() if step is not None else None
                 for r, why in self.batcher.take_failed().items():
                     self._fail(r, why)  # that request ends with an error; everyone else goes on
                 with self._lock:
                     if first is not None:
                         for a, token in zip([a for a in plan.admit if a.end is None], first):
                             self._deliver(a.row, token)
-                    if step is not None:
+                    if tokens is not None:
                         self.counters.steps += 1
-                        for r, token in enumerate(step):
+                        for r, token in enumerate(tokens):
                             if self.planner.decoding(r):
                                 self._deliver(r, token)
         finally:
+            self._hand_out()
             self._fail_all("the server is shutting down")
+
+    def _hand_out(self) -> None:
+        """Give the requests what the last steps booked for them (in order)."""
+        out, self._outbox = self._outbox, []
+        for sub, item in out:
+            sub.emit(item)
 
     def _plan(self) -> Plan:
         """The next step (the planner's, after dropping requests whose client left). Waits (sending empty plans
@@ -208,6 +226,7 @@ class Scheduler:
                     sub.cached_tokens = self.planner.rows[a.row].cached_tokens
                 if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
                     return plan
+                self._hand_out()  # nothing runs next: the last step's tokens go now
                 self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def _drop_cancelled(self) -> None:
@@ -240,11 +259,11 @@ class Scheduler:
             reason = "tool_call" if token == self.call_id else "stop"
         elif sub.generated >= sub.max_tokens:
             reason = "length"
-        sub.emit([token])
+        self._outbox.append((sub, [token]))
         if reason is not None:
             self.counters.completed += 1
             self._end(seq)  # (before the Finish wakes the client's thread, which may cancel on its way out)
-            sub.emit(Finish(reason))
+            self._outbox.append((sub, Finish(reason)))
         elif sub.cancelled:
             self._end(seq, cancelled=True)
 
@@ -255,7 +274,7 @@ class Scheduler:
             if seq is not None and not seq.payload.finished:
                 log.warning("request in row %d failed: %s", row, message)
                 self._end(seq)
-                seq.payload.emit(Finish("error", message))
+                self._outbox.append((seq.payload, Finish("error", message)))  # after the tokens it was given
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
