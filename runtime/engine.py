@@ -95,7 +95,7 @@ class Stats:
     prompts: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    """Prompt tokens whose keys continuous batching found in a row (a shared prefix) instead of computing."""
+    """Prompt tokens whose keys continuous batching found in the prefix cache instead of computing."""
     completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
