@@ -6,7 +6,8 @@ single stream paid 3.03 ms per token where `runtime.bench` decodes at 2.28 ms). 
 Prints, for a 1,024-token prompt at batch 1: the engine's static decode per step (CUDA events, no host sync);
 the batcher's step with a host sync per step as the server runs it (wall) and back to back without one; the
 prefill of 100 new tokens after 4,000 cached (padded graph) against 1,024 fresh; then the GPU kernels of 20
-synced batcher steps (torch.profiler), so the difference shows kernel by kernel.
+synced batcher steps (torch.profiler), so the difference shows kernel by kernel; then the same with every one of
+`rows` rows busy (default 256).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from runtime.engine import Engine
 from runtime.kvcache import blocks_for
 
 path = sys.argv[1]
-rows = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+rows = int(sys.argv[2]) if len(sys.argv) > 2 else 256
 eng = Engine(compose("generate", ["model=gpt-oss-20b", f"model.path={path}", "attention=triton", "experts=mxfp4",
                                   "generation.compile=true"]))
 prompt = [(7 * i + 3) % 50000 for i in range(1024)]
@@ -30,12 +31,13 @@ d = eng.decode([prompt], 128, ignore_eos=True)
 d = eng.decode([prompt], 128, ignore_eos=True)
 print(f"engine static decode, batch 1: {1e3 * sum(d.step_seconds) / len(d.step_seconds):.3f} ms/step")
 
-b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=rows, max_len=8192, max_prefill_tokens=8192,
+b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=rows, max_len=4200, max_prefill_tokens=8192,
                       use_graph=True, compile=True, group=None, leader=True, generator=eng.generator)
 t0 = time.perf_counter()
 b.warm_up()
 print(f"batcher warm-up ({rows} rows, steps {b.buckets}, prefill widths {b.prefill_widths}): {time.perf_counter() - t0:.1f} s")
-b.set_tables({0: list(range(1, 1 + blocks_for(8192)))})
+per_row = blocks_for(4200)
+b.set_tables({r: list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)})
 
 
 def timed(fn, n: int) -> float:
@@ -62,3 +64,13 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, to
     for _ in range(20):
         b.step().tolist()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+b.release([0])
+
+# every row busy (the offline run's 256-row step took 56.8 ms where the bench's 64-row step takes ~11 ms)
+b.prefill(list(range(rows)), [[(13 * i + r) % 50000 for i in range(1024)] for r in range(rows)], [0.0] * rows,
+          [1.0] * rows)
+print(f"batcher step, {rows} rows of 1,024: {timed(lambda: b.step().tolist(), 20):.3f} ms")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        b.step().tolist()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
