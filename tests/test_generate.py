@@ -175,13 +175,16 @@ def test_interrupt_leaves_a_valid_file_and_resume_completes(tmp_path: Path) -> N
     from tests.conftest import ROOT
 
     prompts = tmp_path / "p.jsonl"
-    n = 100  # enough that the interrupt lands mid-run on a loaded machine (40 once finished before it came)
+    n = 40
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(n)))
     out = tmp_path / "out.jsonl"
     args = [*CPU, f"prompts.path={prompts}", f"output.path={out}", "generation.batch_size=1",
             "generation.max_new_tokens=24", "output.token_ids=true"]
+    # Ctrl-C as on a terminal: SIGINT's default action in the run (a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and so would the run, which then finished all prompts)
     proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
         time.sleep(0.05)
