@@ -347,8 +347,10 @@ class ContinuousBatcher:
         n = self.step_rows()
         pos = self.pos[:n]
         busy = pos >= 0
-        if not self.paged_reads:  # other attention implementations read the rows' blocks gathered
-            self.cache.dense_rows, self.cache.dense_blocks = slice(0, n), self.max_blocks
+        if not self.paged_reads:  # other attention implementations read the rows' blocks gathered: all of a
+            # row's in a graph (fixed shapes), else those the longest row reaches
+            used = self.max_blocks if self.use_graph else min(self.max_blocks, blocks_for(int(pos.max()) + 1))
+            self.cache.dense_rows, self.cache.dense_blocks = slice(0, n), max(1, used)
         try:
             logits = self._run_step(n)
         finally:
@@ -370,7 +372,7 @@ class ContinuousBatcher:
         if self.paged_reads:
             m = PagedMask(self.cache.table[:n], pos).by_layer()
         else:
-            m = masks(self.slots[:n], pos, self.window, self.dtype)
+            m = masks(self.slots[:n, : self.cache.dense_blocks * BLOCK_SIZE], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]

@@ -176,16 +176,3 @@ def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> No
     assert [got[i] for i in range(len(texts))] == alone
     assert bool(b.prefill_widths) == (attention == "triton")  # (triton: the padded prefills ran)
 
-
-def test_preemption_with_the_flash_kernel_in_the_interpreter() -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "preemption_keeps and triton"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

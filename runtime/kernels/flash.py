@@ -89,7 +89,10 @@ class PagedMask:
         (for the torch fallback)."""
         from runtime.kvcache import gather
 
-        k, v = gather(key, self.table), gather(value, self.table)
+        bs = key.shape[2]
+        used = max(1, -(-(int(self.q_pos.max()) + 1) // bs))  # the blocks any query reaches (a host sync: the
+        table = self.table[:, :used]  # fallback runs where the kernel cannot, not in a CUDA graph)
+        k, v = gather(key, table), gather(value, table)
         slots = torch.arange(k.shape[2], device=k.device).expand(k.shape[0], -1)
         return k, v, SlotMask(slots, self.q_pos).additive(window, dtype)
 
