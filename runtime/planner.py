@@ -122,8 +122,9 @@ class Planner:
 
     def written(self, seq: Seq) -> list[int]:
         """The tokens whose keys `seq`'s blocks hold: its prefill so far, or all fed but the last drawn."""
-        fed = seq.fed() if seq.row in self.filling else seq.prompt + seq.tokens[:-1]
-        return fed[: seq.done] if seq.row in self.filling else fed
+        if seq.row in self.filling:
+            return seq.fed()[: seq.done]
+        return seq.prompt + seq.tokens[:-1]
 
     def finish(self, seq: Seq) -> None:
         """The sequence ended (or is dropped): its row is freed at the next plan, its blocks now."""

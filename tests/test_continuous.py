@@ -424,7 +424,7 @@ def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
 
     from runtime import distributed
     from runtime.engine import CALL
-    from runtime.serve.scheduler import Finish, Scheduler, Submission
+    from runtime.serve.scheduler import Scheduler, Submission
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
     layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
@@ -435,19 +435,7 @@ def test_the_serving_loop_prefills_long_prompts_in_chunks() -> None:
         calls = count_prefill(b)
         stop = threading.Event()
         sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, prefix_cache=False)
-        loop = threading.Thread(target=sched.run, daemon=True)
-        loop.start()
-        subs = [Submission(p, 5, 0.0, 1.0) for p in prompts]
-        for sub in subs:
-            sched.submit(sub)
-        out = []
-        for sub in subs:
-            tokens: list[int] = []
-            while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
-                tokens += item
-            out.append(tokens)
-        stop.set()
-        loop.join(timeout=60)
+        out = serve_all(sched, stop, [Submission(p, 5, 0.0, 1.0) for p in prompts])
         assert max(calls) <= budget
         return out, len(calls)
 
@@ -487,7 +475,7 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
     from runtime import distributed
     from runtime.engine import CALL
     from runtime.kvcache import blocks_for
-    from runtime.serve.scheduler import Finish, Scheduler, Submission
+    from runtime.serve.scheduler import Scheduler, Submission
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
     layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
@@ -497,19 +485,7 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
         b = batcher(engine, 4, 160, 4096, num_blocks=num_blocks)
         stop = threading.Event()
         sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set)
-        loop = threading.Thread(target=sched.run, daemon=True)
-        loop.start()
-        subs = [Submission(p, 30, 0.0, 1.0, ignore_eos=True) for p in prompts]
-        for sub in subs:
-            sched.submit(sub)
-        out = []
-        for sub in subs:
-            tokens: list[int] = []
-            while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
-                tokens += item
-            out.append(tokens)
-        stop.set()
-        loop.join(timeout=60)
+        out = serve_all(sched, stop, [Submission(p, 30, 0.0, 1.0, ignore_eos=True) for p in prompts])
         return out, sched.stats()
 
     full, _ = serve(None)
@@ -542,3 +518,26 @@ def test_a_request_whose_client_leaves_as_it_finishes_counts_as_completed_only()
     loop.join(timeout=60)
     stats = sched.stats()
     assert (stats["completed"], stats["cancelled"], stats["requests"]) == (1, 0, 1)
+
+
+def serve_all(sched, stop, subs):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    """Run the serving loop on its thread, submit every request at once, collect each one's tokens in order,
+    then stop the loop."""
+    import threading
+
+    from runtime.serve.scheduler import Finish
+
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+    for sub in subs:
+        sched.submit(sub)
+    out = []
+    for sub in subs:
+        tokens: list[int] = []
+        while not isinstance(item := sub.events.get(timeout=120), Finish):  # a hang guard
+            tokens += item
+        out.append(tokens)
+    stop.set()
+    loop.join(timeout=60)
+    assert not loop.is_alive()
+    return out
