@@ -281,7 +281,8 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
 
 def test_kernels_compile_for_hopper() -> None:
     """Both launch shapes of both kernels compile to sm_90 code (Triton's own ptxas; no GPU needed), so a
-    kernel that only the interpreter accepts is caught here; the weights load 16 bytes at a time."""
+    kernel that only the interpreter accepts is caught here; the weights load 16 bytes at a time, and in the
+    swapped operand order (SWAP_AB) they reach the tensor cores from registers, for blocks of 16 pairs too."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -289,7 +290,8 @@ def test_kernels_compile_for_hopper() -> None:
              "ws_ptr": "*u8", "rw_ptr": "*fp32", "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32",
              "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
-        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), (16, moe_mxfp4._dot_configs()[0])):
+        dots = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
+        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), *((m, c) for m in (16, 128) for c in dots)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
@@ -303,3 +305,5 @@ def test_kernels_compile_for_hopper() -> None:
                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
+            if config.kwargs.get("SWAP"):  # the dequantized weights enter wgmma as registers (operand A)
+                assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)

@@ -6,7 +6,10 @@ bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weigh
 dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
-        [--decode-max-pairs N]
+        [--decode-max-pairs N] [--block-m N] [--configs]
+
+--configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
+(the operand orders of SWAP_AB side by side).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32, help="experts per layer: 32 (20b) or 128 (120b)")
     ap.add_argument("--decode-max-pairs", type=int, default=None,
                     help="mxfp4: use the GEMV launch up to this many (token, expert) pairs (tuning)")
+    ap.add_argument("--block-m", type=int, default=None, help="mxfp4: pairs per block (default: moe_mxfp4.plan)")
+    ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
     args = ap.parse_args()
     if args.decode_max_pairs is not None:
         moe_mxfp4.DECODE_MAX_PAIRS = args.decode_max_pairs
@@ -64,7 +69,8 @@ def main() -> None:
         dn = checkpoint.dequantize_mxfp4(*blocks_scales["dn"], torch.bfloat16).transpose(1, 2).contiguous()
         impls = {
             "mxfp4": (lambda x, idx, w: moe_mxfp4.fused_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb,
-                                                                       *blocks_scales["dn"], db),
+                                                                       *blocks_scales["dn"], db,
+                                                                       block_m=args.block_m),
                       MXFP4_BYTES_PER_PARAM),
             "triton-bf16": (lambda x, idx, w: moe.fused_experts(x, idx, w, gu, gb, dn, db), 2.0),
         }
@@ -97,7 +103,12 @@ def main() -> None:
             ms = triton.testing.do_bench(replay, return_mode="median")
             gbs = nbytes / ms / 1e6
             print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}")
-
+        if args.configs and args.format == "mxfp4":
+            for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks):
+                timings = getattr(kernel, "configs_timings", None) or {}  # the last autotuning run's (this t's)
+                first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+                for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):
+                    print(f"{'':>6} {kernel.fn.__name__:>16} {first(v):8.3f} ms  {cfg}")
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,8 @@ from the routing, so shapes are fixed and the whole thing is capturable in a CUD
   the final sum are all it launches). Pairs of the same expert run side by side, so a
   repeated expert's weights come from L2.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
-  dequantizes each weight tile once for all its rows and multiplies with tl.dot.
+  dequantizes each weight tile once for all its rows and multiplies with tl.dot, in either operand order
+  (SWAP_AB, autotuned: weights first feeds Hopper's tensor cores from registers).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
 
 Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1) `reference_mxfp4_experts` runs instead:
@@ -134,10 +135,22 @@ def _decode_configs() -> list:
                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
 
 
+SWAP_AB = (False, True)
+"""The blocks' two operand orders, both autotuned: x tile @ weight tile^T, or (SWAP) weight tile @ x tile^T,
+transposed at the end. Swapped, on Hopper the dequantized weights feed the tensor cores (wgmma) from
+registers instead of a shared-memory round trip per tile, and the block's pairs become wgmma's N
+dimension, which may be 8-256, so blocks of 16 or 32 pairs use wgmma too (unswapped they fall back to
+mma.sync below 64)."""
+
+
 def _dot_configs() -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs."""
-    return tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                         (64, 256, 8, 3)], interpreted=(32, 64))
+    """tl.dot tiles for blocks of BLOCK_M pairs, in both operand orders (SWAP_AB); under Triton's interpreter
+    the swapped one only (the tests force the other)."""
+    tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                          (64, 256, 8, 3)], interpreted=(32, 64))
+    swaps = (True,) if os.environ.get("TRITON_INTERPRET") == "1" else SWAP_AB
+    return [triton.Config({**c.kwargs, "SWAP": swap}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for swap in swaps for c in tiles]
 
 
 if HAVE_TRITON:
@@ -229,7 +242,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
-             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+             SWAP: tl.constexpr):
         """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32.
 
         x rows in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd): the inputs
@@ -241,7 +255,7 @@ if HAVE_TRITON:
         j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile = inputs 2j (low nibble), 2j+1 (high)
         row_off = rows.to(tl.int64) * groups
         x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi
             g_ok = g < groups
@@ -256,12 +270,21 @@ if HAVE_TRITON:
             x_mask = x_ok[:, None] & (jj < K // 2)[None, :]
             xe = tl.load(x_base + jj[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2] even inputs
             xo = tl.load(x_base + K // 2 + jj[None, :], mask=x_mask, other=0.0)  # odd inputs
-            if IEEE:
+            if SWAP:  # weights as the first operand: [R, K/2] @ [K/2, M] (see SWAP_AB)
+                if IEEE:
+                    acc += tl.dot(lo, tl.trans(xe), input_precision="ieee")
+                    acc += tl.dot(hi, tl.trans(xo), input_precision="ieee")
+                else:
+                    acc += tl.dot(lo, tl.trans(xe))
+                    acc += tl.dot(hi, tl.trans(xo))
+            elif IEEE:
                 acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
                 acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
             else:
                 acc += tl.dot(xe, tl.trans(lo))
                 acc += tl.dot(xo, tl.trans(hi))
+        if SWAP:
+            acc = tl.trans(acc)
         return acc
 
     @triton.jit
@@ -269,7 +292,7 @@ if HAVE_TRITON:
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, ASM: tl.constexpr,
+        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr = False,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -295,7 +318,7 @@ if HAVE_TRITON:
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE)
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -315,7 +338,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr,
+        ASM: tl.constexpr, SWAP: tl.constexpr = False,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -339,7 +362,7 @@ if HAVE_TRITON:
                         ASM)[None, :] * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, SWAP)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -364,7 +387,9 @@ def plan(num_pairs: int, dtype: torch.dtype = torch.bfloat16) -> int:
     bf16 models (relative error ~1e-3) but not for the fp32 runs that compare tokens with a reference."""
     if num_pairs <= DECODE_MAX_PAIRS and dtype != torch.float32:
         return 1
-    return 16 if num_pairs <= 256 else 64
+    if num_pairs <= 256:
+        return 16
+    return 64 if num_pairs <= 4096 else 128  # 128: each weight tile dequantized half as often (12% at 16,384)
 
 
 def _bucket(num_pairs: int) -> int:
