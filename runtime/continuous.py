@@ -1,7 +1,8 @@
 """Continuous batching over the paged KV cache: `rows` sequences that requests join and leave between steps.
 
 The model runner of the one engine (runtime/planner.py decides what runs, runtime/kvcache.py holds the keys):
-- `set_tables({row: blocks})`: a row's block table (its sequence's blocks, position p in block p // BS);
+- `set_tables({row: blocks}, {row: window blocks})`: a row's block table (its sequence's blocks, position p in
+  block p // BS) and, with sliding-window layers, its window table (SCRATCH behind the window);
 - `prefill(rows, prompts)`: the new prompts run together, right-padded to the longest, each key written to
   its position's block; with `cached` the first tokens' keys are in the row's blocks already (the prefix
   cache, or earlier chunks of the same prompt) and only the rest is computed, attending to them; the logits
@@ -33,7 +34,7 @@ from torch import nn
 from runtime import distributed
 from runtime.graph_decode import capture, masks
 from runtime.kernels.flash import NAME as FLASH, PagedMask, SlotMask
-from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for
+from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for, window_reserve
 
 
 PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -100,10 +101,15 @@ class ContinuousBatcher:
         self.dtype, self.device = dtype, device
         self.rows, self.max_len = rows, max_len
         self.max_blocks = blocks_for(max_len)  # a row's block table: max_len positions
-        self.num_blocks = num_blocks if num_blocks is not None else rows * self.max_blocks
+        kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        sliding = [k == "sliding_attention" for k in kinds]
+        self.window = getattr(cfg, "sliding_window", None) if any(sliding) else None
+        """Positions a sliding layer sees; None: no sliding layers (and no window tables)."""
+        if num_blocks is None:  # every row a whole row's blocks, and the sliding layers' windows
+            num_blocks = rows * self.max_blocks + window_reserve(rows, self.window, max_prefill_tokens, self.max_blocks)
+        self.num_blocks = num_blocks
         self.max_prefill_tokens = max_prefill_tokens
         self.group, self.leader, self.generator = group, leader, generator
-        self.window = getattr(cfg, "sliding_window", None)
         self.paged_reads = cfg._attn_implementation == FLASH  # attention=triton reads the pools itself
         attn = model.model.layers[0].self_attn
         kv_heads = attn.k_proj.out_features // attn.head_dim  # this rank's KV heads
@@ -111,7 +117,7 @@ class ContinuousBatcher:
             gc.collect()
             torch.cuda.empty_cache()
         self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks, rows, self.max_blocks, kv_heads,
-                                  cfg.head_dim, dtype, device)
+                                  cfg.head_dim, dtype, device, sliding if self.window else None)
         # Per-row state on the device. pos[r]: the position where ids[r] is fed next (= tokens in the
         # cache), -1 for a free row.
         self.pos = torch.full((rows, 1), -1, dtype=torch.long, device=device)
@@ -151,17 +157,16 @@ class ContinuousBatcher:
 
         t0 = time.perf_counter()
         n = max(1, min(prompt_len, self.max_len - steps - 1))
-        blocks = list(range(1, 1 + min(self.num_blocks, blocks_for(n + steps + 1))))
         for size in self.buckets:
             row = size - 1
-            self.set_tables({row: blocks})
+            self._scratch_tables(row, n + steps + 1)
             self.prefill([row], [[(7 * i + 1) % 1000 for i in range(n)]], [0.0], [1.0])
             for _ in range(steps):
                 self.step()
             self.release([row])
         for width in self.prefill_widths if self.use_graph else []:  # each prefill width's graph
-            n = min(width, self.max_len - 1, self.num_blocks * BLOCK_SIZE - 1)
-            self.set_tables({0: list(range(1, 1 + blocks_for(n + 1)))})
+            n = min(width, self.max_len - 1, (self.num_blocks // (2 if self.window else 1)) * BLOCK_SIZE - 1)
+            self._scratch_tables(0, n + 1)
             self.prefill([0], [[(3 * i + 2) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
             self.release([0])
         if self.device.type == "cuda":
@@ -170,17 +175,29 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------------------ row lifecycle
 
-    def set_tables(self, tables: dict[int, Sequence[int]]) -> None:
-        """Rows' block tables: row r's position p is in block tables[r][p // BLOCK_SIZE]."""
-        if not tables:
-            return
-        host = torch.full((len(tables), self.max_blocks), SCRATCH, dtype=torch.int32)
-        for i, blocks in enumerate(tables.values()):
-            if len(blocks) > self.max_blocks:
-                raise ValueError(f"{len(blocks)} blocks exceed a row's {self.max_blocks}")
-            host[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
-        idx = torch.tensor(list(tables), dtype=torch.long)
-        self.cache.table[idx.to(self.device)] = host.to(self.device)
+    def _scratch_tables(self, row: int, tokens: int) -> None:
+        """Give `row` the first blocks for `tokens` positions (and the next ones as its window table): the
+        warm-up's, handed out by the planner later as if never used."""
+        n = blocks_for(tokens)
+        self.set_tables({row: list(range(1, 1 + n))}, {row: list(range(1 + n, 1 + 2 * n))} if self.window else None)
+
+    def set_tables(self, tables: dict[int, Sequence[int]],
+                   window_tables: dict[int, Sequence[int]] | None = None) -> None:
+        """Rows' block tables: row r's position p is in block tables[r][p // BLOCK_SIZE] (in the full layers) and
+        window_tables[r][p // BLOCK_SIZE] (in the sliding-window layers, which need them: they share the full
+        layers' device memory, see runtime/kvcache.py)."""
+        if self.window and set(tables) - set(window_tables or {}):
+            raise ValueError("a model with sliding-window layers needs every row's window table with its block table")
+        for target, given in ((self.cache.table, tables), (self.cache.wtable, window_tables or {})):
+            if not given:
+                continue
+            host = torch.full((len(given), self.max_blocks), SCRATCH, dtype=torch.int32)
+            for i, blocks in enumerate(given.values()):
+                if len(blocks) > self.max_blocks:
+                    raise ValueError(f"{len(blocks)} blocks exceed a row's {self.max_blocks}")
+                host[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+            idx = torch.tensor(list(given), dtype=torch.long)
+            target[idx.to(self.device)] = host.to(self.device)
 
     def release(self, rows: Sequence[int]) -> None:
         """Empty these rows (they attend to nothing and write to the scratch block; the row can take a new
@@ -261,11 +278,10 @@ class ContinuousBatcher:
             positions[i, : len(p) - c] = torch.arange(c, len(p))
         ids, positions = ids.to(dev), positions.to(dev)
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        table = self.cache.table[idx]  # [n, max_blocks]
+        table, wtable = self.cache.table[idx], self.cache.wtable[idx]  # [n, max_blocks]
         at = positions.clamp(min=0)
         held = positions >= 0  # pad tokens write to the scratch block
-        block = torch.where(held, table.gather(1, at // BLOCK_SIZE).long(), SCRATCH)
-        self.cache.prefill_write = (block.flatten(), torch.where(held, at % BLOCK_SIZE, 0).flatten())
+        self.cache.prefill_write = _writes(table, wtable, at, held)
         if not any(cached):  # a fresh prompt attends to its own keys only [n, H, W, D]: slot t holds position t
             self.cache.fresh = True
             if self.paged_reads:
@@ -274,7 +290,7 @@ class ContinuousBatcher:
                 m = masks(positions, positions, self.window, self.dtype)
         elif self.paged_reads:  # the queries read the rows' blocks (cached prefix and their own keys)
             self.cache.dense_rows = None
-            m = PagedMask(table.contiguous(), positions).by_layer()
+            m = PagedMask(table.contiguous(), positions, wtable.contiguous() if self.window else None).by_layer()
         else:
             used = blocks_for(max(len(p) for p in prompts))
             self.cache.dense_rows, self.cache.dense_blocks = idx, used
@@ -302,9 +318,11 @@ class ContinuousBatcher:
             buf = self._prefill_in[width] = {
                 "tokens": torch.zeros((2, width), dtype=torch.long, device=self.device),
                 "table": torch.zeros((1, self.max_blocks), dtype=torch.int32, device=self.device),
+                "wtable": torch.zeros((1, self.max_blocks), dtype=torch.int32, device=self.device),
                 "last": torch.zeros(1, dtype=torch.long, device=self.device)}
         buf["tokens"].copy_(host)
         buf["table"].copy_(self.cache.table[row : row + 1])
+        buf["wtable"].copy_(self.cache.wtable[row : row + 1])
         buf["last"].fill_(new - 1)
         self.pos[row, 0] = len(prompt)
         if not self.use_graph:
@@ -325,10 +343,10 @@ class ContinuousBatcher:
         ids, positions = buf["tokens"][0:1], buf["tokens"][1:2]
         at = positions.clamp(min=0)
         held = positions >= 0  # pad tokens write to the scratch block and see nothing
-        block = torch.where(held, buf["table"].gather(1, at // BLOCK_SIZE).long(), SCRATCH)
-        self.cache.prefill_write = (block.flatten(), torch.where(held, at % BLOCK_SIZE, 0).flatten())
+        self.cache.prefill_write = _writes(buf["table"], buf["wtable"], at, held)
+        mask = PagedMask(buf["table"], positions, buf["wtable"] if self.window else None).by_layer()
         try:
-            hidden = self.model.model(input_ids=ids, position_ids=at, attention_mask=PagedMask(buf["table"], positions).by_layer(),
+            hidden = self.model.model(input_ids=ids, position_ids=at, attention_mask=mask,
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
             self.cache.prefill_write = None
@@ -366,11 +384,12 @@ class ContinuousBatcher:
         n = ids.shape[0]  # the first n rows
         # where each row's key goes (inside the graph): a busy row's position's block, a free row's the scratch
         busy, at = pos >= 0, pos.clamp(min=0)
-        block = self.cache.table[:n].gather(1, at // BLOCK_SIZE).long()
-        self.cache.write_block[:n].copy_(torch.where(busy, block, SCRATCH).squeeze(1))
-        self.cache.write_offset[:n].copy_(torch.where(busy, at % BLOCK_SIZE, 0).squeeze(1))
+        block, wblock, offset = _writes(self.cache.table[:n], self.cache.wtable[:n], at, busy)
+        self.cache.write_block[:n].copy_(block)
+        self.cache.write_wblock[:n].copy_(wblock)
+        self.cache.write_offset[:n].copy_(offset)
         if self.paged_reads:
-            m = PagedMask(self.cache.table[:n], pos).by_layer()
+            m = PagedMask(self.cache.table[:n], pos, self.cache.wtable[:n] if self.window else None).by_layer()
         else:
             m = masks(self.slots[:n, : self.cache.dense_blocks * BLOCK_SIZE], pos, self.window, self.dtype)
         out = self.model(input_ids=ids, position_ids=pos.clamp(min=0), attention_mask=m,
@@ -437,6 +456,16 @@ class ContinuousBatcher:
         """Rows whose sampling failed since the last call, with why (the leader's; empty elsewhere)."""
         failed, self.failed = self.failed, {}
         return failed
+
+
+def _writes(table: torch.Tensor, wtable: torch.Tensor, at: torch.Tensor,
+            held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the keys of positions `at` [n, W] go: (block in the full layers, block in the sliding layers, slot),
+    flattened; tokens not `held` (pads, free rows) go to the scratch block."""
+    j, off = at // BLOCK_SIZE, torch.where(held, at % BLOCK_SIZE, 0)
+    block = torch.where(held, table.gather(1, j).long(), SCRATCH)
+    wblock = torch.where(held, wtable.gather(1, j).long(), SCRATCH)
+    return block.flatten(), wblock.flatten(), off.flatten()
 
 
 def _device_fault(e: BaseException) -> bool:

@@ -1,9 +1,16 @@
 """The paged KV cache: a pool of fixed-size blocks on the device, and the host's bookkeeping of them.
 
-Every layer's keys and values live in one pool per layer, [blocks, kv_heads, BLOCK_SIZE, head_dim]. A
-sequence owns a list of blocks (its block table): position p of the sequence is slot p % BLOCK_SIZE of its
-block p // BLOCK_SIZE. Blocks are taken as a sequence grows and given back when it ends, so the cache holds
-the tokens the running sequences have, not rows x max_len (`PagedKVCache`, on the device).
+Keys and values live in pools [blocks, kv_heads, BLOCK_SIZE, head_dim]. A sequence owns a list of blocks (its
+block table): position p of the sequence is slot p % BLOCK_SIZE of its block p // BLOCK_SIZE. Blocks are taken
+as a sequence grows and given back when it ends, so the cache holds the tokens the running sequences have, not
+rows x max_len (`PagedKVCache`, on the device).
+
+Sliding-window layers (gpt-oss: every other layer, 128 positions) have a block table of their own, the window
+table: a sequence holds window blocks only for the positions its next queries can still see, and gives the older
+ones back as it grows (SCRATCH in its window table), so a long sequence costs the full layers' keys plus a
+window's. Both kinds of block come from the one pool: a full layer and a sliding layer share one device tensor
+(block b holds the full layer's keys if a full table lists it, the sliding layer's if a window table does), so a
+block costs max(full, sliding) layers, half of all layers for gpt-oss.
 
 `BlockPool` (host only, no torch) hands blocks out and keeps the prefix cache: a full block is known by its
 tokens and everything before them (a chain of BLAKE2b digests: the previous block's digest and this block's
@@ -30,6 +37,9 @@ BLOCK_SIZE = 16
 
 SCRATCH = 0
 """The block that junk writes go to; never given to a sequence."""
+
+WINDOW_TAG = b"w"
+"""Appended to a block's content key for its sliding layers' block (the same positions, the other layers)."""
 
 
 def blocks_for(tokens: int) -> int:
@@ -74,6 +84,10 @@ class BlockPool:
         token to compute (its logits give the next token). Not taken: see `take`."""
         return self.match(self.keys(tokens, (len(tokens) - 1) // BLOCK_SIZE)) if self.prefix_cache else []
 
+    def find(self, key: bytes) -> int | None:
+        """The cached block of this content key, if any."""
+        return self.by_key.get(key) if self.prefix_cache else None
+
     def match(self, keys: Sequence[bytes]) -> list[int]:
         """The cached blocks of the longest run of these content keys from the first."""
         out = []
@@ -108,19 +122,31 @@ class BlockPool:
             out.append(b)
         return out
 
-    def register(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
-        """`tokens` (position order) have their keys in `blocks`: the full ones become findable by that content
-        (unless the same content is findable already), for other sequences to share while this one runs and
-        after it ends."""
+    def register(self, blocks: Sequence[int], tokens: Sequence[int], known: Sequence[bytes] = (),
+                 tag: bytes = b"") -> None:
+        """`tokens` (position order) have their keys in `blocks` (SCRATCH entries: none held): the full ones become
+        findable by that content + `tag` (unless the same is findable already), for other sequences to share while
+        this one runs and after it ends. `known`: content keys of the first blocks, computed already."""
         full = min(len(blocks), len(tokens) // BLOCK_SIZE) if self.prefix_cache else 0
-        for b, key in zip(blocks, self.keys(tokens, full)):
-            if b not in self.key_of and key not in self.by_key:
+        self.register_keyed(blocks, [k + tag for k in self.keys(tokens, full, known)] if full else [])
+
+    def register_keyed(self, blocks: Sequence[int], keys: Sequence[bytes]) -> None:
+        """blocks[j] becomes findable by keys[j] (those with a key; SCRATCH skipped)."""
+        for b, key in zip(blocks, keys):
+            if b != SCRATCH and b not in self.key_of and key not in self.by_key:
                 self.key_of[b], self.by_key[key] = key, b
 
-    def release(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
+    def release(self, blocks: Sequence[int], tokens: Sequence[int], known: Sequence[bytes] = (),
+                tag: bytes = b"") -> None:
         """A sequence lets go of its blocks; `tokens` are the ones whose keys it wrote (see `register`)."""
-        self.register(blocks, tokens)
+        self.register(blocks, tokens, known, tag)
+        self.unref(blocks)
+
+    def unref(self, blocks: Sequence[int]) -> None:
+        """One holder fewer for each block (SCRATCH skipped); unheld ones become cached (findable) or free."""
         for b in reversed(blocks):  # the chain's tail is evicted before its head
+            if b == SCRATCH:
+                continue
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 if b in self.key_of:
@@ -129,37 +155,59 @@ class BlockPool:
                     self.free.append(b)
 
 
+def pool_tensors(sliding: Sequence[bool]) -> int:
+    """Device tensors (each of K and V) a cache of these layers needs (True: a sliding-window layer): a full and a
+    sliding layer share one (see the module's docstring)."""
+    return max(sum(sliding), len(sliding) - sum(sliding))
+
+
 class PagedKVCache:
-    """K/V pools [num_blocks + 1, kv_heads, BLOCK_SIZE, head_dim] per layer (block 0: scratch) and the rows'
-    block tables [rows, max_blocks] on the device; duck-types the part of transformers' Cache that
+    """K/V pools [num_blocks + 1, kv_heads, BLOCK_SIZE, head_dim] (block 0: scratch), one per layer or, with
+    sliding layers, one per full/sliding pair, and the rows' block tables [rows, max_blocks] (full layers) and
+    window tables (sliding layers) on the device; duck-types the part of transformers' Cache that
     GptOssAttention uses (`update`).
 
-    Before each forward the batcher sets where this forward's tokens go (`write_block`, `write_offset`, one per
-    token, flattened) and what `update` returns: `dense_rows` None: the pools themselves (the paged kernel reads
-    them through the block table); `dense_rows` set (attention implementations that want [n, H, S, D] keys):
-    those rows' blocks gathered into consecutive slots, `dense_blocks` of them; `fresh`: the forward's own keys
-    (a prompt with nothing cached attends to itself only).
+    Before each forward the batcher sets where this forward's tokens go (`write_block` in the full layers,
+    `write_wblock` in the sliding ones, `write_offset`, one per token, flattened) and what `update` returns:
+    `dense_rows` None: the pools themselves (the paged kernel reads them through the tables); `dense_rows` set
+    (attention implementations that want [n, H, S, D] keys): those rows' blocks gathered into consecutive slots,
+    `dense_blocks` of them; `fresh`: the forward's own keys (a prompt with nothing cached attends to itself only).
     """
 
     def __init__(self, layers: int, num_blocks: int, rows: int, max_blocks: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, sliding: Sequence[bool] | None = None) -> None:
         shape = (num_blocks + 1, kv_heads, BLOCK_SIZE, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        flags = list(sliding) if sliding is not None else [False] * layers
+        if len(flags) != layers:
+            raise ValueError(f"{len(flags)} layer kinds for {layers} layers")
+        self.sliding = frozenset(i for i, f in enumerate(flags) if f)
+        """Layers that read and write through the window table."""
+        ks = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(pool_tensors(flags))]
+        vs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(len(ks))]
+        # layer i: the tensor of its rank among the layers of its kind (a full and a sliding layer share each)
+        rank = [sum(1 for j in range(i) if flags[j] == flags[i]) for i in range(layers)]
+        self.k, self.v = [ks[r] for r in rank], [vs[r] for r in rank]
+        self._tensors = ks + vs
         self.table = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
+        self.wtable = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
         self.write_block = torch.zeros(rows, dtype=torch.long, device=device)  # the decode step's, per row
+        self.write_wblock = torch.zeros(rows, dtype=torch.long, device=device)
         self.write_offset = torch.zeros(rows, dtype=torch.long, device=device)
-        self.prefill_write: tuple[torch.Tensor, torch.Tensor] | None = None  # [n * W] blocks, offsets
+        self.prefill_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """[n * W] blocks (full layers), blocks (sliding layers), offsets."""
         self.fresh = False
         self.dense_rows: torch.Tensor | slice | None = None
         self.dense_blocks = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
         n, h, w, d = key.shape
+        window = layer_idx in self.sliding
         if self.prefill_write is not None:
-            blk, off = self.prefill_write
+            blk, wblk, off = self.prefill_write
         else:
-            blk, off = self.write_block[:n], self.write_offset[:n]
+            blk, wblk, off = self.write_block[:n], self.write_wblock[:n], self.write_offset[:n]
+        if window:
+            blk = wblk
         kp, vp = self.k[layer_idx], self.v[layer_idx]
         kp[blk, :, off] = key.permute(0, 2, 1, 3).reshape(n * w, h, d)
         vp[blk, :, off] = value.permute(0, 2, 1, 3).reshape(n * w, h, d)
@@ -167,7 +215,7 @@ class PagedKVCache:
             return key, value
         if self.dense_rows is None:
             return kp, vp
-        table = self.table[self.dense_rows, : self.dense_blocks]
+        table = (self.wtable if window else self.table)[self.dense_rows, : self.dense_blocks]
         return gather(kp, table), gather(vp, table)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -175,7 +223,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self._tensors)
 
 
 def gather(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -185,9 +233,24 @@ def gather(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return pool[table.long()].permute(0, 2, 1, 3, 4).reshape(n, h, m * bs, d)
 
 
-def block_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Device bytes of one block in every layer's key and value pools."""
-    return 2 * layers * kv_heads * BLOCK_SIZE * head_dim * torch.empty((), dtype=dtype).element_size()
+def block_bytes(tensors: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Device bytes of one block in `tensors` key and value pools (`pool_tensors`)."""
+    return 2 * tensors * kv_heads * BLOCK_SIZE * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def window_reserve(rows: int, window: int | None, max_prefill_tokens: int, max_blocks: int) -> int:
+    """Blocks beyond the full layers' for the sliding-window layers: each row's window and one prefill chunk's
+    (0 without sliding layers)."""
+    if not window:
+        return 0
+    return rows * min(max_blocks, window_blocks(window, 1)) + min(max_blocks, window_blocks(window, max_prefill_tokens))
+
+
+def window_blocks(window: int | None, chunk: int) -> int:
+    """Window-table blocks one sequence holds at most: the 16-token blocks that the window of `window` positions
+    before a prefill chunk of `chunk` tokens touches, the chunk's own and the next token's; 0 without sliding
+    layers."""
+    return blocks_for(window + chunk) + 2 if window else 0
 
 
 def blocks_that_fit(total: int, used: int, utilization: float, reserve: int, per_block: int) -> int:

@@ -55,7 +55,7 @@ class QueueRun:
         self.prompts = prompts
         self.stop_ids = stop_ids
         self.planner = Planner(batcher.rows, BlockPool(batcher.num_blocks, reuse_prefix), batcher.max_blocks,
-                               chunk if chunk is not None else 1 << 62)
+                               chunk if chunk is not None else 1 << 62, batcher.window)
         for i, (p, m) in enumerate(zip(prompts, max_new_tokens)):
             self.planner.add(Seq(list(p), m, temperature, top_p, payload=i))
         self.prefill_seconds = 0.0

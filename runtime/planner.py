@@ -3,6 +3,10 @@
 `Planner` keeps the waiting queue (first come, first served), the running sequences in the batcher's rows
 and the KV cache's blocks (`runtime.kvcache.BlockPool`). Each `plan()` says what one step does:
 - rows whose sequence ended are freed (their blocks go back to the pool; full blocks stay findable);
+- with sliding-window layers (`window`), each sequence holds window blocks (runtime/kvcache.py) only from the
+  first position its next queries can see, and gives the older ones back (findable, like a finished
+  sequence's) as it grows; a prefix-cache hit counts only as far as the window blocks before its end are
+  cached too;
 - every decoding sequence gets the block its next token's key goes to; when the pool is out of blocks the
   newest running sequence is preempted: its blocks are given back and it waits at the head of the queue, to
   be prefilled again (prompt and the tokens it has drawn; most of it found in the prefix cache) and go on
@@ -22,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.kvcache import BLOCK_SIZE, BlockPool, blocks_for
+from runtime.kvcache import BLOCK_SIZE, SCRATCH, WINDOW_TAG, BlockPool, blocks_for, window_blocks
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     """Tokens drawn so far (kept across preemptions)."""
     blocks: list[int] = field(default_factory=list)
+    wblocks: list[int] = field(default_factory=list)
+    """Window-table blocks, as long as `blocks`; SCRATCH where given back (behind the window)."""
     done: int = 0
     """While prefilling: tokens of `fed()` whose keys are in its blocks."""
     cached_tokens: int = 0
@@ -77,6 +83,8 @@ class Plan:
     release: list[int] = field(default_factory=list)
     tables: dict[int, list[int]] = field(default_factory=dict)
     """Rows whose block list changed: the whole list."""
+    window_tables: dict[int, list[int]] = field(default_factory=dict)
+    """Rows whose window-table list changed (with sliding layers): the whole list."""
     admit: list[Admit] = field(default_factory=list)
     decode: bool = False
     shutdown: bool = False
@@ -85,11 +93,15 @@ class Plan:
 class Planner:
     """Waiting and running sequences over `rows` rows and a pool of blocks."""
 
-    def __init__(self, rows: int, pool: BlockPool, max_blocks: int, max_prefill_tokens: int) -> None:
-        if pool.num_blocks < max_blocks:
+    def __init__(self, rows: int, pool: BlockPool, max_blocks: int, max_prefill_tokens: int,
+                 window: int | None = None) -> None:
+        peak = max_blocks + min(max_blocks, window_blocks(window, max_prefill_tokens))
+        if pool.num_blocks < peak:
             raise ValueError(f"a KV cache of {pool.num_blocks} blocks cannot hold one sequence of {max_blocks} "
-                             "blocks")
+                             f"blocks ({peak} with its sliding-window blocks while a chunk is prefilled)")
         self.pool, self.max_blocks = pool, max_blocks
+        self.window = window
+        """Positions the sliding-window layers see (None: no such layers, no window tables)."""
         self.max_prefill_tokens = max_prefill_tokens
         self.rows: list[Seq | None] = [None] * rows
         self.waiting: deque[Seq] = deque()
@@ -131,12 +143,42 @@ class Planner:
         self._leave(seq)
 
     def _leave(self, seq: Seq) -> None:
-        self.pool.release(seq.blocks, self.written(seq))
+        written = self.written(seq)
+        self.pool.release(seq.blocks, written)
+        if seq.wblocks:
+            self.pool.release(seq.wblocks, written, self._keys(seq, len(written) // BLOCK_SIZE), WINDOW_TAG)
         self.rows[seq.row] = None
         self.running.remove(seq)
         self.filling.discard(seq.row)
         self._freed.append(seq.row)
-        seq.blocks, seq.done, seq.row = [], 0, -1
+        seq.blocks, seq.wblocks, seq.done, seq.row = [], [], 0, -1
+
+    def _keys(self, seq: Seq, n: int) -> list[bytes]:
+        """The content keys of the first n full blocks of `seq.fed()` (kept on the sequence: computed once);
+        none without the prefix cache."""
+        if not self.pool.prefix_cache:
+            return []
+        if len(seq.keys) < n:
+            seq.keys = self.pool.keys(seq.fed(), n, seq.keys)
+        return seq.keys[:n]
+
+    def _first_window_block(self, query: int) -> int:
+        """The first block a sliding layer's query at this position (or later) reads."""
+        return max(0, query - self.window + 1) // BLOCK_SIZE if self.window else 0
+
+    def _slide(self, seq: Seq, query: int, plan: Plan) -> None:
+        """Give back the window blocks before what a query at `query` and later ones read (findable, as they were
+        written: behind the window, they are full)."""
+        lo = self._first_window_block(query)
+        old = [j for j in range(min(lo, len(seq.wblocks))) if seq.wblocks[j] != SCRATCH]
+        if not old:
+            return
+        keys = self._keys(seq, lo)
+        self.pool.register_keyed([seq.wblocks[j] for j in old], [keys[j] + WINDOW_TAG for j in old] if keys else [])
+        self.pool.unref([seq.wblocks[j] for j in old])
+        for j in old:
+            seq.wblocks[j] = SCRATCH
+        plan.window_tables[seq.row] = list(seq.wblocks)
 
     def _preempt(self, seq: Seq) -> None:
         self._leave(seq)
@@ -144,12 +186,15 @@ class Planner:
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _grow(self, seq: Seq, blocks: int, plan: Plan) -> bool:
-        """Give `seq` blocks up to `blocks` in all, preempting newer sequences while the pool is short;
-        False when `seq` is the newest and the pool still is."""
-        need = blocks - len(seq.blocks)
-        if need <= 0:
+    def _grow(self, seq: Seq, blocks: int, query: int, plan: Plan) -> bool:
+        """Give `seq` blocks up to `blocks` in all (and window blocks from what a query at `query` reads), preempting
+        newer sequences while the pool is short; False when `seq` is the newest and the pool still is."""
+        if self.window:
+            self._slide(seq, query, plan)
+        grow = blocks - len(seq.blocks)
+        if grow <= 0:
             return True
+        need = 2 * grow if self.window else grow  # (a new block's window block too)
         while self.pool.available < need:
             victim = next((s for s in reversed(self.running) if s is not seq), None)
             if victim is None or self.running.index(victim) < self.running.index(seq):
@@ -157,22 +202,29 @@ class Planner:
             self._preempt(victim)
         new = self.pool.allocate(need)
         assert new is not None
-        seq.blocks += new
+        seq.blocks += new[:grow]
         plan.tables[seq.row] = list(seq.blocks)
+        if self.window:
+            seq.wblocks += new[grow:]
+            plan.window_tables[seq.row] = list(seq.wblocks)
         return True
 
     def plan(self) -> Plan:
         plan = Plan()
         for seq in self._register:
             if seq.row >= 0:
-                self.pool.register(seq.blocks, self.written(seq))
+                written = self.written(seq)
+                self.pool.register(seq.blocks, written)
+                if seq.wblocks:
+                    self.pool.register(seq.wblocks, written, self._keys(seq, len(written) // BLOCK_SIZE),
+                                       WINDOW_TAG)
         self._register = []
         # the decode step's blocks, oldest sequence first (newest preempted when short)
         for seq in list(self.running):
             if seq.row < 0 or seq.row in self.filling:
                 continue  # preempted meanwhile, or still prefilling
             at = len(seq.prompt) + len(seq.tokens) - 1  # where the last drawn token's key goes
-            if not self._grow(seq, at // BLOCK_SIZE + 1, plan):
+            if not self._grow(seq, at // BLOCK_SIZE + 1, at, plan):
                 self._preempt(seq)
         budget = self.max_prefill_tokens
         stalled = False  # a sequence part-way in could not go on: admitting newer ones would only preempt them
@@ -183,7 +235,7 @@ class Planner:
                 continue
             fed = seq.fed()
             end = min(len(fed), seq.done + budget)
-            if not self._grow(seq, blocks_for(end + (end == len(fed))), plan):
+            if not self._grow(seq, blocks_for(end + (end == len(fed))), seq.done, plan):
                 stalled = True
                 break
             plan.admit.append(self._admit(seq, fed, seq.done, end))
@@ -194,16 +246,20 @@ class Planner:
             fed = seq.fed()
             if self.pool.prefix_cache:
                 seq.keys = self.pool.keys(fed, (len(fed) - 1) // BLOCK_SIZE, seq.keys)
-            hits = self.pool.match(seq.keys)
+            hits, whits, lo = self._hits(seq)
             start = len(hits) * BLOCK_SIZE
             end = min(len(fed), start + budget)
-            self.pool.take(hits)  # before allocating: the hits are not evicted for this sequence's own blocks
-            new = self.pool.allocate(blocks_for(end + (end == len(fed))) - len(hits))
+            self.pool.take(hits + whits)  # before allocating: the hits are not evicted for this one's new blocks
+            grow = blocks_for(end + (end == len(fed))) - len(hits)
+            new = self.pool.allocate(2 * grow if self.window else grow)
             if new is None:  # the pool is full: wait for blocks (first come, first served)
-                self.pool.release(hits, [])
+                self.pool.unref(hits + whits)
                 break
             self.waiting.popleft()
-            seq.row, seq.blocks = free.pop(0), hits + new
+            seq.row, seq.blocks = free.pop(0), hits + new[:grow]
+            if self.window:
+                seq.wblocks = [SCRATCH] * lo + whits + new[grow:]
+                plan.window_tables[seq.row] = list(seq.wblocks)
             if not seq.tokens and not seq.preemptions:
                 seq.cached_tokens = start
                 self.cached_tokens += start
@@ -216,6 +272,20 @@ class Planner:
         plan.release, self._freed = sorted(set(self._freed)), []  # (a row taken again is released first)
         plan.decode = any(s.row not in self.filling for s in self.running)
         return plan
+
+    def _hits(self, seq: Seq) -> tuple[list[int], list[int], int]:
+        """The cached blocks a waiting sequence starts from: (full-layer blocks of its longest cached prefix, the
+        window blocks from the first one its first computed query reads, that first block's index). With
+        sliding layers the prefix is cut back until those window blocks are cached too."""
+        hits = self.pool.match(seq.keys)
+        if not self.window:
+            return hits, [], 0
+        for n in range(len(hits), 0, -1):
+            lo = self._first_window_block(n * BLOCK_SIZE)
+            whits = [self.pool.find(k + WINDOW_TAG) for k in seq.keys[lo:n]]
+            if all(b is not None for b in whits):
+                return hits[:n], whits, lo  # type: ignore[return-value]
+        return [], [], 0
 
     def _admit(self, seq: Seq, fed: list[int], start: int, end: int) -> Admit:
         seq.done = end
@@ -231,7 +301,7 @@ def execute_prefill(plan: Plan, batcher: Any, everywhere: bool = False) -> list[
     """Free the plan's rows, set its block tables, run its prefills on this rank; the first tokens of the
     sequences that completed their prompt (a host list on the leader, or `everywhere`; None elsewhere)."""
     batcher.release(plan.release)
-    batcher.set_tables(plan.tables)
+    batcher.set_tables(plan.tables, plan.window_tables)
     part = [a for a in plan.admit if a.end is not None]
     if part:  # chunks of longer prompts: keys stored, nothing sampled, the rows wait for their next chunk
         batcher.prefill([a.row for a in part], [a.prompt[: a.end] for a in part], [a.temperature for a in part],

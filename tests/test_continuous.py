@@ -21,18 +21,24 @@ def batcher(engine: Engine, rows: int, max_len: int, max_prefill_tokens: int,
     """The tiny engine's model in a CPU batcher (eager: no graph, no compile; this process samples), each row
     given its own blocks for max_len tokens (`own_blocks`: the tests that drive the batcher directly; a
     planner sets every row's table itself)."""
+    from runtime.kvcache import blocks_for
+
+    own = num_blocks is None
     b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=rows, max_len=max_len,
                           max_prefill_tokens=max_prefill_tokens, use_graph=False, compile=False, group=None,
-                          leader=True, generator=engine.generator, num_blocks=num_blocks)
-    if num_blocks is None:
+                          leader=True, generator=engine.generator,
+                          num_blocks=2 * rows * blocks_for(max_len) if own else num_blocks)
+    if own:
         own_blocks(b)
     return b
 
 
 def own_blocks(b: ContinuousBatcher) -> None:
-    """Row r: blocks 1 + r * m ... (r + 1) * m, m the blocks of a row (a fixed reservation, like a row cache)."""
-    m = b.max_blocks
-    b.set_tables({r: list(range(1 + r * m, 1 + (r + 1) * m)) for r in range(b.rows)})
+    """Row r: blocks 1 + r * m ... (r + 1) * m, m the blocks of a row (a fixed reservation, like a row cache), and
+    as many after all rows' for its window table (the sliding layers' blocks, none given back: no planner)."""
+    m, rows = b.max_blocks, b.rows
+    b.set_tables({r: list(range(1 + r * m, 1 + (r + 1) * m)) for r in range(rows)},
+                 {r: list(range(1 + (rows + r) * m, 1 + (rows + r + 1) * m)) for r in range(rows)})
 
 
 def count_prefill(b: ContinuousBatcher) -> list[int]:
@@ -89,16 +95,23 @@ def test_joining_and_leaving_rows_give_the_engine_tokens(attn: str) -> None:
 
 
 def test_kv_blocks_sized_from_memory() -> None:
-    """The paged cache's arithmetic: a block is every layer's keys and values for 16 positions; a batcher
-    holds its blocks plus the scratch block; serve.gpu_memory_utilization's blocks fill what is left."""
-    from runtime.kvcache import BLOCK_SIZE, block_bytes, blocks_that_fit
+    """The paged cache's arithmetic: a block is 16 positions' keys and values in half the layers (a full and a
+    sliding layer share each pool); a batcher holds by default every row's blocks and the sliding layers'
+    windows (a row's, and a prefill chunk's), plus the scratch block; serve.gpu_memory_utilization's blocks fill
+    what is left."""
+    from runtime.kvcache import BLOCK_SIZE, block_bytes, blocks_that_fit, pool_tensors, window_blocks
 
     engine = Engine(compose("generate", ["model.device=cpu"]))
     h = engine.model.config
-    per_block = block_bytes(h.num_hidden_layers, h.num_key_value_heads, h.head_dim, engine.dtype)
-    assert per_block == 2 * h.num_hidden_layers * h.num_key_value_heads * BLOCK_SIZE * h.head_dim * 4
-    b = batcher(engine, 3, 100, 64)
-    assert b.max_blocks == 7 and b.num_blocks == 21 and b.cache.nbytes == 22 * per_block
+    sliding = [k == "sliding_attention" for k in h.layer_types]
+    assert pool_tensors(sliding) == h.num_hidden_layers // 2 and h.sliding_window == 32
+    per_block = block_bytes(pool_tensors(sliding), h.num_key_value_heads, h.head_dim, engine.dtype)
+    assert per_block == 2 * (h.num_hidden_layers // 2) * h.num_key_value_heads * BLOCK_SIZE * h.head_dim * 4
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=100, max_prefill_tokens=64,
+                          use_graph=False, compile=False, group=None, leader=True, generator=None)
+    assert window_blocks(32, 1) == 5 and window_blocks(32, 64) == 8  # blocks_for(window + chunk) + 2
+    assert b.max_blocks == 7 and b.window == 32 and b.num_blocks == 3 * 7 + 3 * 5 + 7
+    assert b.cache.nbytes == (b.num_blocks + 1) * per_block
     gib = 1 << 30
     assert blocks_that_fit(100 * gib, 30 * gib, 0.9, 2 * gib, gib) == 58  # 90 - 30 - 2
     assert blocks_that_fit(100 * gib, 95 * gib, 0.9, 2 * gib, gib) == 0
@@ -489,7 +502,7 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
         return out, sched.stats()
 
     full, _ = serve(None)
-    small, stats = serve(blocks_for(160) + 2)
+    small, stats = serve(2 * blocks_for(160) + 2)  # one sequence, its window blocks while prefilled, and 2
     assert small == full and all(len(t) == 30 for t in small)
     assert stats["preemptions"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
 

@@ -350,7 +350,8 @@ def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     prompts = [eng.render(Request(id=str(i), prompt=p.prompt)) for i, p in enumerate(PROMPTS)]
     ref = [eng.decode([p], 24, ignore_eos=True).tokens[0].tolist() for p in prompts]
     b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=10, max_len=512, max_prefill_tokens=400,
-                          use_graph=True, compile=compile, group=None, leader=True, generator=eng.generator)
+                          use_graph=True, compile=compile, group=None, leader=True, generator=eng.generator,
+                          num_blocks=2 * 10 * 32)  # every row its 32 blocks, and as many for its window table
     b.warm_up()
     own_blocks(b)
     got, sizes = join_and_leave(b, prompts, 24)

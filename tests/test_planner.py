@@ -166,7 +166,7 @@ def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> No
     alone = [engine.decode([p], m, ignore_eos=True).tokens[0].tolist() for p, m in zip(prompts, limits)]
     b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=longest, max_prefill_tokens=4096,
                           use_graph=False, compile=False, group=None, leader=True, generator=engine.generator,
-                          num_blocks=blocks_for(longest) + 3)
+                          num_blocks=2 * blocks_for(longest) + 3)  # (one prefill: its blocks and windows)
     run = QueueRun(b, prompts, limits, set(), reuse_prefix=reuse)
     got: dict[int, list[int]] = {}
     while not run.done:
@@ -176,3 +176,74 @@ def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> No
     assert [got[i] for i in range(len(texts))] == alone
     assert bool(b.prefill_widths) == (attention == "triton")  # (triton: the padded prefills ran)
 
+
+
+def test_sliding_window_blocks_are_given_back_behind_the_window() -> None:
+    """With sliding-window layers (window 32), a sequence holds full-layer blocks for every position but window
+    blocks only from the first one its next query reads: decoding 150 tokens it never holds more than 3, the
+    window table says so (SCRATCH behind), the ones given back stay findable by content, and all come back."""
+    from runtime.kvcache import SCRATCH, WINDOW_TAG
+
+    planner = Planner(1, BlockPool(64), 16, max_prefill_tokens=1000, window=32)
+    seq = Seq(list(range(40)), 150, payload=0)
+    planner.add(seq)
+    out: dict[int, list[int]] = {}
+    most = 0
+    for _ in range(1000):
+        if planner.idle:
+            break
+        plan = planner.plan()
+        if seq.row >= 0:
+            assert len(seq.wblocks) == len(seq.blocks)
+            if 0 in plan.window_tables:
+                assert plan.window_tables[0] == seq.wblocks
+            at = len(seq.prompt) + len(seq.tokens) - 1  # the query this step feeds (decoding)
+            held = [j for j, b in enumerate(seq.wblocks) if b != SCRATCH]
+            if seq.tokens:
+                assert held == list(range(max(0, at - 31) // B, len(seq.blocks))), (at, held)
+                most = max(most, len(held))
+            for j in range(held[0]):  # given back, findable as that content's window block
+                assert planner.pool.find(planner._keys(seq, j + 1)[j] + WINDOW_TAG) is not None
+        for a in [a for a in plan.admit if a.end is None]:
+            deliver(planner, a.row, 5, out)
+        if plan.decode and planner.decoding(0) and not plan.admit:
+            deliver(planner, 0, 5, out)
+    assert len(out[0]) == 150 and most == 3
+    assert planner.pool.available == 64
+
+
+def test_a_prefix_hit_needs_the_window_blocks_before_its_end() -> None:
+
+    """A prefix-cache hit with sliding layers: the first computed query reads the window before it, so the hit
+    counts only as far as those window blocks are cached too. A long sequence gives its early window blocks back
+    as it decodes; while they are cached, a prompt sharing its first 64 tokens starts at 64; once they are
+    evicted (the least recently freed go first), it is computed whole, while a prompt sharing its first 208
+    tokens (window blocks given back last) still starts at 208."""
+    from runtime.kvcache import WINDOW_TAG
+
+    def run_a() -> Planner:
+        planner = Planner(2, BlockPool(40), 16, max_prefill_tokens=1000, window=32)
+        planner.add(Seq(list(range(100)), 120, payload="a"))
+        drive(planner)
+        return planner
+
+    def admit(planner: Planner, prompt: list[int]) -> int:
+        planner.add(Seq(prompt, 2, payload="b"))
+        plan = planner.plan()
+        return plan.admit[0].cached
+
+    a_tokens = list(range(100)) + [5] * 119  # what A wrote (its last token's key never is): 13 full blocks
+    planner = run_a()
+    assert admit(planner, a_tokens[:64] + [999] * 10) == 64
+    planner = run_a()
+    pool = planner.pool
+    order = [pool.key_of[b].endswith(WINDOW_TAG) for b in pool.cached]  # least recently freed first
+    slid = order.index(False)  # window blocks 0..10, given back while A decoded, before its end freed the rest
+    assert slid == 11 and sum(order) == 13
+    evicted = pool.allocate(len(pool.free) + slid)
+    assert evicted is not None
+    pool.release(evicted, [])  # (plain free blocks again)
+    assert len(pool.match(pool.keys(a_tokens, 13))) == 13  # every full-layer block is still cached
+    assert admit(planner, a_tokens[:64] + [999] * 10) == 0  # its window (blocks 2, 3) is gone
+    planner.finish(planner.running[0])
+    assert admit(planner, a_tokens[:208] + [999] * 10) == 208  # reads window blocks 11 and 12, cached

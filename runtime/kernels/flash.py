@@ -75,13 +75,17 @@ class PagedMask:
     table: [B, M] int32, the physical block of each row's block 0..M-1 (position p: block p // BS, slot p % BS).
     q_pos: [B, T] each query's position; it sees positions <= its own (in the window on sliding layers); -1: a
            pad query, which sees nothing.
+    window_table: the sliding layers' own table (runtime/kvcache.py: blocks behind the window are given back),
+           None: they read through `table` too.
     """
 
     table: torch.Tensor
     q_pos: torch.Tensor
+    window_table: torch.Tensor | None = None
 
     def by_layer(self) -> dict[str, PagedMask]:
-        return {"full_attention": self, "sliding_attention": self}
+        sliding = self if self.window_table is None else PagedMask(self.window_table, self.q_pos)
+        return {"full_attention": PagedMask(self.table, self.q_pos), "sliding_attention": sliding}
 
     def dense(self, key: torch.Tensor, value: torch.Tensor, window: int | None,
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -110,18 +110,20 @@ def run(cfg: DictConfig) -> None:
 
     from runtime.continuous import ContinuousBatcher
     from runtime.engine import CALL, Engine
-    from runtime.kvcache import BLOCK_SIZE, blocks_for
+    from runtime.kvcache import BLOCK_SIZE, blocks_for, window_reserve
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
     import torch  # loaded by now (the HTTP port was bound before any of it)
 
     per_block = _block_bytes(engine)
+    rows = sc.max_batch
+    window = _window(engine)
     if sc.gpu_memory_utilization is not None:
         blocks = _blocks_in_memory(engine, sc, per_block, layout)
-    else:
-        blocks = blocks_for(sc.kv_cache_tokens) if sc.kv_cache_tokens is not None else sc.max_batch * blocks_for(sc.max_len)
-    rows = sc.max_batch
+    else:  # the full layers' tokens, and the sliding layers' windows beside them
+        tokens = sc.kv_cache_tokens if sc.kv_cache_tokens is not None else rows * sc.max_len
+        blocks = blocks_for(tokens) + window_reserve(rows, window, sc.max_prefill_tokens, blocks_for(sc.max_len))
     try:
         batcher = ContinuousBatcher(
             engine.model, engine.dtype, engine.device, rows, sc.max_len, sc.max_prefill_tokens,
@@ -136,10 +138,11 @@ def run(cfg: DictConfig) -> None:
                         "serve.gpu_memory_utilization to size it from the memory left") from None
     warm = batcher.warm_up()  # compile, capture and autotune before /health says ok (every rank at once)
     if layout.is_writer:
-        log.info("KV cache: %d blocks of %d = %d tokens (%.1f requests of serve.max_len=%d), %.2f GB on this rank; "
-                 "%d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks, BLOCK_SIZE,
-                 blocks * BLOCK_SIZE, blocks * BLOCK_SIZE / sc.max_len, sc.max_len, batcher.cache.nbytes / 1e9, rows,
-                 batcher.buckets, warm)
+        log.info("KV cache: %d blocks of %d = %d tokens (%.1f requests of serve.max_len=%d%s), %.2f GB on this "
+                 "rank; %d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks, BLOCK_SIZE,
+                 blocks * BLOCK_SIZE, blocks * BLOCK_SIZE / sc.max_len, sc.max_len,
+                 f"; the sliding-window layers hold a request's last {window} tokens, in blocks of the same pool"
+                 if window else "", batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
@@ -157,13 +160,25 @@ def run(cfg: DictConfig) -> None:
     engine.close(batcher)
 
 
+def _sliding(engine: Any) -> list[bool]:
+    """Which layers are sliding-window ones (the cache's two kinds of table)."""
+    h = engine.hf_config
+    return [k == "sliding_attention" for k in (getattr(h, "layer_types", None) or [])] or [False] * h.num_hidden_layers
+
+
+def _window(engine: Any) -> int | None:
+    """Positions the sliding layers see; None without such layers (as runtime.continuous decides)."""
+    return getattr(engine.hf_config, "sliding_window", None) if any(_sliding(engine)) else None
+
+
 def _block_bytes(engine: Any) -> int:
-    """Device bytes of one KV-cache block on this rank (its KV heads, every layer)."""
-    from runtime.kvcache import block_bytes
+    """Device bytes of one KV-cache block on this rank (its KV heads, in the pools of every layer pair)."""
+    from runtime.kvcache import block_bytes, pool_tensors
 
     attn = engine.model.model.layers[0].self_attn
     kv_heads = attn.k_proj.out_features // attn.head_dim
-    return block_bytes(engine.hf_config.num_hidden_layers, kv_heads, attn.head_dim, engine.dtype)
+    sliding = _sliding(engine) if _window(engine) else [False] * engine.hf_config.num_hidden_layers
+    return block_bytes(pool_tensors(sliding), kv_heads, attn.head_dim, engine.dtype)
 
 
 def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) -> int:
@@ -171,7 +186,7 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     for a prefill's activations."""
     import torch
 
-    from runtime.kvcache import BLOCK_SIZE, blocks_for, blocks_that_fit
+    from runtime.kvcache import BLOCK_SIZE, blocks_for, blocks_that_fit, window_blocks
 
     if engine.device.type != "cuda":
         raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; without a GPU set "
@@ -185,7 +200,8 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     blocks = blocks_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_block)
     everyone = distributed.gather_to_writer(blocks, layout)
     blocks = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)
-    if blocks < blocks_for(sc.max_len):
+    one = blocks_for(sc.max_len)  # one request of max_len, with its sliding layers' blocks while it is prefilled
+    if blocks < one + min(one, window_blocks(_window(engine), sc.max_prefill_tokens)):
         raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves room for {blocks * BLOCK_SIZE} "
                         f"KV-cache tokens, less than one request of serve.max_len={sc.max_len} ({free / 2**30:.1f} GiB "
                         f"of {total / 2**30:.1f} GiB free after loading): raise it, or lower serve.max_len")

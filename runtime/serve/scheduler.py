@@ -130,7 +130,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.should_stop = should_stop
         self.planner = Planner(batcher.rows, BlockPool(batcher.num_blocks, prefix_cache), batcher.max_blocks,
-                               batcher.max_prefill_tokens)
+                               batcher.max_prefill_tokens, batcher.window)
         self.counters = Counters()
         self.stopping = False
         self._lock = threading.Condition()

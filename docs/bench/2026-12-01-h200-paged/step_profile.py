@@ -35,13 +35,15 @@ d = eng.decode([prompt], 128, ignore_eos=True)
 d = eng.decode([prompt], 128, ignore_eos=True)
 print(f"engine static decode, batch 1: {1e3 * sum(d.step_seconds) / len(d.step_seconds):.3f} ms/step")
 
+per_row = blocks_for(4200)
 b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=rows, max_len=4200, max_prefill_tokens=8192,
-                      use_graph=gpu, compile=gpu, group=None, leader=True, generator=eng.generator)
+                      use_graph=gpu, compile=gpu, group=None, leader=True, generator=eng.generator,
+                      num_blocks=2 * rows * per_row)
 t0 = time.perf_counter()
 b.warm_up()
 print(f"batcher warm-up ({rows} rows, steps {b.buckets}, prefill widths {b.prefill_widths}): {time.perf_counter() - t0:.1f} s")
-per_row = blocks_for(4200)
-b.set_tables({r: list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)})
+b.set_tables({r: list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)},  # and window tables
+             {r: list(range(1 + (rows + r) * per_row, 1 + (rows + r + 1) * per_row)) for r in range(rows)})
 
 
 def timed(fn, n: int) -> float:
