@@ -164,14 +164,32 @@ class ContinuousBatcher:
             for _ in range(steps):
                 self.step()
             self.release([row])
+        room = min(self.max_len - 1, (self.num_blocks // (2 if self.window else 1)) * BLOCK_SIZE - 1)
         for width in self.prefill_widths if self.use_graph else []:  # each prefill width's graph
-            n = min(width, self.max_len - 1, (self.num_blocks // (2 if self.window else 1)) * BLOCK_SIZE - 1)
+            n = min(width, room)
             self._scratch_tables(0, n + 1)
             self.prefill([0], [[(3 * i + 2) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
+            self.release([0])
+        for n in self._tuning_lengths(room):  # the kernels' autotuning at the longer prefills' sizes, now
+            self._scratch_tables(0, n + 1)
+            self.prefill([0], [[(5 * i + 3) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
             self.release([0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    def _tuning_lengths(self, room: int) -> list[int]:
+        """Eager prefill lengths that reach every autotuning key a longer prefill (beyond the padded widths, up to
+        max_prefill_tokens) can meet: the kernels key their tuning on powers of two of the tokens, and a new key
+        mid-serving stalls every stream for seconds. GPUs only."""
+        if self.device.type != "cuda":
+            return []
+        top = min(self.max_prefill_tokens, room)
+        out, n = [], 2 * (self.prefill_widths[-1] if self.prefill_widths else 1024)
+        while n // 2 < top:
+            out.append(min(n, top))
+            n *= 2
+        return out
 
     # ------------------------------------------------------------------------------ row lifecycle
 

@@ -554,3 +554,17 @@ def serve_all(sched, stop, subs):  # type: ignore[no-untyped-def]  # noqa: ANN00
     loop.join(timeout=60)
     assert not loop.is_alive()
     return out
+
+
+def test_warm_up_reaches_every_autotuning_size_of_a_long_prefill() -> None:
+    """On a GPU the warm-up also prefills eagerly at the powers of two beyond the padded widths up to
+    max_prefill_tokens (the kernels' autotuning keys), so no request meets a first-time tuning mid-serving."""
+    from types import SimpleNamespace
+
+    lengths = ContinuousBatcher._tuning_lengths
+    gpu = SimpleNamespace(device=torch.device("cuda"), prefill_widths=[16, 1024], max_prefill_tokens=8192)
+    assert lengths(gpu, 100_000) == [2048, 4096, 8192]
+    assert lengths(gpu, 3000) == [2048, 3000]  # (no more room in the cache, or a row)
+    assert lengths(SimpleNamespace(**{**vars(gpu), "max_prefill_tokens": 5000}), 100_000) == [2048, 4096, 5000]
+    assert lengths(SimpleNamespace(**{**vars(gpu), "max_prefill_tokens": 1024}), 100_000) == []
+    assert lengths(SimpleNamespace(**{**vars(gpu), "device": torch.device("cpu")}), 100_000) == []

@@ -213,7 +213,6 @@ def test_sliding_window_blocks_are_given_back_behind_the_window() -> None:
 
 
 def test_a_prefix_hit_needs_the_window_blocks_before_its_end() -> None:
-
     """A prefix-cache hit with sliding layers: the first computed query reads the window before it, so the hit
     counts only as far as those window blocks are cached too. A long sequence gives its early window blocks back
     as it decodes; while they are cached, a prompt sharing its first 64 tokens starts at 64; once they are
