@@ -246,3 +246,129 @@ def test_a_prefix_hit_needs_the_window_blocks_before_its_end() -> None:
     assert admit(planner, a_tokens[:64] + [999] * 10) == 0  # its window (blocks 2, 3) is gone
     planner.finish(planner.running[0])
     assert admit(planner, a_tokens[:208] + [999] * 10) == 208  # reads window blocks 11 and 12, cached
+
+
+class FakeDevice:
+    """What the batcher holds, told only what the plans tell it: block tables, window tables, busy rows and their
+    positions. Every key slot written gets a label (the layer kind and the token prefix it was computed from);
+    every read checks the label is the reader's own prefix there: a block handed to two sequences at once, a
+    stale table, a prefix hit on other content or a window block given back too early all fail."""
+
+    def __init__(self, rows: int, window: int | None) -> None:
+        self.window = window
+        self.table: dict[int, list[int]] = {}
+        self.wtable: dict[int, list[int]] = {}
+        self.pos = [-1] * rows  # -1: not decoding
+        self.fed: dict[int, list[int]] = {}  # a row's tokens, as fed
+        self.slots: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+    def _slot(self, kind: str, row: int, p: int) -> tuple[str, int, int]:
+        table = self.table if kind == "f" else self.wtable
+        block = table[row][p // B]
+        assert block != 0, (kind, row, p)
+        return kind, block, p % B
+
+    def _write(self, row: int, p: int) -> None:
+        for kind in ("f", "w") if self.window else ("f",):
+            self.slots[self._slot(kind, row, p)] = tuple(self.fed[row][: p + 1])
+
+    def _read(self, row: int, lo: int, hi: int) -> None:
+        """The queries at [lo, hi) read the full layers' [0, hi) and the window before each."""
+        for p in range(hi):
+            assert self.slots.get(self._slot("f", row, p)) == tuple(self.fed[row][: p + 1]), (row, p)
+        for p in range(max(0, lo - self.window + 1), hi) if self.window else ():
+            assert self.slots.get(self._slot("w", row, p)) == tuple(self.fed[row][: p + 1]), (row, p, "window")
+
+    def apply(self, plan) -> None:  # type: ignore[no-untyped-def]
+        for r in plan.release:
+            self.pos[r] = -1
+        self.table.update({r: list(b) for r, b in plan.tables.items()})
+        self.wtable.update({r: list(b) for r, b in plan.window_tables.items()})
+
+    def prefill(self, row: int, fed: list[int], cached: int, end: int | None) -> None:
+        stop = len(fed) if end is None else end
+        self.fed[row] = list(fed[:stop])
+        for p in range(cached, stop):
+            self._write(row, p)
+        self._read(row, cached, stop)
+        self.pos[row] = stop if end is None else -1
+
+    def step(self, live: set[int]) -> None:
+        for r, p in enumerate(self.pos):
+            if p >= 0:
+                self._write(r, p)
+                if r in live:
+                    self._read(r, p, p + 1)
+                self.pos[r] += 1
+
+
+def simulate(seed: int, window: int | None, prefix_cache: bool) -> Planner:
+    """A random workload (prompts from a few shared stems, random lengths, late arrivals, cancels, a cache as
+    small as allowed or a little larger) driven as runtime.offline.QueueRun drives it, over a FakeDevice."""
+    import random
+
+    from runtime.kvcache import window_blocks
+
+    rng = random.Random(seed)
+    rows, max_blocks = rng.randint(1, 4), rng.randint(3, 8)
+    budget = rng.choice([8, 16, 40, 1000])
+    peak = max_blocks + (min(max_blocks, window_blocks(window, budget)) if window else 0)
+    planner = Planner(rows, BlockPool(rng.randint(peak, peak + 24), prefix_cache), max_blocks, budget, window)
+    dev = FakeDevice(rows, window)
+    cap = max_blocks * B
+    stems = [[rng.randrange(40) for _ in range(rng.randint(0, cap - 8))] for _ in range(3)]
+
+    def new_seq(i: int) -> Seq:
+        prompt = (rng.choice(stems) + [rng.randrange(40) for _ in range(rng.randint(1, 20))])[: cap - 2]
+        return Seq(prompt, rng.randint(1, cap - len(prompt)), payload=i)
+
+    pending = [new_seq(i) for i in range(rng.randint(2, 10))]
+    out: dict[int, list[int]] = {}
+    for _ in range(20_000):
+        while pending and (not planner.running or rng.random() < 0.3):
+            planner.add(pending.pop())
+        if planner.idle and not pending:
+            break
+        if planner.running and rng.random() < 0.02:  # a client goes away
+            planner.finish(rng.choice(planner.running))
+        plan = planner.plan()
+        dev.apply(plan)
+        for a in plan.admit:
+            seq = planner.rows[a.row]
+            assert seq is not None and dev.table[a.row] == seq.blocks
+            dev.prefill(a.row, a.prompt, a.cached, a.end)
+
+        def add(row: int, token: int) -> None:
+            seq = planner.rows[row]
+            if seq is None:
+                return
+            seq.tokens.append(token)
+            dev.fed[row].append(token)
+            if len(seq.tokens) >= seq.max_tokens:
+                out[seq.payload] = list(seq.tokens)
+                planner.finish(seq)
+
+        for a in [a for a in plan.admit if a.end is None]:
+            add(a.row, rng.randrange(40))
+        if plan.decode:
+            dev.step({r for r in range(rows) if planner.decoding(r)})
+            for r in range(rows):
+                if planner.decoding(r):
+                    add(r, rng.randrange(40))
+    else:
+        raise AssertionError("the planner did not finish")
+    assert planner.pool.available == planner.pool.num_blocks  # every block back
+    return planner
+
+
+@pytest.mark.parametrize("window", [None, 32, 16])
+def test_random_workloads_read_only_what_they_wrote(window: int | None) -> None:
+    """Seeded random workloads with and without sliding layers and the prefix cache: every key read, through the
+    tables the plans gave, is the reader's own (FakeDevice), and every block comes back; some of them preempt,
+    and some hit the prefix cache."""
+    preempted = hits = 0
+    for seed in range(150):
+        planner = simulate(seed, window, prefix_cache=seed % 3 != 0)
+        preempted += planner.preemptions
+        hits += planner.cached_tokens
+    assert preempted > 0 and hits > 0
