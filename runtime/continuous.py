@@ -196,7 +196,7 @@ class ContinuousBatcher:
     def _scratch_tables(self, row: int, tokens: int) -> None:
         """Give `row` the first blocks for `tokens` positions (and the next ones as its window table): the
         warm-up's, handed out by the planner later as if never used."""
-        n = blocks_for(tokens)
+        n = min(blocks_for(tokens), self.num_blocks // (2 if self.window else 1))  # (positions beyond: scratch)
         self.set_tables({row: list(range(1, 1 + n))}, {row: list(range(1 + n, 1 + 2 * n))} if self.window else None)
 
     def set_tables(self, tables: dict[int, Sequence[int]],

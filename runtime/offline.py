@@ -5,8 +5,8 @@ its token limit) its row and blocks are freed and the next waiting prompt joins 
 sequence waits for the longest one of a batch, as static rounds make it (runtime.generate's default,
 generation.batching=continuous). Each prompt's tokens are what it would get alone: sequences never see each
 other's keys; a prompt whose first blocks are in the prefix cache (every harmony prompt shares its system
-message) computes only the rest; at most `chunk` prompt tokens are prefilled per tick, a long prompt a piece
-at a time, so running sequences never wait for more than one chunk between their steps; with fewer blocks
+message) computes only the rest; at most `chunk` prompt tokens (default: the batcher's max_prefill_tokens, which
+its cache is sized for) are prefilled per tick, a long prompt a piece at a time, so running sequences never wait for more than one chunk between their steps; with fewer blocks
 than the rows could use, the newest sequence is preempted and recomputed later.
 
 Every rank of a model-parallel replica runs this same loop on the same prompts (the planner decides alike on
@@ -55,7 +55,7 @@ class QueueRun:
         self.prompts = prompts
         self.stop_ids = stop_ids
         self.planner = Planner(batcher.rows, BlockPool(batcher.num_blocks, reuse_prefix), batcher.max_blocks,
-                               chunk if chunk is not None else 1 << 62, batcher.window)
+                               chunk if chunk is not None else batcher.max_prefill_tokens, batcher.window)
         for i, (p, m) in enumerate(zip(prompts, max_new_tokens)):
             self.planner.add(Seq(list(p), m, temperature, top_p, payload=i))
         self.prefill_seconds = 0.0

@@ -278,13 +278,20 @@ class Planner:
         window blocks from the first one its first computed query reads, that first block's index). With
         sliding layers the prefix is cut back until those window blocks are cached too."""
         hits = self.pool.match(seq.keys)
-        if not self.window:
+        if not self.window or not hits:
             return hits, [], 0
+        window = [self.pool.find(k + WINDOW_TAG) for k in seq.keys[: len(hits)]]
+        missing = -1  # the last block before n without a cached window block (one pass, not one per n)
+        last_missing = []
+        for j, b in enumerate(window):
+            last_missing.append(missing)
+            if b is None:
+                missing = j
+        last_missing.append(missing)
         for n in range(len(hits), 0, -1):
             lo = self._first_window_block(n * BLOCK_SIZE)
-            whits = [self.pool.find(k + WINDOW_TAG) for k in seq.keys[lo:n]]
-            if all(b is not None for b in whits):
-                return hits[:n], whits, lo  # type: ignore[return-value]
+            if last_missing[n] < lo:
+                return hits[:n], window[lo:n], lo  # type: ignore[return-value]
         return [], [], 0
 
     def _admit(self, seq: Seq, fed: list[int], start: int, end: int) -> Admit:

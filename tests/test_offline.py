@@ -41,7 +41,7 @@ def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engi
     longest = max(len(p) for p in prompts) + max(LIMITS)
     alone = {i: drain(QueueRun(batcher(engine, 1, longest, 4096), [p], [m], set()))[0]
              for i, (p, m) in enumerate(zip(prompts, LIMITS))}
-    run = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())  # small prefills: several per admit
+    run = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())  # 64 prompt tokens a tick: chunks
     together = drain(run)
     assert together == alone
     assert [len(together[i][0]) for i in range(len(PROMPTS))] == LIMITS

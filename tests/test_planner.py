@@ -251,8 +251,9 @@ def test_a_prefix_hit_needs_the_window_blocks_before_its_end() -> None:
 class FakeDevice:
     """What the batcher holds, told only what the plans tell it: block tables, window tables, busy rows and their
     positions. Every key slot written gets a label (the layer kind and the token prefix it was computed from);
-    every read checks the label is the reader's own prefix there: a block handed to two sequences at once, a
-    stale table, a prefix hit on other content or a window block given back too early all fail."""
+    every read checks the label is the reader's own prefix there: a block handed to two sequences at once (as a
+    full or a window block: they share memory, as on the device), a stale table, a prefix hit on other content
+    or a window block given back too early all fail."""
 
     def __init__(self, rows: int, window: int | None) -> None:
         self.window = window
@@ -260,24 +261,23 @@ class FakeDevice:
         self.wtable: dict[int, list[int]] = {}
         self.pos = [-1] * rows  # -1: not decoding
         self.fed: dict[int, list[int]] = {}  # a row's tokens, as fed
-        self.slots: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        self.slots: dict[tuple[int, int], tuple[str, tuple[int, ...]]] = {}  # (block, slot) -> (kind, prefix)
 
-    def _slot(self, kind: str, row: int, p: int) -> tuple[str, int, int]:
+    def _slot(self, kind: str, row: int, p: int) -> tuple[int, int]:
         table = self.table if kind == "f" else self.wtable
         block = table[row][p // B]
         assert block != 0, (kind, row, p)
-        return kind, block, p % B
+        return block, p % B
 
     def _write(self, row: int, p: int) -> None:
         for kind in ("f", "w") if self.window else ("f",):
-            self.slots[self._slot(kind, row, p)] = tuple(self.fed[row][: p + 1])
+            self.slots[self._slot(kind, row, p)] = (kind, tuple(self.fed[row][: p + 1]))
 
     def _read(self, row: int, lo: int, hi: int) -> None:
         """The queries at [lo, hi) read the full layers' [0, hi) and the window before each."""
-        for p in range(hi):
-            assert self.slots.get(self._slot("f", row, p)) == tuple(self.fed[row][: p + 1]), (row, p)
-        for p in range(max(0, lo - self.window + 1), hi) if self.window else ():
-            assert self.slots.get(self._slot("w", row, p)) == tuple(self.fed[row][: p + 1]), (row, p, "window")
+        for kind, first in (("f", 0), ("w", max(0, lo - self.window + 1) if self.window else hi)):
+            for p in range(first, hi):
+                assert self.slots.get(self._slot(kind, row, p)) == (kind, tuple(self.fed[row][: p + 1])), (kind, row, p)
 
     def apply(self, plan) -> None:  # type: ignore[no-untyped-def]
         for r in plan.release:
@@ -333,6 +333,11 @@ def simulate(seed: int, window: int | None, prefix_cache: bool) -> Planner:
             planner.finish(rng.choice(planner.running))
         plan = planner.plan()
         dev.apply(plan)
+        held = [0] * (planner.pool.num_blocks + 1)  # every block's holders are the running sequences' tables
+        for seq in planner.running:
+            for b in seq.blocks + [b for b in seq.wblocks if b]:
+                held[b] += 1
+        assert held[1:] == planner.pool.refs[1:]
         for a in plan.admit:
             seq = planner.rows[a.row]
             assert seq is not None and dev.table[a.row] == seq.blocks

@@ -138,11 +138,12 @@ def run(cfg: DictConfig) -> None:
                         "serve.gpu_memory_utilization to size it from the memory left") from None
     warm = batcher.warm_up()  # compile, capture and autotune before /health says ok (every rank at once)
     if layout.is_writer:
-        log.info("KV cache: %d blocks of %d = %d tokens (%.1f requests of serve.max_len=%d%s), %.2f GB on this "
-                 "rank; %d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks, BLOCK_SIZE,
-                 blocks * BLOCK_SIZE, blocks * BLOCK_SIZE / sc.max_len, sc.max_len,
-                 f"; the sliding-window layers hold a request's last {window} tokens, in blocks of the same pool"
-                 if window else "", batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm)
+        context = (blocks - window_reserve(rows, window, sc.max_prefill_tokens, blocks_for(sc.max_len))) * BLOCK_SIZE
+        log.info("KV cache: %d blocks of %d, %d tokens of context (%.1f requests of serve.max_len=%d)%s, %.2f GB on "
+                 "this rank; %d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks,
+                 BLOCK_SIZE, context, context / sc.max_len, sc.max_len,
+                 f" beside the sliding-window layers' blocks (a request's last {window} tokens)" if window else "",
+                 batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm)
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
@@ -203,7 +204,8 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     one = blocks_for(sc.max_len)  # one request of max_len, with its sliding layers' blocks while it is prefilled
     if blocks < one + min(one, window_blocks(_window(engine), sc.max_prefill_tokens)):
         raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves room for {blocks * BLOCK_SIZE} "
-                        f"KV-cache tokens, less than one request of serve.max_len={sc.max_len} ({free / 2**30:.1f} GiB "
+                        f"KV-cache tokens, less than one request of serve.max_len={sc.max_len} with its sliding-window "
+                        f"layers' blocks while it is prefilled ({free / 2**30:.1f} GiB "
                         f"of {total / 2**30:.1f} GiB free after loading): raise it, or lower serve.max_len")
     if layout.is_writer:
         log.info("serve.gpu_memory_utilization=%s: %d KV-cache tokens fit (%.1f GiB free of %.1f GiB after the "
