@@ -111,6 +111,17 @@ KERNEL_CHECK = textwrap.dedent("""
             out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config).float()
             assert not out.isnan().any()
             worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    # the blocks through tl.dot_scaled (x and h in natural order), a masked last K tile included
+    for t, E, k, H, I in ((40, 4, 2, 64, 96), (9, 4, 2, 96, 64)):
+        x = torch.randn(t, H, generator=g).half()
+        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
+        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).half()
+        experts = random_experts(E, H, I, g, torch.float16)
+        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=16, config={"BLOCK_N": 16, "BLOCK_K": 64},
+                                     scaled=True).float()
+        assert not out.isnan().any()
+        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
     print("worst", worst)
 """)
 
@@ -282,7 +293,9 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
 def test_kernels_compile_for_hopper() -> None:
     """Both launch shapes of both kernels compile to sm_90 code (Triton's own ptxas; no GPU needed), so a
     kernel that only the interpreter accepts is caught here; the weights load 16 bytes at a time, and in the
-    swapped operand order (SWAP_AB) they reach the tensor cores from registers, for blocks of 16 pairs too."""
+    swapped operand order (SWAP_AB), and through tl.dot_scaled, they reach the tensor cores from registers, for
+    blocks of 16 pairs too."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -291,7 +304,8 @@ def test_kernels_compile_for_hopper() -> None:
              "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
         dots = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
-        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), *((m, c) for m in (16, 128) for c in dots)):
+        scaled = [triton.Config({**dots[-1].kwargs, "SCALED": True}, num_warps=4, num_stages=3)]  # tl.dot_scaled
+        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), *((m, c) for m in (16, 128) for c in dots + scaled)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
@@ -305,5 +319,5 @@ def test_kernels_compile_for_hopper() -> None:
                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
-            if config.kwargs.get("SWAP"):  # the dequantized weights enter wgmma as registers (operand A)
+            if config.kwargs.get("SWAP") or config.kwargs.get("SCALED"):  # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)

@@ -6,7 +6,7 @@ bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weigh
 dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
-        [--decode-max-pairs N] [--block-m N] [--configs]
+        [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -47,7 +47,9 @@ def main() -> None:
                     help="mxfp4: use the GEMV launch up to this many (token, expert) pairs (tuning)")
     ap.add_argument("--block-m", type=int, default=None, help="mxfp4: pairs per block (default: moe_mxfp4.plan)")
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
+    ap.add_argument("--dot-scaled", action="store_true", help="mxfp4: the blocks through tl.dot_scaled (DOT_SCALED)")
     args = ap.parse_args()
+    moe_mxfp4.DOT_SCALED = args.dot_scaled
     if args.decode_max_pairs is not None:
         moe_mxfp4.DECODE_MAX_PAIRS = args.decode_max_pairs
     kernels.register()

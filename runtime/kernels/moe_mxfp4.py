@@ -58,6 +58,9 @@ from runtime.kernels.moe import (HAVE_TRITON, block_layout, check_dense, referen
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs (16 tokens at top-4) the GEMV launch is used."""
+DOT_SCALED = False
+"""The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
+our in-register dequantization: off until a GPU run shows it faster (microbench --dot-scaled)."""
 MIN_CAPABILITY = (8, 0)
 MXFP4_PARAMS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 
@@ -288,16 +291,44 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
+    def _dot_scaled(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The same product as _dot with x rows in natural order, by Triton's tl.dot_scaled (MXFP4 weights as the
+        first operand with their E8M0 scales; the compiler upcasts them for the tensor cores) -> [BLOCK_M, BLOCK_R].
+        """
+        groups = K // 32
+        jb = tl.arange(0, BLOCK_K // 2)  # byte jb of a row's tile: inputs 2jb (low nibble) and 2jb+1
+        gi = tl.arange(0, BLOCK_K // 32)
+        kk = tl.arange(0, BLOCK_K)
+        row_bytes = rows.to(tl.int64) * (K // 2)
+        x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b_ok = (k0 // 2 + jb) < K // 2
+            wb = tl.load(wb_ptr + row_bytes[:, None] + (k0 // 2 + jb)[None, :],
+                         mask=rows_ok[:, None] & b_ok[None, :], other=0)  # [R, BLOCK_K/2] packed along K
+            g = k0 // 32 + gi
+            ws = tl.load(ws_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :],
+                         mask=rows_ok[:, None] & (g < groups)[None, :], other=0)  # [R, BLOCK_K/32] E8M0
+            x = tl.load(x_base + (k0 + kk)[None, :], mask=x_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+            if x_ptr.dtype.element_ty == tl.float16:
+                acc = tl.dot_scaled(wb, ws, "e2m1", tl.trans(x), None, "fp16", acc)
+            else:
+                acc = tl.dot_scaled(wb, ws, "e2m1", tl.trans(x), None, "bf16", acc)
+        return tl.trans(acc)
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr = False,
+        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr = False, SCALED: tl.constexpr = False,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
-        Blocks (BLOCK_M > 1): x rows and h rows in split order (see _dot). Decode: x rows are fp16 pairs
-        (int32) from _pack_x_kernel with their factors xf; h is written as fp16 in pair_order, / h_factor.
+        Blocks (BLOCK_M > 1): x rows and h rows in split order (see _dot), or in natural order with SCALED
+        (_dot_scaled). Decode: x rows are fp16 pairs (int32) from _pack_x_kernel with their factors xf; h is
+        written as fp16 in pair_order, / h_factor.
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -317,8 +348,12 @@ if HAVE_TRITON:
                         2 * BLOCK_N, BLOCK_K, ASM)[None, :] * tl.load(xf_ptr + token)
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP)
+            if SCALED:
+                acc = _dot_scaled(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
+                                  BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+            else:
+                acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
+                           BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -328,6 +363,8 @@ if HAVE_TRITON:
         if BLOCK_M == 1:
             col = (n // 8) * 8 + (n % 4) * 2 + (n % 8) // 4  # unit n's place in pair_order
             h = h / h_factor
+        elif SCALED:
+            col = n
         else:
             col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
         tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + col[None, :], h.to(h_ptr.dtype.element_ty),
@@ -338,7 +375,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr, SWAP: tl.constexpr = False,
+        ASM: tl.constexpr, SWAP: tl.constexpr = False, SCALED: tl.constexpr = False,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -362,7 +399,11 @@ if HAVE_TRITON:
                         ASM)[None, :] * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, SWAP)
+            if SCALED:
+                acc = _dot_scaled(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
+                           SWAP)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -370,7 +411,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -403,12 +444,14 @@ def fused_mxfp4_experts(
     gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
     down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor,
     limit: float = 7.0, alpha: float = 1.702, block_m: int | None = None, config: dict[str, Any] | None = None,
+    scaled: bool | None = None,
 ) -> torch.Tensor:
     """x [T, H], top_k_index/top_k_weights [T, k] (index E = another rank's expert) -> [T, H].
 
     gate_up_blocks [E, 2I, H/32, 16], gate_up_scales [E, 2I, H/32], gate_up_bias [E, 2I],
     down_blocks [E, H, I/32, 16], down_scales [E, H, I/32], down_bias [E, H].
-    block_m / config (BLOCK_N, BLOCK_K, num_warps) override the automatic choice (tests, tuning).
+    block_m / config (BLOCK_N, BLOCK_K, num_warps) / scaled (the blocks through tl.dot_scaled, default DOT_SCALED)
+    override the automatic choice (tests, tuning).
     """
     if not HAVE_TRITON:
         raise RuntimeError("experts=mxfp4 needs the triton package: pip install triton (CUDA torch brings it)")
@@ -439,9 +482,11 @@ def fused_mxfp4_experts(
         # Non-empty blocks come first and there are at most P of them (each holds a pair): drop the rest.
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
+        scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
-        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order.
-        xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)  # [T, H], one small copy
+        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
+        # takes them as they are.
+        xs = x.contiguous() if scaled else x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)
         out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
         x_factor = xs  # unused by the blocks
         h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
@@ -452,7 +497,7 @@ def fused_mxfp4_experts(
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
-    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm}
+    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": block_m > 1 and bool(scaled)}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if block_m == 1 else (_gate_up_blocks, _down_blocks)
     else:
