@@ -304,8 +304,10 @@ def test_kernels_compile_for_hopper() -> None:
              "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
         dots = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
-        scaled = [triton.Config({**dots[-1].kwargs, "SCALED": True}, num_warps=4, num_stages=3)]  # tl.dot_scaled
-        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), *((m, c) for m in (16, 128) for c in dots + scaled)):
+        x_first, swapped = [c for c in dots if not c.kwargs["SWAP"]][0], [c for c in dots if c.kwargs["SWAP"]][0]
+        scaled = triton.Config({**swapped.kwargs, "SCALED": True}, num_warps=4, num_stages=3)  # tl.dot_scaled
+        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), (16, x_first), (16, swapped), (128, swapped),
+                                (64, scaled)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
