@@ -377,3 +377,29 @@ def test_random_workloads_read_only_what_they_wrote(window: int | None) -> None:
         preempted += planner.preemptions
         hits += planner.cached_tokens
     assert preempted > 0 and hits > 0
+
+
+@pytest.mark.parametrize("attention", ["eager", "triton"])
+def test_a_long_sequence_fits_a_cache_that_holds_its_full_layers_and_one_window(attention: str) -> None:
+    """The tiny model (window 32): a 250-position sequence in 22 blocks, which hold its 16 full-layer blocks and a
+    window's, not 32 (every layer's): prefilled 16 tokens a step, decoded to the end without a preemption, the
+    greedy tokens it gets from the engine alone (the sliding layers read through the window table, the given-back
+    blocks reused for its next ones)."""
+    from runtime import compose
+    from runtime.continuous import ContinuousBatcher
+    from runtime.engine import Engine, Request
+    from runtime.offline import QueueRun
+
+    engine = Engine(compose("generate", ["model.device=cpu", f"attention={attention}"]))
+    prompt = engine.render(Request(id="0", prompt="A prompt long enough for a few windows of the tiny model " * 2))
+    new = 250 - len(prompt)
+    assert 64 < len(prompt) < 150
+    alone = engine.decode([prompt], new, ignore_eos=True).tokens[0].tolist()
+    b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=1, max_len=256, max_prefill_tokens=16,
+                          use_graph=False, compile=False, group=None, leader=True, generator=engine.generator,
+                          num_blocks=22)
+    run = QueueRun(b, [prompt], [new], set())
+    got = []
+    while not run.done:
+        got += [f.tokens for f in run.tick()]
+    assert got == [alone] and run.planner.preemptions == 0
