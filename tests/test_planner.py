@@ -372,7 +372,7 @@ def test_random_workloads_read_only_what_they_wrote(window: int | None) -> None:
     tables the plans gave, is the reader's own (FakeDevice), and every block comes back; some of them preempt,
     and some hit the prefix cache."""
     preempted = hits = 0
-    for seed in range(150):
+    for seed in range(100):
         planner = simulate(seed, window, prefix_cache=seed % 3 != 0)
         preempted += planner.preemptions
         hits += planner.cached_tokens
