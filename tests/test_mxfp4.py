@@ -100,7 +100,8 @@ KERNEL_CHECK = textwrap.dedent("""
     # not a multiple of BLOCK_K (masked groups), automatic and forced launch choices
     cases = ((1, 4, 2, 64, 64, None, None), (5, 6, 3, 64, 96, None, None),
              (3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (40, 4, 2, 64, 96, None, None),
-             (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None))
+             (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None),
+             (40, 4, 2, 64, 96, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}))  # weights first (SWAP_AB)
     for dtype in (torch.float32, torch.float16):
         for t, E, k, H, I, block_m, config in cases:
             x = torch.randn(t, H, generator=g).to(dtype)

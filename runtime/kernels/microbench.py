@@ -6,7 +6,7 @@ bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weigh
 dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
-        [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled]
+        [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -48,8 +48,11 @@ def main() -> None:
     ap.add_argument("--block-m", type=int, default=None, help="mxfp4: pairs per block (default: moe_mxfp4.plan)")
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
     ap.add_argument("--dot-scaled", action="store_true", help="mxfp4: the blocks through tl.dot_scaled (DOT_SCALED)")
+    ap.add_argument("--swap", action="store_true", help="mxfp4: autotune both operand orders (SWAP_AB)")
     args = ap.parse_args()
     moe_mxfp4.DOT_SCALED = args.dot_scaled
+    if args.swap:
+        moe_mxfp4.SWAP_AB = (False, True)
     if args.decode_max_pairs is not None:
         moe_mxfp4.DECODE_MAX_PAIRS = args.decode_max_pairs
     kernels.register()
@@ -104,7 +107,12 @@ def main() -> None:
             replay = _graphed(lambda fn=fn: fn(x, idx, w))
             ms = triton.testing.do_bench(replay, return_mode="median")
             gbs = nbytes / ms / 1e6
-            print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}")
+            err = ""
+            if args.format == "mxfp4":  # (a fast wrong tile must show: the swapped and scaled ones are unproven)
+                ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb, *blocks_scales["dn"], db)
+                out = fn(x, idx, w).float()
+                err = f" rel.err {((out - ref.float()).norm() / ref.float().norm()).item():.1e}"
+            print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}{err}")
         if args.configs and args.format == "mxfp4":
             for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks):
                 timings = getattr(kernel, "configs_timings", None) or {}  # the last autotuning run's (this t's)

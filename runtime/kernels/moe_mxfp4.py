@@ -34,8 +34,8 @@ from the routing, so shapes are fixed and the whole thing is capturable in a CUD
   the final sum are all it launches). Pairs of the same expert run side by side, so a
   repeated expert's weights come from L2.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
-  dequantizes each weight tile once for all its rows and multiplies with tl.dot, in either operand order
-  (SWAP_AB, autotuned: weights first feeds Hopper's tensor cores from registers).
+  dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
+  SWAP_AB, feeds Hopper's tensor cores from registers: measured faster, off until checked on a GPU).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
 
 Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1) `reference_mxfp4_experts` runs instead:
@@ -60,7 +60,8 @@ DECODE_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs (16 tokens at top-4) the GEMV launch is used."""
 DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
-our in-register dequantization: off until a GPU run shows it faster (microbench --dot-scaled)."""
+our in-register dequantization: off until a GPU run shows it right and faster (microbench --dot-scaled; it too
+feeds wgmma from registers, see SWAP_AB)."""
 MIN_CAPABILITY = (8, 0)
 MXFP4_PARAMS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 
@@ -138,22 +139,28 @@ def _decode_configs() -> list:
                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
 
 
-SWAP_AB = (False, True)
-"""The blocks' two operand orders, both autotuned: x tile @ weight tile^T, or (SWAP) weight tile @ x tile^T,
-transposed at the end. Swapped, on Hopper the dequantized weights feed the tensor cores (wgmma) from
-registers instead of a shared-memory round trip per tile, and the block's pairs become wgmma's N
-dimension, which may be 8-256, so blocks of 16 or 32 pairs use wgmma too (unswapped they fall back to
-mma.sync below 64)."""
+SWAP_AB: tuple[bool, ...] = (False,)
+"""The blocks' operand orders the autotuner may pick: x tile @ weight tile^T (False), or weight tile @ x tile^T,
+transposed at the end (True). Swapped, on Hopper the dequantized weights feed the tensor cores (wgmma) from
+registers instead of a shared-memory round trip per tile, and the block's pairs become wgmma's N dimension
+(8-256), so blocks of 16 or 32 pairs use wgmma too; 10-15% faster on the H200 (docs/benchmarks.md). Off by
+default: the ptxas 12.9 that Triton bundles can reuse a register-input wgmma's registers before it has read them
+(triton-lang/triton#11781, #9433), and the swapped tiles' results have not yet been checked on a GPU
+(tests/test_gpu.py::test_mxfp4_moe_swapped_and_scaled_tiles; microbench --swap)."""
 
 
 def _dot_configs() -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs, in both operand orders (SWAP_AB); under Triton's interpreter
-    the swapped one only (the tests force the other)."""
+    """tl.dot tiles for blocks of BLOCK_M pairs, in both operand orders (those outside SWAP_AB are pruned at
+    autotuning time)."""
     tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                           (64, 256, 8, 3)], interpreted=(32, 64))
-    swaps = (True,) if os.environ.get("TRITON_INTERPRET") == "1" else SWAP_AB
     return [triton.Config({**c.kwargs, "SWAP": swap}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for swap in swaps for c in tiles]
+            for swap in (False, True) for c in tiles]
+
+
+def _allowed_orders(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """The autotuner's early prune: the tiles of the operand orders in SWAP_AB (read at tuning time)."""
+    return [c for c in configs if c.kwargs.get("SWAP", False) in SWAP_AB] or configs[:1]
 
 
 if HAVE_TRITON:
@@ -413,9 +420,10 @@ if HAVE_TRITON:
 
     _KEY = ["pairs_bucket", "hidden", "inter", "SCALED"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
-    _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
+    _PRUNE = {"early_config_prune": _allowed_orders}
+    _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY, prune_configs_by=_PRUNE)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
-    _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_down_kernel)
+    _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY, prune_configs_by=_PRUNE)(_down_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launch

@@ -3,8 +3,9 @@
 # GPU: the sliding layers' window tables (a second block table; window blocks given back behind the window), the
 # MXFP4 blocks' swapped operand order (autotuned), blocks of 128 pairs beyond 4,096 pairs, the warm-up's long
 # prefills. In order of value, each line's log in $R:
-#   1. GPU tests: the MXFP4 kernels at real shapes (both operand orders are autotuned: a wrong swapped tile would
-#      show here), the paged kernel, the batcher's graphs over block and window tables, the server (~9 min);
+#   1. GPU tests: the MXFP4 kernels at real shapes, every weights-first tile and tl.dot_scaled forced one by one
+#      (test_mxfp4_moe_swapped_and_scaled_tiles: if it passes, set SWAP_AB = (False, True), and DOT_SCALED if
+#      faster), the paged kernel, the batcher's graphs over block and window tables, the server (~9 min);
 #   1b. the MXFP4 blocks through tl.dot_scaled (moe_mxfp4.DOT_SCALED: if faster, make it the default), at blocks of
 #      32 pairs (the plan gives 64 beyond 256 pairs: at 256 rows ~32 pairs an expert)
 #      and on the 120b's 128 experts (~2 min);
@@ -29,8 +30,9 @@ run() { local name=$1; shift; stamp "start $name"; timeout 900 "$@" > "$R/$name.
 $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
 [ -d /dev/shm/ck20 ] || run synth20 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run tests $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "mxfp4_moe or paged or continuous or serve"
-run moe-scaled $PY -m runtime.kernels.microbench --format mxfp4 --tokens 256 1024 4096 --dot-scaled --configs  # vs 0.599/1.329/4.473 ms (swap off)
-run moe-block32 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 64 256 1024 --block-m 32 --configs  # vs the plan's
+run moe-scaled $PY -m runtime.kernels.microbench --format mxfp4 --tokens 256 1024 4096 --dot-scaled --configs  # vs 0.599/1.329/4.473 ms (x first)
+run moe-swap $PY -m runtime.kernels.microbench --format mxfp4 --tokens 256 1024 4096 --swap --configs
+run moe-block32 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 64 256 1024 --block-m 32 --swap --configs  # vs the plan's
 run moe-120b $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 64 256 1024 --configs
 run serve20 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     'bench.concurrency=[1,8,64]' bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
