@@ -34,7 +34,7 @@ from torch import nn
 from runtime import distributed
 from runtime.graph_decode import capture, masks
 from runtime.kernels.flash import NAME as FLASH, PagedMask, SlotMask
-from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for, window_reserve
+from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for, sliding_layers, window_reserve
 
 
 PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -101,10 +101,7 @@ class ContinuousBatcher:
         self.dtype, self.device = dtype, device
         self.rows, self.max_len = rows, max_len
         self.max_blocks = blocks_for(max_len)  # a row's block table: max_len positions
-        kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        sliding = [k == "sliding_attention" for k in kinds]
-        self.window = getattr(cfg, "sliding_window", None) if any(sliding) else None
-        """Positions a sliding layer sees; None: no sliding layers (and no window tables)."""
+        sliding, self.window = sliding_layers(cfg)  # window: None without sliding layers (and window tables)
         if num_blocks is None:  # every row a whole row's blocks, and the sliding layers' windows
             num_blocks = rows * self.max_blocks + window_reserve(rows, self.window, max_prefill_tokens, self.max_blocks)
         self.num_blocks = num_blocks
@@ -117,7 +114,7 @@ class ContinuousBatcher:
             gc.collect()
             torch.cuda.empty_cache()
         self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks, rows, self.max_blocks, kv_heads,
-                                  cfg.head_dim, dtype, device, sliding if self.window else None)
+                                  cfg.head_dim, dtype, device, sliding)
         # Per-row state on the device. pos[r]: the position where ids[r] is fed next (= tokens in the
         # cache), -1 for a free row.
         self.pos = torch.full((rows, 1), -1, dtype=torch.long, device=device)

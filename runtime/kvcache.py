@@ -136,10 +136,9 @@ class BlockPool:
             if b != SCRATCH and b not in self.key_of and key not in self.by_key:
                 self.key_of[b], self.by_key[key] = key, b
 
-    def release(self, blocks: Sequence[int], tokens: Sequence[int], known: Sequence[bytes] = (),
-                tag: bytes = b"") -> None:
+    def release(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
         """A sequence lets go of its blocks; `tokens` are the ones whose keys it wrote (see `register`)."""
-        self.register(blocks, tokens, known, tag)
+        self.register(blocks, tokens)
         self.unref(blocks)
 
     def unref(self, blocks: Sequence[int]) -> None:
@@ -244,6 +243,21 @@ def window_reserve(rows: int, window: int | None, max_prefill_tokens: int, max_b
     if not window:
         return 0
     return rows * min(max_blocks, window_blocks(window, 1)) + min(max_blocks, window_blocks(window, max_prefill_tokens))
+
+
+def sliding_layers(cfg: Any) -> tuple[list[bool], int | None]:
+    """A model config's sliding-window layers (True per layer) and the positions they see; all False and None when
+    it has none (then there are no window tables)."""
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    sliding = [k == "sliding_attention" for k in kinds]
+    window = getattr(cfg, "sliding_window", None) if any(sliding) else None
+    return (sliding if window else [False] * len(sliding)), window
+
+
+def sequence_blocks(max_blocks: int, window: int | None, max_prefill_tokens: int) -> int:
+    """Blocks one sequence of `max_blocks` may hold at once: its own and, with sliding layers, its window blocks
+    while a chunk of up to `max_prefill_tokens` is prefilled (the least a cache must have)."""
+    return max_blocks + min(max_blocks, window_blocks(window, max_prefill_tokens))
 
 
 def window_blocks(window: int | None, chunk: int) -> int:

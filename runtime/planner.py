@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.kvcache import BLOCK_SIZE, SCRATCH, WINDOW_TAG, BlockPool, blocks_for, window_blocks
+from runtime.kvcache import BLOCK_SIZE, SCRATCH, WINDOW_TAG, BlockPool, blocks_for, sequence_blocks
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Planner:
 
     def __init__(self, rows: int, pool: BlockPool, max_blocks: int, max_prefill_tokens: int,
                  window: int | None = None) -> None:
-        peak = max_blocks + min(max_blocks, window_blocks(window, max_prefill_tokens))
+        peak = sequence_blocks(max_blocks, window, max_prefill_tokens)
         if pool.num_blocks < peak:
             raise ValueError(f"a KV cache of {pool.num_blocks} blocks cannot hold one sequence of {max_blocks} "
                              f"blocks ({peak} with its sliding-window blocks while a chunk is prefilled)")
@@ -113,7 +113,7 @@ class Planner:
         self.prompt_tokens = 0
         """Prompt tokens of the sequences admitted, in all (first admissions)."""
         self._freed: list[int] = []  # rows freed since the last plan
-        self._register: list[Seq] = []  # sequences whose new prompt blocks become findable at the next plan
+        self._admitted: list[Seq] = []  # sequences whose new prompt blocks become findable at the next plan
 
     def fits(self, prompt_len: int, max_tokens: int) -> bool:
         """Whether a sequence of this prompt and answer can ever run (it fits a row and the whole cache)."""
@@ -142,11 +142,18 @@ class Planner:
         """The sequence ended (or is dropped): its row is freed at the next plan, its blocks now."""
         self._leave(seq)
 
-    def _leave(self, seq: Seq) -> None:
+    def _register(self, seq: Seq) -> None:
+        """The full blocks `seq` has written become findable (its window blocks by the same keys + WINDOW_TAG)."""
         written = self.written(seq)
-        self.pool.release(seq.blocks, written)
+        keys = self._keys(seq, len(written) // BLOCK_SIZE)
+        self.pool.register(seq.blocks, written, keys)
         if seq.wblocks:
-            self.pool.release(seq.wblocks, written, self._keys(seq, len(written) // BLOCK_SIZE), WINDOW_TAG)
+            self.pool.register(seq.wblocks, written, keys, WINDOW_TAG)
+
+    def _leave(self, seq: Seq) -> None:
+        self._register(seq)
+        self.pool.unref(seq.blocks)
+        self.pool.unref(seq.wblocks)
         self.rows[seq.row] = None
         self.running.remove(seq)
         self.filling.discard(seq.row)
@@ -211,14 +218,10 @@ class Planner:
 
     def plan(self) -> Plan:
         plan = Plan()
-        for seq in self._register:
+        for seq in self._admitted:
             if seq.row >= 0:
-                written = self.written(seq)
-                self.pool.register(seq.blocks, written)
-                if seq.wblocks:
-                    self.pool.register(seq.wblocks, written, self._keys(seq, len(written) // BLOCK_SIZE),
-                                       WINDOW_TAG)
-        self._register = []
+                self._register(seq)
+        self._admitted = []
         # the decode step's blocks, oldest sequence first (newest preempted when short)
         for seq in list(self.running):
             if seq.row < 0 or seq.row in self.filling:
@@ -296,7 +299,7 @@ class Planner:
 
     def _admit(self, seq: Seq, fed: list[int], start: int, end: int) -> Admit:
         seq.done = end
-        self._register.append(seq)
+        self._admitted.append(seq)
         if end < len(fed):
             self.filling.add(seq.row)
             return Admit(seq.row, fed, seq.temperature, seq.top_p, start, end)

@@ -102,16 +102,17 @@ def main() -> None:
         idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
         w = torch.softmax(torch.randn(t, k, device="cuda"), -1).bfloat16()
         active = idx.unique().numel()
+        ref = (moe_mxfp4.reference_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb, *blocks_scales["dn"], db).float()
+               if args.format == "mxfp4" else None)  # (a fast wrong tile must show: the swapped and scaled ones)
         for name, (fn, weight_bytes) in impls.items():
             nbytes = active * (3 * h * i * weight_bytes + (2 * i + h) * 2)
             replay = _graphed(lambda fn=fn: fn(x, idx, w))
             ms = triton.testing.do_bench(replay, return_mode="median")
             gbs = nbytes / ms / 1e6
             err = ""
-            if args.format == "mxfp4":  # (a fast wrong tile must show: the swapped and scaled ones are unproven)
-                ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb, *blocks_scales["dn"], db)
+            if ref is not None:
                 out = fn(x, idx, w).float()
-                err = f" rel.err {((out - ref.float()).norm() / ref.float().norm()).item():.1e}"
+                err = f" rel.err {((out - ref).norm() / ref.norm()).item():.1e}"
             print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}{err}")
         if args.configs and args.format == "mxfp4":
             for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks):

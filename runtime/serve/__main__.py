@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> None:
 
     from runtime.continuous import ContinuousBatcher
     from runtime.engine import CALL, Engine
-    from runtime.kvcache import BLOCK_SIZE, blocks_for, window_reserve
+    from runtime.kvcache import BLOCK_SIZE, blocks_for, sliding_layers, window_reserve
     from runtime.serve.scheduler import Scheduler, follow
 
     engine = Engine(cfg)
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> None:
 
     per_block = _block_bytes(engine)
     rows = sc.max_batch
-    window = _window(engine)
+    _, window = sliding_layers(engine.hf_config)
     if sc.gpu_memory_utilization is not None:
         blocks = _blocks_in_memory(engine, sc, per_block, layout)
     else:  # the full layers' tokens, and the sliding layers' windows beside them
@@ -161,25 +161,13 @@ def run(cfg: DictConfig) -> None:
     engine.close(batcher)
 
 
-def _sliding(engine: Any) -> list[bool]:
-    """Which layers are sliding-window ones (the cache's two kinds of table)."""
-    h = engine.hf_config
-    return [k == "sliding_attention" for k in (getattr(h, "layer_types", None) or [])] or [False] * h.num_hidden_layers
-
-
-def _window(engine: Any) -> int | None:
-    """Positions the sliding layers see; None without such layers (as runtime.continuous decides)."""
-    return getattr(engine.hf_config, "sliding_window", None) if any(_sliding(engine)) else None
-
-
 def _block_bytes(engine: Any) -> int:
     """Device bytes of one KV-cache block on this rank (its KV heads, in the pools of every layer pair)."""
-    from runtime.kvcache import block_bytes, pool_tensors
+    from runtime.kvcache import block_bytes, pool_tensors, sliding_layers
 
     attn = engine.model.model.layers[0].self_attn
     kv_heads = attn.k_proj.out_features // attn.head_dim
-    sliding = _sliding(engine) if _window(engine) else [False] * engine.hf_config.num_hidden_layers
-    return block_bytes(pool_tensors(sliding), kv_heads, attn.head_dim, engine.dtype)
+    return block_bytes(pool_tensors(sliding_layers(engine.hf_config)[0]), kv_heads, attn.head_dim, engine.dtype)
 
 
 def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) -> int:
@@ -187,7 +175,7 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     for a prefill's activations."""
     import torch
 
-    from runtime.kvcache import BLOCK_SIZE, blocks_for, blocks_that_fit, window_blocks
+    from runtime.kvcache import BLOCK_SIZE, blocks_for, blocks_that_fit, sequence_blocks, sliding_layers
 
     if engine.device.type != "cuda":
         raise UserError("serve.gpu_memory_utilization sizes the KV cache from GPU memory; without a GPU set "
@@ -201,8 +189,8 @@ def _blocks_in_memory(engine: Any, sc: DictConfig, per_block: int, layout: Any) 
     blocks = blocks_that_fit(total, total - free, sc.gpu_memory_utilization, reserve, per_block)
     everyone = distributed.gather_to_writer(blocks, layout)
     blocks = distributed.broadcast_object(min(everyone) if everyone is not None else None, layout)
-    one = blocks_for(sc.max_len)  # one request of max_len, with its sliding layers' blocks while it is prefilled
-    if blocks < one + min(one, window_blocks(_window(engine), sc.max_prefill_tokens)):
+    # one request of max_len, with its sliding layers' blocks while it is prefilled
+    if blocks < sequence_blocks(blocks_for(sc.max_len), sliding_layers(engine.hf_config)[1], sc.max_prefill_tokens):
         raise UserError(f"serve.gpu_memory_utilization={sc.gpu_memory_utilization} leaves room for {blocks * BLOCK_SIZE} "
                         f"KV-cache tokens, less than one request of serve.max_len={sc.max_len} with its sliding-window "
                         f"layers' blocks while it is prefilled ({free / 2**30:.1f} GiB "
