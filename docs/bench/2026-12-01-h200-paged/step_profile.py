@@ -1,7 +1,7 @@
 """Where a continuous-batching decode step's time goes, against the engine's static decode (issue 15: the server's
 single stream paid 3.03 ms per token where `runtime.bench` decodes at 2.28 ms). On one GPU:
 
-    python docs/bench/2026-12-01-h200-serve/step_profile.py /dev/shm/ck20 [rows]
+    python docs/bench/2026-12-01-h200-paged/step_profile.py /dev/shm/ck20 [rows]
 
 Prints, for a 1,024-token prompt at batch 1: the engine's static decode per step (CUDA events, no host sync);
 the batcher's step with a host sync per step as the server runs it (wall) and back to back without one; the

@@ -26,7 +26,7 @@ run() { local name=$1; shift; stamp "start $name"; timeout 900 "$@" > "$R/$name.
 $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
 [ -d /dev/shm/ck20 ] || run synth20 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run tests $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "paged or continuous or serve"
-run step-profile $PY docs/bench/2026-12-01-h200-serve/step_profile.py /dev/shm/ck20
+run step-profile $PY docs/bench/2026-12-01-h200-paged/step_profile.py /dev/shm/ck20
 run serve20 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     'bench.concurrency=[1,8,64]' bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
 run prefix-shared $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
