@@ -304,12 +304,15 @@ def test_kernels_compile_for_hopper() -> None:
              "ws_ptr": "*u8", "rw_ptr": "*fp32", "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32",
              "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
-        dots = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
+        dots = [c for c in moe_mxfp4._dot_configs((False, True))
+                if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
         x_first, swapped = [c for c in dots if not c.kwargs["SWAP"]][0], [c for c in dots if c.kwargs["SWAP"]][0]
         scaled = triton.Config({**swapped.kwargs, "SCALED": True}, num_warps=4, num_stages=3)  # tl.dot_scaled
+        bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), (16, x_first), (16, swapped), (128, swapped),
-                                (64, scaled)):
-            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, **config.kwargs}
+                                (64, scaled), (16, bf16)):
+            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
+                      **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
@@ -322,5 +325,42 @@ def test_kernels_compile_for_hopper() -> None:
                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
+            if config.kwargs.get("BF16"):  # the bytes become bf16 weights by bit operations and bf16x2 multiplies
+                assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx
             if config.kwargs.get("SWAP") or config.kwargs.get("SCALED"):  # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)
+
+
+@pytest.mark.parametrize("tokens", [2, 40])  # the decode GEMV launch, the tl.dot blocks
+def test_torch_compile_traces_the_launches(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile sees the MXFP4 launches as user-defined Triton kernels (as in the compiled decode step on a
+    GPU; here the check that a GPU is present is patched) and traces two layers into one graph. torch 2.11's
+    tracer failed on the blocks' autotuner when it had a pruning hook ("ListVariable ... already tracked for
+    mutation"): the configs are plain lists now, and every config names SWAP (its launcher fills in no
+    defaults)."""
+    import torch.utils._triton as torch_triton
+
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    idx = torch.randint(0, 4, (tokens, 4), generator=g)
+    w = torch.rand(tokens, 4, generator=g).bfloat16()
+    experts = random_experts(4, 64, 64, g, torch.bfloat16)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    def two_layers(x: torch.Tensor) -> torch.Tensor:
+        y = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts)
+        return moe_mxfp4.fused_mxfp4_experts(y, idx, w, *experts)
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):  # (no GPU to run it on)
+        torch.compile(two_layers, backend=backend, fullgraph=True)(x)
+    assert sum("triton_kernel_wrapper" in t for t in graphs[0]) == (6 if tokens == 2 else 4)
+
+
+class _Traced(Exception):
+    """Raised by the test backend once dynamo has handed it the whole graph."""

@@ -35,7 +35,8 @@ from the routing, so shapes are fixed and the whole thing is capturable in a CUD
   repeated expert's weights come from L2.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
   dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
-  SWAP_AB, feeds Hopper's tensor cores from registers: measured faster, off until checked on a GPU).
+  SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
+  Blocks of 16 pairs of a bf16 model turn the bytes into bf16 weights by bit operations alone (_e2m1_bf16_asm).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
 
 Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1) `reference_mxfp4_experts` runs instead:
@@ -60,8 +61,13 @@ DECODE_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs (16 tokens at top-4) the GEMV launch is used."""
 DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
-our in-register dequantization: off until a GPU run shows it right and faster (microbench --dot-scaled; it too
-feeds wgmma from registers, see SWAP_AB)."""
+our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
+at 256 tokens; microbench --dot-scaled), so off."""
+BF16_DEQUANT_MAX_M = 16
+"""Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
+operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
+tokens (blocks of 16), 5-13% slower at 256-4,096 tokens (blocks of 64 and 128), so only there
+(docs/benchmarks.md; 0 turns it off)."""
 MIN_CAPABILITY = (8, 0)
 MXFP4_PARAMS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 
@@ -106,6 +112,25 @@ def _group_dot_asm() -> str:
     return " ".join(lines)  # one line: torch.compile re-emits user kernels, and this constant, as source
 
 
+def _e2m1_bf16_asm() -> str:
+    """PTX for 4 MXFP4 bytes ($4) with their group's scale as bf16x2 ($5; $6-$8 are copies) -> the 4 low nibbles
+    ($0: bytes 0, 1; $1: bytes 2, 3) and the 4 high nibbles ($2, $3) as bf16 values times the scale.
+
+    A byte pair is spread into the two 16-bit lanes of a word (prmt); each nibble's magnitude bits (exponent 2,
+    mantissa 1) go to bf16 bits 6-8 and its sign to bit 15: read as bf16 that is value * 2^-126 (E2M1 0.5 a bf16
+    subnormal, exactly), so one bf16x2 multiply by 2^126 and one by the scale give two weights. No conversion
+    instruction (the fp32 path's cvt and f2f ran at a quarter of the integer rate)."""
+    lines = ["{", ".reg .b32 x, t, u, v, bias;", "mov.b32 bias, 0x7E807E80;"]  # 2^126, twice
+    for k, sel in enumerate(("0x4140", "0x4342")):  # bytes (0, 1) and (2, 3) into lanes 0 and 1
+        lines.append(f"prmt.b32 x, $4, 0, {sel};")
+        for out, (ms, ss) in ((f"${k}", (6, 12)), (f"${2 + k}", (2, 8))):  # low nibble, high nibble
+            lines += [f"shl.b32 t, x, {ms};", "and.b32 t, t, 0x01C001C0;", f"shl.b32 u, x, {ss};",
+                      "and.b32 u, u, 0x80008000;", "or.b32 v, t, u;", "mul.rn.bf16x2 v, v, bias;",
+                      f"mul.rn.bf16x2 {out}, v, $5;"]
+    lines.append("}")
+    return " ".join(lines)
+
+
 def pair_order(x: torch.Tensor) -> torch.Tensor:
     """[..., K] inputs -> the decode GEMV's order: each run of 8 inputs x0..x7 becomes x0 x4 x1 x5 x2 x6 x3 x7,
     so that fp16 pair p of a weight word holds the inputs of its nibbles p and p+4 (the torch reference of
@@ -134,33 +159,38 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 
 
 def _decode_configs() -> list:
-    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs)."""
-    return tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs). Each config names SWAP (unused by the
+    GEMV): torch.compile's launcher for a user kernel does not fill in a parameter's default."""
+    configs = tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
+    return [triton.Config({**c.kwargs, "SWAP": False}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
 
 SWAP_AB: tuple[bool, ...] = (False,)
-"""The blocks' operand orders the autotuner may pick: x tile @ weight tile^T (False), or weight tile @ x tile^T,
+"""The blocks' operand orders the autotuners choose among: x tile @ weight tile^T (False), or weight tile @ x tile^T,
 transposed at the end (True). Swapped, on Hopper the dequantized weights feed the tensor cores (wgmma) from
-registers instead of a shared-memory round trip per tile, and the block's pairs become wgmma's N dimension
-(8-256), so blocks of 16 or 32 pairs use wgmma too; 10-15% faster on the H200 (docs/benchmarks.md). Off by
-default: the ptxas 12.9 that Triton bundles can reuse a register-input wgmma's registers before it has read them
-(triton-lang/triton#11781, #9433), and the swapped tiles' results have not yet been checked on a GPU
-(tests/test_gpu.py::test_mxfp4_moe_swapped_and_scaled_tiles; microbench --swap)."""
+registers instead of a shared-memory round trip per tile. On the H200 every swapped tile gives the reference's
+result (tests/test_gpu.py::test_mxfp4_moe_swapped_and_scaled_tiles, despite triton-lang/triton#11781) and some
+tiles time 10-15% faster alone, but autotuning both orders made the whole layer no faster (0.594 vs 0.599 ms at
+256 tokens, 1.303 vs 1.329 at 1,024; docs/benchmarks.md), so x first only. Read when the autotuners are made:
+use_operand_orders() changes it later (microbench --swap)."""
 
 
-def _dot_configs() -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs, in both operand orders (those outside SWAP_AB are pruned at
-    autotuning time)."""
+def use_operand_orders(orders: tuple[bool, ...]) -> None:
+    """Let the blocks' autotuners choose among these operand orders (SWAP_AB; microbench --swap)."""
+    global SWAP_AB
+    SWAP_AB = orders
+    for tuner in (_gate_up_blocks, _down_blocks):
+        tuner.configs = _dot_configs()
+
+
+def _dot_configs(orders: tuple[bool, ...] | None = None) -> list:
+    """tl.dot tiles for blocks of BLOCK_M pairs, in the operand orders `orders` (default SWAP_AB). The autotuner
+    gets exactly these (no pruning hook: torch.compile's tracing of an autotuned user kernel fails on one)."""
     tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                           (64, 256, 8, 3)], interpreted=(32, 64))
     return [triton.Config({**c.kwargs, "SWAP": swap}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for swap in (False, True) for c in tiles]
-
-
-def _allowed_orders(configs: list, named_args: dict, **kwargs: Any) -> list:
-    """The autotuner's early prune: the tiles of the operand orders in SWAP_AB (read at tuning time)."""
-    return [c for c in configs if c.kwargs.get("SWAP", False) in SWAP_AB] or configs[:1]
+            for swap in (SWAP_AB if orders is None else orders) for c in tiles]
 
 
 if HAVE_TRITON:
@@ -183,6 +213,21 @@ if HAVE_TRITON:
     def _scale(s):
         """E8M0 exponents (uint8) -> 2^(s - 127 + 14) as fp32 (the 2^14 undoes _e2m1's 2^-14)."""
         return (tl.minimum(s.to(tl.uint32) + 14, 255) << 23).to(tl.float32, bitcast=True)
+
+    _BF16_ASM: tl.constexpr = tl.constexpr(_e2m1_bf16_asm())
+
+    @triton.jit
+    def _e2m1_bf16(wb, sc):
+        """uint8 bytes [...] and their groups' bf16x2 scales sc (uint32, _scale_bf16x2) -> (low, high) nibbles as
+        bf16 values times their scale, [...] each, without a float conversion (_e2m1_bf16_asm; GPUs only)."""
+        return tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,=r,=r,r,r,r,r,r", [wb, sc],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+    @triton.jit
+    def _scale_bf16x2(s):
+        """E8M0 exponents (uint8) -> 2^(s - 127) as bf16, twice in a 32-bit word (s = 0: 0 instead of 2^-127)."""
+        b = s.to(tl.uint32) << 7
+        return b | (b << 16)
 
     _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())
     _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=f"] * 16 + ["r"] * 20 + ["f"] * 16))
@@ -253,7 +298,7 @@ if HAVE_TRITON:
     @triton.jit
     def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-             SWAP: tl.constexpr):
+             SWAP: tl.constexpr, BF16: tl.constexpr):
         """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32.
 
         x rows in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd): the inputs
@@ -271,11 +316,16 @@ if HAVE_TRITON:
             g_ok = g < groups
             wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
                          mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16]
-            s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :],
-                               other=0))[:, :, None]
-            lo, hi = _e2m1(wb)
-            lo = tl.reshape(lo * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
-            hi = tl.reshape(hi * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
+            s8 = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0)
+            if BF16:  # bf16 inputs: bits straight to bf16 (_e2m1_bf16)
+                lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8)[:, :, None])
+                lo = tl.reshape(lo, (BLOCK_R, BLOCK_K // 2))
+                hi = tl.reshape(hi, (BLOCK_R, BLOCK_K // 2))
+            else:
+                s = _scale(s8)[:, :, None]
+                lo, hi = _e2m1(wb)
+                lo = tl.reshape(lo * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
+                hi = tl.reshape(hi * s, (BLOCK_R, BLOCK_K // 2)).to(x_ptr.dtype.element_ty)
             jj = k0 // 2 + j
             x_mask = x_ok[:, None] & (jj < K // 2)[None, :]
             xe = tl.load(x_base + jj[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2] even inputs
@@ -329,7 +379,7 @@ if HAVE_TRITON:
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr = False, SCALED: tl.constexpr = False,
+        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -360,7 +410,7 @@ if HAVE_TRITON:
                                   BLOCK_M, 2 * BLOCK_N, BLOCK_K)
             else:
                 acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                           BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP)
+                           BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP, BF16)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -382,7 +432,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr, SWAP: tl.constexpr = False, SCALED: tl.constexpr = False,
+        ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -410,7 +460,7 @@ if HAVE_TRITON:
                 acc = _dot_scaled(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
-                           SWAP)
+                           SWAP, BF16)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -420,10 +470,9 @@ if HAVE_TRITON:
 
     _KEY = ["pairs_bucket", "hidden", "inter", "SCALED"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
-    _PRUNE = {"early_config_prune": _allowed_orders}
-    _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY, prune_configs_by=_PRUNE)(_gate_up_kernel)
+    _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
-    _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY, prune_configs_by=_PRUNE)(_down_kernel)
+    _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_down_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -505,12 +554,13 @@ def fused_mxfp4_experts(
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
-    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": block_m > 1 and bool(scaled)}
+    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": block_m > 1 and bool(scaled),
+              "BF16": asm and x.dtype == torch.bfloat16 and 1 < block_m <= BF16_DEQUANT_MAX_M}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if block_m == 1 else (_gate_up_blocks, _down_blocks)
     else:
         gate_up, down = _gate_up_kernel, _down_kernel
-        common.update(config)
+        common.update({"SWAP": False, **config})
     bucket = _bucket(p)
     gate_up[lambda meta: (num_rows, triton.cdiv(inter, meta["BLOCK_N"]))](
         xs, x_factor, gate_up_blocks, gate_up_scales, gate_up_bias, h, pair, expert, p, num_experts, hidden, inter,
