@@ -266,6 +266,30 @@ def test_mxfp4_moe_swapped_and_scaled_tiles(tokens: int) -> None:
             assert _rel(out, plain) <= 1e-2, (cfg, scaled, _rel(out, plain))
 
 
+@pytest.mark.parametrize("block_m", [2, 4])
+@pytest.mark.parametrize(("tokens", "e"), [(64, 128), (64, 32), (20, 32)])
+def test_mxfp4_moe_pairs_gemv(tokens: int, e: int, block_m: int) -> None:
+    """The pairs GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT, off until this passes): 2 or 4 pairs of an expert a program,
+    each dequantized weight multiplied with all of them in one PTX block, against the reference and the blocks, at
+    the 120b's and the 20b's batch 64 and at 20 tokens, replayed from a CUDA graph on new routing."""
+    from runtime.kernels import moe_mxfp4
+
+    x, idx, w, experts = _mxfp4_problem(tokens, e, 2880, seed=tokens + e + block_m)
+    ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
+    out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m)
+    assert not out.isnan().any() and _rel(out, ref) <= 1e-2, _rel(out, ref)
+    assert _rel(out, moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=16)) <= 1e-2
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m)
+    x2, idx2, w2, _ = _mxfp4_problem(tokens, e, 2880, seed=tokens + e + block_m + 1)
+    for old, new in ((x, x2), (idx, idx2), (w, w2)):
+        old.copy_(new)
+    graph.replay()
+    assert _rel(static, moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)) <= 1e-2
+
+
 @pytest.mark.parametrize("tokens", [1, 8, 64, 1024])
 @pytest.mark.parametrize(("e", "i"), [(32, 2880), (128, 2880), (32, 1440)])
 def test_mxfp4_moe_real_shapes(tokens: int, e: int, i: int) -> None:

@@ -49,10 +49,15 @@ def test_reference_equals_dequantize_then_matmul() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_launch_plan_depends_on_pair_count_only() -> None:
+def test_launch_plan_depends_on_pair_count_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert moe_mxfp4.plan(4) == moe_mxfp4.plan(64) == 1  # decode: one GEMV program per pair
     assert moe_mxfp4.plan(65) == moe_mxfp4.plan(256) == 16 and moe_mxfp4.plan(4096) == 64
     assert moe_mxfp4.plan(4, torch.float32) == 16  # fp32 models: IEEE tl.dot blocks, never the fp16 GEMV
+    assert moe_mxfp4.plan(256, num_experts=128) == 16  # the pairs GEMV is off by default
+    monkeypatch.setattr(moe_mxfp4, "GEMV_PAIRS_PER_EXPERT", 4)  # on: up to 4 pairs per expert on average
+    assert moe_mxfp4.plan(64, num_experts=128) == 1 and moe_mxfp4.plan(256, num_experts=128) == 2
+    assert moe_mxfp4.plan(512, num_experts=128) == 4 and moe_mxfp4.plan(1024, num_experts=128) == 64
+    assert moe_mxfp4.plan(256, torch.float32, 128) == 16
 
 
 def test_old_gpus_get_a_clear_error() -> None:
@@ -101,7 +106,10 @@ KERNEL_CHECK = textwrap.dedent("""
     cases = ((1, 4, 2, 64, 64, None, None), (5, 6, 3, 64, 96, None, None),
              (3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (40, 4, 2, 64, 96, None, None),
              (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None),
-             (40, 4, 2, 64, 96, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}))  # weights first (SWAP_AB)
+             (40, 4, 2, 64, 96, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}),  # weights first (SWAP_AB)
+             # the pairs GEMV: 2 or 4 pairs of an expert a program (padding slots, a masked last K tile)
+             (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}), (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64}),
+             (12, 4, 2, 64, 64, 4, None))
     for dtype in (torch.float32, torch.float16):
         for t, E, k, H, I, block_m, config in cases:
             x = torch.randn(t, H, generator=g).to(dtype)
@@ -292,7 +300,7 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
 
 
 def test_kernels_compile_for_hopper() -> None:
-    """Both launch shapes of both kernels compile to sm_90 code (Triton's own ptxas; no GPU needed), so a
+    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, tl.dot blocks) compiles to sm_90 code (Triton's own ptxas; no GPU needed), so a
     kernel that only the interpreter accepts is caught here; the weights load 16 bytes at a time, and in the
     swapped operand order (SWAP_AB), and through tl.dot_scaled, they reach the tensor cores from registers, for
     blocks of 16 pairs too."""
@@ -309,14 +317,15 @@ def test_kernels_compile_for_hopper() -> None:
         x_first, swapped = [c for c in dots if not c.kwargs["SWAP"]][0], [c for c in dots if c.kwargs["SWAP"]][0]
         scaled = triton.Config({**swapped.kwargs, "SCALED": True}, num_warps=4, num_stages=3)  # tl.dot_scaled
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
-        for block_m, config in ((1, moe_mxfp4._decode_configs()[1]), (16, x_first), (16, swapped), (128, swapped),
+        gemv = moe_mxfp4._decode_configs()[1]
+        for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (16, swapped), (128, swapped),
                                 (64, scaled), (16, bf16)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
                       **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
-            sig = {n: "constexpr" if n in consts else (pairs if block_m == 1 else types).get(n, types.get(n, "i32"))
+            sig = {n: "constexpr" if n in consts else (pairs if block_m < 16 else types).get(n, types.get(n, "i32"))
                    for n in names}
             src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items() if n in names},
                             attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -325,6 +334,8 @@ def test_kernels_compile_for_hopper() -> None:
                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
+            if block_m < 16:  # the GEMVs: each dequantized weight pair meets every pair's inputs in an fp16x2 FMA
+                assert ptx.count("fma.rn.f16x2") >= 16 * block_m, (fn.__name__, block_m)
             if config.kwargs.get("BF16"):  # the bytes become bf16 weights by bit operations and bf16x2 multiplies
                 assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx
             if config.kwargs.get("SWAP") or config.kwargs.get("SCALED"):  # weights enter wgmma as registers (A)

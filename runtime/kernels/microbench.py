@@ -7,6 +7,7 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
+        [--gemv-pairs-per-expert N]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -51,10 +52,14 @@ def main() -> None:
     ap.add_argument("--swap", action="store_true", help="mxfp4: autotune both operand orders (SWAP_AB)")
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
                     help="mxfp4: blocks of at most this many pairs dequantize straight to bf16 (BF16_DEQUANT_MAX_M)")
+    ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
+                    help="mxfp4: the pairs GEMV up to this many pairs per expert on average (GEMV_PAIRS_PER_EXPERT)")
     args = ap.parse_args()
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
+    if args.gemv_pairs_per_expert is not None:
+        moe_mxfp4.GEMV_PAIRS_PER_EXPERT = args.gemv_pairs_per_expert
     if args.bf16_dequant_max_m is not None:
         moe_mxfp4.BF16_DEQUANT_MAX_M = args.bf16_dequant_max_m
     if args.decode_max_pairs is not None:

@@ -27,12 +27,15 @@ one fp16x2 value (four bit operations) that meets its two inputs in one fma.rn.f
 _group_dot_asm); the inputs are packed to fp16 in pair_order for that, scaled per row into the top fp16
 octave (FP16_TOP_EXP), and gate_up writes h the same way.
 
-Two launch shapes, chosen from the number of (token, expert) pairs P = tokens * top_k and the dtype alone (never
-from the routing, so shapes are fixed and the whole thing is capturable in a CUDA graph):
+Three launch shapes, chosen from the number of (token, expert) pairs P = tokens * top_k, the experts and the dtype
+alone (never from the routing, so shapes are fixed and the whole thing is capturable in a CUDA graph):
 - decode (P <= DECODE_MAX_PAIRS, inputs not fp32): one program per pair and tile of output rows, a GEMV
   with fp16x2 FMAs (no tensor cores, no sorting or copy kernels: the input packing, the two kernels and
   the final sum are all it launches). Pairs of the same expert run side by side, so a
   repeated expert's weights come from L2.
+- the pairs GEMV (a few pairs per expert on average, GEMV_PAIRS_PER_EXPERT; off until checked on a GPU): the
+  pairs sorted by expert as for the blocks, 2 or 4 to a program, each dequantized weight word meeting all of
+  their inputs (_group_dot_asm(pairs)); the decode GEMV's packed fp16 inputs and h.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
   dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
   SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
@@ -59,6 +62,13 @@ from runtime.kernels.moe import (HAVE_TRITON, block_layout, check_dense, referen
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs (16 tokens at top-4) the GEMV launch is used."""
+GEMV_PAIRS_PER_EXPERT = 0
+"""Beyond DECODE_MAX_PAIRS, while the pairs per expert average at most this, the pairs GEMV runs instead of the
+tl.dot blocks: each program takes 2 or 4 pairs of one expert (blocks of the sorted layout) and multiplies every
+weight it dequantizes with all of them (_group_dot_asm(pairs)). Aimed at the 120b's batch 64 (256 pairs over 128
+experts, ~2 each), where blocks of 16 pairs dequantize at 29-34% of the copy rate and the one-pair GEMV reads at
+55%. 0 (off) until a GPU run has checked and timed it (microbench --gemv-pairs-per-expert 4; the GPU test
+test_mxfp4_moe_pairs_gemv)."""
 DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
 our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
@@ -83,33 +93,44 @@ value * 2^-14, so a product is value * x * 2^-14: normal fp16 (11 significant bi
 above 2^-13 of the row's largest, and a group's 16 products per fp16 lane stay below 16 * 6 * 2 = 192."""
 
 
-def _group_dot_asm() -> str:
-    """PTX for one (row, 32-input group): 16 MXFP4 bytes (4 words) x 16 fp16 input pairs -> fp32 dot * scale.
+def _group_dot_asm(pairs: int = 1) -> str:
+    """PTX for one (row, 32-input group): 16 MXFP4 bytes (4 words) x 16 fp16 input pairs -> fp32 dot * scale,
+    for `pairs` inputs at once (the pairs GEMV: each weight is dequantized once for all of them).
 
     Word j's nibbles p (bits 4p..4p+3) and p+4 (bits 16+4p..) form the fp16x2 pair p: magnitude bits
     to fp16 bits 9-11, sign to bit 15 (value * 2^-14, exact; see FP16_TOP_EXP), fused multiply-add with
     input pair register 4j+p, which the caller fills with the inputs of those two nibbles (pair_order).
-    Two fp16x2 accumulators (8 products per lane each), summed, widened to fp32, times the scale.
-    Operands: $0-$15 outputs (only $0 is used), $16-$19 the bytes, $20-$35 the input pairs, $36 scale.
+    Two fp16x2 accumulators per input (8 products per lane each), summed, widened to fp32, times the scale.
+    Operands, P = pairs: 16 outputs per input ($16i holds input i's dot; one input: the other 15 are zeroed, as
+    first measured), then the bytes ($16P..$16P+3), 16 input pair registers per input, the scale ($32P+4).
     """
+    n = 16 * pairs
+    acc = [(f"c{2 * i}", f"c{2 * i + 1}") for i in range(pairs)]
     shifts = [(9, 12), (5, 8), (1, 4), (-3, 0)]  # per nibble position p: (magnitude shift, sign shift)
-    lines = ["{", ".reg .b32 t, u, a, c0, c1;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
-             "mov.b32 c0, 0;", "mov.b32 c1, 0;"]
+    lines = ["{", ".reg .b32 t, u, a, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
+             ".reg .f32 f0, f1;"] + [f"mov.b32 {c}, 0;" for pair in acc for c in pair]
     for j in range(4):
-        w = f"${16 + j}"
+        w = f"${n + j}"
         for p, (ms, ss) in enumerate(shifts):
             lines.append(f"shl.b32 t, {w}, {ms};" if ms > 0 else f"shr.u32 t, {w}, {-ms};")
             lines.append("and.b32 t, t, 0x0E000E00;")
             lines.append(f"shl.b32 u, {w}, {ss};" if ss else f"mov.b32 u, {w};")
             lines.append("and.b32 u, u, 0x80008000;")
             lines.append("or.b32 a, t, u;")
-            acc = "c0" if p % 2 == 0 else "c1"
-            lines.append(f"fma.rn.f16x2 {acc}, a, ${20 + 4 * j + p}, {acc};")
-    lines += ["add.rn.f16x2 c0, c0, c1;", "mov.b32 {h0, h1}, c0;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
-              "add.f32 f0, f0, f1;", "mul.f32 $0, f0, $36;"]
-    lines += [f"mov.f32 ${i}, 0f00000000;" for i in range(1, 16)]
+            for i in range(pairs):
+                c = acc[i][p % 2]
+                lines.append(f"fma.rn.f16x2 {c}, a, ${n + 4 + 16 * i + 4 * j + p}, {c};")
+    for i, (c0, c1) in enumerate(acc):
+        lines += [f"add.rn.f16x2 {c0}, {c0}, {c1};", f"mov.b32 {{h0, h1}}, {c0};", "cvt.f32.f16 f0, h0;",
+                  "cvt.f32.f16 f1, h1;", "add.f32 f0, f0, f1;", f"mul.f32 ${16 * i}, f0, ${2 * n + 4};"]
+    if pairs == 1:
+        lines += [f"mov.f32 ${i}, 0f00000000;" for i in range(1, 16)]
     lines.append("}")
     return " ".join(lines)  # one line: torch.compile re-emits user kernels, and this constant, as source
+
+
+def _group_dot_constraints(pairs: int = 1) -> str:
+    return ",".join(["=f"] * 16 * pairs + ["r"] * (4 + 16 * pairs) + ["f"] * 16)
 
 
 def _e2m1_bf16_asm() -> str:
@@ -230,7 +251,11 @@ if HAVE_TRITON:
         return b | (b << 16)
 
     _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())
-    _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=f"] * 16 + ["r"] * 20 + ["f"] * 16))
+    _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints())
+    _GROUP_DOT2_ASM: tl.constexpr = tl.constexpr(_group_dot_asm(2))
+    _GROUP_DOT2_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints(2))
+    _GROUP_DOT4_ASM: tl.constexpr = tl.constexpr(_group_dot_asm(4))
+    _GROUP_DOT4_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints(4))
 
     @triton.jit
     def _first(a, b):
@@ -257,6 +282,74 @@ if HAVE_TRITON:
         lo, hi = _e2m1(wb)
         part = tl.sum(lo * xe.to(tl.float32) + hi * xo.to(tl.float32), axis=2)
         return part * s
+
+    @triton.jit
+    def _group_dots(wb, x0, x1, x2, x3, s, PAIRS: tl.constexpr, ASM: tl.constexpr):
+        """_group_dot for 2 or 4 inputs (x0..x3; x2, x3 unused at 2) against the same weights, dequantized once:
+        a tuple of PAIRS [R, NG] sums."""
+        if ASM:
+            if PAIRS == 2:
+                d = tl.inline_asm_elementwise(_GROUP_DOT2_ASM, _GROUP_DOT2_CONSTRAINTS, [wb, x0, x1, s[:, :, None]],
+                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=16)
+                r0, r1 = tl.reduce(d[0], 2, _first), tl.reduce(d[1], 2, _first)
+                return r0, r1, r0, r1
+            d = tl.inline_asm_elementwise(_GROUP_DOT4_ASM, _GROUP_DOT4_CONSTRAINTS, [wb, x0, x1, x2, x3, s[:, :, None]],
+                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+                                          pack=16)
+            return (tl.reduce(d[0], 2, _first), tl.reduce(d[1], 2, _first), tl.reduce(d[2], 2, _first),
+                    tl.reduce(d[3], 2, _first))
+        if PAIRS == 2:
+            r0, r1 = _group_dot(wb, x0, s, False), _group_dot(wb, x1, s, False)
+            return r0, r1, r0, r1
+        return (_group_dot(wb, x0, s, False), _group_dot(wb, x1, s, False), _group_dot(wb, x2, s, False),
+                _group_dot(wb, x3, s, False))
+
+    @triton.jit
+    def _gemv_pairs(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+        """_gemv for 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; x2, x3 unused at 2) against the
+        same MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R] fp32."""
+        groups = K // 32
+        gi = tl.arange(0, BLOCK_K // 32)
+        bi = tl.arange(0, 16)
+        row_off = rows.to(tl.int64) * groups
+        acc0 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            g = k0 // 32 + gi
+            g_ok = g < groups
+            wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
+                         mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16] bytes
+            s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0))
+            at = g[:, None] * 16 + bi[None, :]
+            x0 = tl.load(x0_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]  # [1, NG, 16] pairs
+            x1 = tl.load(x1_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
+            if PAIRS == 2:
+                d0, d1, _, _ = _group_dots(wb, x0, x1, x0, x1, s, 2, ASM)
+                acc0 += d0
+                acc1 += d1
+            else:
+                x2 = tl.load(x2_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
+                x3 = tl.load(x3_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
+                d0, d1, d2, d3 = _group_dots(wb, x0, x1, x2, x3, s, 4, ASM)
+                acc0 += d0
+                acc1 += d1
+                acc2 += d2
+                acc3 += d3
+        out = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [R, 2]
+        if PAIRS == 4:
+            out = tl.reshape(tl.join(out, tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))), (BLOCK_R, 4))
+            out = tl.reshape(tl.permute(tl.reshape(out, (BLOCK_R, 2, 2)), (0, 2, 1)), (BLOCK_R, 4))
+        return tl.trans(out)
+
+    @triton.jit
+    def _row(base_ptr, pair_ptr, i: tl.constexpr, num_pairs, per_row: tl.constexpr, row_len):
+        """The row of pair_ptr[i] (pair // per_row: its token, or the pair itself) in base_ptr; a padding slot
+        (pair >= num_pairs) reads row 0, its result never stored."""
+        p = tl.load(pair_ptr + i)
+        return base_ptr + tl.where(p < num_pairs, p // per_row, 0).to(tl.int64) * row_len
 
     @triton.jit
     def _gemv(xp_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -383,8 +476,9 @@ if HAVE_TRITON:
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
-        Blocks (BLOCK_M > 1): x rows and h rows in split order (see _dot), or in natural order with SCALED
-        (_dot_scaled). Decode: x rows are fp16 pairs (int32) from _pack_x_kernel with their factors xf; h is
+        Blocks (BLOCK_M >= 16): x rows and h rows in split order (see _dot), or in natural order with SCALED
+        (_dot_scaled). The GEMVs (decode, one pair a program: BLOCK_M 1; the pairs GEMV, 2 or 4 pairs of an expert
+        a program: BLOCK_M 2, 4): x rows are fp16 pairs (int32) from _pack_x_kernel with their factors xf; h is
         written as fp16 in pair_order, / h_factor.
         """
         pid_m = tl.program_id(0)
@@ -403,6 +497,15 @@ if HAVE_TRITON:
             token = pid_m // TOP_K
             acc = _gemv(x_ptr + token.to(tl.int64) * (hidden // 2), wb, ws, r, r_ok, hidden,
                         2 * BLOCK_N, BLOCK_K, ASM)[None, :] * tl.load(xf_ptr + token)
+        elif BLOCK_M < 16:  # the pairs GEMV: BLOCK_M (2 or 4) pairs of the block's expert, weights dequantized once
+            first = pair_ptr + pid_m * BLOCK_M
+            pair = tl.load(first + tl.arange(0, BLOCK_M))
+            row = hidden // 2
+            acc = _gemv_pairs(_row(x_ptr, first, 0, num_pairs, TOP_K, row), _row(x_ptr, first, 1, num_pairs, TOP_K, row),
+                              _row(x_ptr, first, 2 % BLOCK_M, num_pairs, TOP_K, row),
+                              _row(x_ptr, first, 3 % BLOCK_M, num_pairs, TOP_K, row),
+                              wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, BLOCK_M, ASM)
+            acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
@@ -417,7 +520,7 @@ if HAVE_TRITON:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
-        if BLOCK_M == 1:
+        if BLOCK_M < 16:  # the GEMVs
             col = (n // 8) * 8 + (n % 4) * 2 + (n % 8) // 4  # unit n's place in pair_order
             h = h / h_factor
         elif SCALED:
@@ -436,7 +539,7 @@ if HAVE_TRITON:
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
-        Decode: h rows as the gate_up kernel wrote them (fp16 pairs as int32, / h_factor)."""
+        The GEMVs (BLOCK_M < 16): h rows as the gate_up kernel wrote them (fp16 pairs as int32, / h_factor)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(expert_ptr + pid_m)
@@ -454,6 +557,14 @@ if HAVE_TRITON:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
             acc = _gemv(h_ptr + pid_m.to(tl.int64) * (inter // 2), wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
                         ASM)[None, :] * h_factor
+        elif BLOCK_M < 16:  # the pairs GEMV
+            first = pair_ptr + pid_m * BLOCK_M
+            pair = tl.load(first + tl.arange(0, BLOCK_M))
+            row = inter // 2
+            acc = _gemv_pairs(_row(h_ptr, first, 0, num_pairs, 1, row), _row(h_ptr, first, 1, num_pairs, 1, row),
+                              _row(h_ptr, first, 2 % BLOCK_M, num_pairs, 1, row),
+                              _row(h_ptr, first, 3 % BLOCK_M, num_pairs, 1, row),
+                              wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, BLOCK_M, ASM) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
@@ -468,7 +579,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -478,13 +589,18 @@ if HAVE_TRITON:
 # ------------------------------------------------------------------------------------------ launch
 
 
-def plan(num_pairs: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Rows per block for P pairs: 1 = the decode GEMV launch (no sorting), else the tl.dot blocks.
+def plan(num_pairs: int, dtype: torch.dtype = torch.bfloat16, num_experts: int = 32) -> int:
+    """Pairs per program for P pairs over E experts: 1 = the decode GEMV launch (no sorting); 2 or 4 = the pairs
+    GEMV (sorted by expert like the blocks; up to GEMV_PAIRS_PER_EXPERT pairs per expert on average); 16 or more =
+    the tl.dot blocks.
 
-    fp32 inputs always take the blocks (IEEE fp32 dots): the GEMV multiplies in fp16, exact enough for
+    fp32 inputs always take the blocks (IEEE fp32 dots): the GEMVs multiply in fp16, exact enough for
     bf16 models (relative error ~1e-3) but not for the fp32 runs that compare tokens with a reference."""
-    if num_pairs <= DECODE_MAX_PAIRS and dtype != torch.float32:
-        return 1
+    if dtype != torch.float32:
+        if num_pairs <= DECODE_MAX_PAIRS:
+            return 1
+        if num_pairs <= GEMV_PAIRS_PER_EXPERT * num_experts:
+            return 2 if num_pairs <= 2 * num_experts else 4
     if num_pairs <= 256:
         return 16
     return 64 if num_pairs <= 4096 else 128  # 128: each weight tile dequantized half as often (12% at 16,384)
@@ -519,32 +635,36 @@ def fused_mxfp4_experts(
                 down_blocks=down_blocks, down_scales=down_scales, down_bias=down_bias)
     inter = two_inter // 2
     p = t * top_k
-    block_m = block_m or plan(p, x.dtype)
+    block_m = block_m or plan(p, x.dtype, num_experts)
+    if 1 < block_m < 16 and block_m not in (2, 4):
+        raise ValueError(f"block_m={block_m}: 1 (decode GEMV), 2 or 4 (pairs GEMV), or 16 and more (tl.dot blocks)")
+    gemv = block_m < 16
     ids = top_k_index.reshape(-1)  # [P]
     asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter cannot run PTX
-    if block_m == 1:
-        # Decode: one program per pair reads its expert id directly; x becomes fp16 pairs in pair_order
-        # (one small kernel), gate_up writes h the same way, and the down kernel writes the rows of pairs
-        # routed elsewhere: no other kernel besides the final sum.
-        pair, expert = ids, ids
+    if gemv:  # x becomes fp16 pairs in pair_order (one small kernel), gate_up writes h the same way
         x16 = torch.empty((t, hidden), dtype=torch.float16, device=x.device)
         x_factor = torch.empty(t, dtype=torch.float32, device=x.device)
         _pack_x_kernel[(t,)](x.contiguous(), x16, x_factor, hidden, FP16_TOP_EXP,
                              BLOCK_K=triton.next_power_of_2(hidden))
         xs = x16.view(torch.int32)
         h = torch.empty((p, inter), dtype=torch.float16, device=x.device)
+    if block_m == 1:
+        # Decode: one program per pair reads its expert id directly, and the down kernel writes the rows of pairs
+        # routed elsewhere: no other kernel besides the packing and the final sum.
+        pair, expert = ids, ids
         out = torch.empty((p, hidden), dtype=x.dtype, device=x.device)
     else:
         pair, expert = block_layout(ids.long(), num_experts, block_m)
         # Non-empty blocks come first and there are at most P of them (each holds a pair): drop the rest.
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
+        out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
+    if not gemv:
         scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
         # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
         # takes them as they are.
         xs = x.contiguous() if scaled else x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)
-        out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
         x_factor = xs  # unused by the blocks
         h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     num_rows = expert.numel()
@@ -554,10 +674,10 @@ def fused_mxfp4_experts(
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
-    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": block_m > 1 and bool(scaled),
-              "BF16": asm and x.dtype == torch.bfloat16 and 1 < block_m <= BF16_DEQUANT_MAX_M}
+    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled),
+              "BF16": asm and x.dtype == torch.bfloat16 and 16 <= block_m <= BF16_DEQUANT_MAX_M}
     if config is None:
-        gate_up, down = (_gate_up_decode, _down_decode) if block_m == 1 else (_gate_up_blocks, _down_blocks)
+        gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
     else:
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update({"SWAP": False, **config})
@@ -567,7 +687,7 @@ def fused_mxfp4_experts(
         bucket, float(limit), float(alpha), h_factor, TOP_K=top_k, **common,
     )
     down[lambda meta: (num_rows, triton.cdiv(hidden, meta["BLOCK_N"]))](
-        h.view(torch.int32) if block_m == 1 else h, down_blocks, down_scales, down_bias, weights, out, pair, expert,
+        h.view(torch.int32) if gemv else h, down_blocks, down_scales, down_bias, weights, out, pair, expert,
         p, num_experts, hidden, inter, bucket, h_factor, **common,
     )
     return out.view(t, top_k, hidden).sum(1)  # accumulated in fp32 by torch, [T, H] in x's dtype
