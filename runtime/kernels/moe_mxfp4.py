@@ -109,6 +109,10 @@ def _group_dot_asm(pairs: int = 1) -> str:
     shifts = [(9, 12), (5, 8), (1, 4), (-3, 0)]  # per nibble position p: (magnitude shift, sign shift)
     lines = ["{", ".reg .b32 t, u, a, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
              ".reg .f32 f0, f1;"] + [f"mov.b32 {c}, 0;" for pair in acc for c in pair]
+    scale = f"${2 * n + 4}"
+    if pairs > 1:  # read the scale before the first output is written (inputs are read before outputs in asm)
+        lines += [".reg .f32 sc;", f"mov.f32 sc, {scale};"]
+        scale = "sc"
     for j in range(4):
         w = f"${n + j}"
         for p, (ms, ss) in enumerate(shifts):
@@ -122,7 +126,7 @@ def _group_dot_asm(pairs: int = 1) -> str:
                 lines.append(f"fma.rn.f16x2 {c}, a, ${n + 4 + 16 * i + 4 * j + p}, {c};")
     for i, (c0, c1) in enumerate(acc):
         lines += [f"add.rn.f16x2 {c0}, {c0}, {c1};", f"mov.b32 {{h0, h1}}, {c0};", "cvt.f32.f16 f0, h0;",
-                  "cvt.f32.f16 f1, h1;", "add.f32 f0, f0, f1;", f"mul.f32 ${16 * i}, f0, ${2 * n + 4};"]
+                  "cvt.f32.f16 f1, h1;", "add.f32 f0, f0, f1;", f"mul.f32 ${16 * i}, f0, {scale};"]
     if pairs == 1:
         lines += [f"mov.f32 ${i}, 0f00000000;" for i in range(1, 16)]
     lines.append("}")
