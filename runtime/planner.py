@@ -229,10 +229,13 @@ class Planner:
                 self._register(seq)
         self._admitted = []
         # the decode step's blocks, oldest sequence first (newest preempted when short)
+        window = self.window or 0
         for seq in list(self.running):
             if seq.row < 0 or seq.row in self.filling:
                 continue  # preempted meanwhile, or still prefilling
             at = len(seq.prompt) + len(seq.tokens) - 1  # where the last drawn token's key goes
+            if at // BLOCK_SIZE < len(seq.blocks) and (not window or (at - window + 1) // BLOCK_SIZE <= seq.wlow):
+                continue  # (most steps: its block is held and its window has not moved past a block)
             if not self._grow(seq, at // BLOCK_SIZE + 1, at, plan):
                 self._preempt(seq)
         budget = self.max_prefill_tokens
