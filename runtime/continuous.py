@@ -25,6 +25,7 @@ No HTTP, no scheduling and no rank logic beyond "the leader samples".
 from __future__ import annotations
 
 import gc
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,11 +207,13 @@ class ContinuousBatcher:
         for target, given in ((self.cache.table, tables), (self.cache.wtable, window_tables or {})):
             if not given:
                 continue
-            host = torch.full((len(given), self.max_blocks), SCRATCH, dtype=torch.int32)
-            for i, blocks in enumerate(given.values()):
+            flat = array("i")  # the rows' tables, SCRATCH-padded, in one buffer (one tensor, not one a row)
+            for blocks in given.values():
                 if len(blocks) > self.max_blocks:
                     raise ValueError(f"{len(blocks)} blocks exceed a row's {self.max_blocks}")
-                host[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+                flat.extend(blocks)
+                flat.extend([SCRATCH] * (self.max_blocks - len(blocks)))
+            host = torch.frombuffer(flat, dtype=torch.int32).view(len(given), self.max_blocks)
             idx = torch.tensor(list(given), dtype=torch.long)
             target[idx.to(self.device)] = host.to(self.device)
 
