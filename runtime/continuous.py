@@ -129,6 +129,10 @@ class ContinuousBatcher:
         self.use_graph = use_graph and device.type == "cuda" and cfg._experts_implementation != "eager"
         self.buckets = step_buckets(rows)
         self._busy: set[int] = set()  # rows decoding (host copy of pos >= 0): the step's size follows them
+        # the decode step's rows that hold a sequence, for the routers (runtime/kernels/router.py: the experts skip
+        # the step's free rows); written inside the step (and its graph) from pos
+        self._in_use = torch.zeros(rows, dtype=torch.bool, device=device)
+        self._routers = [m for m in model.modules() if hasattr(type(m), "rows_in_use")]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # step size -> graph, logits
         self.prefill_widths = [w for w in PREFILL_WIDTHS if w <= max_len] if self.paged_reads else []
         self._prefill_in: dict[int, dict[str, torch.Tensor]] = {}  # width -> its static inputs
@@ -387,10 +391,14 @@ class ContinuousBatcher:
             # row's in a graph (fixed shapes), else those the longest row reaches
             used = self.max_blocks if self.use_graph else min(self.max_blocks, blocks_for(int(pos.max()) + 1))
             self.cache.dense_rows, self.cache.dense_blocks = slice(0, n), max(1, used)
+        for router in self._routers:
+            router.rows_in_use = self._in_use
         try:
             logits = self._run_step(n)
         finally:
             self.cache.dense_rows = None
+            for router in self._routers:
+                router.rows_in_use = None
         tokens = self._choose(logits, None)
         self.ids[:n].copy_(tokens[:, None])
         pos.add_(busy.long())
@@ -402,6 +410,7 @@ class ContinuousBatcher:
         n = ids.shape[0]  # the first n rows
         # where each row's key goes (inside the graph): a busy row's position's block, a free row's the scratch
         busy, at = pos >= 0, pos.clamp(min=0)
+        self._in_use[:n].copy_(busy[:, 0])
         block, wblock, offset = _writes(self.cache.table[:n], self.cache.wtable[:n], at, busy)
         self.cache.write_block[:n].copy_(block)
         self.cache.write_wblock[:n].copy_(wblock)

@@ -170,6 +170,45 @@ def test_the_step_runs_only_up_to_the_highest_busy_row(attn: str) -> None:
     assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
 
 
+def test_the_experts_skip_the_free_rows_of_a_step() -> None:
+    """A step of 8 rows with 2 sequences routes its 6 free rows to no expert (id num_experts, weight 0: what the
+    experts kernels skip, as another rank's experts), so the experts cost what the running sequences need; the
+    sequences' tokens are unchanged (experts=triton: the fused router; on the CPU its reference path)."""
+    engine = Engine(compose("generate", ["model.device=cpu", "experts=triton"]))
+    prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS[:3])]
+    ref = [engine.decode([p], STEPS, ignore_eos=True).tokens[0].tolist() for p in prompts]
+    b = batcher(engine, 10, 256, 400)
+    seen: list[tuple[set[int], torch.Tensor, torch.Tensor]] = []  # (busy rows, expert ids, weights) per layer
+    experts = [layer.mlp.experts for layer in engine.model.model.layers]
+    hooks = [e.register_forward_pre_hook(lambda m, args: seen.append((set(b._busy), args[1].clone(), args[2].clone())))
+             for e in experts]
+    plain_step = b.step
+
+    def step() -> torch.Tensor:
+        del seen[:]
+        out = plain_step()
+        steps.append(list(seen))
+        return out
+
+    steps: list[list] = []
+    b.step = step  # type: ignore[method-assign]
+    got, sizes = join_and_leave(b, prompts, STEPS)
+    for h in hooks:
+        h.remove()
+    assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
+    e = experts[0].num_experts
+    assert sizes[3] == 8 and len(steps[3]) == len(experts)
+    for busy, ids, weights in steps[3]:  # rows 0 and 5 run in a step of 8
+        assert busy == {0, 5} and ids.shape == (8, ids.shape[1])
+        free = [r for r in range(8) if r not in busy]
+        assert (ids[free] == e).all() and (weights[free] == 0).all()
+        assert (ids[[0, 5]] < e).all() and (weights[[0, 5]] > 0).all()
+    for layer_calls in steps:  # every step: exactly the busy rows' pairs are routed
+        for busy, ids, _ in layer_calls:
+            assert int((ids < e).sum()) == ids.shape[1] * len(busy)
+    assert b._routers and all(r.rows_in_use is None for r in b._routers)  # prefills see every token as real
+
+
 @pytest.mark.parametrize("attn", ["eager", "triton"])
 def test_a_cached_prefix_gives_the_tokens_of_a_fresh_prefill(attn: str) -> None:
     """A row that held a sequence takes a prompt sharing its prefix (a conversation's next turn: the earlier

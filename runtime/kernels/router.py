@@ -58,9 +58,23 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
 
 class FusedRouterForward:
     """Mixed into transformers' GptOssTopKRouter by runtime.fused: same module, same parameters,
-    `route` for decode-sized inputs."""
+    `route` for decode-sized inputs.
+
+    `rows_in_use` (set by the continuous batcher around its decode step, else None): a bool tensor whose first T
+    entries say which of the step's T tokens belong to a sequence. The others (free rows of a step size bigger
+    than the running sequences) are routed to expert id `num_experts` with weight 0, which the experts kernels
+    skip (as they skip another rank's experts): a step of 100 sequences in a 512-row step pays the experts for 100.
+    """
+
+    rows_in_use: torch.Tensor | None = None
 
     def forward(self: nn.Module, hidden_states: torch.Tensor):  # type: ignore[misc]
         if hidden_states.shape[0] <= MAX_TOKENS and triton_usable(hidden_states.device):
-            return route(hidden_states, self.weight, self.bias, self.top_k)
-        return super().forward(hidden_states)  # type: ignore[misc]
+            logits, scores, idx = route(hidden_states, self.weight, self.bias, self.top_k)
+        else:
+            logits, scores, idx = super().forward(hidden_states)  # type: ignore[misc]
+        if self.rows_in_use is not None:
+            used = self.rows_in_use[: hidden_states.shape[0], None]
+            idx = torch.where(used, idx, self.num_experts)
+            scores = scores * used.to(scores.dtype)
+        return logits, scores, idx
