@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # For the next one-H200 session (issues 15 and 14). What has not run on a GPU: commit 4e56c4d's repair of the
-# compiled fast path (every run with generation.compile=true experts=mxfp4 failed since 23aae9e), and the pairs
-# GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT, off). In order of value, each step's log in $R:
+# compiled fast path (every run with generation.compile=true experts=mxfp4 failed since 23aae9e), the pairs
+# GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT, off), the free rows of a decode step skipping the experts (b08b856),
+# the planner's O(1) window look (f68914e). In order of value, each step's log in $R:
 #   1. GPU tests: the compiled decode step with the MXFP4 experts (the repair), the pairs GEMV against the
-#      reference and the blocks, the MXFP4 kernels at real shapes (~6 min);
+#      reference and the blocks, the MXFP4 kernels at real shapes, the batcher's step sizes as graphs, compiled
+#      and not, with the step's free rows routed to no expert (b08b856) (~7 min);
 #   2. if the pairs GEMV passed: one MoE layer with it on and off (and the plain GEMV up to 256 pairs) on the
 #      120b's and the 20b's experts; where it is faster at 64 tokens on 128 experts, this copy turns it on
 #      (GEMV_PAIRS_PER_EXPERT = 4) for what follows (~2 min);
@@ -30,7 +32,7 @@ ms64() { awk '$1 == 64 && $2 == "mxfp4" {print $3}' "$1"; }
 $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
 [ -d /dev/shm/ck20 ] || run synth20 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run tests $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py \
-    -k "compiled_decode_step_equals_plain or mxfp4_moe_pairs_gemv or mxfp4_moe_real_shapes"
+    -k "compiled_decode_step_equals_plain or mxfp4_moe_pairs_gemv or mxfp4_moe_real_shapes or continuous"
 if [ "$(grep -c '^PASSED.*test_mxfp4_moe_pairs_gemv' "$R/tests.log")" = 6 ]; then
   run moe120-off $MB --experts 128 --tokens 32 64 128 256
   run moe120-pairs $MB --experts 128 --tokens 32 64 128 256 --gemv-pairs-per-expert 4
