@@ -1,5 +1,9 @@
 """Benchmark results on disk: one JSON and one CSV per run, rows appended to a results table, and the
-plots engines publish (throughput per GPU vs tokens/s per user; latency vs batch size)."""
+plots engines publish (throughput per GPU vs tokens/s per user; latency vs batch size).
+
+The plots can be drawn later from a results table (a GPU run with bench.plots=false, or a machine without
+matplotlib): `python -m runtime.report TABLE [OUT_DIR] [--run RUN]` writes pareto.png (every run in the table)
+and latency.png (RUN's rows; default: the table's last run) into OUT_DIR (default: beside the table)."""
 
 from __future__ import annotations
 
@@ -162,3 +166,47 @@ def draw(out_dir: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]])
     fig.tight_layout()
     fig.savefig(out_dir / "latency.png", dpi=120)
     plt.close(fig)
+
+
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read back from a CSV with its numbers as numbers and its empty cells as None (as `write` had them)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if v in (None, ""):
+            out[k] = None
+            continue
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.report", description="Draw a results table's plots.")
+    ap.add_argument("table", type=Path, help="a results table (bench.table) or a run's results.csv")
+    ap.add_argument("out_dir", type=Path, nargs="?", help="where the PNGs go (default: the table's folder)")
+    ap.add_argument("--run", help="the run whose rows latency.png shows (default: the table's last run)")
+    args = ap.parse_args(argv)
+    if not args.table.is_file():
+        raise SystemExit(f"{args.table}: no such results table (bench.table, or a run's results.csv)")
+    table = [_typed(r) for r in _read_csv(args.table)]
+    if not table:
+        raise SystemExit(f"{args.table}: the table has no rows")
+    run = args.run or table[-1]["run"]
+    rows = [r for r in table if str(r["run"]) == str(run)]
+    if not rows:
+        raise SystemExit(f"{args.table}: no rows of run {run!r}; runs: {sorted({str(r['run']) for r in table})}")
+    out_dir = args.out_dir or args.table.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw(out_dir, rows, table)
+    print(f"{out_dir / 'pareto.png'} ({len(table)} rows), {out_dir / 'latency.png'} (run {run})")
+
+
+if __name__ == "__main__":
+    main()

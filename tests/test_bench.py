@@ -219,6 +219,25 @@ def test_table_from_another_version_keeps_its_columns_aligned(tmp_path: Path) ->
     assert (old["run"], old["output_tok_s_per_user"], old["load_s"], old["decode_tok_s"]) == ("old", "20.0", "6.3", "")
 
 
+def test_plots_drawn_later_from_a_table(tmp_path: Path) -> None:
+    """`python -m runtime.report TABLE OUT`: a GPU run's table (written with bench.plots=false) gets its plots on
+    another machine, the latency plot from the run asked for (batch sizes as numbers, not as text); clear errors."""
+    table = tmp_path / "table.csv"
+    for run, tpot in (("a", 10.0), ("b", 20.0)):
+        rows = [{c: None for c in report.COLUMNS} | {
+            "impl": "ours", "model": "m", "mode": "serve", "batch_size": b, "output_tok_s_per_user": 1000 / (tpot * b),
+            "output_tok_s_per_gpu": 100.0 * b, "tpot_p50_ms": tpot * b, "ttft_p50_ms": 5.0 * b} for b in (1, 8, 64)]
+        report.write(tmp_path / run, {"rows": rows}, table, plots=False)
+    report.main([str(table), str(tmp_path / "plots"), "--run", "a"])
+    assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0 and (tmp_path / "plots" / "latency.png").exists()
+    typed = report._typed({"batch_size": "64", "tpot_p50_ms": "1.5", "impl": "ours", "ttft_p50_ms": ""})
+    assert typed == {"batch_size": 64, "tpot_p50_ms": 1.5, "impl": "ours", "ttft_p50_ms": None}
+    with pytest.raises(SystemExit, match="no rows of run 'c'"):
+        report.main([str(table), "--run", "c"])
+    with pytest.raises(SystemExit, match="no such results table"):
+        report.main([str(tmp_path / "missing.csv")])
+
+
 def test_pareto_curves_do_not_join_different_configurations() -> None:
     row = {c: "x" for c in report.COLUMNS}
     labels = {report.series_label(row | change) for change in
