@@ -287,17 +287,29 @@ def test_errors_and_auth(served) -> None:  # noqa: ANN001
 
 
 def test_chunked_request_body_is_refused_and_the_connection_stays_usable(served) -> None:  # noqa: ANN001
-    """A chunked body is refused (411); the next request on the same keep-alive client is answered as sent,
-    not parsed out of the unread body."""
+    """A chunked body is refused (411) and its connection closed, so the unread body is never parsed as the next
+    request; the same keep-alive client's next request (on a new connection) is answered as sent. The request
+    goes out in one write: sent piece by piece, its last piece can meet the closed socket (a broken pipe)."""
     import http.client
+    import socket
 
     _, _, url = served
-    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+    host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "gpt-oss-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    conn.request("POST", "/v1/chat/completions", body=iter([body]), encode_chunked=True,
-                 headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 411 and json.loads(resp.read())["error"]["message"]
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        reply = sock.makefile("rb")
+        assert reply.readline().split()[1] == b"411"
+        headers = {}
+        while (line := reply.readline().strip()):
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        assert headers["connection"].lower() == "close"
+        assert json.loads(reply.read(int(headers["content-length"])))["error"]["message"]
+        assert reply.read() == b""  # closed: nothing of the body is taken for a next request
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("GET", "/health")
     resp = conn.getresponse()
     assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
