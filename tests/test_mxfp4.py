@@ -112,6 +112,8 @@ KERNEL_CHECK = textwrap.dedent("""
              (12, 4, 2, 64, 64, 4, None))
     for dtype in (torch.float32, torch.float16):
         for t, E, k, H, I, block_m, config in cases:
+            if block_m in (2, 4) and dtype == torch.float32:
+                continue  # (the pairs GEMV packs any input to fp16, as the decode GEMV does: one dtype is enough)
             x = torch.randn(t, H, generator=g).to(dtype)
             idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
             w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
