@@ -202,7 +202,7 @@ class Planner:
     def _grow(self, seq: Seq, blocks: int, query: int, plan: Plan) -> bool:
         """Give `seq` blocks up to `blocks` in all (and window blocks from what a query at `query` reads), preempting
         newer sequences while the pool is short; False when `seq` is the newest and the pool still is."""
-        if self.window and (query - self.window + 1) // BLOCK_SIZE > seq.wlow:  # (the common case calls nothing)
+        if self.window and self._first_window_block(query) > seq.wlow:
             self._slide(seq, query, plan)
         grow = blocks - len(seq.blocks)
         if grow <= 0:
@@ -229,12 +229,11 @@ class Planner:
                 self._register(seq)
         self._admitted = []
         # the decode step's blocks, oldest sequence first (newest preempted when short)
-        window = self.window or 0
         for seq in list(self.running):
             if seq.row < 0 or seq.row in self.filling:
                 continue  # preempted meanwhile, or still prefilling
             at = len(seq.prompt) + len(seq.tokens) - 1  # where the last drawn token's key goes
-            if at // BLOCK_SIZE < len(seq.blocks) and (not window or (at - window + 1) // BLOCK_SIZE <= seq.wlow):
+            if at // BLOCK_SIZE < len(seq.blocks) and self._first_window_block(at) <= seq.wlow:
                 continue  # (most steps: its block is held and its window has not moved past a block)
             if not self._grow(seq, at // BLOCK_SIZE + 1, at, plan):
                 self._preempt(seq)

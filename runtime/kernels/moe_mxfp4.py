@@ -309,10 +309,11 @@ if HAVE_TRITON:
                 _group_dot(wb, x3, s, False))
 
     @triton.jit
-    def _gemv_pairs(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
-        """_gemv for 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; x2, x3 unused at 2) against the
-        same MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R] fp32."""
+    def _gemv(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+        """sum_k x[k] * W[rows, k] for 1, 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; the pointers
+        past PAIRS unused) and MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R]
+        fp32."""
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -329,12 +330,15 @@ if HAVE_TRITON:
             s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0))
             at = g[:, None] * 16 + bi[None, :]
             x0 = tl.load(x0_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]  # [1, NG, 16] pairs
-            x1 = tl.load(x1_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
-            if PAIRS == 2:
+            if PAIRS == 1:
+                acc0 += _group_dot(wb, x0, s, ASM)
+            elif PAIRS == 2:
+                x1 = tl.load(x1_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
                 d0, d1, _, _ = _group_dots(wb, x0, x1, x0, x1, s, 2, ASM)
                 acc0 += d0
                 acc1 += d1
             else:
+                x1 = tl.load(x1_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
                 x2 = tl.load(x2_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
                 x3 = tl.load(x3_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]
                 d0, d1, d2, d3 = _group_dots(wb, x0, x1, x2, x3, s, 4, ASM)
@@ -342,11 +346,15 @@ if HAVE_TRITON:
                 acc1 += d1
                 acc2 += d2
                 acc3 += d3
-        out = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [R, 2]
-        if PAIRS == 4:
-            out = tl.reshape(tl.join(out, tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))), (BLOCK_R, 4))
-            out = tl.reshape(tl.permute(tl.reshape(out, (BLOCK_R, 2, 2)), (0, 2, 1)), (BLOCK_R, 4))
-        return tl.trans(out)
+        if PAIRS == 1:
+            out = tl.sum(acc0, axis=1)[None, :]
+        else:
+            out = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [R, 2]
+            if PAIRS == 4:
+                out = tl.reshape(tl.join(out, tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))), (BLOCK_R, 4))
+                out = tl.reshape(tl.permute(tl.reshape(out, (BLOCK_R, 2, 2)), (0, 2, 1)), (BLOCK_R, 4))
+            out = tl.trans(out)
+        return out
 
     @triton.jit
     def _row(base_ptr, pair_ptr, i: tl.constexpr, num_pairs, per_row: tl.constexpr, row_len):
@@ -356,25 +364,15 @@ if HAVE_TRITON:
         return base_ptr + tl.where(p < num_pairs, p // per_row, 0).to(tl.int64) * row_len
 
     @triton.jit
-    def _gemv(xp_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-              ASM: tl.constexpr):
-        """sum_k x[k] * W[rows, k] for one input row (fp16 pairs in pair_order, as int32 [K/2]) and MXFP4
-        rows of W -> [BLOCK_R] fp32."""
-        groups = K // 32
-        gi = tl.arange(0, BLOCK_K // 32)
-        bi = tl.arange(0, 16)
-        row_off = rows.to(tl.int64) * groups
-        acc = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            g = k0 // 32 + gi  # [NG] groups of this tile
-            g_ok = g < groups
-            wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
-                         mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16] bytes
-            s = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0)
-            s = _scale(s)
-            xp = tl.load(xp_ptr + g[:, None] * 16 + bi[None, :], mask=g_ok[:, None], other=0)  # [NG, 16] pairs
-            acc += _group_dot(wb, xp[None, :, :], s, ASM)
-        return tl.sum(acc, axis=1)
+    def _gemv_block(x_ptr, pair_ptr, num_pairs, per_row: tl.constexpr, row_len, wb_ptr, ws_ptr, rows, rows_ok, K,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+        """The pairs GEMV of a block: its PAIRS (2 or 4) pairs pair_ptr[0..PAIRS), each reading its row of x_ptr
+        (see _row) -> [PAIRS, BLOCK_R]."""
+        return _gemv(_row(x_ptr, pair_ptr, 0, num_pairs, per_row, row_len),
+                     _row(x_ptr, pair_ptr, 1, num_pairs, per_row, row_len),
+                     _row(x_ptr, pair_ptr, 2 % PAIRS, num_pairs, per_row, row_len),
+                     _row(x_ptr, pair_ptr, 3 % PAIRS, num_pairs, per_row, row_len),
+                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM)
 
     @triton.jit
     def _pack_x_kernel(x_ptr, out_ptr, factor_ptr, K, top_exp, BLOCK_K: tl.constexpr):
@@ -499,16 +497,14 @@ if HAVE_TRITON:
         if BLOCK_M == 1:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
             token = pid_m // TOP_K
-            acc = _gemv(x_ptr + token.to(tl.int64) * (hidden // 2), wb, ws, r, r_ok, hidden,
-                        2 * BLOCK_N, BLOCK_K, ASM)[None, :] * tl.load(xf_ptr + token)
+            x_row = x_ptr + token.to(tl.int64) * (hidden // 2)
+            acc = _gemv(x_row, x_row, x_row, x_row, wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, 1,
+                        ASM) * tl.load(xf_ptr + token)
         elif BLOCK_M < 16:  # the pairs GEMV: BLOCK_M (2 or 4) pairs of the block's expert, weights dequantized once
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
-            row = hidden // 2
-            acc = _gemv_pairs(_row(x_ptr, first, 0, num_pairs, TOP_K, row), _row(x_ptr, first, 1, num_pairs, TOP_K, row),
-                              _row(x_ptr, first, 2 % BLOCK_M, num_pairs, TOP_K, row),
-                              _row(x_ptr, first, 3 % BLOCK_M, num_pairs, TOP_K, row),
-                              wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, BLOCK_M, ASM)
+            acc = _gemv_block(x_ptr, first, num_pairs, TOP_K, hidden // 2, wb, ws, r, r_ok, hidden, 2 * BLOCK_N,
+                              BLOCK_K, BLOCK_M, ASM)
             acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -559,16 +555,13 @@ if HAVE_TRITON:
         ws = ws_ptr + e.to(tl.int64) * hidden * groups
         if BLOCK_M == 1:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
-            acc = _gemv(h_ptr + pid_m.to(tl.int64) * (inter // 2), wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
-                        ASM)[None, :] * h_factor
+            h_row = h_ptr + pid_m.to(tl.int64) * (inter // 2)
+            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM) * h_factor
         elif BLOCK_M < 16:  # the pairs GEMV
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
-            row = inter // 2
-            acc = _gemv_pairs(_row(h_ptr, first, 0, num_pairs, 1, row), _row(h_ptr, first, 1, num_pairs, 1, row),
-                              _row(h_ptr, first, 2 % BLOCK_M, num_pairs, 1, row),
-                              _row(h_ptr, first, 3 % BLOCK_M, num_pairs, 1, row),
-                              wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, BLOCK_M, ASM) * h_factor
+            acc = _gemv_block(h_ptr, first, num_pairs, 1, inter // 2, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
+                              BLOCK_M, ASM) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
