@@ -183,6 +183,7 @@ def test_the_experts_skip_the_free_rows_of_a_step() -> None:
     hooks = [e.register_forward_pre_hook(lambda m, args: seen.append((set(b._busy), args[1].clone(), args[2].clone())))
              for e in experts]
     plain_step = b.step
+    steps: list[list] = []  # each step's `seen`
 
     def step() -> torch.Tensor:
         del seen[:]
@@ -190,7 +191,6 @@ def test_the_experts_skip_the_free_rows_of_a_step() -> None:
         steps.append(list(seen))
         return out
 
-    steps: list[list] = []
     b.step = step  # type: ignore[method-assign]
     got, sizes = join_and_leave(b, prompts, STEPS)
     for h in hooks:
