@@ -293,7 +293,11 @@ class Bench:
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
         # the recipe (and parallel.plan=transformers) are counted as holding every weight on every rank: an
         # upper bound on their bytes (transformers 5.17 splits their experts and, at tp, lm_head)
-        expert_bytes = roofline.expert_bytes_per_param(cfg.experts.implementation if ours else "recipe", elem)
+        impl_bytes = cfg.experts.implementation if ours else "recipe"
+        above = cfg.experts.dequantized_above_tokens
+        if impl_bytes == "mxfp4" and above is not None and batch > above:
+            impl_bytes = "triton"  # these steps read the dequantized copy
+        expert_bytes = roofline.expert_bytes_per_param(impl_bytes, elem)
         ours_plan = ours and cfg.parallel.plan == "ours"  # transformers' plan keeps attention whole
         sb = roofline.decode_step_bytes(self.engine.hf_config, batch, context, weight_bytes=elem,
                                         expert_bytes=expert_bytes, tp_size=lay.tp_size if ours_plan else 1,

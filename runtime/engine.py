@@ -111,7 +111,8 @@ class Engine:
         self.cfg = cfg
         par = cfg.parallel
         self.layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
-        modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation)
+        modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation,
+                               cfg.experts.dequantized_above_tokens)
         _check_generation(cfg.generation)
         static_ok = ("eager", "gqa_sinks", "triton_sinks")
         if cfg.generation.kv_cache == "static" and cfg.attention.implementation not in static_ok:
@@ -150,7 +151,7 @@ class Engine:
         else:
             loaded = modeling.build(
                 self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
-                cfg.attention.implementation, cfg.experts.implementation,
+                cfg.attention.implementation, cfg.experts.implementation, cfg.experts.dequantized_above_tokens,
             )
         self.model = loaded.model
         self.load_seconds = loaded.load_seconds

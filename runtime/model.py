@@ -38,10 +38,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_kernels(attention: str, hub_download: bool, experts: str) -> None:
+def check_kernels(attention: str, hub_download: bool, experts: str,
+                  dequantized_above_tokens: int | None = None) -> None:
     """Fail before loading weights when a requested kernel cannot be had."""
     if experts not in EXPERTS:
         raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
+    if dequantized_above_tokens is not None:
+        if experts != "mxfp4":
+            raise KernelError(
+                f"experts.dequantized_above_tokens={dequantized_above_tokens} picks between the 4-bit experts and a "
+                f"dequantized copy, so it needs experts=mxfp4 (not experts={experts}): set experts=mxfp4, or "
+                f"experts.dequantized_above_tokens=null")
+        if isinstance(dequantized_above_tokens, bool) or not isinstance(dequantized_above_tokens, int) \
+                or dequantized_above_tokens < 0:
+            raise KernelError(f"experts.dequantized_above_tokens={dequantized_above_tokens!r}: a number of tokens "
+                              f"per step >= 0, or null (off)")
     if attention in ATTENTION:
         return
     if "/" not in attention:
@@ -81,8 +92,10 @@ def build(
     dtype: torch.dtype,
     attention: str,
     experts: str,
+    dequantized_above_tokens: int | None = None,
 ) -> LoadedModel:
-    """The sharded model on `device`, weights loaded, ready for inference."""
+    """The sharded model on `device`, weights loaded, ready for inference. dequantized_above_tokens: see
+    ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens)."""
     from accelerate import init_empty_weights
     from transformers import GptOssForCausalLM
 
@@ -137,6 +150,11 @@ def build(
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     reader.close()
     model.to(device)  # rope buffers
+    if experts == "mxfp4" and dequantized_above_tokens is not None:
+        moe_mxfp4.keep_dequantized_copies([layer.mlp.experts for layer in model.model.layers], dtype,
+                                         dequantized_above_tokens)
+        log.info("MXFP4 experts also dequantized to %s for steps of more than %d tokens "
+                 "(experts.dequantized_above_tokens)", dtype, dequantized_above_tokens)
     model.eval()
     model.requires_grad_(False)
     if attention != "eager":

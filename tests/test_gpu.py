@@ -269,7 +269,7 @@ def test_mxfp4_moe_swapped_and_scaled_tiles(tokens: int) -> None:
 @pytest.mark.parametrize("block_m", [2, 4])
 @pytest.mark.parametrize(("tokens", "e"), [(64, 128), (64, 32), (20, 32)])
 def test_mxfp4_moe_pairs_gemv(tokens: int, e: int, block_m: int) -> None:
-    """The pairs GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT, off until this passes): 2 or 4 pairs of an expert a program,
+    """The pairs GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT; passed on the H200 in the seventh session): 2 or 4 pairs of an expert a program,
     each dequantized weight multiplied with all of them in one PTX block, against the reference and the blocks, at
     the 120b's and the 20b's batch 64 and at 20 tokens, replayed from a CUDA graph on new routing."""
     from runtime.kernels import moe_mxfp4

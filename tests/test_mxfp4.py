@@ -53,11 +53,12 @@ def test_launch_plan_depends_on_pair_count_only(monkeypatch: pytest.MonkeyPatch)
     assert moe_mxfp4.plan(4) == moe_mxfp4.plan(64) == 1  # decode: one GEMV program per pair
     assert moe_mxfp4.plan(65) == moe_mxfp4.plan(256) == 16 and moe_mxfp4.plan(4096) == 64
     assert moe_mxfp4.plan(4, torch.float32) == 16  # fp32 models: IEEE tl.dot blocks, never the fp16 GEMV
-    assert moe_mxfp4.plan(256, num_experts=128) == 16  # the pairs GEMV is off by default
-    monkeypatch.setattr(moe_mxfp4, "GEMV_PAIRS_PER_EXPERT", 4)  # on: up to 4 pairs per expert on average
+    # the pairs GEMV: up to 4 pairs per expert on average, on layers of 128 experts (the 120b) only
     assert moe_mxfp4.plan(64, num_experts=128) == 1 and moe_mxfp4.plan(256, num_experts=128) == 2
     assert moe_mxfp4.plan(512, num_experts=128) == 4 and moe_mxfp4.plan(1024, num_experts=128) == 64
-    assert moe_mxfp4.plan(256, torch.float32, 128) == 16
+    assert moe_mxfp4.plan(256, torch.float32, 128) == 16 and moe_mxfp4.plan(128, num_experts=32) == 16
+    monkeypatch.setattr(moe_mxfp4, "GEMV_PAIRS_PER_EXPERT", 0)  # off
+    assert moe_mxfp4.plan(256, num_experts=128) == 16
 
 
 def test_old_gpus_get_a_clear_error() -> None:
@@ -186,10 +187,43 @@ def test_decode_gemv_packs_and_scales_inputs_in_the_interpreter() -> None:
     assert _interpret(DECODE_CHECK).stdout.split()[-1] == "ok"
 
 
-def _build(ckpt: Path, tp: int = 1, ep: int = 1, rank: int = 0, experts: str = "mxfp4") -> modeling.LoadedModel:
+def _build(ckpt: Path, tp: int = 1, ep: int = 1, rank: int = 0, experts: str = "mxfp4",
+           above: int | None = None) -> modeling.LoadedModel:
     hf = checkpoint.read_config(ckpt)
     return modeling.build(ckpt, hf, make_layout(tp, ep, 1, world=(tp * ep, rank, rank)), Groups(),
-                          torch.device("cpu"), torch.float32, "eager", experts)
+                          torch.device("cpu"), torch.float32, "eager", experts, above)
+
+
+def test_dequantized_copy_serves_the_big_steps(tiny_checkpoint: Path) -> None:
+    """experts.dequantized_above_tokens: the modules also hold the experts as experts=triton would (a rank's
+    share under tp x ep), and steps of more tokens than the threshold run from that copy, the rest from the 4-bit
+    weights (blanking the blocks changes only the small steps' output)."""
+    for tp, ep, rank in [(1, 1, 0), (2, 2, 3)]:
+        lm = _build(tiny_checkpoint, tp, ep, rank, above=3)
+        twin = dict(_build(tiny_checkpoint, tp, ep, rank, experts="triton").model.named_parameters())
+        for name, p in lm.model.named_parameters():
+            if name.endswith((".gate_up_proj", ".down_proj")):
+                assert torch.equal(p, twin[name]), name
+        assert sum(n.endswith(".down_proj") for n, _ in lm.model.named_parameters()) == len(lm.model.model.layers)
+    ex = lm.model.model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, ex.hidden_size, generator=gen)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]]) % ex.gate_up_proj_blocks.shape[0]  # local experts
+    w = torch.full(idx.shape, 0.5)
+    big, small = ex(x, idx, w), ex(x[:3], idx[:3], w[:3])
+    torch.testing.assert_close(small, big[:3], rtol=1e-5, atol=1e-6)  # the same function either way
+    ex.gate_up_proj_blocks.zero_()
+    assert torch.equal(ex(x, idx, w), big) and not torch.allclose(ex(x[:3], idx[:3], w[:3]), small)
+    # it counts as expert memory; errors name the fix
+    assert modeling.param_bytes(lm.model)["experts"] > modeling.param_bytes(
+        _build(tiny_checkpoint, 2, 2, 3).model)["experts"] * 4
+    with pytest.raises(modeling.KernelError, match="needs experts=mxfp4"):
+        modeling.check_kernels("eager", False, "triton", 128)
+    with pytest.raises(modeling.KernelError, match=">= 0, or null"):
+        modeling.check_kernels("eager", False, "mxfp4", -1)
+    with pytest.raises(moe_mxfp4.MXFP4KernelError, match=r"needs 229.0 GB and 80.0 GB are free.*=null"):
+        moe_mxfp4.check_copy_fits(229 * 10**9, 80 * 10**9, torch.bfloat16, torch.device("cuda", 0))
+    moe_mxfp4.check_copy_fits(38 * 10**9, 100 * 10**9, torch.bfloat16, torch.device("cuda", 0))
 
 
 def test_experts_stay_in_mxfp4(tiny_checkpoint: Path) -> None:
@@ -255,9 +289,13 @@ def dequantized_twin(tmp_path_factory: pytest.TempPathFactory) -> list[list[int]
     return [r["completion_ids"] for r in read_jsonl(out)]
 
 
-def test_greedy_tokens_equal_the_dequantized_twin(tmp_path: Path, dequantized_twin: list[list[int]]) -> None:
+@pytest.mark.parametrize("above", [None, 4])
+def test_greedy_tokens_equal_the_dequantized_twin(tmp_path: Path, dequantized_twin: list[list[int]],
+                                                  above: int | None) -> None:
+    """Also with the prefills (more than 4 tokens) on the dequantized copy and the decode steps on the 4 bits."""
     out = tmp_path / "out.jsonl"
-    generate([f"output.path={out}", "experts=mxfp4", *COMMON])
+    generate([f"output.path={out}", "experts=mxfp4", *COMMON] +
+             ([f"experts.dequantized_above_tokens={above}"] if above is not None else []))
     assert [r["completion_ids"] for r in read_jsonl(out)] == dequantized_twin
 
 

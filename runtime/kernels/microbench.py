@@ -53,13 +53,15 @@ def main() -> None:
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
                     help="mxfp4: blocks of at most this many pairs dequantize straight to bf16 (BF16_DEQUANT_MAX_M)")
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
-                    help="mxfp4: the pairs GEMV up to this many pairs per expert on average (GEMV_PAIRS_PER_EXPERT)")
+                    help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
+                         "(GEMV_PAIRS_PER_EXPERT; 0: off)")
     args = ap.parse_args()
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:
         moe_mxfp4.GEMV_PAIRS_PER_EXPERT = args.gemv_pairs_per_expert
+        moe_mxfp4.GEMV_PAIRS_MIN_EXPERTS = 0  # on any number of experts
     if args.bf16_dequant_max_m is not None:
         moe_mxfp4.BF16_DEQUANT_MAX_M = args.bf16_dequant_max_m
     if args.decode_max_pairs is not None:

@@ -33,7 +33,7 @@ alone (never from the routing, so shapes are fixed and the whole thing is captur
   with fp16x2 FMAs (no tensor cores, no sorting or copy kernels: the input packing, the two kernels and
   the final sum are all it launches). Pairs of the same expert run side by side, so a
   repeated expert's weights come from L2.
-- the pairs GEMV (a few pairs per expert on average, GEMV_PAIRS_PER_EXPERT; off until checked on a GPU): the
+- the pairs GEMV (a few pairs per expert on average, GEMV_PAIRS_PER_EXPERT, on layers of 128 experts): the
   pairs sorted by expert as for the blocks, 2 or 4 to a program, each dequantized weight word meeting all of
   their inputs (_group_dot_asm(pairs)); the decode GEMV's packed fp16 inputs and h.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
@@ -41,6 +41,9 @@ alone (never from the routing, so shapes are fixed and the whole thing is captur
   SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
   Blocks of 16 pairs of a bf16 model turn the bytes into bf16 weights by bit operations alone (_e2m1_bf16_asm).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
+
+With experts.dequantized_above_tokens, steps of more tokens run from a copy of the experts dequantized at load
+(keep_dequantized_copies) through runtime/kernels/moe.py's bf16 kernel, faster there than these blocks.
 
 Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1) `reference_mxfp4_experts` runs instead:
 each hit expert dequantized in turn (runtime.checkpoint.dequantize_mxfp4), then matmul.
@@ -56,19 +59,22 @@ import torch
 
 from runtime import checkpoint
 from runtime.errors import UserError
+from runtime.kernels import moe
 from runtime.kernels.moe import (HAVE_TRITON, block_layout, check_dense, reference_by_expert, tile_configs,
                                  triton_usable)
 
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs (16 tokens at top-4) the GEMV launch is used."""
-GEMV_PAIRS_PER_EXPERT = 0
-"""Beyond DECODE_MAX_PAIRS, while the pairs per expert average at most this, the pairs GEMV runs instead of the
-tl.dot blocks: each program takes 2 or 4 pairs of one expert (blocks of the sorted layout) and multiplies every
-weight it dequantizes with all of them (_group_dot_asm(pairs)). Aimed at the 120b's batch 64 (256 pairs over 128
-experts, ~2 each), where blocks of 16 pairs dequantize at 29-34% of the copy rate and the one-pair GEMV reads at
-55%. 0 (off) until a GPU run has checked and timed it (microbench --gemv-pairs-per-expert 4; the GPU test
-test_mxfp4_moe_pairs_gemv)."""
+GEMV_PAIRS_PER_EXPERT = 4
+"""Beyond DECODE_MAX_PAIRS, while the pairs per expert average at most this (and the layer has at least
+GEMV_PAIRS_MIN_EXPERTS experts), the pairs GEMV runs instead of the tl.dot blocks: each program takes 2 or 4 pairs
+of one expert (blocks of the sorted layout) and multiplies every weight it dequantizes with all of them
+(_group_dot_asm(pairs)). On the H200, one layer of the 120b's experts (128): 0.689 vs 0.758 ms at 32 tokens,
+1.071 vs 1.070 at 64, 1.803 vs 2.067 at 128 (docs/benchmarks.md, seventh session). 0 turns it off."""
+GEMV_PAIRS_MIN_EXPERTS = 128
+"""The pairs GEMV only for layers of at least this many experts: on the 20b's 32 experts it was slower than the
+blocks (0.508 ms at 32 tokens, where the blocks take 0.399 at 64)."""
 DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
 our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
@@ -596,7 +602,7 @@ def plan(num_pairs: int, dtype: torch.dtype = torch.bfloat16, num_experts: int =
     if dtype != torch.float32:
         if num_pairs <= DECODE_MAX_PAIRS:
             return 1
-        if num_pairs <= GEMV_PAIRS_PER_EXPERT * num_experts:
+        if num_experts >= GEMV_PAIRS_MIN_EXPERTS and num_pairs <= GEMV_PAIRS_PER_EXPERT * num_experts:
             return 2 if num_pairs <= 2 * num_experts else 4
     if num_pairs <= 256:
         return 16
@@ -714,6 +720,9 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
             "experts=mxfp4 needs the experts loaded in MXFP4 (runtime.model.build with experts=mxfp4); this module "
             "holds bf16 weights: use experts=triton for those"
         )
+    above = getattr(self, "dequantized_above_tokens", None)
+    if above is not None and hidden_states.shape[0] > above:  # a big step: the copy (keep_dequantized_copies)
+        return moe.experts_forward(self, hidden_states, top_k_index, top_k_weights)
     fn = fused_mxfp4_experts if triton_usable(hidden_states.device) else reference_mxfp4_experts
     return fn(hidden_states, top_k_index, top_k_weights,
               self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias,
@@ -738,3 +747,33 @@ def use_mxfp4_params(experts: torch.nn.Module) -> None:
         experts.register_parameter(
             name, torch.nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=dev), requires_grad=False))
 
+
+
+def keep_dequantized_copies(modules: list[torch.nn.Module], dtype: torch.dtype, above_tokens: int) -> None:
+    """Give each MXFP4 experts module a copy of its experts dequantized to `dtype` in experts=triton's layout
+    (`gate_up_proj` [E, H, 2I], `down_proj` [E, I, H], as parameters), used for steps of more than `above_tokens`
+    tokens (experts.dequantized_above_tokens): one expert at a time, after checking that all copies fit."""
+    need = sum(getattr(m, f"{n}_blocks").numel() * 2 * torch.empty((), dtype=dtype).element_size()
+               for m in modules for n in ("gate_up_proj", "down_proj"))  # two weights per byte
+    device = modules[0].gate_up_proj_blocks.device
+    if device.type == "cuda":
+        check_copy_fits(need, torch.cuda.mem_get_info(device)[0], dtype, device)
+    for m in modules:
+        for name in ("gate_up_proj", "down_proj"):
+            blocks, scales = getattr(m, f"{name}_blocks"), getattr(m, f"{name}_scales")
+            e, out, groups, _ = blocks.shape
+            w = torch.empty((e, groups * 32, out), dtype=dtype, device=blocks.device)  # [E, in, out]
+            for i in range(e):
+                w[i] = checkpoint.dequantize_mxfp4(blocks[i], scales[i], dtype).T
+            m.register_parameter(name, torch.nn.Parameter(w, requires_grad=False))
+        m.dequantized_above_tokens = above_tokens
+
+
+def check_copy_fits(need: int, free: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Stop before making a dequantized copy of `need` bytes with `free` bytes left on the device: ~2 GiB stay
+    for the dequantization's temporaries, the graphs and a KV cache."""
+    if need > free - (2 << 30):
+        raise MXFP4KernelError(
+            f"experts.dequantized_above_tokens: the {dtype} copy of this rank's experts needs {need / 1e9:.1f} GB and "
+            f"{free / 1e9:.1f} GB are free on {device}: set experts.dequantized_above_tokens=null (4-bit experts "
+            f"only), or split the experts over more GPUs (parallel.ep_size)")
