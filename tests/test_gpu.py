@@ -198,6 +198,19 @@ def test_compiled_decode_step_equals_plain(attention: str, experts: str) -> None
     assert runs["true"] == runs["false"]
 
 
+def test_mxfp4_dequantized_copy_gives_the_4bit_tokens() -> None:
+    """experts.dequantized_above_tokens=2: the prefills and the decode steps of more than 2 rows run from the copy
+    dequantized at load (experts=triton's kernel), compiled and captured, and give the 4-bit path's tokens
+    (float32: both multiply the same values in IEEE fp32)."""
+    runs = []
+    for extra in ([], ["experts.dequantized_above_tokens=2", "generation.compile=true"]):
+        eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
+                                          "experts=mxfp4", "generation.max_new_tokens=24", "output.token_ids=true",
+                                          *extra]))
+        runs.append([r["completion_ids"] for r in eng.generate(PROMPTS)])
+    assert len(PROMPTS) > 2 and runs[0] == runs[1]
+
+
 @pytest.mark.skipif(not os.environ.get("GPTOSS_SYNTH_20B"),
                     reason="set GPTOSS_SYNTH_20B to a `runtime.synth model=gpt-oss-20b` checkpoint directory")
 def test_fast_kernels_match_reference_logits_on_20b() -> None:
