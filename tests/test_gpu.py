@@ -282,9 +282,10 @@ def test_mxfp4_moe_swapped_and_scaled_tiles(tokens: int) -> None:
 @pytest.mark.parametrize("block_m", [2, 4])
 @pytest.mark.parametrize(("tokens", "e"), [(64, 128), (64, 32), (20, 32)])
 def test_mxfp4_moe_pairs_gemv(tokens: int, e: int, block_m: int) -> None:
-    """The pairs GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT; passed on the H200 in the seventh session): 2 or 4 pairs of an expert a program,
-    each dequantized weight multiplied with all of them in one PTX block, against the reference and the blocks, at
-    the 120b's and the 20b's batch 64 and at 20 tokens, replayed from a CUDA graph on new routing."""
+    """The pairs GEMV (moe_mxfp4.GEMV_PAIRS_PER_EXPERT; passed on the H200 in the seventh session): 2 or 4 pairs of an
+    expert a program, each dequantized weight multiplied with all of them in one PTX block, against the reference
+    and the blocks, at the 120b's and the 20b's batch 64 and at 20 tokens, replayed from a CUDA graph on new
+    routing."""
     from runtime.kernels import moe_mxfp4
 
     x, idx, w, experts = _mxfp4_problem(tokens, e, 2880, seed=tokens + e + block_m)
@@ -315,6 +316,29 @@ def test_mxfp4_moe_real_shapes(tokens: int, e: int, i: int) -> None:
     ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert _rel(out, ref) <= 1e-2, _rel(out, ref)
+
+
+@pytest.mark.parametrize("tokens", [64, 512, 2048])
+@pytest.mark.parametrize("e", [32, 128])
+def test_mxfp4_moe_reg_a_blocks(tokens: int, e: int) -> None:
+    """The blocks with the weights as wgmma's register operand (moe_mxfp4.REG_A_BLOCKS, off until this passes and
+    microbench --reg-a times it), every tile forced in turn, at the 20b's and 120b's shapes, against the reference
+    and the plain blocks."""
+    from runtime.kernels import moe_mxfp4
+
+    x, idx, w, experts = _mxfp4_problem(tokens, e, 2880, seed=tokens + e)
+    ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
+    plain = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, reg_a=False)
+    assert _rel(plain, ref) <= 1e-2
+    block_m = moe_mxfp4.plan(tokens * 4, num_experts=32)  # the blocks' size, also where 128 experts take the GEMVs
+    for cfg in moe_mxfp4._dot_configs((False,)):
+        config = {"BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": cfg.kwargs["BLOCK_K"], "num_warps": cfg.num_warps,
+                  "num_stages": cfg.num_stages}
+        out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True)
+        assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (config, _rel(out, ref))
+        assert _rel(out, plain) <= 1e-2, (config, _rel(out, plain))
+    out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, reg_a=True)  # autotuned
+    assert _rel(out, ref) <= 1e-2
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 300])

@@ -134,6 +134,21 @@ KERNEL_CHECK = textwrap.dedent("""
                                      scaled=True).float()
         assert not out.isnan().any()
         worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
+    # tile (H = 192 in tiles of 128), autotuned and forced
+    x = torch.arange(128.).view(1, 128)
+    assert mx.quad_order(x)[0, 16 * 2 + 8 * 1 + 2 * 3 + 1].item() == 16 * 3 + 4 * 2 + 2 * 1 + 1
+    reg_a_cases = ((torch.float32, (40, 4, 2, 192, 64, 16, {"BLOCK_N": 32, "BLOCK_K": 128})),
+                   (torch.float16, (20, 3, 2, 64, 128, 64, None)))
+    for dtype, (t, E, k, H, I, block_m, config) in reg_a_cases:
+        x = torch.randn(t, H, generator=g).to(dtype)
+        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
+        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
+        experts = random_experts(E, H, I, g, dtype)
+        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True).float()
+        assert not out.isnan().any()
+        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
     print("worst", worst)
 """)
 
@@ -340,10 +355,10 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
 
 
 def test_kernels_compile_for_hopper() -> None:
-    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, tl.dot blocks) compiles to sm_90 code (Triton's own ptxas; no GPU needed), so a
-    kernel that only the interpreter accepts is caught here; the weights load 16 bytes at a time, and in the
-    swapped operand order (SWAP_AB), and through tl.dot_scaled, they reach the tensor cores from registers, for
-    blocks of 16 pairs too."""
+    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, tl.dot blocks) compiles to sm_90 code (Triton's
+    own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
+    bytes at a time, and in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand
+    blocks (REG_A_BLOCKS), they reach the tensor cores from registers, for blocks of 16 pairs too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -358,10 +373,11 @@ def test_kernels_compile_for_hopper() -> None:
         scaled = triton.Config({**swapped.kwargs, "SCALED": True}, num_warps=4, num_stages=3)  # tl.dot_scaled
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         gemv = moe_mxfp4._decode_configs()[1]
+        reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
         for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (16, swapped), (128, swapped),
-                                (64, scaled), (16, bf16)):
+                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
-                      **config.kwargs}
+                      "PERM": False, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
@@ -378,7 +394,8 @@ def test_kernels_compile_for_hopper() -> None:
                 assert ptx.count("fma.rn.f16x2") >= 16 * block_m, (fn.__name__, block_m)
             if config.kwargs.get("BF16"):  # the bytes become bf16 weights by bit operations and bf16x2 multiplies
                 assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx
-            if config.kwargs.get("SWAP") or config.kwargs.get("SCALED"):  # weights enter wgmma as registers (A)
+            if config.kwargs.get("SWAP") or config.kwargs.get("SCALED") or config.kwargs.get("PERM"):
+                # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)
 
 

@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
     ap.add_argument("--dot-scaled", action="store_true", help="mxfp4: the blocks through tl.dot_scaled (DOT_SCALED)")
     ap.add_argument("--swap", action="store_true", help="mxfp4: autotune both operand orders (SWAP_AB)")
+    ap.add_argument("--reg-a", action="store_true",
+                    help="mxfp4: the blocks with the weights as the register operand (REG_A_BLOCKS)")
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
                     help="mxfp4: blocks of at most this many pairs dequantize straight to bf16 (BF16_DEQUANT_MAX_M)")
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
@@ -57,6 +59,7 @@ def main() -> None:
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
     args = ap.parse_args()
     moe_mxfp4.DOT_SCALED = args.dot_scaled
+    moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:

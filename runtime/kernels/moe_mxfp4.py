@@ -40,6 +40,9 @@ alone (never from the routing, so shapes are fixed and the whole thing is captur
   dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
   SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
   Blocks of 16 pairs of a bf16 model turn the bytes into bf16 weights by bit operations alone (_e2m1_bf16_asm).
+  A third form (REG_A_BLOCKS, off until timed on a GPU) keeps the weights in registers from their load to the
+  tensor cores: the inputs in quad order make a thread's 8 contiguous bytes of a row its share of wgmma's
+  register operand (_dot_reg).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
 
 With experts.dequantized_above_tokens, steps of more tokens run from a copy of the experts dequantized at load
@@ -79,6 +82,12 @@ DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
 our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
 at 256 tokens; microbench --dot-scaled), so off."""
+REG_A_BLOCKS = False
+"""The blocks with the weights as the tensor cores' register operand, fed straight from their loads (_dot_reg): the
+inputs (and h) in quad order (quad_order), so that each thread's share of a wgmma weight fragment is 8 contiguous
+bytes of a row, dequantized where it lands; no weight tile goes through shared memory twice and no layout
+conversion is left (checked on the sm_90 code Triton 3.6 makes). Needs hidden and intermediate sizes (per rank) that
+are multiples of 64. Off until a GPU has timed it (microbench --reg-a)."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -167,6 +176,13 @@ def pair_order(x: torch.Tensor) -> torch.Tensor:
     so that fp16 pair p of a weight word holds the inputs of its nibbles p and p+4 (the torch reference of
     what _pack_x_kernel and the gate_up epilogue write)."""
     return x.reshape(*x.shape[:-1], -1, 2, 4).transpose(-1, -2).reshape(x.shape)
+
+
+def quad_order(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] (K a multiple of 64) -> the inputs in quad order, as _dot_reg multiplies them: in each run of 64,
+    position 16q + 8s + 2c + b holds input 16c + 4q + 2s + b (b: the nibble of a weight byte)."""
+    *lead, k = x.shape
+    return x.reshape(*lead, k // 64, 4, 4, 2, 2).transpose(-4, -3).transpose(-3, -2).reshape(*lead, k)
 
 
 class MXFP4KernelError(UserError):
@@ -476,11 +492,57 @@ if HAVE_TRITON:
         return tl.trans(acc)
 
     @triton.jit
+    def _dot_reg(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                 BF16: tl.constexpr):
+        """The product of _dot with the weights as the first operand, held in registers from their load on: x rows in
+        quad order (quad_order) -> [BLOCK_M, BLOCK_R] fp32.
+
+        A run of 64 inputs is 32 bytes of a weight row: byte 8c + 2q + s holds inputs 16c + 4q + 2s (low nibble) and
+        +1 (high). In quad order they sit at 16q + 8s + 2c (+1), where Hopper's wgmma wants a thread's register
+        operand (rows g and g+8, input pairs 2c and 2c+8 of each 16): so a thread's share of a tile is 8 contiguous
+        bytes of a row, and the reshapes below only rename registers.
+        """
+        KC: tl.constexpr = BLOCK_K // 64
+        jb = tl.arange(0, BLOCK_K // 2)
+        gi = tl.arange(0, BLOCK_K // 32)
+        kk = tl.arange(0, BLOCK_K)
+        x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
+        s_row = ws_ptr + rows.to(tl.int64)[:, None] * (K // 32)
+        s_next = tl.load(s_row + gi[None, :], mask=rows_ok[:, None] & (gi < K // 32)[None, :], other=0)
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = k0 // 2 + jb
+            wb = tl.load(wb_ptr + rows.to(tl.int64)[:, None] * (K // 2) + b[None, :],
+                         mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)  # [R, BLOCK_K/2]
+            s8 = s_next  # [R, BLOCK_K/32]; the next tile's are loaded a tile ahead (too few bytes to be pipelined)
+            g = (k0 + BLOCK_K) // 32 + gi
+            s_next = tl.load(s_row + g[None, :], mask=rows_ok[:, None] & (g < K // 32)[None, :], other=0)
+            wb = tl.reshape(wb, (BLOCK_R, KC, 2, 2, 8))  # [row, run, c // 2 (its group of 32), c % 2, (q, s)]
+            s8 = tl.reshape(s8, (BLOCK_R, KC, 2, 1, 1))
+            if BF16:
+                lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8))
+            else:
+                s = _scale(s8)
+                lo, hi = _e2m1(wb)
+                lo = (lo * s).to(x_ptr.dtype.element_ty)
+                hi = (hi * s).to(x_ptr.dtype.element_ty)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_R, KC, 4, 4, 2, 2))  # [row, run, c, q, s, nibble]
+            w = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2, 5)), (BLOCK_R, BLOCK_K))  # quad order
+            x = tl.load(x_base + (k0 + kk)[None, :], mask=x_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        return tl.trans(acc)
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
+        PERM: tl.constexpr,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -517,6 +579,9 @@ if HAVE_TRITON:
             if SCALED:
                 acc = _dot_scaled(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
                                   BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+            elif PERM:
+                acc = _dot_reg(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
+                               BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16)
             else:
                 acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
                            BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP, BF16)
@@ -531,6 +596,9 @@ if HAVE_TRITON:
             h = h / h_factor
         elif SCALED:
             col = n
+        elif PERM:  # unit n's place in quad order
+            rn = n % 64
+            col = n - rn + 16 * ((rn // 4) % 4) + 8 * ((rn // 2) % 2) + 2 * (rn // 16) + rn % 2
         else:
             col = (n % 2) * (inter // 2) + n // 2  # unit n's place in split order
         tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + col[None, :], h.to(h_ptr.dtype.element_ty),
@@ -541,7 +609,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
+        ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -572,6 +640,9 @@ if HAVE_TRITON:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
                 acc = _dot_scaled(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K)
+            elif PERM:
+                acc = _dot_reg(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
+                               BF16)
             else:
                 acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
                            SWAP, BF16)
@@ -582,7 +653,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -620,14 +691,14 @@ def fused_mxfp4_experts(
     gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
     down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor,
     limit: float = 7.0, alpha: float = 1.702, block_m: int | None = None, config: dict[str, Any] | None = None,
-    scaled: bool | None = None,
+    scaled: bool | None = None, reg_a: bool | None = None,
 ) -> torch.Tensor:
     """x [T, H], top_k_index/top_k_weights [T, k] (index E = another rank's expert) -> [T, H].
 
     gate_up_blocks [E, 2I, H/32, 16], gate_up_scales [E, 2I, H/32], gate_up_bias [E, 2I],
     down_blocks [E, H, I/32, 16], down_scales [E, H, I/32], down_bias [E, H].
-    block_m / config (BLOCK_N, BLOCK_K, num_warps) / scaled (the blocks through tl.dot_scaled, default DOT_SCALED)
-    override the automatic choice (tests, tuning).
+    block_m / config (BLOCK_N, BLOCK_K, num_warps) / scaled (the blocks through tl.dot_scaled, default DOT_SCALED) /
+    reg_a (the register-operand blocks, default REG_A_BLOCKS) override the automatic choice (tests, tuning).
     """
     if not HAVE_TRITON:
         raise RuntimeError("experts=mxfp4 needs the triton package: pip install triton (CUDA torch brings it)")
@@ -662,12 +733,19 @@ def fused_mxfp4_experts(
         keep = min(expert.numel(), p)
         pair, expert = pair[: keep * block_m], expert[:keep]
         out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
+    perm = False
     if not gemv:
         scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
+        perm = (REG_A_BLOCKS if reg_a is None else reg_a) and not scaled and hidden % 64 == 0 and inter % 64 == 0
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
         # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
-        # takes them as they are.
-        xs = x.contiguous() if scaled else x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)
+        # takes them as they are; the register-operand blocks (REG_A_BLOCKS) in quad order.
+        if scaled:
+            xs = x.contiguous()
+        elif perm:
+            xs = quad_order(x)
+        else:
+            xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)
         x_factor = xs  # unused by the blocks
         h = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     num_rows = expert.numel()
@@ -677,8 +755,8 @@ def fused_mxfp4_experts(
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
-    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled),
-              "BF16": asm and x.dtype == torch.bfloat16 and 16 <= block_m <= BF16_DEQUANT_MAX_M}
+    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled), "PERM": perm,
+              "BF16": asm and x.dtype == torch.bfloat16 and (perm or 16 <= block_m <= BF16_DEQUANT_MAX_M)}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
     else:
