@@ -59,6 +59,12 @@ def test_launch_plan_depends_on_pair_count_only(monkeypatch: pytest.MonkeyPatch)
     assert moe_mxfp4.plan(256, torch.float32, 128) == 16 and moe_mxfp4.plan(128, num_experts=32) == 16
     monkeypatch.setattr(moe_mxfp4, "GEMV_PAIRS_PER_EXPERT", 0)  # off
     assert moe_mxfp4.plan(256, num_experts=128) == 16
+    # a forced tile cannot contradict the inputs' order, which reg_a chose before the launch
+    x, idx, w = torch.zeros(20, 64), torch.zeros(20, 2, dtype=torch.long), torch.ones(20, 2)
+    experts = random_experts(2, 64, 64, torch.Generator().manual_seed(0))
+    for config, reg_a in (({"BLOCK_N": 16, "BLOCK_K": 64, "PERM": True}, None), ({"BLOCK_N": 16, "BLOCK_K": 32}, True)):
+        with pytest.raises(ValueError, match="chosen by reg_a"):
+            moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=config, reg_a=reg_a)
 
 
 def test_old_gpus_get_a_clear_error() -> None:
@@ -236,7 +242,7 @@ def test_dequantized_copy_serves_the_big_steps(tiny_checkpoint: Path) -> None:
         modeling.check_kernels("eager", False, "triton", 128)
     with pytest.raises(modeling.KernelError, match=">= 0, or null"):
         modeling.check_kernels("eager", False, "mxfp4", -1)
-    with pytest.raises(moe_mxfp4.MXFP4KernelError, match=r"needs 229.0 GB and 80.0 GB are free.*=null"):
+    with pytest.raises(moe_mxfp4.MXFP4KernelError, match=r"needs 229.0 GB plus 2.1 GB to spare, and 80.0 GB.*=null"):
         moe_mxfp4.check_copy_fits(229 * 10**9, 80 * 10**9, torch.bfloat16, torch.device("cuda", 0))
     moe_mxfp4.check_copy_fits(38 * 10**9, 100 * 10**9, torch.bfloat16, torch.device("cuda", 0))
 

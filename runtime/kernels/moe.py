@@ -85,11 +85,11 @@ if HAVE_TRITON:
             valid = pair < num_pairs
         return e.to(tl.int64), pair, valid
 
-    @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
+    @triton.autotune(configs=_configs(), key=["pairs_bucket", "hidden", "inter"])
     @triton.jit
     def _gate_up_kernel(
         x_ptr, w_ptr, b_ptr, h_ptr, pair_ptr, block_expert_ptr, ids_ptr,
-        num_pairs, num_experts, hidden, inter, limit, alpha,
+        num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, DENSE: tl.constexpr,
     ):
@@ -124,11 +124,11 @@ if HAVE_TRITON:
         tl.store(h_ptr + pair[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    @triton.autotune(configs=_configs(), key=["num_pairs", "hidden", "inter"])
+    @triton.autotune(configs=_configs(), key=["pairs_bucket", "hidden", "inter"])
     @triton.jit
     def _down_kernel(
         h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, block_expert_ptr, ids_ptr,
-        num_pairs, num_experts, hidden, inter,
+        num_pairs, num_experts, hidden, inter, pairs_bucket,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
         DENSE: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
@@ -221,13 +221,16 @@ def fused_experts(
     out = torch.zeros((split_k, p, hidden), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     x = x.contiguous()
+    # autotuning key: exact at decode sizes, powers of two beyond (prefill sizes vary, and a new key mid-serving
+    # stalls every stream while it tunes; the batcher's warm-up reaches every power of two)
+    bucket = p if dense else 1 << (p - 1).bit_length()
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
-        x, gate_up, gate_up_bias, h, pair, block_expert, ids, p, num_experts, hidden, inter, float(limit),
+        x, gate_up, gate_up_bias, h, pair, block_expert, ids, p, num_experts, hidden, inter, bucket, float(limit),
         float(alpha), TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee, DENSE=dense,
     )
     weights = top_k_weights.reshape(-1).float().contiguous()
     _down_kernel[lambda meta: (num_blocks, triton.cdiv(hidden, meta["BLOCK_N"]), split_k)](
-        h, down, down_bias, weights, out, pair, block_expert, ids, p, num_experts, hidden, inter,
+        h, down, down_bias, weights, out, pair, block_expert, ids, p, num_experts, hidden, inter, bucket,
         BLOCK_M=block_m, IEEE=ieee, DENSE=dense, SPLIT_K=split_k,
     )
     return out.view(split_k, t, top_k, hidden).sum((0, 2)).to(x.dtype)

@@ -92,7 +92,7 @@ BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
 tokens (blocks of 16), 5-13% slower at 256-4,096 tokens (blocks of 64 and 128), so only there
-(docs/benchmarks.md; 0 turns it off)."""
+(docs/benchmarks.md; 0 turns it off). The register-operand blocks (REG_A_BLOCKS) always do."""
 MIN_CAPABILITY = (8, 0)
 MXFP4_PARAMS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 
@@ -760,6 +760,9 @@ def fused_mxfp4_experts(
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
     else:
+        if "PERM" in config or (perm and config.get("BLOCK_K", 64) % 64):
+            raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM) and need "
+                             f"a BLOCK_K that is a multiple of 64")
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update({"SWAP": False, **config})
     bucket = _bucket(p)
@@ -835,6 +838,7 @@ def keep_dequantized_copies(modules: list[torch.nn.Module], dtype: torch.dtype, 
                for m in modules for n in ("gate_up_proj", "down_proj"))  # two weights per byte
     device = modules[0].gate_up_proj_blocks.device
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the allocator holds unused counts as free here
         check_copy_fits(need, torch.cuda.mem_get_info(device)[0], dtype, device)
     for m in modules:
         for name in ("gate_up_proj", "down_proj"):
@@ -850,8 +854,10 @@ def keep_dequantized_copies(modules: list[torch.nn.Module], dtype: torch.dtype, 
 def check_copy_fits(need: int, free: int, dtype: torch.dtype, device: torch.device) -> None:
     """Stop before making a dequantized copy of `need` bytes with `free` bytes left on the device: ~2 GiB stay
     for the dequantization's temporaries, the graphs and a KV cache."""
-    if need > free - (2 << 30):
+    reserve = 2 << 30
+    if need > free - reserve:
         raise MXFP4KernelError(
-            f"experts.dequantized_above_tokens: the {dtype} copy of this rank's experts needs {need / 1e9:.1f} GB and "
-            f"{free / 1e9:.1f} GB are free on {device}: set experts.dequantized_above_tokens=null (4-bit experts "
-            f"only), or split the experts over more GPUs (parallel.ep_size)")
+            f"experts.dequantized_above_tokens: the {dtype} copy of this rank's experts needs {need / 1e9:.1f} GB plus "
+            f"{reserve / 1e9:.1f} GB to spare, and {free / 1e9:.1f} GB are free on {device}: set "
+            f"experts.dequantized_above_tokens=null (4-bit experts only), or split the experts over more GPUs "
+            f"(parallel.ep_size)")
