@@ -52,12 +52,13 @@ def test_fast_path_under_tp_and_ep_matches_one_process(tmp_path: Path, single: t
                                                        experts: str) -> None:
     """The GPU path is not a one-GPU special case: flash attention with fused q/k/v, the router kernel and
     the MoE kernel (bf16 weights, or MXFP4 blocks sliced per rank), run by Triton's CPU interpreter on
-    tp=2 x ep=2 ranks, give one process's reference tokens."""
+    tp=2 x ep=2 ranks, give one process's reference tokens (the first 6 of them: the interpreter is slow)."""
     out = tmp_path / "out.jsonl"
+    short = [o for o in COMMON if not o.startswith("generation.max_new_tokens=")] + ["generation.max_new_tokens=6"]
     torchrun(4, "runtime.generate", ["parallel.tp_size=2", "parallel.ep_size=2", "attention=triton",
-                                     f"experts={experts}", f"output.path={out}", *COMMON],
+                                     f"experts={experts}", f"output.path={out}", *short],
              env={"TRITON_INTERPRET": "1"})
-    assert [r["completion_ids"] for r in read_jsonl(out)] == [r["completion_ids"] for r in single[0]]
+    assert [r["completion_ids"] for r in read_jsonl(out)] == [r["completion_ids"][:6] for r in single[0]]
 
 
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2)])
