@@ -162,6 +162,13 @@ if HAVE_TRITON:
         tl.store(out, acc, mask=valid[:, None] & n_ok[None, :])
 
 
+def autotune_bucket(num_pairs: int, exact_up_to: int) -> int:
+    """The pair count the MoE kernels key their autotuning on: exact up to `exact_up_to` (decode sizes), the next
+    power of two beyond (prefill sizes vary, and a new key mid-serving stalls every stream while it tunes; the
+    batcher's warm-up reaches every power of two)."""
+    return num_pairs if num_pairs <= exact_up_to else 1 << (num_pairs - 1).bit_length()
+
+
 def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs sorted by expert in blocks of `block_m` rows of one expert each.
 
@@ -221,9 +228,7 @@ def fused_experts(
     out = torch.zeros((split_k, p, hidden), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     x = x.contiguous()
-    # autotuning key: exact at decode sizes, powers of two beyond (prefill sizes vary, and a new key mid-serving
-    # stalls every stream while it tunes; the batcher's warm-up reaches every power of two)
-    bucket = p if dense else 1 << (p - 1).bit_length()
+    bucket = autotune_bucket(p, DENSE_MAX_PAIRS)
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
         x, gate_up, gate_up_bias, h, pair, block_expert, ids, p, num_experts, hidden, inter, bucket, float(limit),
         float(alpha), TOP_K=top_k, BLOCK_M=block_m, IEEE=ieee, DENSE=dense,

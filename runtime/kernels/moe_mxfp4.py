@@ -63,8 +63,8 @@ import torch
 from runtime import checkpoint
 from runtime.errors import UserError
 from runtime.kernels import moe
-from runtime.kernels.moe import (HAVE_TRITON, block_layout, check_dense, reference_by_expert, tile_configs,
-                                 triton_usable)
+from runtime.kernels.moe import (HAVE_TRITON, autotune_bucket, block_layout, check_dense, reference_by_expert,
+                                 tile_configs, triton_usable)
 
 NAME = "mxfp4"
 DECODE_MAX_PAIRS = 64
@@ -680,12 +680,6 @@ def plan(num_pairs: int, dtype: torch.dtype = torch.bfloat16, num_experts: int =
     return 64 if num_pairs <= 4096 else 128  # 128: each weight tile dequantized half as often (12% at 16,384)
 
 
-def _bucket(num_pairs: int) -> int:
-    """Autotuning key: exact at decode sizes, powers of two beyond (prefill lengths vary per batch, and
-    each new key costs an autotuning run)."""
-    return num_pairs if num_pairs <= DECODE_MAX_PAIRS else 1 << (num_pairs - 1).bit_length()
-
-
 def fused_mxfp4_experts(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
@@ -765,7 +759,7 @@ def fused_mxfp4_experts(
                              f"a BLOCK_K that is a multiple of 64")
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update({"SWAP": False, **config})
-    bucket = _bucket(p)
+    bucket = autotune_bucket(p, DECODE_MAX_PAIRS)
     gate_up[lambda meta: (num_rows, triton.cdiv(inter, meta["BLOCK_N"]))](
         xs, x_factor, gate_up_blocks, gate_up_scales, gate_up_bias, h, pair, expert, p, num_experts, hidden, inter,
         bucket, float(limit), float(alpha), h_factor, TOP_K=top_k, **common,
