@@ -5,6 +5,7 @@ twin, in one process and under torchrun."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -360,6 +361,77 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
     assert held + kv < 72 * 2**30
 
 
+def _run_ptx(asm: str, args: list[int]) -> list[int]:
+    """Run the integer and bf16x2 PTX of _e2m1_bf16_asm on 32-bit words (args: $4.. in order) -> $0..$3."""
+    def bf16x2(word: int) -> torch.Tensor:
+        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+    regs = {f"${4 + i}": a for i, a in enumerate(args)}
+    for ins in asm.strip("{} ").split(";"):
+        op, *ops = ins.replace(",", " ").split() or [".reg"]
+        if op == ".reg":
+            continue
+        val = [regs[o] if o in regs else int(o, 0) for o in ops[1:]]
+        if op == "mov.b32":
+            out = val[0]
+        elif op == "prmt.b32":  # byte i of the result: byte (selector nibble i) of {b, a}
+            both = val[0] | val[1] << 32
+            out = sum(((both >> 8 * ((val[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shl.b32":
+            out = (val[0] << val[1]) & 0xFFFFFFFF
+        elif op in ("and.b32", "or.b32"):
+            out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
+        else:
+            assert op == "mul.rn.bf16x2", op
+            prod = (bf16x2(val[0]).float() * bf16x2(val[1]).float()).bfloat16().view(torch.int16).int() & 0xFFFF
+            out = int(prod[0]) | int(prod[1]) << 16
+        regs[ops[0]] = out
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_bf16_dequantization_ptx() -> None:
+    """_e2m1_bf16_asm's PTX, run op by op on the CPU: 4 bytes (every code in both nibbles over the cases) times their
+    E8M0 scales give the reference's bf16 weights; the per-byte variant (the register-operand blocks) with 4
+    different scales, the shared one where Triton packs 4 bytes of one group (one scale)."""
+    g = torch.Generator().manual_seed(0)
+    for each in (False, True):
+        asm = moe_mxfp4._e2m1_bf16_asm(scale_each=each)
+        for case in range(64):  # bytes 0-255 over the cases: every low and high code
+            wb = [case * 4 + i for i in range(4)]
+            exps = [int(e) for e in torch.randint(100, 150, (4,), generator=g)] if each else [120 + case % 16] * 4
+            words = [(e << 7) | (e << 23) for e in exps]  # _scale_bf16x2: the bf16 2^(e - 127) in both halves
+            out = _run_ptx(asm, [wb[0] | wb[1] << 8 | wb[2] << 16 | wb[3] << 24, *words])
+            got = torch.tensor([[o & 0xFFFF, o >> 16] for o in out], dtype=torch.int32).to(torch.int16)
+            lo, hi = got.view(torch.bfloat16).float().reshape(2, 4)  # $0 $1: low nibbles of bytes 0-3; $2 $3: high
+            want = checkpoint.dequantize_mxfp4(torch.tensor(wb, dtype=torch.uint8).reshape(4, 1, 1),
+                                               torch.tensor(exps, dtype=torch.uint8).reshape(4, 1), torch.float32)
+            torch.testing.assert_close(torch.stack([lo, hi], 1), want, rtol=0, atol=0)
+
+
+def _bf16_asm_packs(ttgir: str) -> list[tuple[bool, bool]]:
+    """For each call of _e2m1_bf16_asm's PTX in a kernel's TTGIR: (it scales each byte by its own scale, the 4 bytes
+    Triton packs into one call are 4 aligned bytes of one row, so of one group of 16). The shared-scale PTX reads
+    only the first byte's scale: on the GPU, a layout whose packed registers span rows (as the register-operand
+    blocks' do: their first register step is 8 rows) gave wrong weights there, which the interpreter cannot show."""
+    layouts = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))
+    packs = []
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" not in line or "0x7E807E80" not in line:
+            continue
+        shape, name = re.search(r"tensor<([0-9x]+)xi8, (#\w+)>", line).groups()
+        rank, layout = len(shape.split("x")), layouts[name]
+        last = [0] * (rank - 1)
+        if layout.startswith("#ttg.linear"):
+            bases = json.loads(re.search(r"register = (\[[^=]*\]),\s*lane", layout).group(1))
+            one_group = bases[:2] == [last + [1], last + [2]]
+        else:  # blocked: a thread's first 4 registers run along its order's first dim
+            per_thread = json.loads(re.search(r"sizePerThread = (\[[^\]]*\])", layout).group(1))
+            order = json.loads(re.search(r"order = (\[[^\]]*\])", layout).group(1))
+            one_group = order[0] == rank - 1 and per_thread[-1] % 4 == 0
+        packs.append(("prmt.b32 s01" in line, one_group))
+    return packs
+
+
 def test_kernels_compile_for_hopper() -> None:
     """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, tl.dot blocks) compiles to sm_90 code (Triton's
     own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
@@ -400,6 +472,11 @@ def test_kernels_compile_for_hopper() -> None:
                 assert ptx.count("fma.rn.f16x2") >= 16 * block_m, (fn.__name__, block_m)
             if config.kwargs.get("BF16"):  # the bytes become bf16 weights by bit operations and bf16x2 multiplies
                 assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx
+                packs = _bf16_asm_packs(kernel.asm["ttgir"])
+                assert packs, (fn.__name__, block_m)
+                # the register-operand blocks give each byte its scale; elsewhere 4 packed bytes share one
+                assert all(each == bool(config.kwargs.get("PERM")) for each, _ in packs), (fn.__name__, packs)
+                assert all(each or one_group for each, one_group in packs), (fn.__name__, block_m, packs)
             if config.kwargs.get("SWAP") or config.kwargs.get("SCALED") or config.kwargs.get("PERM"):
                 # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)

@@ -152,21 +152,29 @@ def _group_dot_constraints(pairs: int = 1) -> str:
     return ",".join(["=f"] * 16 * pairs + ["r"] * (4 + 16 * pairs) + ["f"] * 16)
 
 
-def _e2m1_bf16_asm() -> str:
-    """PTX for 4 MXFP4 bytes ($4) with their group's scale as bf16x2 ($5; $6-$8 are copies) -> the 4 low nibbles
-    ($0: bytes 0, 1; $1: bytes 2, 3) and the 4 high nibbles ($2, $3) as bf16 values times the scale.
+def _e2m1_bf16_asm(scale_each: bool = False) -> str:
+    """PTX for 4 MXFP4 bytes ($4) with their scales as bf16x2 ($5-$8, one per byte) -> the 4 low nibbles ($0: bytes
+    0, 1; $1: bytes 2, 3) and the 4 high nibbles ($2, $3) as bf16 values times their scale.
 
     A byte pair is spread into the two 16-bit lanes of a word (prmt); each nibble's magnitude bits (exponent 2,
     mantissa 1) go to bf16 bits 6-8 and its sign to bit 15: read as bf16 that is value * 2^-126 (E2M1 0.5 a bf16
     subnormal, exactly), so one bf16x2 multiply by 2^126 and one by the scale give two weights. No conversion
-    instruction (the fp32 path's cvt and f2f ran at a quarter of the integer rate)."""
+    instruction (the fp32 path's cvt and f2f ran at a quarter of the integer rate).
+
+    Triton packs 4 of a thread's elements into one call, in its register order. Where the layout makes those 4
+    bytes of one row and one group of 32 inputs (the tl.dot blocks), $5's scale serves them all. scale_each: each
+    lane gets its own byte's scale (two more prmt per call), as the register-operand blocks need, whose registers
+    alternate between rows g and g + 8 of a wgmma fragment (their layout's first register step is 8 rows)."""
     lines = ["{", ".reg .b32 x, t, u, v, bias;", "mov.b32 bias, 0x7E807E80;"]  # 2^126, twice
-    for k, sel in enumerate(("0x4140", "0x4342")):  # bytes (0, 1) and (2, 3) into lanes 0 and 1
+    if scale_each:  # lane 0 from byte 0's (2's) scale word, lane 1 from byte 1's (3's)
+        lines += [".reg .b32 s01, s23;", "prmt.b32 s01, $5, $6, 0x7610;", "prmt.b32 s23, $7, $8, 0x7610;"]
+    for k, (sel, scale) in enumerate((("0x4140", "s01"), ("0x4342", "s23"))):  # bytes (0, 1), (2, 3): lanes 0, 1
+        scale = scale if scale_each else "$5"
         lines.append(f"prmt.b32 x, $4, 0, {sel};")
         for out, (ms, ss) in ((f"${k}", (6, 12)), (f"${2 + k}", (2, 8))):  # low nibble, high nibble
             lines += [f"shl.b32 t, x, {ms};", "and.b32 t, t, 0x01C001C0;", f"shl.b32 u, x, {ss};",
                       "and.b32 u, u, 0x80008000;", "or.b32 v, t, u;", "mul.rn.bf16x2 v, v, bias;",
-                      f"mul.rn.bf16x2 {out}, v, $5;"]
+                      f"mul.rn.bf16x2 {out}, v, {scale};"]
     lines.append("}")
     return " ".join(lines)
 
@@ -262,11 +270,16 @@ if HAVE_TRITON:
         return (tl.minimum(s.to(tl.uint32) + 14, 255) << 23).to(tl.float32, bitcast=True)
 
     _BF16_ASM: tl.constexpr = tl.constexpr(_e2m1_bf16_asm())
+    _BF16_EACH_ASM: tl.constexpr = tl.constexpr(_e2m1_bf16_asm(scale_each=True))
 
     @triton.jit
-    def _e2m1_bf16(wb, sc):
+    def _e2m1_bf16(wb, sc, SCALE_EACH: tl.constexpr = False):
         """uint8 bytes [...] and their groups' bf16x2 scales sc (uint32, _scale_bf16x2) -> (low, high) nibbles as
-        bf16 values times their scale, [...] each, without a float conversion (_e2m1_bf16_asm; GPUs only)."""
+        bf16 values times their scale, [...] each, without a float conversion (_e2m1_bf16_asm; GPUs only).
+        SCALE_EACH: for layouts whose 4 packed registers are not 4 bytes of one group (_dot_reg's)."""
+        if SCALE_EACH:
+            return tl.inline_asm_elementwise(_BF16_EACH_ASM, "=r,=r,=r,=r,r,r,r,r,r", [wb, sc],
+                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         return tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,=r,=r,r,r,r,r,r", [wb, sc],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -521,7 +534,7 @@ if HAVE_TRITON:
             wb = tl.reshape(wb, (BLOCK_R, KC, 2, 2, 8))  # [row, run, c // 2 (its group of 32), c % 2, (q, s)]
             s8 = tl.reshape(s8, (BLOCK_R, KC, 2, 1, 1))
             if BF16:
-                lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8))
+                lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8), SCALE_EACH=True)
             else:
                 s = _scale(s8)
                 lo, hi = _e2m1(wb)
