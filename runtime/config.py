@@ -340,6 +340,10 @@ class ServeConfig:
     timeout_seconds: float = 60.0
     """Seconds a socket read or write may block before its connection is closed: a client stalled
     mid-request, an idle keep-alive connection, a stream nobody reads (its request is cancelled)."""
+    stats_seconds: float = 10.0
+    """Every this many seconds with work done, rank 0 logs where the serving loop's time went: decode steps and
+    their ms (GPU wait vs host), prefill and idle shares, generated and prompt tok/s, running and waiting
+    requests, KV-cache use, the stream writer's busy share. 0: no such lines."""
     out_dir: str = "outputs/serve/${now:%Y-%m-%d_%H-%M-%S}"
     """Directory rank 0 writes config.yaml (the resolved config, without the API key) and endpoint.json
     (URL, host, port; written once the model is loaded and requests are answered) into."""

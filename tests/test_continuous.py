@@ -4,7 +4,9 @@ tokens each prompt gets alone from the engine, with either attention; per-row sa
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -400,6 +402,52 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
     stop.set()
     loop.join(timeout=60)
     assert not loop.is_alive()
+
+
+def test_the_serving_loop_reports_where_its_time_went(caplog: pytest.LogCaptureFixture) -> None:
+    """With stats_seconds, the loop logs a LoopTimes line once that long has passed with work: the steps it ran,
+    the tokens it generated and prefilled (a cached prefix not counted), the requests running and the writer's
+    share; without it, no line. The times are not checked (no timing in tests), only that they add up."""
+    import threading
+
+    from runtime import distributed
+    from runtime.engine import CALL
+    from runtime.serve.scheduler import Finish, LoopTimes, Scheduler, Submission
+
+    engine = Engine(compose("generate", ["model.device=cpu"]))
+    prompt = engine.render(Request(id="x", prompt="hi"))
+
+    def serve(stats_seconds: float) -> Scheduler:
+        b = batcher(engine, 2, 128, 200)
+        stop = threading.Event()
+        sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), set(), CALL, 8, stop.is_set,
+                          stats_seconds=stats_seconds, writer_busy=lambda: 0.25)
+        loop = threading.Thread(target=sched.run, daemon=True)
+        loop.start()
+        for _ in range(2):
+            sub = Submission(prompt, 6, 0.0, 1.0)
+            sched.submit(sub)
+            while not isinstance(sub.events.get(timeout=120), Finish):  # a hang guard
+                pass
+        stop.set()
+        loop.join(timeout=60)
+        assert not loop.is_alive()
+        return sched
+
+    with caplog.at_level(logging.INFO, logger="runtime.serve.scheduler"):
+        serve(0.0)
+    assert not [r for r in caplog.records if "decode steps" in r.message]
+    with caplog.at_level(logging.INFO, logger="runtime.serve.scheduler"):
+        sched = serve(1e-9)  # a line after every loop turn with work
+    lines = [r.getMessage() for r in caplog.records if "decode steps" in r.getMessage()]
+    assert lines and sched.counters.steps > 0
+    steps = sum(int(re.search(r": (\d+) decode steps", m).group(1)) for m in lines)
+    assert steps == sched.counters.steps - sched.times.steps  # every step reported once (but the last turn's)
+    assert any("1 running" in m for m in lines) and all("stream writer busy" in m for m in lines)
+    t = LoopTimes(0.0, steps=4, generated=400, prompt=100, idle=1.0, prefill=0.5, gpu_wait=1.5, writer=0.5)
+    assert t.line(5.0, 3, 2, 0.5) == ("last 5.0 s: 4 decode steps, 875.00 ms a step (GPU wait 375.00, host 500.00), "
+                                      "prefill 10% of the time, idle 20%; 80 generated and 20 prompt tok/s; 3 running, "
+                                      "2 waiting, KV cache 50% used; stream writer busy 10%")
 
 
 def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:

@@ -65,6 +65,8 @@ def check(cfg: DictConfig, world_size: int) -> None:
                         "serve.kv_cache_tokens or serve.max_batch (and drop serve.gpu_memory_utilization)")
     if not (math.isfinite(sc.timeout_seconds) and 0 < sc.timeout_seconds <= 86400):
         raise UserError(f"serve.timeout_seconds={sc.timeout_seconds} must be between 0 and 86400 seconds")
+    if not (math.isfinite(sc.stats_seconds) and sc.stats_seconds >= 0):
+        raise UserError(f"serve.stats_seconds={sc.stats_seconds}: give the seconds between stats lines, or 0 for none")
     if Path(sc.out_dir).exists() and not Path(sc.out_dir).is_dir():
         raise UserError(f"serve.out_dir={sc.out_dir} is a file: name a directory for config.yaml and endpoint.json")
 
@@ -144,7 +146,8 @@ def run(cfg: DictConfig) -> None:
                  BLOCK_SIZE, context, context / sc.max_len, sc.max_len,
                  f" beside the sliding-window layers' blocks (a request's last {window} tokens)" if window else "",
                  batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm)
-        scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache)
+        scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache,
+                              sc.stats_seconds, lambda: server.writer.busy_seconds)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
         app.backend = scheduler

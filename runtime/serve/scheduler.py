@@ -120,11 +120,42 @@ class Counters:
     """Decode steps run (each gives every busy row one token)."""
 
 
+@dataclass
+class LoopTimes:
+    """Where the serving loop's wall time went since the last report (serve.stats_seconds), in seconds."""
+
+    start: float
+    steps: int = 0
+    generated: int = 0
+    prompt: int = 0
+    """Prompt tokens prefilled (cached ones not; a preempted request's again)."""
+    idle: float = 0.0
+    """Waiting for requests, nothing to run."""
+    prefill: float = 0.0
+    """The plans' prefills (each ends in a sync: their first tokens)."""
+    gpu_wait: float = 0.0
+    """Waiting for a launched decode step's tokens: GPU time the host did not overlap."""
+    writer: float = 0.0
+    """The stream writer's busy time (its thread, beside the loop's)."""
+
+    def line(self, now: float, running: int, waiting: int, kv_used: float) -> str:
+        wall, n = now - self.start, max(self.steps, 1)
+        host = wall - self.idle - self.prefill - self.gpu_wait
+        return (f"last {wall:.1f} s: {self.steps} decode steps, {1e3 * (wall - self.idle - self.prefill) / n:.2f} ms "
+                f"a step (GPU wait {1e3 * self.gpu_wait / n:.2f}, host {1e3 * host / n:.2f}), prefill "
+                f"{self.prefill / wall:.0%} of the time, idle {self.idle / wall:.0%}; {self.generated / wall:.0f} "
+                f"generated and {self.prompt / wall:.0f} prompt tok/s; {running} running, {waiting} waiting, KV "
+                f"cache {kv_used:.0%} used; stream writer busy {self.writer / wall:.0%}")
+
+
 class Scheduler:
     """Rank 0's side: the planner fed from the HTTP threads, and the loop that plans and runs every step."""
 
     def __init__(self, batcher: ContinuousBatcher, layout: WorldLayout, stop_ids: set[int], call_id: int,
-                 max_waiting: int, should_stop: Callable[[], bool], prefix_cache: bool = True) -> None:
+                 max_waiting: int, should_stop: Callable[[], bool], prefix_cache: bool = True,
+                 stats_seconds: float = 0.0, writer_busy: Callable[[], float] | None = None) -> None:
+        """stats_seconds: log a LoopTimes line that often while there is work (0: never); writer_busy: the
+        stream writer's busy seconds so far (StreamWriter.busy_seconds), for that line."""
         self.batcher, self.layout = batcher, layout
         self.stop_ids, self.call_id = stop_ids, call_id
         self.max_waiting = max_waiting
@@ -132,6 +163,10 @@ class Scheduler:
         self.planner = Planner(batcher.rows, BlockPool(batcher.num_blocks, prefix_cache), batcher.max_blocks,
                                batcher.max_prefill_tokens, batcher.window)
         self.counters = Counters()
+        self.stats_seconds = stats_seconds
+        self._writer_busy = writer_busy or (lambda: 0.0)
+        self.times = LoopTimes(time.perf_counter())
+        self._writer_at = self._writer_busy()
         self.stopping = False
         self._lock = threading.Condition()
         self._outbox: list[tuple[Submission, list[int] | Finish]] = []
@@ -179,24 +214,48 @@ class Scheduler:
                     return
                 if plan.admit:
                     self._hand_out()  # before a prefill, whose sync would hold them back
+                t0 = time.perf_counter()
                 first = execute_prefill(plan, self.batcher)
+                t1 = time.perf_counter()
                 step = self.batcher.step() if plan.decode else None  # launched; read below
                 self._hand_out()
+                t2 = time.perf_counter()
                 tokens = step.tolist() if step is not None else None
+                self.times.prefill += t1 - t0 if plan.admit else 0.0
+                self.times.gpu_wait += time.perf_counter() - t2
                 for r, why in self.batcher.take_failed().items():
                     self._fail(r, why)  # that request ends with an error; everyone else goes on
                 with self._lock:
+                    generated = self.counters.generated_tokens
                     if first is not None:
                         for a, token in zip([a for a in plan.admit if a.end is None], first):
                             self._deliver(a.row, token)
                     if tokens is not None:
                         self.counters.steps += 1
+                        self.times.steps += 1
                         for r, token in enumerate(tokens):
                             if self.planner.decoding(r):
                                 self._deliver(r, token)
+                    self.times.generated += self.counters.generated_tokens - generated
+                self._report()
         finally:
             self._hand_out()
             self._fail_all("the server is shutting down")
+
+    def _report(self) -> None:
+        """Every stats_seconds with work done: log where the time went (LoopTimes) and start again."""
+        now = time.perf_counter()
+        if not self.stats_seconds or now - self.times.start < self.stats_seconds:
+            return
+        busy = self._writer_busy()
+        self.times.writer, self._writer_at = busy - self._writer_at, busy
+        if self.times.steps or self.times.prompt:
+            with self._lock:
+                pl = self.planner
+                used = 1 - pl.pool.available / max(pl.pool.num_blocks, 1)
+                running, waiting = len(pl.running), len(pl.waiting)
+            log.info(self.times.line(now, running, waiting, used))
+        self.times = LoopTimes(now)
 
     def _hand_out(self) -> None:
         """Give the requests what the last steps booked for them (in order)."""
@@ -221,13 +280,16 @@ class Scheduler:
                 plan = self.planner.plan()
                 self.counters.cached_tokens += self.planner.cached_tokens - before[0]
                 self.counters.prompt_tokens += self.planner.prompt_tokens - before[1]
+                self.times.prompt += sum(a.computed for a in plan.admit)
                 for a in plan.admit:
                     sub = self.planner.rows[a.row].payload
                     sub.cached_tokens = self.planner.rows[a.row].cached_tokens
                 if plan.release or plan.admit or plan.decode or time.monotonic() >= deadline:
                     return plan
                 self._hand_out()  # nothing runs next: the last step's tokens go now
+                t0 = time.perf_counter()
                 self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+                self.times.idle += time.perf_counter() - t0
 
     def _drop_cancelled(self) -> None:
         waiting = self.planner.waiting

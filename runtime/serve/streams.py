@@ -76,6 +76,8 @@ class StreamWriter:
         self._closed = False
         self._streams: set[Stream] = set()
         self._last_check = time.monotonic()
+        self.busy_seconds = 0.0
+        """Time the writer has spent writing (not waiting for news or sockets); the serving loop's stats line."""
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
         self._thread.start()
 
@@ -147,7 +149,16 @@ class StreamWriter:
 
     def _turn(self) -> bool:
         """Wait for news or sockets, write what can be written; True once closed and done."""
-        for key, mask in self._sel.select(timeout=POLL_SECONDS):
+        events = self._sel.select(timeout=POLL_SECONDS)
+        t0 = time.perf_counter()
+        try:
+            return self._write(events)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+
+    def _write(self, events: list) -> bool:
+        """One turn's work on what select() returned (see _turn)."""
+        for key, mask in events:
             if key.data is None:
                 try:
                     while self._wake_r.recv(4096):
