@@ -127,6 +127,8 @@ class ContinuousBatcher:
         self._temp_host = [0.0] * rows  # the leader's copy, to skip sampling work an all-greedy batch needs not
         self._top_p_host = [1.0] * rows
         self.use_graph = use_graph and device.type == "cuda" and cfg._experts_implementation != "eager"
+        self.warm_up_parts: dict[str, float] = {}
+        """Seconds of the last warm_up by part (warm_up_summary)."""
         self.buckets = step_buckets(rows)
         self._busy: set[int] = set()  # rows decoding (host copy of pos >= 0): the step's size follows them
         # the decode step's rows that hold a sequence, for the routers (runtime/kernels/router.py: the experts skip
@@ -157,7 +159,16 @@ class ContinuousBatcher:
         Seconds."""
         import time
 
-        t0 = time.perf_counter()
+        parts = self.warm_up_parts = {}
+        t0 = last = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal last
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            parts[name], last = now - last, now
+
         n = max(1, min(prompt_len, self.max_len - steps - 1))
         for size in self.buckets:
             row = size - 1
@@ -166,19 +177,25 @@ class ContinuousBatcher:
             for _ in range(steps):
                 self.step()
             self.release([row])
+            lap(f"decode step of {size}")
         room = min(self.max_len - 1, (self.num_blocks // (2 if self.window else 1)) * BLOCK_SIZE - 1)
         for width in self.prefill_widths if self.use_graph else []:  # each prefill width's graph
             n = min(width, room)
             self._scratch_tables(0, n + 1)
             self.prefill([0], [[(3 * i + 2) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
             self.release([0])
+        lap("prefill graphs")
         for n in self._tuning_lengths(room):  # the kernels' autotuning at the longer prefills' sizes, now
             self._scratch_tables(0, n + 1)
             self.prefill([0], [[(5 * i + 3) % 1000 for i in range(n)]], [0.0], [1.0], partial=True)
             self.release([0])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        lap("longer prefills (autotuning)")
         return time.perf_counter() - t0
+
+    def warm_up_summary(self) -> str:
+        """What the last warm_up spent its seconds on, for the start log (the first step of a size compiles and
+        captures it; the first prefill of a width captures it; the longer prefills autotune the kernels)."""
+        return ", ".join(f"{name} {sec:.1f} s" for name, sec in self.warm_up_parts.items())
 
     def _tuning_lengths(self, room: int) -> list[int]:
         """Eager prefill lengths that reach every autotuning key a longer prefill (beyond the padded widths, up to

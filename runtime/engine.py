@@ -387,8 +387,8 @@ class Engine:
                                              gen.max_prefill_tokens, gen.cuda_graph, gen.compile, self.groups.mp,
                                              self.layout.is_replica_leader, self.generator)
             if self.device.type == "cuda":  # every step size compiled and captured now, not mid-run
-                log.info("continuous batcher: %d rows of %d slots, decode step sizes %s warmed up in %.1f s", rows,
-                         longest, self.batcher.buckets, self.batcher.warm_up())
+                log.info("continuous batcher: %d rows of %d slots, decode step sizes %s warmed up in %.1f s (%s)", rows,
+                         longest, self.batcher.buckets, self.batcher.warm_up(), self.batcher.warm_up_summary())
         return self.batcher
 
     # ------------------------------------------------------------------------------ internals

@@ -501,7 +501,7 @@ def test_the_serving_loop_reuses_a_prefix_and_counts_it() -> None:
 
 def test_warm_up_leaves_no_trace() -> None:
     """The server warms its batcher up before saying ready: afterwards every row is free and a request's
-    tokens are those of a batcher that never warmed up."""
+    tokens are those of a batcher that never warmed up; its seconds are told by part."""
     engine = Engine(compose("generate", ["model.device=cpu"]))
     prompt = engine.render(Request(id="0", prompt="What is the capital of France?"))
 
@@ -511,7 +511,10 @@ def test_warm_up_leaves_no_trace() -> None:
         return out
 
     warmed = batcher(engine, 2, 128, 4096)
-    assert warmed.warm_up() >= 0
+    total = warmed.warm_up()
+    parts = warmed.warm_up_parts  # what the start log says it spent the time on: each step size, then prefills
+    assert list(parts)[: len(warmed.buckets)] == [f"decode step of {n}" for n in warmed.buckets]
+    assert 0 <= sum(parts.values()) <= total and "decode step of 1 " in warmed.warm_up_summary()
     assert bool((warmed.pos == -1).all())
     own_blocks(warmed)  # (the warm-up's sequence had blocks of its own)
     assert tokens(warmed) == tokens(batcher(engine, 2, 128, 4096))

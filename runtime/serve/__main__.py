@@ -142,10 +142,10 @@ def run(cfg: DictConfig) -> None:
     if layout.is_writer:
         context = (blocks - window_reserve(rows, window, sc.max_prefill_tokens, blocks_for(sc.max_len))) * BLOCK_SIZE
         log.info("KV cache: %d blocks of %d, %d tokens of context (%.1f requests of serve.max_len=%d)%s, %.2f GB on "
-                 "this rank; %d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s", blocks,
+                 "this rank; %d rows; decode step sizes %s; warm-up (compile, graph capture) %.1f s: %s", blocks,
                  BLOCK_SIZE, context, context / sc.max_len, sc.max_len,
                  f" beside the sliding-window layers' blocks (a request's last {window} tokens)" if window else "",
-                 batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm)
+                 batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm, batcher.warm_up_summary())
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache,
                               sc.stats_seconds, lambda: server.writer.busy_seconds)
         assert app is not None and app.ready is not None and server is not None
