@@ -205,7 +205,8 @@ class Bench:
 
         def continuous(ps: list[list[int]], limits: list[int], bar: Any = None) -> str:
             run = QueueRun(engine.queue_batcher(ps, max(limits), batch), ps, limits, set(),
-                           chunk=self.cfg.generation.max_prefill_tokens)
+                           chunk=self.cfg.generation.max_prefill_tokens,
+                           overlap=self.cfg.generation.async_scheduling)
             while not run.done:
                 done = run.tick()
                 if bar is not None:

@@ -130,6 +130,11 @@ class GenerationConfig:
     """Continuous batching: the most prompt tokens prefilled between two decode steps (chunked prefill: a
     longer prompt goes in pieces over several steps, its keys kept in its row, so running sequences wait
     for at most this many tokens of prefill per step)."""
+    async_scheduling: bool = False
+    """Continuous batching (runtime.generate, the offline bench, the server): launch each decode step before the
+    last one's tokens are read, so the host's planning and booking run while the GPU works instead of between
+    steps. A sequence that ended is run one step more (that token is dropped); a preempted one draws its
+    in-flight token again. Tokens are the same as without it (greedy). Off until timed on a GPU."""
     do_sample: bool = False
     """Sample with temperature/top_p; false is greedy decoding."""
     temperature: float = 1.0

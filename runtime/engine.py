@@ -371,7 +371,7 @@ class Engine:
         sampling = gen.do_sample
         return QueueRun(batcher, prompts, [gen.max_new_tokens] * len(prompts), self.stop_ids,
                         gen.temperature if sampling else 0.0, gen.top_p if sampling else 1.0,
-                        chunk=gen.max_prefill_tokens)
+                        chunk=gen.max_prefill_tokens, overlap=gen.async_scheduling)
 
     def queue_batcher(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, rows: int) -> ContinuousBatcher:
         """This engine's continuous batcher with `rows` rows that hold the longest prompt plus max_new_tokens;
@@ -468,6 +468,9 @@ def _check_generation(gen: Any) -> None:
                         "generation.kv_cache=dynamic, or use generation.batching=static with it")
     if gen.max_prefill_tokens < 1:
         raise UserError(f"generation.max_prefill_tokens={gen.max_prefill_tokens} must be >= 1")
+    if gen.async_scheduling and (gen.batching == "static" or gen.kv_cache == "dynamic"):
+        raise UserError("generation.async_scheduling overlaps the steps of continuous batching: drop it, or use "
+                        "generation.batching=continuous (or auto) with generation.kv_cache=static")
     if gen.reasoning_effort not in ("low", "medium", "high"):
         raise UserError(f"generation.reasoning_effort={gen.reasoning_effort!r}: use low, medium or high")
 

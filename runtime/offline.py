@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runtime.continuous import ContinuousBatcher
 from runtime.kvcache import BlockPool
@@ -44,7 +45,9 @@ class QueueRun:
 
     def __init__(self, batcher: ContinuousBatcher, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                  stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0, chunk: int | None = None,
-                 reuse_prefix: bool = True) -> None:
+                 reuse_prefix: bool = True, overlap: bool = False) -> None:
+        """overlap: async scheduling (generation.async_scheduling): each decode step is launched before the last
+        one's tokens are read."""
         if len(max_new_tokens) != len(prompts):
             raise ValueError("one max_new_tokens per prompt")
         if any(len(p) + m > batcher.max_len for p, m in zip(prompts, max_new_tokens)):
@@ -58,6 +61,8 @@ class QueueRun:
                                chunk if chunk is not None else batcher.max_prefill_tokens, batcher.window)
         for i, (p, m) in enumerate(zip(prompts, max_new_tokens)):
             self.planner.add(Seq(list(p), m, temperature, top_p, payload=i))
+        self.overlap = overlap
+        self._pending: Any = None  # (the launched step's tokens, Planner.launch's rows) read at the next tick
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.steps = 0
@@ -78,7 +83,8 @@ class QueueRun:
 
     def tick(self) -> list[Finished]:
         """One plan: the prompts part-way in first, then waiting prompts into free rows (at most `chunk` prompt
-        tokens in all); then one decode step if any sequence decodes."""
+        tokens in all); then one decode step if any sequence decodes. With `overlap` (async scheduling) the step's
+        tokens are read at the next tick, after its step is launched (runtime/planner.py, Planner.launch)."""
         finished: list[Finished] = []
         plan = self.planner.plan()
         t0 = time.perf_counter()
@@ -86,23 +92,29 @@ class QueueRun:
         if plan.admit:
             self.prefill_seconds += time.perf_counter() - t0
         for a, tok in zip([a for a in plan.admit if a.end is None], first or []):
-            self._add(a.row, tok, finished)
+            seq = self.planner.rows[a.row]
+            if seq is not None:
+                self._add(seq, tok, finished)
+        launched = None
+        t0 = time.perf_counter()
         if plan.decode:
-            t0 = time.perf_counter()
-            out = self.batcher.step().tolist()
-            self.decode_seconds += time.perf_counter() - t0
+            launched = (self.batcher.step(), self.planner.launch())
             self.steps += 1
-            for row in range(len(self.planner.rows)):
-                if self.planner.decoding(row):
-                    self._add(row, out[row], finished)
+        ready = launched
+        if self.overlap:
+            ready, self._pending = self._pending, launched
+        if ready is not None:
+            out = ready[0].tolist()
+            for row, seq, epoch in ready[1]:
+                if self.planner.land(seq, epoch):
+                    self._add(seq, out[row], finished)
+        self.decode_seconds += time.perf_counter() - t0
         if self.done:
+            self._pending = None  # a last step for sequences that had ended: nothing of it is anyone's
             self.close()
         return finished
 
-    def _add(self, row: int, token: int, finished: list[Finished]) -> None:
-        seq = self.planner.rows[row]
-        if seq is None:
-            return
+    def _add(self, seq: Seq, token: int, finished: list[Finished]) -> None:
         seq.tokens.append(token)
         stopped = token in self.stop_ids
         if stopped or len(seq.tokens) >= seq.max_tokens:

@@ -18,6 +18,12 @@ and the KV cache's blocks (`runtime.kvcache.BlockPool`). Each `plan()` says what
 A `Plan` is plain data: the server's leader broadcasts it and every rank runs it (`execute`); the offline
 queue (runtime/offline.py) computes the same plans on every rank. The drivers hand sampled tokens to the
 sequences and call `finish` when one ends (a stop token, its limit, a cancel).
+
+Async scheduling (generation.async_scheduling): a driver launches step N + 1 before reading step N's tokens.
+`launch()` after each launch marks every decoding sequence with one token in flight (`Seq.inflight`), which
+the next plan counts (the key that step writes, the blocks a finished sequence's tokens fill); `land()` takes
+the token when it is read, unless the sequence has left its row since (`Seq.epoch`): a finished sequence's
+extra step then goes to no one, and a preempted sequence (its in-flight token dropped) draws it again.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class Seq:
     preemptions: int = 0
     keys: list[bytes] = field(default_factory=list)
     """Content keys of the full blocks of `fed()` looked up so far (kept while it waits: computed once)."""
+    inflight: int = 0
+    """Decode steps launched for it whose token is not in `tokens` yet (async scheduling: at most 1)."""
+    epoch: int = 0
+    """How many times it has left a row: a launched step's token for an earlier stay is not its own any more."""
 
     def fed(self) -> list[int]:
         """What a prefill computes: the prompt and every token drawn (a preempted sequence's are fed again)."""
@@ -136,10 +146,31 @@ class Planner:
         return self.rows[row] is not None and row not in self.filling
 
     def written(self, seq: Seq) -> list[int]:
-        """The tokens whose keys `seq`'s blocks hold: its prefill so far, or all fed but the last drawn."""
+        """The tokens whose keys `seq`'s blocks hold: its prefill so far, or all fed but the last drawn (with a
+        step in flight: all drawn, the last one's key being that step's; it lands before any block is reused)."""
         if seq.row in self.filling:
             return seq.fed()[: seq.done]
-        return seq.prompt + seq.tokens[:-1]
+        return seq.prompt + seq.tokens if seq.inflight else seq.prompt + seq.tokens[:-1]
+
+    def launch(self) -> list[tuple[int, Seq, int]]:
+        """A decode step was launched and its tokens will be read later (async scheduling): (row, sequence, epoch)
+        of each decoding row, for `land`; until then each counts one token more (the blocks the next step
+        writes, what its blocks hold)."""
+        out = []
+        for seq in self.running:
+            if seq.row >= 0 and seq.row not in self.filling:
+                seq.inflight += 1
+                out.append((seq.row, seq, seq.epoch))
+        return out
+
+    def land(self, seq: Seq, epoch: int) -> bool:
+        """The token of a step `launch` listed `seq` in has been read: True if it is still that sequence's to take
+        (it has not left its row since; else its step's token is dropped: a finished sequence's, or a preempted
+        one's, which draws it again)."""
+        if seq.epoch != epoch or seq.inflight < 1:
+            return False
+        seq.inflight -= 1
+        return True
 
     def finish(self, seq: Seq) -> None:
         """The sequence ended (or is dropped): its row is freed at the next plan, its blocks now."""
@@ -162,6 +193,7 @@ class Planner:
         self.filling.discard(seq.row)
         self._freed.append(seq.row)
         seq.blocks, seq.wblocks, seq.wlow, seq.done, seq.row = [], [], 0, 0, -1
+        seq.inflight, seq.epoch = 0, seq.epoch + 1  # a step in flight for it is not its own any more
 
     def _keys(self, seq: Seq, n: int) -> list[bytes]:
         """The content keys of the first n full blocks of `seq.fed()` (kept on the sequence: computed once);
@@ -232,7 +264,7 @@ class Planner:
         for seq in list(self.running):
             if seq.row < 0 or seq.row in self.filling:
                 continue  # preempted meanwhile, or still prefilling
-            at = len(seq.prompt) + len(seq.tokens) - 1  # where the last drawn token's key goes
+            at = len(seq.prompt) + len(seq.tokens) + seq.inflight - 1  # where the last drawn token's key goes
             if at // BLOCK_SIZE < len(seq.blocks) and self._first_window_block(at) <= seq.wlow:
                 continue  # (most steps: its block is held and its window has not moved past a block)
             if not self._grow(seq, at // BLOCK_SIZE + 1, at, plan):

@@ -325,10 +325,12 @@ def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> 
         b.step()
 
 
-def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                  async_steps: bool) -> None:
     """The serving loop with a draw that fails for one request's values: that request ends with an error
     (its client gets an OpenAI-style error), the request beside it completes, and the loop keeps serving
-    (it used to end, failing every request in flight and stopping the server)."""
+    (it used to end, failing every request in flight and stopping the server); also with async scheduling."""
     import queue
     import threading
 
@@ -338,7 +340,8 @@ def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: p
 
     engine, b = fragile_batcher(monkeypatch, 2)
     stop = threading.Event()
-    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), engine.stop_ids, CALL, 8, stop.is_set)
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), engine.stop_ids, CALL, 8, stop.is_set,
+                      async_steps=async_steps)
     loop = threading.Thread(target=sched.run, daemon=True)
     loop.start()
 
@@ -368,10 +371,12 @@ def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: p
         bad.events.get_nowait()
 
 
-def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop(async_steps: bool) -> None:
     """The scheduler ends a request at a stop token unless it asked for ignore_eos (POST /v1/completions,
     vLLM's extension): then it runs to max_tokens, giving the tokens of a run without stops. The tiny
-    model's own second greedy token is made a stop token here (random weights seldom stop)."""
+    model's own second greedy token is made a stop token here (random weights seldom stop). With async
+    scheduling the step launched after the stop runs too, and its token goes to no one."""
     import threading
 
     from runtime import distributed
@@ -384,7 +389,8 @@ def test_ignore_eos_runs_through_stop_tokens_in_the_serving_loop() -> None:
     free = engine.decode([prompt], 8, ignore_eos=True).tokens[0].tolist()
     at = next(i for i in range(1, 8) if free[i] not in free[:i])  # the first token not seen before it
     stop = threading.Event()
-    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), {free[at]}, CALL, 8, stop.is_set)
+    sched = Scheduler(b, distributed.make_layout(1, 1, 1, world=(1, 0, 0)), {free[at]}, CALL, 8, stop.is_set,
+                      async_steps=async_steps)
     loop = threading.Thread(target=sched.run, daemon=True)
     loop.start()
 
@@ -584,10 +590,10 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
     layout = distributed.make_layout(1, 1, 1, world=(1, 0, 0))
     prompts = [engine.render(Request(id=str(i), prompt=t)) for i, t in enumerate(TEXTS)]
 
-    def serve(num_blocks: int | None) -> tuple[list[list[int]], dict[str, int]]:
+    def serve(num_blocks: int | None, async_steps: bool = False) -> tuple[list[list[int]], dict[str, int]]:
         b = batcher(engine, 4, 160, 4096, num_blocks=num_blocks)
         stop = threading.Event()
-        sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set)
+        sched = Scheduler(b, layout, set(), CALL, 8, stop.is_set, async_steps=async_steps)
         out = serve_all(sched, stop, [Submission(p, 30, 0.0, 1.0, ignore_eos=True) for p in prompts])
         return out, sched.stats()
 
@@ -595,6 +601,11 @@ def test_the_serving_loop_preempts_when_blocks_run_out_and_every_request_complet
     small, stats = serve(2 * blocks_for(160) + 2)  # one sequence, its window blocks while prefilled, and 2
     assert small == full and all(len(t) == 30 for t in small)
     assert stats["preemptions"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
+    # async scheduling (each step launched before the last one's tokens are read): the same tokens, with and
+    # without preemption, and every block back
+    assert serve(None, async_steps=True)[0] == full
+    small, stats = serve(2 * blocks_for(160) + 2, async_steps=True)
+    assert small == full and stats["preemptions"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
 
 
 def test_a_request_whose_client_leaves_as_it_finishes_counts_as_completed_only() -> None:

@@ -61,6 +61,24 @@ def test_a_queue_over_three_rows_gives_each_prompt_its_tokens_alone(engine: Engi
         assert stopped[i] == (tokens[:cut], stop in tokens)
 
 
+def test_async_scheduling_gives_each_prompt_its_tokens_alone(engine: Engine) -> None:
+    """overlap (generation.async_scheduling): each decode step is launched before the last one's tokens are read,
+    so a sequence that ended runs one step more; over three rows with chunked prefill, the prefix cache and a stop
+    token, every prompt still gets the tokens it gets alone, and the junk steps are all that is added (at most
+    one per tick that finished a sequence)."""
+    prompts = [engine.render(Request(id=str(i), prompt=p)) for i, p in enumerate(PROMPTS)]
+    longest = max(len(p) for p in prompts) + max(LIMITS)
+    alone = drain(QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set()))
+    run = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set(), overlap=True)
+    assert drain(run) == alone
+    sync = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())
+    drain(sync)
+    assert sync.steps <= run.steps <= sync.steps + len(PROMPTS)
+    stop = alone[2][0][4]
+    want = drain(QueueRun(batcher(engine, 2, longest, 4096), prompts, LIMITS, {stop}))
+    assert drain(QueueRun(batcher(engine, 2, longest, 4096), prompts, LIMITS, {stop}, overlap=True)) == want
+
+
 @pytest.mark.parametrize("chunk", [7, 16])
 def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(engine: Engine, chunk: int) -> None:
     """A tick prefills at most `chunk` prompt tokens (the long prompt crosses the 32-token sliding window in
@@ -106,6 +124,10 @@ def test_generate_continuous_equals_static_and_writes_in_input_order(tmp_path: P
     assert run["status"] == "done" and run["prompts_generated"] == len(PROMPTS)
     assert run["replica0"]["batches"][0]["continuous"] is True
     assert run["replica0"]["cached_tokens"] > 0  # the system message, reused by prompts that joined freed rows
+    overlapped = tmp_path / "async.jsonl"  # async scheduling: the same records
+    generate([f"output.path={overlapped}", "generation.batching=continuous", "generation.async_scheduling=true",
+              *common])
+    assert [(r["id"], r["completion_ids"]) for r in read_jsonl(overlapped)] == [(r["id"], r["completion_ids"]) for r in b]
 
 
 def test_continuous_needs_the_static_cache() -> None:
@@ -114,3 +136,6 @@ def test_continuous_needs_the_static_cache() -> None:
     with pytest.raises(UserError, match="generation.batching=static"):
         Engine(compose("generate", ["model.device=cpu", "generation.batching=continuous",
                                     "generation.kv_cache=dynamic"]))
+    with pytest.raises(UserError, match="async_scheduling overlaps the steps of continuous batching"):
+        Engine(compose("generate", ["model.device=cpu", "generation.batching=static",
+                                    "generation.async_scheduling=true"]))

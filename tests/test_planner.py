@@ -146,12 +146,14 @@ def test_a_sequence_that_can_never_fit_is_refused() -> None:
         Planner(2, BlockPool(3), 4, 100)
 
 
-@pytest.mark.parametrize("reuse,attention", [(True, "eager"), (False, "eager"), (True, "triton")])
-def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> None:
+@pytest.mark.parametrize("reuse,attention,overlap", [(True, "eager", False), (False, "eager", False),
+                                                    (True, "triton", False), (True, "eager", True)])
+def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str, overlap: bool) -> None:
     """The tiny model (float32) with mixed prompt and output lengths over 3 rows and a KV cache too small for
     them all: sequences are preempted and recomputed (from the prefix cache, or whole), and each prompt's
     greedy tokens equal those it gets alone (attention=triton: prefills padded to fixed widths, read through
-    the block tables; its kernel through the torch fallback here)."""
+    the block tables; its kernel through the torch fallback here; overlap: async scheduling, where a sequence
+    preempted with a step in flight draws that step's token again)."""
     from runtime import compose
     from runtime.continuous import ContinuousBatcher
     from runtime.engine import Engine, Request
@@ -167,7 +169,7 @@ def test_preemption_keeps_each_prompts_tokens(reuse: bool, attention: str) -> No
     b = ContinuousBatcher(engine.model, engine.dtype, engine.device, rows=3, max_len=longest, max_prefill_tokens=4096,
                           use_graph=False, compile=False, group=None, leader=True, generator=engine.generator,
                           num_blocks=2 * blocks_for(longest) + 3)  # (one prefill: its blocks and windows)
-    run = QueueRun(b, prompts, limits, set(), reuse_prefix=reuse)
+    run = QueueRun(b, prompts, limits, set(), reuse_prefix=reuse, overlap=overlap)
     got: dict[int, list[int]] = {}
     while not run.done:
         for f in run.tick():

@@ -1,5 +1,7 @@
 """Continuous batching under load, on the random tiny model under torchrun (2 ranks, tensor parallel):
-concurrent streams give the tokens of sequential runs, and clients that stall or leave stall nobody."""
+concurrent streams give the tokens of sequential runs, and clients that stall or leave stall nobody. This
+server runs with async scheduling (generation.async_scheduling: each step launched before the last one's
+tokens are read); tests/test_serve.py's runs without."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ PROMPTS = [f"Tell me something about the number {i}." for i in range(32)]
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with torchrun_server(tmp_path_factory.mktemp("serve-load"), 2, [
         "parallel.tp_size=2", f"serve.max_len={MAX_LEN}", f"serve.max_batch={MAX_BATCH}",
+        "generation.async_scheduling=true",
     ]) as s:
         yield s
 

@@ -147,7 +147,7 @@ def run(cfg: DictConfig) -> None:
                  f" beside the sliding-window layers' blocks (a request's last {window} tokens)" if window else "",
                  batcher.cache.nbytes / 1e9, rows, batcher.buckets, warm, batcher.warm_up_summary())
         scheduler = Scheduler(batcher, layout, engine.stop_ids, CALL, sc.max_waiting, stop, sc.prefix_cache,
-                              sc.stats_seconds, lambda: server.writer.busy_seconds)
+                              sc.stats_seconds, lambda: server.writer.busy_seconds, cfg.generation.async_scheduling)
         assert app is not None and app.ready is not None and server is not None
         app.end_ids = frozenset(engine.stop_ids)
         app.backend = scheduler

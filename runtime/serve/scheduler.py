@@ -153,9 +153,11 @@ class Scheduler:
 
     def __init__(self, batcher: ContinuousBatcher, layout: WorldLayout, stop_ids: set[int], call_id: int,
                  max_waiting: int, should_stop: Callable[[], bool], prefix_cache: bool = True,
-                 stats_seconds: float = 0.0, writer_busy: Callable[[], float] | None = None) -> None:
+                 stats_seconds: float = 0.0, writer_busy: Callable[[], float] | None = None,
+                 async_steps: bool = False) -> None:
         """stats_seconds: log a LoopTimes line that often while there is work (0: never); writer_busy: the
-        stream writer's busy seconds so far (StreamWriter.busy_seconds), for that line."""
+        stream writer's busy seconds so far (StreamWriter.busy_seconds), for that line; async_steps: launch each
+        decode step before reading the last one's tokens (generation.async_scheduling)."""
         self.batcher, self.layout = batcher, layout
         self.stop_ids, self.call_id = stop_ids, call_id
         self.max_waiting = max_waiting
@@ -164,6 +166,7 @@ class Scheduler:
                                batcher.max_prefill_tokens, batcher.window)
         self.counters = Counters()
         self.stats_seconds = stats_seconds
+        self.async_steps = async_steps
         self._writer_busy = writer_busy or (lambda: 0.0)
         self.times = LoopTimes(time.perf_counter())
         self._writer_at = self._writer_busy()
@@ -205,42 +208,64 @@ class Scheduler:
 
         A step's tokens are booked at once (stops, lengths, freed rows: the next plan needs them) but reach
         their requests' queues while the GPU runs the next step, so the per-token handing over (queues, the
-        stream writer's wake-up) does not leave the GPU idle between steps."""
+        stream writer's wake-up) does not leave the GPU idle between steps. With async_steps the next step is
+        even planned and launched before this one's tokens are read (see runtime/planner.py): the host's
+        planning and booking then overlap the GPU's step too."""
+        pending = None  # async_steps: the launched step whose tokens are read after the next one is launched
         try:
             while True:
                 plan = self._plan()
                 distributed.broadcast_object(plan, self.layout)
                 if plan.shutdown:
+                    if pending is not None:
+                        self._land(*pending)
                     return
                 if plan.admit:
                     self._hand_out()  # before a prefill, whose sync would hold them back
                 t0 = time.perf_counter()
                 first = execute_prefill(plan, self.batcher)
                 t1 = time.perf_counter()
+                if first:  # a whole prompt's first token, booked before its row's first step is launched
+                    with self._lock:
+                        for a, token in zip([a for a in plan.admit if a.end is None], first):
+                            seq = self.planner.rows[a.row]
+                            if seq is not None:
+                                self._deliver(seq, token)
                 step = self.batcher.step() if plan.decode else None  # launched; read below
+                launched = None
+                if step is not None:
+                    with self._lock:
+                        launched = (step, self.planner.launch(), self.batcher.take_failed())
                 self._hand_out()
                 t2 = time.perf_counter()
-                tokens = step.tolist() if step is not None else None
+                ready = launched
+                if self.async_steps:
+                    ready, pending = pending, launched
+                if ready is not None:
+                    self._land(*ready)
                 self.times.prefill += t1 - t0 if plan.admit else 0.0
                 self.times.gpu_wait += time.perf_counter() - t2
-                for r, why in self.batcher.take_failed().items():
-                    self._fail(r, why)  # that request ends with an error; everyone else goes on
-                with self._lock:
-                    generated = self.counters.generated_tokens
-                    if first is not None:
-                        for a, token in zip([a for a in plan.admit if a.end is None], first):
-                            self._deliver(a.row, token)
-                    if tokens is not None:
-                        self.counters.steps += 1
-                        self.times.steps += 1
-                        for r, token in enumerate(tokens):
-                            if self.planner.decoding(r):
-                                self._deliver(r, token)
-                    self.times.generated += self.counters.generated_tokens - generated
                 self._report()
         finally:
             self._hand_out()
             self._fail_all("the server is shutting down")
+
+    def _land(self, step: Any, launched: list[tuple[int, Seq, int]], failed: dict[int, str]) -> None:
+        """Read a launched step's tokens and book them for the sequences it ran (Planner.land: not for one that
+        has left its row since); a row whose draw failed ends its request with an error instead."""
+        tokens = step.tolist()
+        with self._lock:
+            self.counters.steps += 1
+            self.times.steps += 1
+            generated = self.counters.generated_tokens
+            for row, seq, epoch in launched:
+                if row in failed and seq.epoch == epoch and not seq.payload.finished:
+                    log.warning("request in row %d failed: %s", row, failed[row])
+                    self._end(seq)  # (its token is then not its own)
+                    self._outbox.append((seq.payload, Finish("error", failed[row])))  # after the tokens it was given
+                if self.planner.land(seq, epoch):
+                    self._deliver(seq, tokens[row])
+            self.times.generated += self.counters.generated_tokens - generated
 
     def _report(self) -> None:
         """Every stats_seconds with work done: log where the time went (LoopTimes) and start again."""
@@ -309,10 +334,8 @@ class Scheduler:
         sub.finished = True
         self.planner.finish(seq)
 
-    def _deliver(self, row: int, token: int) -> None:
-        seq = self.planner.rows[row]
-        if seq is None or row in self.planner.filling:
-            return  # a free row, or one still prefilling
+    def _deliver(self, seq: Seq, token: int) -> None:
+        """Book a running sequence's new token: its request's queue gets it, and the Finish if it ended."""
         sub = seq.payload
         sub.tokens.append(token)  # (the sequence's own list)
         self.counters.generated_tokens += 1
@@ -328,15 +351,6 @@ class Scheduler:
             self._outbox.append((sub, Finish(reason)))
         elif sub.cancelled:
             self._end(seq, cancelled=True)
-
-    def _fail(self, row: int, message: str) -> None:
-        """End one request with an error (its row is freed at the next step)."""
-        with self._lock:
-            seq = self.planner.rows[row]
-            if seq is not None and not seq.payload.finished:
-                log.warning("request in row %d failed: %s", row, message)
-                self._end(seq)
-                self._outbox.append((seq.payload, Finish("error", message)))  # after the tokens it was given
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
