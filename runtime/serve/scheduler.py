@@ -236,15 +236,16 @@ class Scheduler:
                 if step is not None:
                     with self._lock:
                         launched = (step, self.planner.launch(), self.batcher.take_failed())
-                self._hand_out()
-                t2 = time.perf_counter()
-                ready = launched
-                if self.async_steps:
+                if self.async_steps:  # the last step's tokens (done or nearly), handed out while this one runs
                     ready, pending = pending, launched
-                if ready is not None:
-                    self._land(*ready)
+                    if ready is not None:
+                        self._land(*ready)
+                    self._hand_out()
+                else:  # the last step's booked tokens go out while this one runs, then its own are read
+                    self._hand_out()
+                    if launched is not None:
+                        self._land(*launched)
                 self.times.prefill += t1 - t0 if plan.admit else 0.0
-                self.times.gpu_wait += time.perf_counter() - t2
                 self._report()
         finally:
             self._hand_out()
@@ -253,7 +254,9 @@ class Scheduler:
     def _land(self, step: Any, launched: list[tuple[int, Seq, int]], failed: dict[int, str]) -> None:
         """Read a launched step's tokens and book them for the sequences it ran (Planner.land: not for one that
         has left its row since); a row whose draw failed ends its request with an error instead."""
+        t0 = time.perf_counter()
         tokens = step.tolist()
+        self.times.gpu_wait += time.perf_counter() - t0
         with self._lock:
             self.counters.steps += 1
             self.times.steps += 1
