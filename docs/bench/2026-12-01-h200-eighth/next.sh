@@ -3,13 +3,16 @@
 #   1. the register-operand MXFP4 blocks, repaired on the CPU after failing on the H200 in the eighth session
 #      (each byte its own scale): their GPU test, then their time against the default blocks and our bf16 kernel
 #      (if faster than both from 256 tokens: REG_A_BLOCKS=True, and the 20b serves without the bf16 copy) (~5 min);
-#   2. issue 14's rows on the 120b (synthesize, then runtime.bench at batch 1 / 8 / 64, the pairs GEMV on) (~7 min);
-#   3. why 512 streams served 10,293 tok/s with the bf16 copy (eighth session) where experts=triton had served
-#      12,370 (seventh): the 512-row decode step alone, both ways and the 4-bit blocks, one runtime.bench each
-#      (one compile of one step size each, not the server's 5-minute warm-up), with a kernel profile; 256-token
-#      prompts: the static decoder prefills a batch in one forward, and 512 x 1,024 tokens' MoE temporaries
-#      beside the copy would not fit (~9 min);
-#   4. if time is left: the offline target at batch 256 (continuous vs static rounds; its warm-up of both alone
+#   2. the 20b's serving sweep as in the eighth session (4-bit experts, the bf16 copy above 128 tokens; 366 / 4,130
+#      / 10,293 tok/s at 1 / 64 / 512 streams) with generation.async_scheduling=true, the server's new stats lines
+#      (serve.stats_seconds: GPU wait vs host ms a step, the stream writer's share) and its warm-up by part (~10 min);
+#   3. issue 14's rows on the 120b (synthesize, then runtime.bench at batch 1 / 8 / 64, the pairs GEMV on) (~7 min);
+#   4. why 512 streams served 10,293 tok/s with the bf16 copy (eighth session) where experts=triton had served
+#      12,370 (seventh): the 512-row decode step alone, both ways, one runtime.bench each (one compile of one step
+#      size each, not the server's 5-minute warm-up), with a kernel profile; 256-token prompts: the static
+#      decoder prefills a batch in one forward, and 512 x 1,024 tokens' MoE temporaries beside the copy would not
+#      fit (~8 min);
+#   5. if time is left: the offline target at batch 256 (continuous, async, vs static rounds; its warm-ups alone
 #      took more than 9 minutes in the eighth session: give it 20).
 # Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
@@ -32,14 +35,19 @@ if grep -q "^PASSED.*test_mxfp4_moe_reg_a_blocks\[32-2048\]" "$R/tests.log"; the
   run moe120-rega 300 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 256 1024 --reg-a
   cat "$R"/moe*-rega.log | grep -E "mxfp4|bf16" >> "$R/progress.txt"
 fi
+[ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
+run serve20-async 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
+    experts=mxfp4 experts.dequantized_above_tokens=128 generation.async_scheduling=true \
+    'bench.concurrency=[1,64,512]' bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20-async
+grep "serve concurrency" "$R/serve20-async.log" >> "$R/progress.txt"
+grep -E "warm-up|last [0-9.]+ s:" "$R/serve20-async/server/server.log" | tail -4 | cut -c1-400 >> "$R/progress.txt"
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120
 run bench120 600 $PY -m runtime.bench model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST experts=mxfp4 \
     bench.input_len=1024 bench.output_len=128 bench.repetitions=2 'bench.batch_sizes=[1,8,64]' \
     $OUT bench.out_dir=$R/bench120
 grep -E "batch +[0-9]+:" "$R/bench120.log" | tail -3 >> "$R/progress.txt"
 rm -rf /dev/shm/ck120  # room for the 20b's copies
-[ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
-for experts in "experts=triton" "experts=mxfp4 experts.dequantized_above_tokens=128" "experts=mxfp4"; do
+for experts in "experts=triton" "experts=mxfp4 experts.dequantized_above_tokens=128"; do
   name=b512-$(echo "$experts" | tr -c 'a-z0-9' '-' | sed 's/-*$//')
   run "$name" 420 $PY -m runtime.bench model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST $experts \
       bench.input_len=256 bench.output_len=64 bench.repetitions=1 'bench.batch_sizes=[512]' bench.profile=true \
@@ -47,7 +55,8 @@ for experts in "experts=triton" "experts=mxfp4 experts.dequantized_above_tokens=
   grep -E "batch +512:" "$R/$name.log" | tail -1 >> "$R/progress.txt"
 done
 run offline20 1200 $PY -m runtime.bench bench.mode=offline model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
-    experts=mxfp4 experts.dequantized_above_tokens=128 bench.num_prompts=512 bench.input_len=1050 bench.output_len=525 \
+    experts=mxfp4 experts.dequantized_above_tokens=128 generation.async_scheduling=true \
+    bench.num_prompts=512 bench.input_len=1050 bench.output_len=525 \
     bench.range_ratio=0.9 'bench.batch_sizes=[256]' $OUT bench.out_dir=$R/offline20
 grep -E "offline batch" "$R/offline20.log" >> "$R/progress.txt"
 stamp "all done"
