@@ -48,6 +48,16 @@ STEP_BUCKET_GROWTH = 8
 """The decode step's sizes grow by this factor: 1, 8, 64, ... (each one more compile and graph at warm-up)."""
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without waiting for the work queued there: a plain copy to a GPU waits
+    for the whole stream, i.e. for a decode step launched before it (async scheduling launches the next step
+    while one runs). Pinned first, then copied in stream order; the caching host allocator keeps the pinned
+    buffer until the copy is done."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def step_buckets(rows: int) -> list[int]:
     """Row counts the decode step is captured for: powers of STEP_BUCKET_GROWTH below `rows`, then `rows`."""
     out, n = [], 1
@@ -236,14 +246,14 @@ class ContinuousBatcher:
                 flat.extend([SCRATCH] * (self.max_blocks - len(blocks)))
             host = torch.frombuffer(flat, dtype=torch.int32).view(len(given), self.max_blocks)
             idx = torch.tensor(list(given), dtype=torch.long)
-            target[idx.to(self.device)] = host.to(self.device)
+            target[to_device(idx, self.device)] = to_device(host, self.device)
 
     def release(self, rows: Sequence[int]) -> None:
         """Empty these rows (they attend to nothing and write to the scratch block; the row can take a new
         sequence, whose blocks are set with it). Their tables stay as they were: the blocks keep their keys."""
         if not rows:
             return
-        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        idx = to_device(torch.tensor(list(rows), dtype=torch.long), self.device)
         self.pos[idx] = -1
         self.temperature[idx] = 0.0
         self.top_p[idx] = 1.0

@@ -157,10 +157,10 @@ class Planner:
         of each decoding row, for `land`; until then each counts one token more (the blocks the next step
         writes, what its blocks hold)."""
         out = []
-        for seq in self.running:
-            if seq.row >= 0 and seq.row not in self.filling:
+        for row, seq in enumerate(self.rows):  # row order: the order the drivers book a step's tokens in
+            if seq is not None and row not in self.filling:
                 seq.inflight += 1
-                out.append((seq.row, seq, seq.epoch))
+                out.append((row, seq, seq.epoch))
         return out
 
     def land(self, seq: Seq, epoch: int) -> bool:

@@ -357,8 +357,12 @@ def test_a_failed_draw_ends_its_request_and_the_scheduler_goes_on(monkeypatch: p
     bad, good = Submission(prompt, 5, 0.5, 1.0), Submission(prompt, 5, 0.0, 1.0)
     sched.submit(bad)
     sched.submit(good)
-    _, why = finish_of(bad)
+    n, why = finish_of(bad)
     assert why.reason == "error" and "sampling failed" in why.message
+    assert n == 0  # its first draw (at its prefill) failed: the stand-in token reaches no one
+    one = Submission(prompt, 1, 0.5, 1.0)  # a request that its stand-in token would have completed
+    sched.submit(one)
+    assert finish_of(one) == (0, Finish("error", why.message))
     n, done = finish_of(good)
     assert done.reason in ("length", "stop") and n >= 1
     again = Submission(prompt, 3, 0.0, 1.0)  # the loop is still serving

@@ -225,11 +225,14 @@ class Scheduler:
                 t0 = time.perf_counter()
                 first = execute_prefill(plan, self.batcher)
                 t1 = time.perf_counter()
+                failed = self.batcher.take_failed()  # a first token's draw that failed: its request ends with an error
                 if first:  # a whole prompt's first token, booked before its row's first step is launched
                     with self._lock:
                         for a, token in zip([a for a in plan.admit if a.end is None], first):
                             seq = self.planner.rows[a.row]
-                            if seq is not None:
+                            if seq is not None and a.row in failed:
+                                self._fail(seq, a.row, failed[a.row])
+                            elif seq is not None:
                                 self._deliver(seq, token)
                 step = self.batcher.step() if plan.decode else None  # launched; read below
                 launched = None
@@ -263,9 +266,7 @@ class Scheduler:
             generated = self.counters.generated_tokens
             for row, seq, epoch in launched:
                 if row in failed and seq.epoch == epoch and not seq.payload.finished:
-                    log.warning("request in row %d failed: %s", row, failed[row])
-                    self._end(seq)  # (its token is then not its own)
-                    self._outbox.append((seq.payload, Finish("error", failed[row])))  # after the tokens it was given
+                    self._fail(seq, row, failed[row])  # (its token is then not its own)
                 if self.planner.land(seq, epoch):
                     self._deliver(seq, tokens[row])
             self.times.generated += self.counters.generated_tokens - generated
@@ -354,6 +355,12 @@ class Scheduler:
             self._outbox.append((sub, Finish(reason)))
         elif sub.cancelled:
             self._end(seq, cancelled=True)
+
+    def _fail(self, seq: Seq, row: int, message: str) -> None:
+        """End one request with an error (its row is freed at the next plan); the rest of the batch goes on."""
+        log.warning("request in row %d failed: %s", row, message)
+        self._end(seq)
+        self._outbox.append((seq.payload, Finish("error", message)))  # after the tokens it was given
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
