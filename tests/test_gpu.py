@@ -441,6 +441,27 @@ def test_continuous_step_sizes_replay_their_own_graphs(compile: bool) -> None:
     assert got[0] == ref[0] and got[1] == ref[1][:7] and got[2] == ref[2][:4]
 
 
+def test_async_scheduling_on_the_gpu_gives_the_same_tokens() -> None:
+    """generation.async_scheduling on the GPU (fp32, our kernels, the steps as CUDA graphs): each step launched
+    before the last one's tokens are read, the block tables copied without waiting for it; a queue of mixed
+    lengths over 3 rows with chunked prefill gives the tokens of the queue without it."""
+    from runtime.continuous import ContinuousBatcher
+    from runtime.offline import QueueRun
+    from tests.test_offline import LIMITS, PROMPTS, drain
+
+    eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
+                                      "experts=triton"]))
+    prompts = [eng.render(Request(id=str(i), prompt=p)) for i, p in enumerate(PROMPTS)]
+    longest = max(len(p) for p in prompts) + max(LIMITS)
+
+    def queue(overlap: bool) -> dict:
+        b = ContinuousBatcher(eng.model, eng.dtype, eng.device, rows=3, max_len=longest, max_prefill_tokens=64,
+                              use_graph=True, compile=False, group=None, leader=True, generator=eng.generator)
+        return drain(QueueRun(b, prompts, LIMITS, set(), chunk=64, overlap=overlap))
+
+    assert queue(True) == queue(False)
+
+
 def test_serve_on_gpu(tmp_path) -> None:  # noqa: ANN001
     """runtime.serve on the GPU (continuous batching, its decode step captured as a CUDA graph, our
     kernels): concurrent chat requests all complete, and a greedy request gives the same text twice."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # For the next one-H200 session (issues 14 and 15), in order of value; each step's log in $R:
 #   1. the register-operand MXFP4 blocks, repaired on the CPU after failing on the H200 in the eighth session
-#      (each byte its own scale): their GPU test, then their time against the default blocks and our bf16 kernel
+#      (each byte its own scale): their GPU test (and async scheduling's), then their time against the default blocks and our bf16 kernel
 #      (if faster than both from 256 tokens: REG_A_BLOCKS=True, and the 20b serves without the bf16 copy) (~5 min);
 #   2. the 20b's serving sweep as in the eighth session (4-bit experts, the bf16 copy above 128 tokens; 366 / 4,130
 #      / 10,293 tok/s at 1 / 64 / 512 streams) with generation.async_scheduling=true, the server's new stats lines
@@ -28,7 +28,7 @@ OUT="bench.plots=false bench.table=$R/table.csv"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
 run() { local name=$1 limit=$2; shift 2; stamp "start $name"; timeout "$limit" "$@" > "$R/$name.log" 2>&1; stamp "end $name rc=$?"; }
 $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
-run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "reg_a_blocks"
+run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "reg_a_blocks or async_scheduling"
 grep -E '^(PASSED|FAILED|ERROR)|passed|failed' "$R/tests.log" | tail -8 >> "$R/progress.txt"
 if grep -q "^PASSED.*test_mxfp4_moe_reg_a_blocks\[32-2048\]" "$R/tests.log"; then
   run moe20-rega 300 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 64 256 512 2048 --reg-a
