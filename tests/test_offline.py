@@ -68,11 +68,10 @@ def test_async_scheduling_gives_each_prompt_its_tokens_alone(engine: Engine) -> 
     one per tick that finished a sequence)."""
     prompts = [engine.render(Request(id=str(i), prompt=p)) for i, p in enumerate(PROMPTS)]
     longest = max(len(p) for p in prompts) + max(LIMITS)
-    alone = drain(QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set()))
+    sync = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())
+    alone = drain(sync)
     run = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set(), overlap=True)
     assert drain(run) == alone
-    sync = QueueRun(batcher(engine, 3, longest, 64), prompts, LIMITS, set())
-    drain(sync)
     assert sync.steps <= run.steps <= sync.steps + len(PROMPTS)
     stop = alone[2][0][4]
     want = drain(QueueRun(batcher(engine, 2, longest, 4096), prompts, LIMITS, {stop}))
