@@ -12,8 +12,10 @@
 #      size each, not the server's 5-minute warm-up), with a kernel profile; 256-token prompts: the static
 #      decoder prefills a batch in one forward, and 512 x 1,024 tokens' MoE temporaries beside the copy would not
 #      fit (~8 min);
-#   5. if time is left: the offline target at batch 256 (continuous, async, vs static rounds; its warm-ups alone
-#      took more than 9 minutes in the eighth session: give it 20).
+#   5. if time is left: the offline target at batch 128 (continuous, async, vs static rounds; its warm-ups alone
+#      took more than 9 minutes at batch 256 in the eighth session: give it 20). Not 256: a static round prefills
+#      all its rows in one forward (256 x ~2,000 tokens: ~60 GB of MoE temporaries beside the copy and a 39 GB
+#      static cache would not fit).
 # Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
 #
@@ -57,6 +59,6 @@ done
 run offline20 1200 $PY -m runtime.bench bench.mode=offline model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     experts=mxfp4 experts.dequantized_above_tokens=128 generation.async_scheduling=true \
     bench.num_prompts=512 bench.input_len=1050 bench.output_len=525 \
-    bench.range_ratio=0.9 'bench.batch_sizes=[256]' $OUT bench.out_dir=$R/offline20
+    bench.range_ratio=0.9 'bench.batch_sizes=[128]' $OUT bench.out_dir=$R/offline20
 grep -E "offline batch" "$R/offline20.log" >> "$R/progress.txt"
 stamp "all done"
