@@ -14,8 +14,8 @@
 #      fit (~8 min);
 #   5. if time is left: the offline target at batch 128 (continuous, async, vs static rounds; its warm-ups alone
 #      took more than 9 minutes at batch 256 in the eighth session: give it 20). Not 256: a static round prefills
-#      all its rows in one forward (256 x ~2,000 tokens: by estimate ~60 GB of MoE temporaries beside the copy and a 39 GB
-#      static cache would not fit).
+#      all its rows in one forward (256 x ~2,000 tokens: by estimate ~60 GB of MoE temporaries, which beside the
+#      copy and a 39 GB static cache would not fit).
 # Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
 #
