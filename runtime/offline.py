@@ -104,10 +104,8 @@ class QueueRun:
         if self.overlap:
             ready, self._pending = self._pending, launched
         if ready is not None:
-            out = ready[0].tolist()
-            for row, seq, epoch in ready[1]:
-                if self.planner.land(seq, epoch):
-                    self._add(seq, out[row], finished)
+            for seq, token in self.planner.land(ready[1], ready[0].tolist()):
+                self._add(seq, token, finished)
         self.decode_seconds += time.perf_counter() - t0
         if self.done:
             self._pending = None  # a last step for sequences that had ended: nothing of it is anyone's

@@ -158,19 +158,21 @@ class Planner:
         writes, what its blocks hold)."""
         out = []
         for row, seq in enumerate(self.rows):  # row order: the order the drivers book a step's tokens in
-            if seq is not None and row not in self.filling:
+            if self.decoding(row):
                 seq.inflight += 1
                 out.append((row, seq, seq.epoch))
         return out
 
-    def land(self, seq: Seq, epoch: int) -> bool:
-        """The token of a step `launch` listed `seq` in has been read: True if it is still that sequence's to take
-        (it has not left its row since; else its step's token is dropped: a finished sequence's, or a preempted
-        one's, which draws it again)."""
-        if seq.epoch != epoch or seq.inflight < 1:
-            return False
-        seq.inflight -= 1
-        return True
+    def land(self, launched: list[tuple[int, Seq, int]], tokens: list[int]) -> list[tuple[Seq, int]]:
+        """A step `launch` listed has been read (`tokens`, one per row): each sequence still in the row it ran in
+        with its token, for the driver to book (in row order). A sequence that has left its row since gets nothing:
+        a finished one's extra step goes to no one, a preempted one draws its token again."""
+        out = []
+        for row, seq, epoch in launched:
+            if seq.epoch == epoch and seq.inflight >= 1:
+                seq.inflight -= 1
+                out.append((seq, tokens[row]))
+        return out
 
     def finish(self, seq: Seq) -> None:
         """The sequence ended (or is dropped): its row is freed at the next plan, its blocks now."""

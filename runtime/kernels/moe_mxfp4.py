@@ -277,11 +277,8 @@ if HAVE_TRITON:
         """uint8 bytes [...] and their groups' bf16x2 scales sc (uint32, _scale_bf16x2) -> (low, high) nibbles as
         bf16 values times their scale, [...] each, without a float conversion (_e2m1_bf16_asm; GPUs only).
         SCALE_EACH: for layouts whose 4 packed registers are not 4 bytes of one group (_dot_reg's)."""
-        if SCALE_EACH:
-            return tl.inline_asm_elementwise(_BF16_EACH_ASM, "=r,=r,=r,=r,r,r,r,r,r", [wb, sc],
-                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        return tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,=r,=r,r,r,r,r,r", [wb, sc],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_BF16_EACH_ASM if SCALE_EACH else _BF16_ASM, "=r,=r,=r,=r,r,r,r,r,r",
+                                         [wb, sc], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
     @triton.jit
     def _scale_bf16x2(s):

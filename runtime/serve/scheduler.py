@@ -266,9 +266,9 @@ class Scheduler:
             generated = self.counters.generated_tokens
             for row, seq, epoch in launched:
                 if row in failed and seq.epoch == epoch and not seq.payload.finished:
-                    self._fail(seq, row, failed[row])  # (its token is then not its own)
-                if self.planner.land(seq, epoch):
-                    self._deliver(seq, tokens[row])
+                    self._fail(seq, row, failed[row])  # (its row left: its token is then not its own)
+            for seq, token in self.planner.land(launched, tokens):
+                self._deliver(seq, token)
             self.times.generated += self.counters.generated_tokens - generated
 
     def _report(self) -> None:
