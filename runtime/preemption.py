@@ -1,6 +1,7 @@
 """Stopping early without losing work: SIGTERM/SIGUSR1 (Slurm preemption, the time-limit signal) or a
-stop file (created by slurm/torchrun.sh) ask the run to stop after the current batch; the ranks agree
-on it between batches, rank 0 has flushed everything by then, and a re-run resumes."""
+stop file (created by slurm/torchrun.sh) ask the run to stop; the ranks agree on it between static
+rounds or every Engine.SYNC_STEPS decode steps of continuous batching, rank 0 has flushed every record
+finished in order by then, and a re-run resumes."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        log.warning("%s received: stopping after the current batch (send it again to exit now)",
+        log.warning("%s received: stopping at the next check (the end of the batch with static rounds, a few "
+                    "decode steps with continuous batching; send it again to exit now)",
                     signal.Signals(signum).name)
         self.signalled = signum
 

@@ -144,25 +144,32 @@ def test_a_stopped_run_under_torchrun(tmp_path: Path) -> None:
     assert done.returncode == 0 and len(read_jsonl(out)) == 4, done.stderr[-2000:]
 
 
-def test_a_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
-    """One SIGTERM stops after the current batch; a batch of 100,000 new tokens would hold the job for many
-    minutes (and a second SIGTERM was ignored too). The second signal now ends the process at once; the
-    output keeps every record of the batches finished before (none here)."""
+def _generate_until_started(out: Path, *overrides: str) -> subprocess.Popen[str]:
+    """runtime.generate of one prompt and up to 100,000 new tokens, returned once it says what it will generate."""
     import os
-    import signal
     import sys
-    import time
 
     from tests.conftest import CPU, ROOT
 
-    out = tmp_path / "out.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", *CPU, "generation.max_new_tokens=100000",
-                             "generation.batch_size=1", "prompts.texts=[hi]", f"output.path={out}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "generation.batch_size=1", "prompts.texts=[hi]", f"output.path={out}", *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # type: ignore[union-attr]
         if "to generate" in line:
             break
+    return proc
+
+
+def test_a_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
+    """With static rounds one SIGTERM stops after the current batch; a batch of 100,000 new tokens would hold
+    the job for many minutes (and a second SIGTERM was ignored too). The second signal now ends the process at
+    once; the output keeps every record of the batches finished before (none here)."""
+    import signal
+    import time
+
+    out = tmp_path / "out.jsonl"
+    proc = _generate_until_started(out, "generation.batching=static")
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -174,3 +181,23 @@ def test_a_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
         proc.kill()
     assert code == -signal.SIGTERM
     assert not out.exists() or out.read_text() == ""
+
+
+def test_one_stop_signal_ends_a_continuous_run_between_steps(tmp_path: Path) -> None:
+    """With continuous batching (the default) there is no batch to wait for: the ranks agree on a stop every
+    Engine.SYNC_STEPS decode steps, so one SIGTERM ends a 100,000-token request with exit 75 ("run again")
+    and a run record that says `stopped`. (The second-signal test raced with this on a fast machine.)"""
+    import signal
+
+    from runtime.preemption import EXIT_STOPPED
+
+    out = tmp_path / "out.jsonl"
+    proc = _generate_until_started(out)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)  # a hang detector, not a timing
+    finally:
+        proc.kill()
+    assert code == EXIT_STOPPED
+    assert not out.exists() or out.read_text() == ""
+    assert json.loads(Path(f"{out}.run.json").read_text())["status"] == "stopped"
