@@ -23,6 +23,12 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+_control: Any = None
+"""Every rank in one gloo group (made by `init`): the host objects and flags the scheduler, the offline queue and
+the entries exchange (plans, finished records, stop votes) travel on it, so they never wait for a GPU stream.
+On NCCL they would: a collective of host objects on the default group copies through the device, and its
+receive waits for everything queued before it, which undoes async scheduling's overlap."""
+
 
 class LayoutError(UserError):
     """The parallel configuration cannot run on this world or this model; the message names the fix."""
@@ -174,6 +180,8 @@ def init(layout: WorldLayout, device: torch.device, backend: str = "auto", dtype
             timeout=timedelta(minutes=30),
             device_id=device if device.type == "cuda" else None,
         )
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=timedelta(minutes=30))  # collective, like the ones below
     groups = Groups()
     tp, mp = layout.tp_size, layout.mp_size
     # new_group is collective: every rank creates every group, in the same order.
@@ -209,7 +217,7 @@ def gather_to_writer(obj: Any, layout: WorldLayout) -> list[Any] | None:
     if layout.world_size == 1:
         return [obj]
     out: list[Any] | None = [None] * layout.world_size if layout.is_writer else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=_control)
     return out
 
 
@@ -218,16 +226,16 @@ def broadcast_object(obj: Any, layout: WorldLayout) -> Any:
     if layout.world_size == 1:
         return obj
     box = [obj if layout.is_writer else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control)
     return box[0]
 
 
-def any_rank(flag: bool, layout: WorldLayout, device: torch.device) -> bool:
+def any_rank(flag: bool, layout: WorldLayout) -> bool:
     """True on every rank if `flag` is true on any rank."""
     if layout.world_size == 1:
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
 
 

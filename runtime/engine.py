@@ -112,7 +112,7 @@ class Engine:
         par = cfg.parallel
         self.layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
         modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation,
-                               cfg.experts.dequantized_above_tokens)
+                               cfg.experts.dequantized_above_tokens, cfg.attention.gemv_max_tokens)
         _check_generation(cfg.generation)
         static_ok = ("eager", "gqa_sinks", "triton_sinks")
         if cfg.generation.kv_cache == "static" and cfg.attention.implementation not in static_ok:
@@ -152,6 +152,7 @@ class Engine:
             loaded = modeling.build(
                 self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
                 cfg.attention.implementation, cfg.experts.implementation, cfg.experts.dequantized_above_tokens,
+                cfg.attention.gemv_max_tokens,
             )
         self.model = loaded.model
         self.load_seconds = loaded.load_seconds
@@ -274,7 +275,7 @@ class Engine:
         collected: list[dict[str, Any]] | None = [] if lay.is_writer else None
         self.stopped_early = False
         for r in range(math.ceil(len(requests) / per_round)):
-            if should_stop is not None and distributed.any_rank(should_stop(), lay, self.device):
+            if should_stop is not None and distributed.any_rank(should_stop(), lay):
                 self.stopped_early = True
                 break
             chunk = requests[r * per_round : (r + 1) * per_round]
@@ -317,7 +318,7 @@ class Engine:
         finished = new_tokens = tick = 0
         while True:
             if should_stop is not None and tick % self.SYNC_STEPS == 0 and distributed.any_rank(
-                    should_stop(), lay, self.device):  # before the first step too, and every SYNC_STEPS
+                    should_stop(), lay):  # before the first step too, and every SYNC_STEPS
                 self.stopped_early = True
                 break
             for f in run.tick() if run is not None and not run.done else []:
@@ -333,7 +334,7 @@ class Engine:
             elif sync:  # a replica that is done idles until the next sync (no GPU work)
                 parts = distributed.gather_to_writer(outbox if lay.is_replica_leader else [], lay)
                 arrived = [item for part in parts for item in part] if parts is not None else []
-                last = not distributed.any_rank(not idle, lay, self.device)
+                last = not distributed.any_rank(not idle, lay)
             else:
                 arrived, last = [], False
             if lay.dp_size == 1 or sync:

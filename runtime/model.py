@@ -39,10 +39,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_kernels(attention: str, hub_download: bool, experts: str,
-                  dequantized_above_tokens: int | None = None) -> None:
+                  dequantized_above_tokens: int | None = None, gemv_max_tokens: int = 0) -> None:
     """Fail before loading weights when a requested kernel cannot be had."""
+    from runtime.kernels import gemv
+
     if experts not in EXPERTS:
         raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
+    if isinstance(gemv_max_tokens, bool) or not isinstance(gemv_max_tokens, int) \
+            or not 0 <= gemv_max_tokens <= gemv.MAX_TOKENS:
+        raise KernelError(f"attention.gemv_max_tokens={gemv_max_tokens!r}: a number of tokens per step from 0 (off) "
+                          f"to {gemv.MAX_TOKENS}")
+    if gemv_max_tokens and attention != "triton_sinks":
+        raise KernelError(f"attention.gemv_max_tokens={gemv_max_tokens} runs attention=triton's projections through "
+                          f"our GEMV, but attention.implementation={attention}: use attention=triton, or "
+                          f"attention.gemv_max_tokens=0")
     if dequantized_above_tokens is not None:
         if experts != "mxfp4":
             raise KernelError(
@@ -93,9 +103,11 @@ def build(
     attention: str,
     experts: str,
     dequantized_above_tokens: int | None = None,
+    gemv_max_tokens: int = 0,
 ) -> LoadedModel:
     """The sharded model on `device`, weights loaded, ready for inference. dequantized_above_tokens: see
-    ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens)."""
+    ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens);
+    gemv_max_tokens: see AttentionConfig."""
     from accelerate import init_empty_weights
     from transformers import GptOssForCausalLM
 
@@ -159,7 +171,7 @@ def build(
     model.requires_grad_(False)
     if attention != "eager":
         model.set_attn_implementation(attention)
-    fused.apply(model, attention, experts)
+    fused.apply(model, attention, experts, gemv_max_tokens)
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,

@@ -64,8 +64,8 @@ def test_static_cache_gives_the_dynamic_cache_tokens(tmp_path: Path, attn: str) 
 
 
 def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path) -> None:
-    """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV) in Triton's
-    interpreter == transformers' loop."""
+    """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV, its decode steps
+    and o_proj through the GEMV: attention.gemv_max_tokens) in Triton's interpreter == transformers' loop."""
     prompts = tmp_path / "p.jsonl"
     texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3]
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
@@ -74,7 +74,8 @@ def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     fast = tmp_path / "fast.jsonl"
     subprocess.run([sys.executable, "-m", "runtime.generate", *common, f"output.path={fast}",
-                    "attention=triton", "experts=triton", "generation.kv_cache=static"], cwd=ROOT, env=env, check=True,
+                    "attention=triton", "attention.gemv_max_tokens=16", "experts=triton", "generation.kv_cache=static"],
+                   cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     ref = tmp_path / "ref.jsonl"
     generate([*common, f"output.path={ref}", "generation.kv_cache=dynamic"])

@@ -119,6 +119,17 @@ def test_layouts_give_one_gpus_tokens_and_exit(tmp_path: Path, one_gpu: tuple[li
         assert b["vocab"] == full["vocab"] / (tp * ep) and b["other"] == full["other"]
 
 
+def test_async_scheduling_on_nccl_gives_one_gpus_tokens(tmp_path: Path, one_gpu: tuple[list[dict], dict]) -> None:
+    """generation.async_scheduling at tp=2 on NCCL (the step launched before the last one's tokens are read; the
+    ranks' stop votes and records on the gloo control group, distributed._control): one GPU's greedy tokens, and
+    the job exits by itself."""
+    out = tmp_path / "out.jsonl"
+    run_until_exit(["-m", "runtime.generate", *COMMON, *FAST, "parallel.tp_size=2", "generation.async_scheduling=true",
+                    f"output.path={out}"])
+    ref, _ = one_gpu
+    assert [r["completion_ids"] for r in read_jsonl(out)] == [r["completion_ids"] for r in ref]
+
+
 def test_bench_exits_on_nccl(tmp_path: Path) -> None:
     """runtime.bench at tp=2 (fast path, graphs, torch.compile) writes its results and exits by itself."""
     out_dir = tmp_path / "bench"

@@ -196,6 +196,41 @@ print("ok")
 """
 
 
+GEMV_CHECK = """
+import torch
+import torch.nn.functional as F
+from runtime.kernels import gemv
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for m in (1, 2, 5, 16):  # one token: the register sums; more: tl.dot on 16 padded rows
+    for n, k in ((40, 72), (16, 32), (33, 100)):  # blocks that do not divide the shapes
+        for dtype in (torch.float32, torch.float16):
+            for with_bias in (True, False):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
+                b = (torch.randn(n, generator=g) * 0.1).to(dtype) if with_bias else None
+                assert gemv.usable(x, w, 16)
+                ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+                out = gemv.linear(x, w, b)
+                assert out.shape == (m, n) and out.dtype == dtype and not out.isnan().any()
+                worst = max(worst, ((out.float() - ref).norm() / ref.norm()).item())
+x = torch.randn(2, 3, 40, generator=g)  # leading dims kept; a strided input is made dense
+w = torch.randn(24, 40, generator=g)
+torch.testing.assert_close(gemv.linear(x, w, None), F.linear(x, w), rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(gemv.linear(x.transpose(0, 1), w, None), F.linear(x.transpose(0, 1), w), rtol=1e-4, atol=1e-4)
+assert not gemv.usable(torch.randn(17, 40), w, 16) and not gemv.usable(torch.randn(3, 40), w, 2)
+assert not gemv.usable(torch.randn(3, 40), w, 0)
+print("worst", worst)
+"""
+
+
+def test_gemv_kernel_in_the_interpreter() -> None:
+    """runtime/kernels/gemv.py == F.linear for 1 to 16 tokens, shapes its blocks do not divide, with and without
+    a bias; more tokens than allowed take F.linear."""
+    out = interpret(GEMV_CHECK)
+    assert float(out.split()[-1]) < 1e-3, out
+
+
 def test_router_kernel_in_the_interpreter() -> None:
     """The router (top-k kernel) == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
     assert interpret(ROUTER_CHECK).split()[-1] == "ok"

@@ -11,6 +11,12 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
+
+--gemv: instead, the attention's projections (q/k/v 5,120 x 2,880 and o_proj 2,880 x 4,096, bf16, and their
+tensor-parallel halves) through cuBLAS (F.linear) and our GEMV (runtime/kernels/gemv.py) at each token count up
+to 16, with the bandwidth each reaches (attention.gemv_max_tokens):
+
+    python -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ def main() -> None:
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
                     help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
+    ap.add_argument("--gemv", action="store_true", help="time the attention projections' GEMV against cuBLAS instead")
     args = ap.parse_args()
+    if args.gemv:
+        return gemv_bench(args.tokens)
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:
@@ -134,6 +143,33 @@ def main() -> None:
                 first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
                 for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):
                     print(f"{'':>6} {kernel.fn.__name__:>16} {first(v):8.3f} ms  {cfg}")
+
+def gemv_bench(token_counts: list[int]) -> None:
+    """cuBLAS against runtime/kernels/gemv.py at gpt-oss's projection shapes, each replayed from a CUDA graph."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from runtime.kernels import gemv
+
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    copy_bw = 2 * src.numel() / triton.testing.do_bench(lambda: torch.empty_like(src).copy_(src),
+                                                         return_mode="median") / 1e6
+    print(f"projections, bf16; copy bandwidth {copy_bw:.0f} GB/s")
+    print(f"{'tokens':>6} {'N x K':>12} {'impl':>7} {'us':>8} {'GB/s':>8} {'of copy':>8} {'rel.err':>8}")
+    shapes = {"qkv": (5120, 2880), "o": (2880, 4096), "qkv/tp2": (2560, 2880), "o/tp2": (2880, 2048)}
+    for t in [t for t in token_counts if t <= gemv.MAX_TOKENS]:  # (more tokens: F.linear on both sides)
+        for name, (n, k) in shapes.items():
+            x = torch.randn(t, k, device="cuda").bfloat16()
+            w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+            b = (torch.randn(n, device="cuda") * 0.02).bfloat16()
+            ref = F.linear(x.float(), w.float(), b.float())
+            nbytes = (n * k + n + t * (k + n)) * 2
+            for impl, fn in (("cublas", lambda: F.linear(x, w, b)), ("gemv", lambda: gemv.linear(x, w, b))):
+                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                ms = triton.testing.do_bench(_graphed(fn), return_mode="median")
+                gbs = nbytes / ms / 1e6
+                print(f"{t:>6} {name:>12} {impl:>7} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
+
 
 if __name__ == "__main__":
     main()
