@@ -234,3 +234,66 @@ def test_gemv_kernel_in_the_interpreter() -> None:
 def test_router_kernel_in_the_interpreter() -> None:
     """The router (top-k kernel) == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
     assert interpret(ROUTER_CHECK).split()[-1] == "ok"
+
+
+def test_gemv_compiles_for_hopper() -> None:
+    """Every autotuned tile of the GEMV, in both forms (one token in registers, tl.dot on 16 padded rows), compiles
+    to sm_90 code with Triton's own ptxas (no GPU needed; a tile the interpreter accepts but the GPU compiler does
+    not would fail autotuning mid-run), and loads the weights 16 bytes at a time."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from runtime.kernels import gemv
+
+    fn = gemv._gemv_kernel.fn
+    names = fn.arg_names
+    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
+    configs = gemv._gemv_kernel.configs
+    assert len(configs) > 1  # the GPU's list, not the interpreter's one tile
+    for config in configs:
+        for dot in (False, True):
+            consts = {"HAS_BIAS": True, "DOT": dot, "IEEE": False, **config.kwargs}
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+            src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                            attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                                   if n.endswith("_ptr") or n in ("K", "stride_xm")})
+            kernel = compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            ptx = kernel.asm["ptx"]
+            assert kernel.asm["cubin"] and re.search(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global.*, 0x10,",
+                                                     ptx), (config, dot)
+
+
+class _Traced(Exception):
+    """Raised by the test backend once dynamo has handed it the whole graph."""
+
+
+def test_torch_compile_traces_the_gemv(monkeypatch) -> None:  # noqa: ANN001
+    """torch.compile sees the GEMV as a user-defined Triton kernel (as in the compiled decode step on a GPU; here
+    the GPU checks are patched) in both forms, inside one graph."""
+    import pytest
+    import torch.utils._triton as torch_triton
+
+    from runtime.kernels import gemv
+
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(gemv, "triton_usable", lambda device: True)
+    g = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(48, 64, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+    w2 = torch.randn(32, 48, generator=g).bfloat16()
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    def two(x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(gemv.linear(x, w1, b1), w2, None)
+
+    for tokens in (1, 8):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+            torch.compile(two, backend=backend, fullgraph=True)(torch.randn(tokens, 64, generator=g).bfloat16())
+        assert sum("triton_kernel_wrapper" in t for t in graphs[-1]) == 2

@@ -37,7 +37,7 @@ if HAVE_TRITON:
             return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w, st in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4),
-                                      (16, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (8, 512, 4, 4))]
+                                      (16, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (16, 1024, 8, 2))]
 
     @triton.autotune(configs=_configs(), key=["M", "N", "K"])
     @triton.jit
