@@ -160,7 +160,8 @@ class Engine:
         # one stream of draws per data-parallel replica (its tp/ep ranks share it: the leader decides)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed + self.layout.dp_rank)
         self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph,
-                                          compile=cfg.generation.compile)
+                                          compile=cfg.generation.compile,
+                                          max_prefill_tokens=cfg.generation.max_prefill_tokens)
         self.stats = Stats()
         self.stopped_early = False
         self.batcher: ContinuousBatcher | None = None  # continuous batching's rows, made by the first run

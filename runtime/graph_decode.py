@@ -130,8 +130,9 @@ class GraphDecoder:
     """Prefill + decode over a StaticKVCache; the decode step is a CUDA graph on GPUs."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, use_graph: bool,
-                 compile: bool = False) -> None:
+                 compile: bool = False, max_prefill_tokens: int | None = None) -> None:
         self.model = model
+        self.max_prefill_tokens = max_prefill_tokens  # a bigger prefill goes in column chunks (see run)
         self.cfg = model.config
         self.dtype, self.device = dtype, device
         # transformers' eager experts loop syncs with the host every layer: nothing to capture
@@ -237,8 +238,15 @@ class GraphDecoder:
         positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.full_like(mask, -1))  # [B, T]; pads -1
         buf["slot_pos"].fill_(-1)
         buf["slot_pos"][:, :width] = positions
-        cache.slots = torch.arange(width, device=self.device)
-        logits = self._prefill(buf, ids, positions)
+        chunk = max(1, self.max_prefill_tokens // batch) if self.max_prefill_tokens else width
+        if chunk >= width:
+            cache.slots = torch.arange(width, device=self.device)
+            logits = self._prefill(buf, ids, positions)
+        else:  # column chunks, eagerly: a query sees slots holding positions <= its own, all in this chunk or
+            for start in range(0, width, chunk):  # before it (the slot table holds the whole prompt already)
+                end = min(width, start + chunk)
+                cache.slots = torch.arange(start, end, device=self.device)
+                logits = self._forward(buf, ids[:, start:end], positions[:, start:end])
         buf["slot"].fill_(width)
         cache.slots = buf["slot"]  # decode steps write at buf["slot"], which the loop advances in place
         buf["pos"].copy_(positions[:, -1:])

@@ -63,9 +63,28 @@ def test_static_cache_gives_the_dynamic_cache_tokens(tmp_path: Path, attn: str) 
     assert runs["static"] == runs["dynamic"]
 
 
+@pytest.mark.parametrize("attn", ["eager", "triton"])
+def test_static_rounds_prefill_in_column_chunks(tmp_path: Path, attn: str) -> None:
+    """generation.max_prefill_tokens below rows x prompt width: a static round's prefill runs in column chunks
+    (3 rows x 7 columns here, the long prompt's 100+ tokens in 15 forwards, across the 32-token window) and
+    gives the tokens of one forward."""
+    prompts = tmp_path / "p.jsonl"
+    texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3, "2+2?"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    runs = {}
+    for budget in (8192, 21):
+        out = tmp_path / f"{budget}.jsonl"
+        generate([f"prompts.path={prompts}", f"output.path={out}", "output.token_ids=true", f"attention={attn}",
+                  "generation.batching=static", f"generation.max_prefill_tokens={budget}",
+                  "generation.max_new_tokens=24", "generation.batch_size=3"])
+        runs[budget] = [r["completion_ids"] for r in read_jsonl(out)]
+    assert runs[21] == runs[8192]
+
+
 def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path) -> None:
     """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV, its decode steps
-    and o_proj through the GEMV: attention.gemv_max_tokens) in Triton's interpreter == transformers' loop."""
+    and o_proj through the GEMV: attention.gemv_max_tokens) in Triton's interpreter == transformers' loop; so do
+    static rounds whose prefill goes in column chunks (the flash kernel's queries at a chunk's slots)."""
     prompts = tmp_path / "p.jsonl"
     texts = ["hi", "A prompt long enough to run past the tiny model's 32-token sliding window " * 3]
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
@@ -77,6 +96,12 @@ def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path)
                     "attention=triton", "attention.gemv_max_tokens=16", "experts=triton", "generation.kv_cache=static"],
                    cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
+    chunked = tmp_path / "chunked.jsonl"
+    subprocess.run([sys.executable, "-m", "runtime.generate", *common, f"output.path={chunked}", "attention=triton",
+                    "experts=triton", "generation.batching=static", "generation.max_prefill_tokens=40"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     ref = tmp_path / "ref.jsonl"
     generate([*common, f"output.path={ref}", "generation.kv_cache=dynamic"])
-    assert [r["completion_ids"] for r in read_jsonl(fast)] == [r["completion_ids"] for r in read_jsonl(ref)]
+    want = [r["completion_ids"] for r in read_jsonl(ref)]
+    assert [r["completion_ids"] for r in read_jsonl(fast)] == want
+    assert [r["completion_ids"] for r in read_jsonl(chunked)] == want

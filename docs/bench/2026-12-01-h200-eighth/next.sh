@@ -12,13 +12,13 @@
 #      batch 1 / 8 again with attention.gemv_max_tokens=16 if its GPU tests passed (~10 min);
 #   4. why 512 streams served 10,293 tok/s with the bf16 copy (eighth session) where experts=triton had served
 #      12,370 (seventh): the 512-row decode step alone, both ways, one runtime.bench each (one compile of one step
-#      size each, not the server's 5-minute warm-up), with a kernel profile; 256-token prompts: the static
-#      decoder prefills a batch in one forward, and 512 x 1,024 tokens' MoE temporaries beside the copy would not
-#      fit (~8 min);
+#      size each, not the server's 5-minute warm-up), with a kernel profile; 256-token prompts (the static
+#      decoder prefills in column chunks of generation.max_prefill_tokens since the ninth session, but these rows
+#      stay comparable with the earlier ones) (~8 min);
 #   5. if time is left: the offline target at batch 128 (continuous, async, vs static rounds; its warm-ups alone
-#      took more than 9 minutes at batch 256 in the eighth session: give it 20). Not 256: a static round prefills
-#      all its rows in one forward (256 x ~2,000 tokens: by estimate ~60 GB of MoE temporaries, which beside the
-#      copy and a 39 GB static cache would not fit).
+#      took more than 9 minutes at batch 256 in the eighth session: give it 20). 256 would now fit (static rounds
+#      prefill in column chunks of 8,192 tokens, no longer ~60 GB of MoE temporaries in one forward) but costs
+#      more warm-up than this script has left.
 # Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
 #
