@@ -7,9 +7,9 @@ At batch 1 a decode step is ~600 small launches; each saved launch is ~5 us of a
   subclass whose forward runs the one matmul and splits it; the rest is transformers' forward.
 - experts=triton or mxfp4: the router's sort-based top-k and softmax become one Triton kernel at decode
   sizes (runtime/kernels/router.py), by the same kind of subclass.
-- attention=triton with attention.gemv_max_tokens > 0: the one q/k/v matmul and o_proj run our Triton GEMV
-  (runtime/kernels/gemv.py) in steps of at most that many tokens; o_proj's class becomes a subclass of
-  nn.Linear, so its hooks (tensor parallel's all-reduce) stay.
+- generation.gemv_max_tokens > 0: attention=triton's one q/k/v matmul and o_proj, and the fused router's
+  matmul, run our Triton GEMV (runtime/kernels/gemv.py) in steps of at most that many tokens; o_proj's class
+  becomes a subclass of nn.Linear, so its hooks (tensor parallel's all-reduce) stay.
 All are applied after the weights are loaded and sharded (runtime/model.py).
 """
 
@@ -102,3 +102,4 @@ def apply(model: nn.Module, attention: str, experts: str, gemv_max_tokens: int =
                 o.gemv_max_tokens = gemv_max_tokens
         if experts in (moe.NAME, moe_mxfp4.NAME) and type(layer.mlp.router) is GptOssTopKRouter:
             layer.mlp.router.__class__ = FusedRouter
+            layer.mlp.router.gemv_max_tokens = gemv_max_tokens

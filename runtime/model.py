@@ -47,12 +47,12 @@ def check_kernels(attention: str, hub_download: bool, experts: str,
         raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
     if isinstance(gemv_max_tokens, bool) or not isinstance(gemv_max_tokens, int) \
             or not 0 <= gemv_max_tokens <= gemv.MAX_TOKENS:
-        raise KernelError(f"attention.gemv_max_tokens={gemv_max_tokens!r}: a number of tokens per step from 0 (off) "
+        raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens!r}: a number of tokens per step from 0 (off) "
                           f"to {gemv.MAX_TOKENS}")
-    if gemv_max_tokens and attention != "triton_sinks":
-        raise KernelError(f"attention.gemv_max_tokens={gemv_max_tokens} runs attention=triton's projections through "
-                          f"our GEMV, but attention.implementation={attention}: use attention=triton, or "
-                          f"attention.gemv_max_tokens=0")
+    if gemv_max_tokens and attention != "triton_sinks" and experts not in ("triton", "mxfp4"):
+        raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens} runs the projections of attention=triton and "
+                          f"the router of experts=triton / mxfp4 through our GEMV, but here attention={attention} and "
+                          f"experts={experts}: use attention=triton (or experts=triton), or generation.gemv_max_tokens=0")
     if dequantized_above_tokens is not None:
         if experts != "mxfp4":
             raise KernelError(
@@ -107,7 +107,7 @@ def build(
 ) -> LoadedModel:
     """The sharded model on `device`, weights loaded, ready for inference. dequantized_above_tokens: see
     ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens);
-    gemv_max_tokens: see AttentionConfig."""
+    gemv_max_tokens: see GenerationConfig."""
     from accelerate import init_empty_weights
     from transformers import GptOssForCausalLM
 

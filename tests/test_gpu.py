@@ -199,12 +199,12 @@ def test_compiled_decode_step_equals_plain(attention: str, experts: str) -> None
 
 
 def test_gemv_projections_give_cublas_tokens() -> None:
-    """attention.gemv_max_tokens=16: the decode steps' q/k/v and o_proj through runtime/kernels/gemv.py (compiled,
+    """generation.gemv_max_tokens=16: the decode steps' q/k/v, o_proj and router through runtime/kernels/gemv.py (compiled,
     captured; float32 in IEEE) give cuBLAS's greedy tokens: three prompts run steps of 8 rows (the tl.dot form),
     one prompt the one-token form."""
     for prompts in (PROMPTS, PROMPTS[:1]):
         runs = []
-        for extra in ([], ["attention.gemv_max_tokens=16"]):
+        for extra in ([], ["generation.gemv_max_tokens=16"]):
             eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
                                               "experts=mxfp4", "generation.compile=true", "generation.max_new_tokens=24",
                                               "output.token_ids=true", *extra]))
@@ -213,10 +213,10 @@ def test_gemv_projections_give_cublas_tokens() -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 8, 16])
-@pytest.mark.parametrize(("n", "k"), [(5120, 2880), (2880, 4096), (2560, 2880), (2880, 2048)])
+@pytest.mark.parametrize(("n", "k"), [(5120, 2880), (2880, 4096), (2560, 2880), (2880, 2048), (32, 2880), (128, 2880)])
 def test_gemv_real_shapes(tokens: int, n: int, k: int) -> None:
-    """The GEMV at gpt-oss's projection shapes (q/k/v and o_proj, whole and at tp=2), bf16, against F.linear in
-    fp32: relative error <= 1e-2, no NaN."""
+    """The GEMV at gpt-oss's projection shapes (q/k/v and o_proj, whole and at tp=2; the 20b's and the 120b's
+    routers), bf16, against F.linear in fp32: relative error <= 1e-2, no NaN."""
     import torch.nn.functional as F
 
     from runtime.kernels import gemv

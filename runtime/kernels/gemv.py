@@ -1,17 +1,18 @@
-"""The attention's projections at decode sizes (a few tokens) as one Triton GEMV each.
+"""The bf16 projections at decode sizes (a few tokens) as one Triton GEMV each.
 
 At batch 1 a gpt-oss decode step reads its attention weights once per layer: q/k/v [5,120 x 2,880] and o
-[2,880 x 4,096] in bf16, 29.5 and 23.6 MB. cuBLAS runs them at 61-69% of the H200's copy rate, o_proj as a
-split-K GEMM plus a reduce kernel (docs/benchmarks.md, the third session's batch-1 profile of the 120b:
-0.69 ms of its 3.29 ms step). Here one kernel streams each weight once: program n takes BLOCK_N output
-features over the whole inner dimension, for every token of the step (at most MAX_TOKENS), accumulates in
-fp32 and adds the bias. Two forms, chosen by the token count: one token multiplies and sums in registers
-(no tensor cores, nothing padded); 2..MAX_TOKENS tokens go through tl.dot with the tokens padded to 16
-rows (the weight tile is what costs; the padded rows' math is free beside it).
+[2,880 x 4,096] in bf16, 29.5 and 23.6 MB, and the router's [32 or 128 x 2,880]. cuBLAS runs q/k/v at 69% of
+the H200's copy rate, o_proj and the router as split-K GEMMs plus a reduce kernel each (docs/benchmarks.md, the
+third session's batch-1 profile of the 120b: 0.98 ms of its 3.29 ms step). Here one kernel streams each weight
+once: program n takes BLOCK_N output features over the whole inner dimension, for every token of the step (at
+most MAX_TOKENS), accumulates in fp32 and adds the bias. Two forms, chosen by the token count: one token
+multiplies and sums in registers (no tensor cores, nothing padded); 2..MAX_TOKENS tokens go through tl.dot with
+the tokens padded to 16 rows (the weight tile is what costs; the padded rows' math is free beside it).
 
-Used by attention=triton's fused projections when `attention.gemv_max_tokens` > 0 (off by default until it
-is timed on a GPU: `python -m runtime.kernels.microbench --gemv`). Where Triton cannot run (no GPU, and not
-TRITON_INTERPRET=1), and for more tokens, F.linear.
+Used by attention=triton's fused projections and by the fused router (runtime/kernels/router.py) when
+`generation.gemv_max_tokens` > 0 (off by default until it is timed on a GPU: `python -m
+runtime.kernels.microbench --gemv`). Where Triton cannot run (no GPU, and not TRITON_INTERPRET=1), and for more
+tokens, F.linear.
 """
 
 from __future__ import annotations

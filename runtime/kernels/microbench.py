@@ -12,9 +12,9 @@ dequantized (what every other implementation holds), bytes counted as each holds
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
 
---gemv: instead, the attention's projections (q/k/v 5,120 x 2,880 and o_proj 2,880 x 4,096, bf16, and their
-tensor-parallel halves) through cuBLAS (F.linear) and our GEMV (runtime/kernels/gemv.py) at each token count up
-to 16, with the bandwidth each reaches (attention.gemv_max_tokens):
+--gemv: instead, the bf16 projections (q/k/v 5,120 x 2,880 and o_proj 2,880 x 4,096, their tensor-parallel
+halves, the routers 32 / 128 x 2,880) through cuBLAS (F.linear) and our GEMV (runtime/kernels/gemv.py) at each
+token count up to 16, with the bandwidth each reaches (generation.gemv_max_tokens):
 
     python -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 """
@@ -156,7 +156,8 @@ def gemv_bench(token_counts: list[int]) -> None:
                                                          return_mode="median") / 1e6
     print(f"projections, bf16; copy bandwidth {copy_bw:.0f} GB/s")
     print(f"{'tokens':>6} {'N x K':>12} {'impl':>7} {'us':>8} {'GB/s':>8} {'of copy':>8} {'rel.err':>8}")
-    shapes = {"qkv": (5120, 2880), "o": (2880, 4096), "qkv/tp2": (2560, 2880), "o/tp2": (2880, 2048)}
+    shapes = {"qkv": (5120, 2880), "o": (2880, 4096), "qkv/tp2": (2560, 2880), "o/tp2": (2880, 2048),
+              "router20": (32, 2880), "router120": (128, 2880)}
     for t in [t for t in token_counts if t <= gemv.MAX_TOKENS]:  # (more tokens: F.linear on both sides)
         for name, (n, k) in shapes.items():
             x = torch.randn(t, k, device="cuda").bfloat16()

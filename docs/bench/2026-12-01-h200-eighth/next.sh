@@ -9,7 +9,7 @@
 #      / 10,293 tok/s at 1 / 64 / 512 streams) with generation.async_scheduling=true, the server's new stats lines
 #      (serve.stats_seconds: GPU wait vs host ms a step, the stream writer's share) and its warm-up by part (~10 min);
 #   3. issue 14's rows on the 120b (synthesize, then runtime.bench at batch 1 / 8 / 64, the pairs GEMV on), then
-#      batch 1 / 8 again with attention.gemv_max_tokens=16 if its GPU tests passed (~10 min);
+#      batch 1 / 8 again with generation.gemv_max_tokens=16 if its GPU tests passed (~10 min);
 #   4. why 512 streams served 10,293 tok/s with the bf16 copy (eighth session) where experts=triton had served
 #      12,370 (seventh): the 512-row decode step alone, both ways, one runtime.bench each (one compile of one step
 #      size each, not the server's 5-minute warm-up), with a kernel profile; 256-token prompts (the static
@@ -55,7 +55,7 @@ run bench120 600 $PY -m runtime.bench model=gpt-oss-120b model.path=/dev/shm/ck1
 grep -E "batch +[0-9]+:" "$R/bench120.log" | tail -3 >> "$R/progress.txt"
 if grep -q "^PASSED.*test_gemv_projections_give_cublas_tokens" "$R/tests.log"; then
   run bench120-gemv 600 $PY -m runtime.bench model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST experts=mxfp4 \
-      attention.gemv_max_tokens=16 bench.input_len=1024 bench.output_len=128 bench.repetitions=2 \
+      generation.gemv_max_tokens=16 bench.input_len=1024 bench.output_len=128 bench.repetitions=2 \
       'bench.batch_sizes=[1,8]' bench.profile=true $OUT bench.out_dir=$R/bench120-gemv
   grep -E "batch +[0-9]+:" "$R/bench120-gemv.log" | tail -2 >> "$R/progress.txt"
 fi
