@@ -42,7 +42,7 @@ mkdir -p "$RUN_DIR/logs"
 export GPTOSS_STOP_FILE="$RUN_DIR/STOP"
 STOPPED="${GPTOSS_STOP_FILE}PED"  # written by rank 0 when it stopped early with prompts left
 rm -f "$GPTOSS_STOP_FILE" "$STOPPED"
-trap 'echo "[torchrun.sh] $(date -Is) stop requested: ranks finish the current batch"; touch "$GPTOSS_STOP_FILE"' USR1 TERM
+trap 'echo "[torchrun.sh] $(date -Is) stop requested: ranks stop at their next check"; touch "$GPTOSS_STOP_FILE"' USR1 TERM
 
 echo "[torchrun.sh] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $PROCS rank(s)," \
      "rendezvous $HEAD_ADDR:$PORT, -m $MODULE $*"
