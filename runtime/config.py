@@ -130,8 +130,9 @@ class GenerationConfig:
     """Continuous batching: the most prompt tokens prefilled between two decode steps (chunked prefill: a
     longer prompt goes in pieces over several steps, its keys kept in its row, so running sequences wait
     for at most this many tokens of prefill per step). Static rounds (and runtime.bench's fixed rows): a round
-    whose rows x prompt width exceeds it is prefilled in column chunks of at most this many tokens, so the
-    forward's temporaries (the MoE's above all) stay bounded at any batch size."""
+    whose rows x prompt width exceeds it is prefilled in column chunks of at most this many tokens (one column
+    at a time where the rows alone are more), so the forward's temporaries (the MoE's above all) stay bounded
+    at any batch size."""
     async_scheduling: bool = False
     """Continuous batching (runtime.generate, the offline bench, the server): launch each decode step before the
     last one's tokens are read, so the host's planning and booking run while the GPU works instead of between

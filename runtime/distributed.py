@@ -260,7 +260,9 @@ def shutdown() -> None:
     done = threading.Event()
 
     def destroy() -> None:
+        global _control
         try:
+            _control = None  # destroyed with the rest
             dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - the results are written; say so and leave
             log.warning("NCCL teardown failed: %s", e)

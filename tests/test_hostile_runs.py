@@ -185,14 +185,18 @@ def test_a_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
 
 def test_one_stop_signal_ends_a_continuous_run_between_steps(tmp_path: Path) -> None:
     """With continuous batching (the default) there is no batch to wait for: the ranks agree on a stop every
-    Engine.SYNC_STEPS decode steps, so one SIGTERM ends a 100,000-token request with exit 75 ("run again")
-    and a run record that says `stopped`. (The second-signal test raced with this on a fast machine.)"""
+    Engine.SYNC_STEPS decode steps, so one SIGTERM part-way through a 100,000-token request ends it at the next
+    such step with exit 75 ("run again") and a run record that says `stopped`. (The second-signal test raced
+    with this on a fast machine.)"""
     import signal
+    import time
 
+    from runtime.engine import Engine
     from runtime.preemption import EXIT_STOPPED
 
     out = tmp_path / "out.jsonl"
     proc = _generate_until_started(out)
+    time.sleep(2)  # decoding (~100 steps a second on the CPU)
     proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(timeout=120)  # a hang detector, not a timing
@@ -200,4 +204,6 @@ def test_one_stop_signal_ends_a_continuous_run_between_steps(tmp_path: Path) -> 
         proc.kill()
     assert code == EXIT_STOPPED
     assert not out.exists() or out.read_text() == ""
-    assert json.loads(Path(f"{out}.run.json").read_text())["status"] == "stopped"
+    run = json.loads(Path(f"{out}.run.json").read_text())
+    steps = run["replica0"]["decode_steps"]
+    assert run["status"] == "stopped" and steps > 0 and steps % Engine.SYNC_STEPS == 0, run

@@ -218,8 +218,14 @@ x = torch.randn(2, 3, 40, generator=g)  # leading dims kept; a strided input is 
 w = torch.randn(24, 40, generator=g)
 torch.testing.assert_close(gemv.linear(x, w, None), F.linear(x, w), rtol=1e-4, atol=1e-4)
 torch.testing.assert_close(gemv.linear(x.transpose(0, 1), w, None), F.linear(x.transpose(0, 1), w), rtol=1e-4, atol=1e-4)
+rows = torch.randn(3, 64, generator=g)[:, :40]  # rows 64 apart: read through the row stride
+torch.testing.assert_close(gemv.linear(rows, w, None), F.linear(rows, w), rtol=1e-4, atol=1e-4)
 assert not gemv.usable(torch.randn(17, 40), w, 16) and not gemv.usable(torch.randn(3, 40), w, 2)
 assert not gemv.usable(torch.randn(3, 40), w, 0)
+strided_bias = torch.randn(48, generator=g)[::2]  # the kernel reads a dense bias: F.linear takes this one
+x3 = torch.randn(3, 40, generator=g)
+assert not gemv.usable(x3, w, 16, strided_bias)
+torch.testing.assert_close(gemv.linear(x3, w, strided_bias), F.linear(x3, w, strided_bias))
 print("worst", worst)
 """
 
@@ -237,9 +243,9 @@ def test_router_kernel_in_the_interpreter() -> None:
 
 
 def test_gemv_compiles_for_hopper() -> None:
-    """Every autotuned tile of the GEMV, in both forms (one token in registers, tl.dot on 16 padded rows), compiles
-    to sm_90 code with Triton's own ptxas (no GPU needed; a tile the interpreter accepts but the GPU compiler does
-    not would fail autotuning mid-run), and loads the weights 16 bytes at a time."""
+    """Every candidate tile of the GEMV (the fixed ones among them), in both forms (one token in registers, tl.dot
+    on 16 padded rows), compiles to sm_90 code with Triton's own ptxas (no GPU needed; a tile the interpreter
+    accepts but the GPU compiler does not would fail on the GPU), and loads the weights 16 bytes at a time."""
     import re
 
     from triton.backends.compiler import GPUTarget
@@ -247,23 +253,21 @@ def test_gemv_compiles_for_hopper() -> None:
 
     from runtime.kernels import gemv
 
-    fn = gemv._gemv_kernel.fn
+    fn = gemv._gemv_kernel
     names = fn.arg_names
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-    configs = gemv._gemv_kernel.configs
-    assert len(configs) > 1  # the GPU's list, not the interpreter's one tile
-    for config in configs:
+    assert set(gemv.TILES.values()) <= set(gemv.CANDIDATES)
+    for block_n, block_k, warps, stages in gemv.CANDIDATES:
         for dot in (False, True):
-            consts = {"HAS_BIAS": True, "DOT": dot, "IEEE": False, **config.kwargs}
+            consts = {"HAS_BIAS": True, "DOT": dot, "IEEE": False, "BLOCK_N": block_n, "BLOCK_K": block_k}
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
             src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                                    if n.endswith("_ptr") or n in ("K", "stride_xm")})
-            kernel = compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global.*, 0x10,",
-                                                     ptx), (config, dot)
+                                                     ptx), (block_n, block_k, dot)
 
 
 class _Traced(Exception):

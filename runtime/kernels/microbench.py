@@ -14,7 +14,8 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
 --gemv: instead, the bf16 projections (q/k/v 5,120 x 2,880 and o_proj 2,880 x 4,096, their tensor-parallel
 halves, the routers 32 / 128 x 2,880) through cuBLAS (F.linear) and our GEMV (runtime/kernels/gemv.py) at each
-token count up to 16, with the bandwidth each reaches (generation.gemv_max_tokens):
+token count up to 16, with the bandwidth each reaches (generation.gemv_max_tokens): cuBLAS, our fixed tile
+(gemv.TILES) and the fastest of gemv.CANDIDATES:
 
     python -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 """
@@ -155,7 +156,8 @@ def gemv_bench(token_counts: list[int]) -> None:
     copy_bw = 2 * src.numel() / triton.testing.do_bench(lambda: torch.empty_like(src).copy_(src),
                                                          return_mode="median") / 1e6
     print(f"projections, bf16; copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'tokens':>6} {'N x K':>12} {'impl':>7} {'us':>8} {'GB/s':>8} {'of copy':>8} {'rel.err':>8}")
+    print(f"{'tokens':>6} {'shape':>12} {'impl (tile: BN, BK, warps, stages)':>24} {'us':>8} {'GB/s':>8} {'of copy':>8} "
+          f"{'rel.err':>8}")
     shapes = {"qkv": (5120, 2880), "o": (2880, 4096), "qkv/tp2": (2560, 2880), "o/tp2": (2880, 2048),
               "router20": (32, 2880), "router120": (128, 2880)}
     for t in [t for t in token_counts if t <= gemv.MAX_TOKENS]:  # (more tokens: F.linear on both sides)
@@ -165,12 +167,18 @@ def gemv_bench(token_counts: list[int]) -> None:
             b = (torch.randn(n, device="cuda") * 0.02).bfloat16()
             ref = F.linear(x.float(), w.float(), b.float())
             nbytes = (n * k + n + t * (k + n)) * 2
-            for impl, fn in (("cublas", lambda: F.linear(x, w, b)), ("gemv", lambda: gemv.linear(x, w, b))):
+            fixed = gemv.TILES[t > 1]
+            runs = [("cublas", lambda: F.linear(x, w, b))]
+            runs += [(str(tile) + (" fixed" if tile == fixed else ""), lambda tile=tile: gemv.linear(x, w, b, tile=tile))
+                     for tile in gemv.CANDIDATES]
+            timed = []
+            for impl, fn in runs:
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = triton.testing.do_bench(_graphed(fn), return_mode="median")
+                timed.append((triton.testing.do_bench(_graphed(fn), return_mode="median"), impl, err))
+            best = min(timed[1:])
+            for ms, impl, err in [timed[0], *(r for r in timed[1:] if r is best or r[1].endswith("fixed"))]:
                 gbs = nbytes / ms / 1e6
-                print(f"{t:>6} {name:>12} {impl:>7} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
-
+                print(f"{t:>6} {name:>12} {impl:>24} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
 
 if __name__ == "__main__":
     main()
