@@ -253,6 +253,10 @@ class BenchConfig:
     per GPU are right."""
     served_model: str | None = None
     """serve mode: the model id requests name; null: the first of GET /v1/models."""
+    client_processes: int = 0
+    """serve mode: client processes that share each point's requests (and its concurrency and rate), so that
+    reading hundreds of streams token by token is not held back by one Python process's GIL; 0: one per 64
+    concurrent streams, at most one per core."""
     goodput: Objectives = field(default_factory=lambda: Objectives())
     """serve mode: service-level objectives (e.g. bench.goodput.ttft=500 bench.goodput.tpot=50); goodput =
     requests per second that met every objective set. None set: not computed."""

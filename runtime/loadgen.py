@@ -181,14 +181,27 @@ def draw_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: in
             for _ in range(n)]
 
 
-def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
-              seed: int) -> tuple[list[Result], float]:
-    """All requests of `work`, at most `concurrency` in flight, sent at `rate` per second (Poisson) or at
-    once; (results in order, seconds from the first send to the last answer)."""
+STREAMS_PER_CLIENT = 64
+"""bench.client_processes=0 (auto): one client process per this many concurrent streams, at most one per core."""
+
+
+def client_processes(setting: int, concurrency: int) -> int:
+    """Processes that share a point's requests: `setting`, or with 0 one per STREAMS_PER_CLIENT streams (at most
+    os.cpu_count()); never more than the concurrency."""
+    if setting < 0:
+        raise UserError(f"bench.client_processes={setting}: give a number of processes >= 1, or 0 (automatic)")
+    auto = min(math.ceil(concurrency / STREAMS_PER_CLIENT), os.cpu_count() or 1)
+    return max(1, min(setting or auto, concurrency))
+
+
+def _send_all(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
+              seed: int) -> tuple[list[Result], float, float]:
+    """One process's share: the requests over `concurrency` threads; (results in order, wall-clock time of the
+    first send and of the last answer)."""
     rng = random.Random(seed)
     pool = ThreadPoolExecutor(concurrency)
     try:
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), time.time()
         futures = []
         due = 0.0
         for prompt, out_len in work:
@@ -197,9 +210,36 @@ def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency
                 time.sleep(max(0.0, t0 + due - time.perf_counter()))
             futures.append(pool.submit(endpoint.complete, prompt, out_len))
         results = [f.result() for f in futures]
-        return results, time.perf_counter() - t0
+        return results, start, start + time.perf_counter() - t0
     finally:  # on Ctrl-C or a stop: the requests not started yet are dropped, not run
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
+              seed: int, processes: int = 1) -> tuple[list[Result], float]:
+    """All requests of `work`, at most `concurrency` in flight, sent at `rate` per second (Poisson) or at
+    once; (results in order, seconds from the first send to the last answer).
+
+    With `processes` > 1 the requests are dealt out round robin to that many client processes, each with its
+    share of the concurrency and of the rate (Poisson arrivals split at random stay Poisson): one Python
+    process reading hundreds of streams token by token runs out of its one GIL before a fast server runs out
+    of tokens (ITL medians of ~0 show it: tokens read in bursts), and the client must not be what is
+    measured."""
+    processes = max(1, min(processes, concurrency, len(work)))
+    if processes == 1:
+        results, start, end = _send_all(endpoint, work, concurrency, rate, seed)
+        return results, end - start
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [(work[p::processes], concurrency // processes + (p < concurrency % processes),
+               rate / processes if rate else None, seed + p) for p in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_send_all, [endpoint] * processes, *zip(*shares)))
+    results: list[Result | None] = [None] * len(work)
+    for p, (part, _, _) in enumerate(parts):
+        results[p::processes] = part
+    return results, max(end for _, _, end in parts) - min(start for _, start, _ in parts)  # type: ignore[return-value]
 
 
 def _stats(values: list[float], name: str, scale: float = 1000.0) -> dict[str, float | None]:
@@ -381,6 +421,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"bench.request_rate={b.request_rate}: give requests per second > 0, or null for all at once")
     if b.num_prompts is not None and b.num_prompts < 1:
         raise UserError(f"bench.num_prompts={b.num_prompts}: give at least 1 request per concurrency, or null")
+    client_processes(b.client_processes, 1)  # a bad setting fails before a server starts
     if b.baseline or b.profile:
         log.warning("bench.mode=serve measures a server over HTTP: bench.baseline and bench.profile do not apply")
     out_dir = Path(b.out_dir or report.default_dir(cfg))
@@ -407,19 +448,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             impl = "ours"
         for c in concurrency:
             work = points[c]
+            procs = client_processes(b.client_processes, c)
             if b.warmup > 0:  # compilation, graph capture and autotuning for these shapes happen here, untimed
-                run_point(endpoint, warm[c], c, None, b.seed)
-            results, duration = run_point(endpoint, work, c, b.request_rate, b.seed)
+                run_point(endpoint, warm[c], c, None, b.seed, procs)
+            results, duration = run_point(endpoint, work, c, b.request_rate, b.seed, procs)
             m = metrics(results, duration, slo)
             errors = [r.error for r in results if r.error]
             if errors:
                 log.warning("concurrency %d: %d of %d requests failed, e.g. %s", c, len(errors), len(results), errors[0])
-            per_point.append({"concurrency": c, **m})
+            per_point.append({"concurrency": c, "client_processes": procs, **m})
             rows.append(row(cfg, m, c, world, impl))
             log.info("serve concurrency %4d: %8.1f output tok/s  %.2f req/s  TTFT %7.1f ms  TPOT %6.2f ms  "
-                     "ITL %6.2f ms (median)%s", c, m["output_throughput"], m["request_throughput"],
+                     "ITL %6.2f ms (median; %d client process%s)%s", c, m["output_throughput"], m["request_throughput"],
                      m["median_ttft_ms"] or float("nan"), m["median_tpot_ms"] or float("nan"),
-                     m["median_itl_ms"] or float("nan"),
+                     m["median_itl_ms"] or float("nan"), procs, "" if procs == 1 else "es",
                      f"  {m['total_cached_tokens']} of {m['total_input_tokens']} prompt tokens cached" if b.prefix_len else "")
     finally:
         signal.signal(signal.SIGTERM, previous)

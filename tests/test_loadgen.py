@@ -83,6 +83,27 @@ def test_another_server_through_its_url(tmp_path: Path) -> None:
     assert r["impl"] == "url" and r["world_size"] == 2 and r["output_tok_s_per_gpu"] == pytest.approx(r["output_tok_s"] / 2)
 
 
+def test_client_processes_share_a_point(tmp_path: Path) -> None:
+    """bench.client_processes=2: the requests dealt out to two client processes (spawned) with half the concurrency
+    each; every request is answered once, in order, with its own lengths, as with one process; the point says how
+    many processes read it. The automatic count: one per 64 streams, at most one per core, never above the
+    concurrency."""
+    import os
+
+    assert loadgen.client_processes(0, 1) == 1 and loadgen.client_processes(0, 64) == 1
+    assert loadgen.client_processes(0, 512) == min(8, os.cpu_count() or 1)
+    assert loadgen.client_processes(3, 2) == 2 and loadgen.client_processes(4, 512) == 4
+    with torchrun_server(tmp_path, 1, ["serve.max_len=256", "serve.max_batch=4"]) as server:
+        endpoint = loadgen.Endpoint(server.base_url)
+        work = loadgen.draw_lengths(7, 24, 6, 0.5, 3)
+        results, duration = loadgen.run_point(endpoint, work, 4, None, 0, processes=2)
+        alone, _ = loadgen.run_point(endpoint, work, 4, None, 0, processes=1)
+    assert [r.error for r in results] == [None] * 7 and duration > 0
+    assert [(r.input_len, r.output_len) for r in results] == [(len(ids), n) for ids, n in work]
+    assert [(r.input_len, r.output_len) for r in alone] == [(r.input_len, r.output_len) for r in results]
+    assert all(len(r.chunks) >= 1 and r.ttft is not None and 0 < r.ttft <= r.e2el <= duration for r in results)
+
+
 def test_metrics_arithmetic() -> None:
     a = loadgen.Result(10, output_len=4, ttft=0.1, e2el=0.4, chunks=[0.1, 0.2, 0.3, 0.4])
     b = loadgen.Result(20, output_len=3, ttft=0.2, e2el=1.2, chunks=[0.2, 0.7, 1.2])
@@ -106,6 +127,7 @@ def test_metrics_arithmetic() -> None:
     (["bench.num_prompts=0"], "num_prompts"),
     (["bench.prefix_len=-1"], "prefix_len"),
     (["bench.url=http://127.0.0.1:9"], "cannot reach"),
+    (["bench.client_processes=-1"], "client_processes"),
 ])
 def test_bad_settings_are_named(tmp_path: Path, overrides: list[str], match: str) -> None:
     with pytest.raises(UserError, match=match):

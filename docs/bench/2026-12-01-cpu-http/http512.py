@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("concurrency", type=int, nargs="*", default=[64, 256, 512])
     ap.add_argument("--step-ms", type=float, default=30.0)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--client-processes", type=int, default=1, help="client processes sharing each point's requests")
     args = ap.parse_args()
     q: mp.Queue = mp.Queue()
     proc = mp.Process(target=serve, args=(q, args.step_ms), daemon=True)
@@ -93,11 +94,12 @@ def main() -> None:
     for c in args.concurrency:
         work = [([1000 + i] * 64, args.tokens) for i in range(2 * c)]
         cpu0 = server_cpu()
-        results, duration = loadgen.run_point(endpoint, work, c, None, seed=0)
+        results, duration = loadgen.run_point(endpoint, work, c, None, seed=0, processes=args.client_processes)
         cpu = server_cpu() - cpu0
         m = loadgen.metrics(results, duration, {})
         offered = c * 1000 / args.step_ms  # tokens/s the paced backend produces with c streams running
-        print(json.dumps({"concurrency": c, "step_ms": args.step_ms, "offered_tok_s": round(offered),
+        print(json.dumps({"concurrency": c, "client_processes": args.client_processes, "step_ms": args.step_ms,
+                          "offered_tok_s": round(offered),
                           "delivered_tok_s": round(m["output_throughput"]), "failed": m["failed"],
                           "ttft_p50_ms": round(m["median_ttft_ms"], 1), "ttft_p99_ms": round(m["p99_ttft_ms"], 1),
                           "itl_p50_ms": round(m["median_itl_ms"], 1), "itl_p99_ms": round(m["p99_itl_ms"], 1),
