@@ -169,6 +169,35 @@ print("worst", worst)
 """
 
 
+FLASH_MERGE_CHECK = """
+import torch
+from runtime.kernels import flash
+g = torch.Generator().manual_seed(0)
+for b, hq, hkv, s, window in ((1, 8, 2, 900, None), (3, 4, 1, 700, 32), (2, 8, 2, 600, None)):
+    q = torch.randn(b, hq, 1, 16, generator=g)
+    k, v = (torch.randn(b, hkv, s, 16, generator=g) for _ in range(2))
+    sinks = torch.randn(hq, generator=g)
+    slot_pos = torch.arange(s).expand(b, s).contiguous()
+    slot_pos[0, :5] = -1  # a row with pads
+    m = flash.SlotMask(slot_pos, torch.full((b, 1), s - 1))
+    flash.MERGE_IN_KERNEL = False
+    ref = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
+    flash.MERGE_IN_KERNEL = True
+    for _ in range(2):  # the counters are back at zero after each call
+        out = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
+        assert out.shape == ref.shape and not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert int(flash._counters[q.device].abs().sum()) == 0
+print("merged", len(flash._counters))
+"""
+
+
+def test_flash_split_merge_in_the_kernel() -> None:
+    """Decode's split-K parts merged by the kernel's last split of each tile (flash.MERGE_IN_KERNEL) == the torch
+    merge, call after call (every tile's counter reset by its merging split), with pads and a window."""
+    assert interpret(FLASH_MERGE_CHECK).split() == ["merged", "1"]
+
+
 def test_paged_flash_attention_kernel_in_the_interpreter() -> None:
     """The kernel reading the paged cache's pools through scattered block tables (decode with split-K and a free
     row, a prompt's rest after cached blocks, sliding windows), against eager attention on the gathered keys."""
@@ -301,3 +330,60 @@ def test_torch_compile_traces_the_gemv(monkeypatch) -> None:  # noqa: ANN001
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
             torch.compile(two, backend=backend, fullgraph=True)(torch.randn(tokens, 64, generator=g).bfloat16())
         assert sum("triton_kernel_wrapper" in t for t in graphs[-1]) == 2
+
+
+def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
+    """The decode kernel with the in-kernel merge (acquire-release counter, last split merges) compiles to sm_90
+    code with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and without it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from runtime.kernels import flash
+
+    fn = flash._flash_kernel
+    names = fn.arg_names
+    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sink_ptr": "*bf16", "slot_pos_ptr": "*i64",
+            "q_slot_ptr": "*i64", "table_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "fin_ptr": "*bf16",
+            "cnt_ptr": "*i32", "scale_log2": "fp32"}
+    for merge in (True, False):
+        consts = {"G": 8, "D": 64, "BLOCK_M": 16, "BLOCK_N": 64, "SPLITS": 4, "IEEE": False, "PAGED": True, "BS": 16,
+                  "MERGE": merge}
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+        src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})
+        kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        ptx = kernel.asm["ptx"]
+        assert kernel.asm["cubin"]
+        # one thread's atomic between CTA barriers: the arrival (acquire-release, GPU scope) and the reset
+        assert ("atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.acq_rel.exch" in ptx) == merge, merge
+
+
+def test_torch_compile_traces_the_merging_flash_kernel(monkeypatch) -> None:  # noqa: ANN001
+    """torch.compile sees the decode kernel with the in-kernel merge as one user-defined Triton kernel (the counters
+    made before, at load, as flash.prepare does), with no torch merge after it."""
+    import pytest
+    import torch.utils._triton as torch_triton
+
+    from runtime.kernels import flash
+
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(flash, "triton_usable", lambda device: True)
+    monkeypatch.setattr(flash, "MERGE_IN_KERNEL", True)
+    flash.prepare(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 900, 16, generator=g) for _ in range(2))
+    sinks = torch.randn(8, generator=g)
+    m = flash.SlotMask(torch.arange(900).expand(1, 900).contiguous(), torch.full((1, 1), 899))
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+        torch.compile(lambda q: flash.flash_attention(q, k, v, sinks, m, 0.25, None), backend=backend,
+                      fullgraph=True)(q)
+    assert sum("triton_kernel_wrapper" in t for t in graphs[0]) == 1
+    assert not any("softmax" in t for t in graphs[0]), graphs[0]

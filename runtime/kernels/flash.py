@@ -15,7 +15,10 @@ visible keys plus one sink logit per head, the sink dropped after the softmax. H
   a pool of blocks and each row's block table says where its position s lives (block s // BS of the
   row's list, slot s % BS); position s is visible to the query at position q by the same rule;
 - decode (few query rows) splits the keys of a long cache over several programs (split-K) whose
-  partial results are merged by their log-sum-exp, so a batch of one still fills the GPU.
+  partial results are merged by their log-sum-exp, so a batch of one still fills the GPU. With
+  MERGE_IN_KERNEL the merge runs in the kernel: each split counts itself in on a per-tile counter (an
+  acquire-release atomic) and the last one to arrive merges every split's part and resets the counter, where
+  a softmax over the splits and a weighted sum in torch cost two more launches per layer.
 The bounds are read from tensors inside the kernel: no host sync, capturable in a CUDA graph.
 Where Triton cannot run (no GPU and not TRITON_INTERPRET=1) the same SlotMask becomes an additive
 mask (and a PagedMask's blocks are gathered first) for runtime.kernels.attention (gqa_sinks).
@@ -35,6 +38,22 @@ from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
 NAME = "triton_sinks"
 LOG2E = 1.4426950408889634
+
+MERGE_IN_KERNEL = False
+"""Decode's split-K parts merged by the kernel's last split of each tile (see the module doc), not by torch. Off
+until its GPU test (the same bits in 200 graph replays) and `microbench --flash` have run on a GPU: the
+interpreter runs programs one after another, so it cannot show a memory-ordering bug."""
+COUNTER_SLOTS = 1 << 16
+"""Tiles a decode call may have for the in-kernel merge (rows x KV heads; beyond: the torch merge)."""
+_counters: dict[torch.device, torch.Tensor] = {}
+"""Per device: the merge's arrival counters, zero between calls (the merging split resets its tile's)."""
+
+
+def prepare(device: torch.device) -> None:
+    """Make the in-kernel merge's counters for `device` (at load, outside any compiled or captured code: a tensor
+    made inside a traced step would be re-made, and re-zeroed by a launch, at every call)."""
+    if device not in _counters:
+        _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
 
 if HAVE_TRITON:
     import triton
@@ -105,14 +124,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _flash_kernel(
-        q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, table_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, sink_ptr, slot_pos_ptr, q_slot_ptr, table_ptr, o_ptr, lse_ptr, fin_ptr, cnt_ptr,
         sq_b, sq_h, sq_t,  # q [B, Hq, T, D] strides (D contiguous)
         sk_b, sk_h, sk_s,  # k [B, Hkv, S, D] strides (paged: [blocks, Hkv, BS, D]; D contiguous)
         sv_b, sv_h, sv_s,  # v likewise
         so_p, so_b, so_t,  # out [P, B, T, Hq, D] strides (Hq, D contiguous)
+        sf_b, sf_t,  # fin [B, T, Hq, D] strides (Hq, D contiguous): the merged output (MERGE)
         T, S, HKV, HQ, scale_log2, window, st_b,  # st_b: the block table's row stride
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        IEEE: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr,
+        IEEE: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, MERGE: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)  # rows x KV heads on the first axis: the one that may exceed 65,535
         pid_m = tl.program_id(1)
@@ -182,7 +202,32 @@ if HAVE_TRITON:
         tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
         if SPLITS > 1:  # log-sum-exp (natural) of this split's part, for the merge
             lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-            tl.store(lse_ptr + ((split * (tl.num_programs(0) // HKV) + b) * T + t) * HQ + h, lse, mask=row_ok)
+            rows_b = tl.num_programs(0) // HKV
+            tl.store(lse_ptr + ((split * rows_b + b) * T + t) * HQ + h, lse, mask=row_ok)
+            if MERGE:  # the tile's last split to arrive merges them all (the others' stores released to it)
+                tile = pid_bh * tl.num_programs(1) + pid_m
+                tl.debug_barrier()  # every thread's stores before the release
+                arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == SPLITS - 1:
+                    tl.debug_barrier()
+                    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                    for p in tl.static_range(SPLITS):
+                        lp = tl.load(lse_ptr + ((p * rows_b + b) * T + t) * HQ + h, mask=row_ok, other=float("-inf"))
+                        m_all = tl.maximum(m_all, lp)
+                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    merged = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+                    for p in tl.static_range(SPLITS):
+                        lp = tl.load(lse_ptr + ((p * rows_b + b) * T + t) * HQ + h, mask=row_ok, other=float("-inf"))
+                        w = tl.exp(lp - m_all)
+                        part = tl.load(o_ptr + p * so_p + b * so_b + t[:, None] * so_t + h[:, None] * D + d[None, :],
+                                       mask=row_ok[:, None], other=0.0)
+                        merged += w[:, None] * part
+                        total += w
+                    merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+                    tl.store(fin_ptr + b * sf_b + t[:, None] * sf_t + h[:, None] * D + d[None, :],
+                             merged.to(fin_ptr.dtype.element_ty), mask=row_ok[:, None])
+                    tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -211,19 +256,28 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     out = torch.empty((splits, b, t, hq, d), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, b, t, hq) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     grid = (b * hkv, triton.cdiv(rows, block_m), splits)
+    counters = _counters.get(q.device)
+    if counters is None and splits > 1 and MERGE_IN_KERNEL and not torch.compiler.is_compiling():
+        prepare(q.device)  # (eager: the first call; compiled steps find them made at load)
+        counters = _counters[q.device]
+    merge = splits > 1 and MERGE_IN_KERNEL and counters is not None and grid[0] * grid[1] <= COUNTER_SLOTS
+    fin = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device) if merge else out
     table = mask.table if paged else mask.slot_pos  # (the other pointer is not read)
     q_slot = mask.q_pos if paged else mask.q_slot
     _flash_kernel[grid](
-        q, k, v, sinks, mask.q_pos if paged else mask.slot_pos, q_slot.contiguous(), table, out, lse,
+        q, k, v, sinks, mask.q_pos if paged else mask.slot_pos, q_slot.contiguous(), table, out, lse, fin,
+        counters if merge else lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), fin.stride(0), fin.stride(1),
         t, s, hkv, hq, scaling * LOG2E, int(window or 0), table.stride(0),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
-        PAGED=paged, BS=k.shape[2] if paged else 1,
+        PAGED=paged, BS=k.shape[2] if paged else 1, MERGE=merge,
         num_warps=4 if decode else 8, num_stages=2 if decode else 3,
     )
     if splits == 1:
         return out[0]
+    if merge:
+        return fin
     weight = torch.softmax(lse, dim=0)  # [P, B, T, Hq]: each split's share of the total
     return (out * weight[..., None]).sum(0).to(q.dtype)
 

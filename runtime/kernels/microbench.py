@@ -18,6 +18,12 @@ token count up to 16, with the bandwidth each reaches (generation.gemv_max_token
 (gemv.TILES) and the fastest of gemv.CANDIDATES:
 
     python -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
+
+--flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
+64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
+(flash.MERGE_IN_KERNEL), at each token count as the batch:
+
+    python -m runtime.kernels.microbench --flash --tokens 1 8 64
 """
 
 from __future__ import annotations
@@ -65,9 +71,12 @@ def main() -> None:
                     help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
     ap.add_argument("--gemv", action="store_true", help="time the attention projections' GEMV against cuBLAS instead")
+    ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     args = ap.parse_args()
     if args.gemv:
         return gemv_bench(args.tokens)
+    if args.flash:
+        return flash_bench(args.tokens)
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:
@@ -179,6 +188,38 @@ def gemv_bench(token_counts: list[int]) -> None:
             for ms, impl, err in [timed[0], *(r for r in timed[1:] if r is best or r[1].endswith("fixed"))]:
                 gbs = nbytes / ms / 1e6
                 print(f"{t:>6} {name:>12} {impl:>24} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
+
+def flash_bench(batches: list[int], context: int = 1152) -> None:
+    """Decode attention (one query per row, `context` cached positions) with the split-K merge in torch and in the
+    kernel, each replayed from a CUDA graph; the merged outputs' difference."""
+    import triton.testing
+
+    from runtime.kernels import flash
+    from runtime.kvcache import BLOCK_SIZE
+
+    hq, hkv, d = 64, 8, 64
+    flash.prepare(torch.device("cuda"))
+    print(f"decode attention, {hq} query / {hkv} KV heads, head size {d}, {context} cached positions")
+    print(f"{'batch':>6} {'window':>7} {'torch merge us':>15} {'kernel merge us':>16} {'max diff':>9}")
+    for b in batches:
+        m = -(-context // BLOCK_SIZE)
+        blocks = b * m + 1
+        k_pool, v_pool = (torch.randn(blocks, hkv, BLOCK_SIZE, d, device="cuda").bfloat16() for _ in range(2))
+        table = (torch.randperm(blocks - 1, device="cuda")[: b * m].view(b, m) + 1).int()
+        mask = flash.PagedMask(table, torch.full((b, 1), context - 1, device="cuda"))
+        q = torch.randn(b, 1, hq, d, device="cuda").bfloat16().transpose(1, 2)
+        sinks = torch.randn(hq, device="cuda").bfloat16()
+        for window in (None, 128):
+            times, outs = [], []
+            for merge in (False, True):
+                flash.MERGE_IN_KERNEL = merge
+                fn = lambda window=window: flash.flash_attention(q, k_pool, v_pool, sinks, mask, 0.125, window)  # noqa: E731
+                outs.append(fn().float())
+                times.append(1e3 * triton.testing.do_bench(_graphed(fn), return_mode="median"))
+            flash.MERGE_IN_KERNEL = False
+            diff = (outs[0] - outs[1]).abs().max().item()
+            print(f"{b:>6} {window or 'full':>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
+
 
 if __name__ == "__main__":
     main()

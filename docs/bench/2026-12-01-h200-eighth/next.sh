@@ -3,8 +3,9 @@
 #   1. the register-operand MXFP4 blocks, repaired on the CPU after failing on the H200 in the eighth session
 #      (each byte its own scale): their GPU test (and async scheduling's, and the projections' GEMV's, built in the
 #      ninth session), then their time against the default blocks and our bf16 kernel (if faster than both from 256
-#      tokens: REG_A_BLOCKS=True, and the 20b serves without the bf16 copy), and the GEMV against cuBLAS at the
-#      projections' shapes (~8 min);
+#      tokens: REG_A_BLOCKS=True, and the 20b serves without the bf16 copy), the GEMV against cuBLAS at the
+#      projections' shapes, and decode attention's split merge in the kernel against torch's (if its test passed
+#      and it is faster: flash.MERGE_IN_KERNEL = True) (~9 min);
 #   2. the 20b's serving sweep as in the eighth session (4-bit experts, the bf16 copy above 128 tokens; 366 / 4,130
 #      / 10,293 tok/s at 1 / 64 / 512 streams) with generation.async_scheduling=true, the server's new stats lines
 #      (serve.stats_seconds: GPU wait vs host ms a step, the stream writer's share) and its warm-up by part (~10 min);
@@ -33,7 +34,7 @@ OUT="bench.plots=false bench.table=$R/table.csv"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
 run() { local name=$1 limit=$2; shift 2; stamp "start $name"; timeout "$limit" "$@" > "$R/$name.log" 2>&1; stamp "end $name rc=$?"; }
 $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
-run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "reg_a_blocks or async_scheduling or gemv"
+run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "reg_a_blocks or async_scheduling or gemv or flash_merge"
 grep -E '^(PASSED|FAILED|ERROR)|passed|failed' "$R/tests.log" | tail -8 >> "$R/progress.txt"
 if grep -q "^PASSED.*test_mxfp4_moe_reg_a_blocks\[32-2048\]" "$R/tests.log"; then
   run moe20-rega 300 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 64 256 512 2048 --reg-a
@@ -42,6 +43,8 @@ if grep -q "^PASSED.*test_mxfp4_moe_reg_a_blocks\[32-2048\]" "$R/tests.log"; the
 fi
 run gemv 180 $PY -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 grep -E "^ +[0-9]+ " "$R/gemv.log" >> "$R/progress.txt"
+run flash 120 $PY -m runtime.kernels.microbench --flash --tokens 1 8 64
+grep -E "^ +[0-9]+ " "$R/flash.log" >> "$R/progress.txt"
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run serve20-async 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     experts=mxfp4 experts.dequantized_above_tokens=128 generation.async_scheduling=true \
