@@ -189,9 +189,11 @@ def client_processes(setting: int, concurrency: int) -> int:
 
 
 def _send_all(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
-              seed: int) -> tuple[list[Result], float, float]:
-    """One process's share: the requests over `concurrency` threads; (results in order, wall-clock time of the
-    first send and of the last answer)."""
+              seed: int, start_at: float | None = None) -> tuple[list[Result], float, float]:
+    """One process's share: the requests over `concurrency` threads, the first sent at wall-clock `start_at` (if
+    given); (results in order, wall-clock time of the first send and of the last answer)."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     rng = random.Random(seed)
     pool = ThreadPoolExecutor(concurrency)
     try:
@@ -209,27 +211,45 @@ def _send_all(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+CLIENT_START_SECONDS = 300.0
+"""How long spawned client processes may take to start (each imports the bench's modules): a failure guard."""
+
+
 def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
               seed: int, processes: int = 1) -> tuple[list[Result], float]:
     """All requests of `work`, at most `concurrency` in flight, sent at `rate` per second (Poisson) or at
     once; (results in order, seconds from the first send to the last answer).
 
-    With `processes` > 1 the requests are dealt out round robin to that many client processes (spawned), each
-    with its share of the concurrency and of the rate (Poisson arrivals split at random stay Poisson): for servers
-    faster than one Python process can read token by token (on the development machine one process read 512
-    streams at 15,400 tok/s with ITLs at the server's pace, docs/benchmarks.md), so that the client is not what
-    is measured."""
+    With `processes` > 1 (lowered to a divisor of the concurrency) the requests are dealt out round robin to that
+    many client processes (spawned), each with an equal share of the concurrency and of the rate (Poisson
+    arrivals split at random stay Poisson), all starting at one wall-clock time once every process has started:
+    for servers faster than one Python process can read token by token (on the development machine one process
+    read 512 streams at 15,400 tok/s with ITLs at the server's pace, docs/benchmarks.md), so that the client is
+    not what is measured. A request waits for a slot of its own process, not of any."""
     processes = max(1, min(processes, concurrency, len(work)))
+    while concurrency % processes:
+        processes -= 1
     if processes == 1:
         results, start, end = _send_all(endpoint, work, concurrency, rate, seed)
         return results, end - start
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    shares = [(work[p::processes], concurrency // processes + (p < concurrency % processes),
-               rate / processes if rate else None, seed + p) for p in range(processes)]
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_send_all, [endpoint] * processes, *zip(*shares)))
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Barrier(processes + 1)
+    pool = ctx.Pool(processes, initializer=started.wait)  # each process waits here once its imports are done
+    try:
+        started.wait(CLIENT_START_SECONDS)
+        start_at = time.time() + 0.1  # (the shares' hand-over)
+        parts = pool.starmap(_send_all, [(endpoint, work[p::processes], concurrency // processes,
+                                          rate / processes if rate else None, seed + p, start_at)
+                                         for p in range(processes)], chunksize=1)
+    except BaseException:  # Ctrl-C, a stop, a client that could not start: the clients go too
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
     results: list[Result | None] = [None] * len(work)
     for p, (part, _, _) in enumerate(parts):
         results[p::processes] = part

@@ -85,17 +85,19 @@ def test_another_server_through_its_url(tmp_path: Path) -> None:
 
 def test_client_processes_share_a_point(tmp_path: Path) -> None:
     """bench.client_processes=2: the requests dealt out to two client processes (spawned) with half the concurrency
-    each; every request is answered once, in order, with its own lengths, as with one process; never more
-    processes than the concurrency."""
+    each, started together; every request is answered once, in order, with its own lengths, as with one process;
+    never more processes than the concurrency, and a number that divides it."""
     assert loadgen.client_processes(3, 2) == 2 and loadgen.client_processes(4, 512) == 4
     with torchrun_server(tmp_path, 1, ["serve.max_len=256", "serve.max_batch=4"]) as server:
         endpoint = loadgen.Endpoint(server.base_url)
         work = loadgen.draw_lengths(7, 24, 6, 0.5, 3)
         results, duration = loadgen.run_point(endpoint, work, 4, None, 0, processes=2)
         alone, _ = loadgen.run_point(endpoint, work, 4, None, 0, processes=1)
+        odd, _ = loadgen.run_point(endpoint, work, 3, None, 0, processes=2)  # 3 streams: one process (a divisor)
     assert [r.error for r in results] == [None] * 7 and duration > 0
     assert [(r.input_len, r.output_len) for r in results] == [(len(ids), n) for ids, n in work]
     assert [(r.input_len, r.output_len) for r in alone] == [(r.input_len, r.output_len) for r in results]
+    assert [(r.input_len, r.output_len) for r in odd] == [(r.input_len, r.output_len) for r in results]
     assert all(len(r.chunks) >= 1 and r.ttft is not None and 0 < r.ttft <= r.e2el <= duration for r in results)
 
 

@@ -210,20 +210,20 @@ if HAVE_TRITON:
                 arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
                 if arrived == SPLITS - 1:
                     tl.debug_barrier()
-                    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                    for p in tl.static_range(SPLITS):
-                        lp = tl.load(lse_ptr + ((p * rows_b + b) * T + t) * HQ + h, mask=row_ok, other=float("-inf"))
-                        m_all = tl.maximum(m_all, lp)
-                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                     total = tl.zeros([BLOCK_M], dtype=tl.float32)
                     merged = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-                    for p in tl.static_range(SPLITS):
+                    for p in range(SPLITS):  # one pass, rescaled as the running max grows (not unrolled: up to ~260)
                         lp = tl.load(lse_ptr + ((p * rows_b + b) * T + t) * HQ + h, mask=row_ok, other=float("-inf"))
-                        w = tl.exp(lp - m_all)
                         part = tl.load(o_ptr + p * so_p + b * so_b + t[:, None] * so_t + h[:, None] * D + d[None, :],
                                        mask=row_ok[:, None], other=0.0)
-                        merged += w[:, None] * part
-                        total += w
+                        m_new = tl.maximum(m_run, lp)
+                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        keep = tl.exp(m_run - m_safe)
+                        w = tl.exp(lp - m_safe)
+                        merged = merged * keep[:, None] + w[:, None] * part
+                        total = total * keep + w
+                        m_run = m_new
                     merged = merged / tl.where(total > 0, total, 1.0)[:, None]
                     tl.store(fin_ptr + b * sf_b + t[:, None] * sf_t + h[:, None] * D + d[None, :],
                              merged.to(fin_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -232,6 +232,13 @@ if HAVE_TRITON:
 
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def decode_splits(device: torch.device, b: int, hkv: int, t: int, s: int, window: int | None) -> int:
+    """Programs a decode call splits each row's keys over: until the grid covers the GPU, >= 256 keys a split."""
+    span = min(s, (window or s) + t)  # keys one block of rows can see, at most
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(math.ceil(span / 256), math.ceil(2 * sms / (b * hkv))))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -248,17 +255,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     decode = rows <= 64
     block_m = _pow2_at_least(rows, 16) if decode else 128
     block_n = 64
-    span = min(s, (window or s) + t)  # keys one block of rows can see, at most
-    splits = 1
-    if decode:  # split the keys until the grid covers the GPU, keeping >= 256 keys per split
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        splits = max(1, min(math.ceil(span / 256), math.ceil(2 * sms / (b * hkv))))
+    splits = decode_splits(q.device, b, hkv, t, s, window) if decode else 1
     out = torch.empty((splits, b, t, hq, d), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, b, t, hq) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     grid = (b * hkv, triton.cdiv(rows, block_m), splits)
     counters = _counters.get(q.device)
-    if counters is None and splits > 1 and MERGE_IN_KERNEL and not torch.compiler.is_compiling():
-        prepare(q.device)  # (eager: the first call; compiled steps find them made at load)
+    if counters is None and splits > 1 and MERGE_IN_KERNEL and not torch.compiler.is_compiling() \
+            and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a fill in a capture waits for a replay)
+        prepare(q.device)  # (eager, the first call; compiled and captured steps find them made at load)
         counters = _counters[q.device]
     merge = splits > 1 and MERGE_IN_KERNEL and counters is not None and grid[0] * grid[1] <= COUNTER_SLOTS
     fin = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device) if merge else out

@@ -23,7 +23,7 @@ token count up to 16, with the bandwidth each reaches (generation.gemv_max_token
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
 (flash.MERGE_IN_KERNEL), at each token count as the batch:
 
-    python -m runtime.kernels.microbench --flash --tokens 1 8 64
+    python -m runtime.kernels.microbench --flash --tokens 1 8 16
 """
 
 from __future__ import annotations
@@ -191,25 +191,31 @@ def gemv_bench(token_counts: list[int]) -> None:
 
 def flash_bench(batches: list[int], context: int = 1152) -> None:
     """Decode attention (one query per row, `context` cached positions) with the split-K merge in torch and in the
-    kernel, each replayed from a CUDA graph; the merged outputs' difference."""
+    kernel, each replayed from a CUDA graph; the merged outputs' difference. Only calls that split (a full layer,
+    at most ~132 rows x KV heads) have a merge to compare."""
     import triton.testing
 
     from runtime.kernels import flash
     from runtime.kvcache import BLOCK_SIZE
 
     hq, hkv, d = 64, 8, 64
-    flash.prepare(torch.device("cuda"))
+    device = torch.device("cuda", torch.cuda.current_device())
+    flash.prepare(device)
     print(f"decode attention, {hq} query / {hkv} KV heads, head size {d}, {context} cached positions")
-    print(f"{'batch':>6} {'window':>7} {'torch merge us':>15} {'kernel merge us':>16} {'max diff':>9}")
+    print(f"{'batch':>6} {'window':>7} {'splits':>7} {'torch merge us':>15} {'kernel merge us':>16} {'max diff':>9}")
     for b in batches:
         m = -(-context // BLOCK_SIZE)
         blocks = b * m + 1
-        k_pool, v_pool = (torch.randn(blocks, hkv, BLOCK_SIZE, d, device="cuda").bfloat16() for _ in range(2))
-        table = (torch.randperm(blocks - 1, device="cuda")[: b * m].view(b, m) + 1).int()
-        mask = flash.PagedMask(table, torch.full((b, 1), context - 1, device="cuda"))
-        q = torch.randn(b, 1, hq, d, device="cuda").bfloat16().transpose(1, 2)
-        sinks = torch.randn(hq, device="cuda").bfloat16()
+        k_pool, v_pool = (torch.randn(blocks, hkv, BLOCK_SIZE, d, device=device).bfloat16() for _ in range(2))
+        table = (torch.randperm(blocks - 1, device=device)[: b * m].view(b, m) + 1).int()
+        mask = flash.PagedMask(table, torch.full((b, 1), context - 1, device=device))
+        q = torch.randn(b, 1, hq, d, device=device).bfloat16().transpose(1, 2)
+        sinks = torch.randn(hq, device=device).bfloat16()
         for window in (None, 128):
+            splits = flash.decode_splits(device, b, hkv, 1, context, window)
+            if splits == 1:
+                print(f"{b:>6} {window or 'full':>7} {splits:>7} {'(no split: nothing to merge)':>42}")
+                continue
             times, outs = [], []
             for merge in (False, True):
                 flash.MERGE_IN_KERNEL = merge
@@ -218,8 +224,7 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
                 times.append(1e3 * triton.testing.do_bench(_graphed(fn), return_mode="median"))
             flash.MERGE_IN_KERNEL = False
             diff = (outs[0] - outs[1]).abs().max().item()
-            print(f"{b:>6} {window or 'full':>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
-
+            print(f"{b:>6} {window or 'full':>7} {splits:>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
 
 if __name__ == "__main__":
     main()
