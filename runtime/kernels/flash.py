@@ -43,6 +43,8 @@ MERGE_IN_KERNEL = False
 """Decode's split-K parts merged by the kernel's last split of each tile (see the module doc), not by torch. Off
 until its GPU test (the same bits in 200 graph replays) and `microbench --flash` have run on a GPU: the
 interpreter runs programs one after another, so it cannot show a memory-ordering bug."""
+SPLIT_KEYS = 256
+"""Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU)."""
 COUNTER_SLOTS = 1 << 16
 """Tiles a decode call may have for the in-kernel merge (rows x KV heads; beyond: the torch merge)."""
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -235,10 +237,11 @@ def _pow2_at_least(n: int, lo: int) -> int:
 
 
 def decode_splits(device: torch.device, b: int, hkv: int, t: int, s: int, window: int | None) -> int:
-    """Programs a decode call splits each row's keys over: until the grid covers the GPU, >= 256 keys a split."""
+    """Programs a decode call splits each row's keys over: until the grid covers the GPU, >= SPLIT_KEYS keys a
+    split."""
     span = min(s, (window or s) + t)  # keys one block of rows can see, at most
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(math.ceil(span / 256), math.ceil(2 * sms / (b * hkv))))
+    return max(1, min(math.ceil(span / SPLIT_KEYS), math.ceil(2 * sms / (b * hkv))))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,

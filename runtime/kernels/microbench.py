@@ -21,9 +21,10 @@ token count up to 16, with the bandwidth each reaches (generation.gemv_max_token
 
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
-(flash.MERGE_IN_KERNEL), at each token count as the batch:
+(flash.MERGE_IN_KERNEL), at each token count as the batch, and with --split-keys at each least number of keys a
+split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1):
 
-    python -m runtime.kernels.microbench --flash --tokens 1 8 16
+    python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256
 """
 
 from __future__ import annotations
@@ -72,11 +73,19 @@ def main() -> None:
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
     ap.add_argument("--gemv", action="store_true", help="time the attention projections' GEMV against cuBLAS instead")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
+    ap.add_argument("--split-keys", type=int, nargs="+", default=None,
+                    help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
     args = ap.parse_args()
     if args.gemv:
         return gemv_bench(args.tokens)
     if args.flash:
-        return flash_bench(args.tokens)
+        from runtime.kernels import flash
+
+        for keys in args.split_keys or [flash.SPLIT_KEYS]:
+            flash.SPLIT_KEYS = keys
+            print(f"flash.SPLIT_KEYS = {keys}")
+            flash_bench(args.tokens)
+        return None
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:

@@ -43,7 +43,7 @@ if grep -q "^PASSED.*test_mxfp4_moe_reg_a_blocks\[32-2048\]" "$R/tests.log"; the
 fi
 run gemv 180 $PY -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 grep -E "^ +[0-9]+ " "$R/gemv.log" >> "$R/progress.txt"
-run flash 120 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16
+run flash 180 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256
 grep -E "^ +[0-9]+ " "$R/flash.log" >> "$R/progress.txt"
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
 run serve20-async 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
