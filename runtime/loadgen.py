@@ -182,10 +182,14 @@ def draw_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: in
 
 
 def client_processes(setting: int, concurrency: int) -> int:
-    """Processes that share a point's requests: `setting`, never more than the concurrency."""
+    """Processes that share a point's requests: `setting`, lowered to the largest that divides the concurrency (each
+    process gets an equal share of the streams)."""
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise UserError(f"bench.client_processes={setting!r}: give a number of client processes >= 1")
-    return min(setting, concurrency)
+    n = min(setting, concurrency)
+    while concurrency % n:
+        n -= 1
+    return n
 
 
 def _send_all(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency: int, rate: float | None,
@@ -220,15 +224,13 @@ def run_point(endpoint: Endpoint, work: list[tuple[list[int], int]], concurrency
     """All requests of `work`, at most `concurrency` in flight, sent at `rate` per second (Poisson) or at
     once; (results in order, seconds from the first send to the last answer).
 
-    With `processes` > 1 (lowered to a divisor of the concurrency) the requests are dealt out round robin to that
+    With `processes` > 1 (lowered by `client_processes` to a divisor of the concurrency) the requests are dealt out round robin to that
     many client processes (spawned), each with an equal share of the concurrency and of the rate (Poisson
     arrivals split at random stay Poisson), all starting at one wall-clock time once every process has started:
     for servers faster than one Python process can read token by token (on the development machine one process
     read 512 streams at 15,400 tok/s with ITLs at the server's pace, docs/benchmarks.md), so that the client is
     not what is measured. A request waits for a slot of its own process, not of any."""
-    processes = max(1, min(processes, concurrency, len(work)))
-    while concurrency % processes:
-        processes -= 1
+    processes = client_processes(processes, concurrency)
     if processes == 1:
         results, start, end = _send_all(endpoint, work, concurrency, rate, seed)
         return results, end - start

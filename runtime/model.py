@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runtime import checkpoint, fused, kernels, parallelize
-from runtime.kernels import flash, moe, moe_mxfp4
+from runtime.kernels import flash, gemv, moe, moe_mxfp4
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def check_kernels(attention: str, hub_download: bool, experts: str,
                   dequantized_above_tokens: int | None = None, gemv_max_tokens: int = 0) -> None:
     """Fail before loading weights when a requested kernel cannot be had."""
-    from runtime.kernels import gemv
-
     if experts not in EXPERTS:
         raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
     if isinstance(gemv_max_tokens, bool) or not isinstance(gemv_max_tokens, int) \
             or not 0 <= gemv_max_tokens <= gemv.MAX_TOKENS:
         raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens!r}: a number of tokens per step from 0 (off) "
                           f"to {gemv.MAX_TOKENS}")
-    if gemv_max_tokens and attention != "triton_sinks" and experts not in ("triton", "mxfp4"):
+    if gemv_max_tokens and attention != flash.NAME and experts not in (moe.NAME, moe_mxfp4.NAME):
         raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens} runs the projections of attention=triton and "
                           f"the router of experts=triton / mxfp4 through our GEMV, but here attention={attention} and "
                           f"experts={experts}: use attention=triton (or experts=triton), or generation.gemv_max_tokens=0")
@@ -172,7 +170,7 @@ def build(
     if attention != "eager":
         model.set_attn_implementation(attention)
     fused.apply(model, attention, experts, gemv_max_tokens)
-    if attention == flash.NAME:
+    if attention == flash.NAME and flash.MERGE_IN_KERNEL:
         flash.prepare(device)  # the decode kernel's merge counters, before any step is compiled or captured
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",

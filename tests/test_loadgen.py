@@ -88,6 +88,7 @@ def test_client_processes_share_a_point(tmp_path: Path) -> None:
     each, started together; every request is answered once, in order, with its own lengths, as with one process;
     never more processes than the concurrency, and a number that divides it."""
     assert loadgen.client_processes(3, 2) == 2 and loadgen.client_processes(4, 512) == 4
+    assert loadgen.client_processes(2, 3) == 1 and loadgen.client_processes(4, 6) == 3
     with torchrun_server(tmp_path, 1, ["serve.max_len=256", "serve.max_batch=4"]) as server:
         endpoint = loadgen.Endpoint(server.base_url)
         work = loadgen.draw_lengths(7, 24, 6, 0.5, 3)

@@ -41,8 +41,8 @@ LOG2E = 1.4426950408889634
 
 MERGE_IN_KERNEL = False
 """Decode's split-K parts merged by the kernel's last split of each tile (see the module doc), not by torch. Off
-until its GPU test (the same bits in 200 graph replays) and `microbench --flash` have run on a GPU: the
-interpreter runs programs one after another, so it cannot show a memory-ordering bug."""
+until its GPU test (100 graph replays on new queries against the torch merge) and `microbench --flash` have run
+on a GPU: the interpreter runs programs one after another, so it cannot show a memory-ordering bug."""
 SPLIT_KEYS = 256
 """Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU)."""
 COUNTER_SLOTS = 1 << 16

@@ -35,6 +35,15 @@ from collections.abc import Callable
 import torch
 
 
+def _copy_bandwidth() -> float:
+    """GB/s of a 256 MiB device-to-device copy (read + write), the bound each result is given as a share of."""
+    import triton.testing
+
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+
+
 def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     """fn captured as a CUDA graph (compiled / autotuned first, outside the capture)."""
     fn()
@@ -133,10 +142,7 @@ def main() -> None:
             return fn
 
         impls = {impl: (run_with(impl), 2.0) for impl in ("triton", "grouped_mm")}
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    copy_bw = 2 * src.numel() / copy_ms / 1e6
+    copy_bw = _copy_bandwidth()
     print(f"{args.format} experts={e} H={h} I={i} top-{k}; copy bandwidth {copy_bw:.0f} GB/s")
     print(f"{'tokens':>6} {'impl':>12} {'ms':>8} {'GB read':>8} {'GB/s':>8} {'of copy':>8}")
     for t in args.tokens:
@@ -163,6 +169,7 @@ def main() -> None:
                 for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):
                     print(f"{'':>6} {kernel.fn.__name__:>16} {first(v):8.3f} ms  {cfg}")
 
+
 def gemv_bench(token_counts: list[int]) -> None:
     """cuBLAS against runtime/kernels/gemv.py at gpt-oss's projection shapes, each replayed from a CUDA graph."""
     import torch.nn.functional as F
@@ -170,9 +177,7 @@ def gemv_bench(token_counts: list[int]) -> None:
 
     from runtime.kernels import gemv
 
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    copy_bw = 2 * src.numel() / triton.testing.do_bench(lambda: torch.empty_like(src).copy_(src),
-                                                         return_mode="median") / 1e6
+    copy_bw = _copy_bandwidth()
     print(f"projections, bf16; copy bandwidth {copy_bw:.0f} GB/s")
     print(f"{'tokens':>6} {'shape':>12} {'impl (tile: BN, BK, warps, stages)':>24} {'us':>8} {'GB/s':>8} {'of copy':>8} "
           f"{'rel.err':>8}")
@@ -197,6 +202,7 @@ def gemv_bench(token_counts: list[int]) -> None:
             for ms, impl, err in [timed[0], *(r for r in timed[1:] if r is best or r[1].endswith("fixed"))]:
                 gbs = nbytes / ms / 1e6
                 print(f"{t:>6} {name:>12} {impl:>24} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
+
 
 def flash_bench(batches: list[int], context: int = 1152) -> None:
     """Decode attention (one query per row, `context` cached positions) with the split-K merge in torch and in the
@@ -234,6 +240,7 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
             flash.MERGE_IN_KERNEL = False
             diff = (outs[0] - outs[1]).abs().max().item()
             print(f"{b:>6} {window or 'full':>7} {splits:>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
+
 
 if __name__ == "__main__":
     main()
