@@ -398,9 +398,12 @@ def test_mxfp4_moe_real_shapes(tokens: int, e: int, i: int) -> None:
 @pytest.mark.parametrize("tokens", [64, 512, 2048])
 @pytest.mark.parametrize("e", [32, 128])
 def test_mxfp4_moe_reg_a_blocks(tokens: int, e: int) -> None:
-    """The blocks with the weights as wgmma's register operand (moe_mxfp4.REG_A_BLOCKS, off until this passes and
-    microbench --reg-a times it), every tile forced in turn, at the 20b's and 120b's shapes, against the reference
-    and the plain blocks."""
+    """The blocks with the weights as wgmma's register operand (moe_mxfp4.REG_A_BLOCKS), every tile forced in turn, at
+    the 20b's and 120b's shapes, against the reference and the plain blocks. A forced tile that needs more shared
+    memory than the GPU has is skipped, as the autotuner skips it (blocks of 128 pairs at 2,048 tokens: 233,472 of
+    232,448 bytes on the H200); the autotuned call at the end must still give the reference's result."""
+    from triton.runtime.errors import OutOfResources
+
     from runtime.kernels import moe_mxfp4
 
     x, idx, w, experts = _mxfp4_problem(tokens, e, 2880, seed=tokens + e)
@@ -408,12 +411,18 @@ def test_mxfp4_moe_reg_a_blocks(tokens: int, e: int) -> None:
     block_m = moe_mxfp4.plan(tokens * 4, num_experts=32)  # the blocks' size, also where 128 experts take the GEMVs
     plain = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, reg_a=False)
     assert _rel(plain, ref) <= 1e-2
+    ran = 0
     for cfg in moe_mxfp4._dot_configs((False,)):
         config = {"BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": cfg.kwargs["BLOCK_K"], "num_warps": cfg.num_warps,
                   "num_stages": cfg.num_stages}
-        out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True)
+        try:
+            out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True)
+        except OutOfResources:
+            continue
+        ran += 1
         assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (config, _rel(out, ref))
         assert _rel(out, plain) <= 1e-2, (config, _rel(out, plain))
+    assert ran >= 3, ran
     out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, reg_a=True)  # autotuned
     assert _rel(out, ref) <= 1e-2
 

@@ -39,12 +39,16 @@ from runtime.kernels.moe import HAVE_TRITON, triton_usable
 NAME = "triton_sinks"
 LOG2E = 1.4426950408889634
 
-MERGE_IN_KERNEL = False
-"""Decode's split-K parts merged by the kernel's last split of each tile (see the module doc), not by torch. Off
-until its GPU test (100 graph replays on new queries against the torch merge) and `microbench --flash` have run
-on a GPU: the interpreter runs programs one after another, so it cannot show a memory-ordering bug."""
-SPLIT_KEYS = 256
-"""Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU)."""
+MERGE_IN_KERNEL = True
+"""Decode's split-K parts merged by the kernel's last split of each tile (see the module doc), not by torch. On the
+H200 (tenth session, docs/benchmarks.md): its GPU test passed (100 graph replays on new queries against the torch
+merge; the interpreter runs programs one after another, so it cannot show a memory-ordering bug), one call with
+1,152 cached tokens takes 14.1 instead of 21.5 us at batch 1 (microbench --flash, 128 keys a split), and a compiled
+120b step shows no copy of the counters (the profile has no per-layer kernel besides the attention's own)."""
+SPLIT_KEYS = 128
+"""Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU). With
+the in-kernel merge, 128 keys beat 256 and 64 at batch 1 (14.1 / 16.6 / 15.2 us, 1,152 cached tokens, H200) and tie
+at batch 8 and 16."""
 COUNTER_SLOTS = 1 << 16
 """Tiles a decode call may have for the in-kernel merge (rows x KV heads; beyond: the torch merge)."""
 _counters: dict[torch.device, torch.Tensor] = {}

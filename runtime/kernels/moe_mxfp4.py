@@ -40,8 +40,8 @@ alone (never from the routing, so shapes are fixed and the whole thing is captur
   dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
   SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
   Blocks of 16 pairs of a bf16 model turn the bytes into bf16 weights by bit operations alone (_e2m1_bf16_asm).
-  A third form (REG_A_BLOCKS, off until timed on a GPU) keeps the weights in registers from their load to the
-  tensor cores: the inputs in quad order make a thread's 8 contiguous bytes of a row its share of wgmma's
+  A third form (REG_A_BLOCKS, the default since the tenth session's H200 run) keeps the weights in registers from
+  their load to the tensor cores: the inputs in quad order make a thread's 8 contiguous bytes of a row its share of wgmma's
   register operand (_dot_reg).
 Expert id `num_experts` marks a pair routed to another rank (expert parallel): it is skipped.
 
@@ -82,12 +82,15 @@ DOT_SCALED = False
 """The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
 our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
 at 256 tokens; microbench --dot-scaled), so off."""
-REG_A_BLOCKS = False
+REG_A_BLOCKS = True
 """The blocks with the weights as the tensor cores' register operand, fed straight from their loads (_dot_reg): the
 inputs (and h) in quad order (quad_order), so that each thread's share of a wgmma weight fragment is 8 contiguous
 bytes of a row, dequantized where it lands; no weight tile goes through shared memory twice and no layout
 conversion is left (checked on the sm_90 code Triton 3.6 makes). Needs hidden and intermediate sizes (per rank) that
-are multiples of 64. Off until a GPU has timed it (microbench --reg-a)."""
+are multiples of 64 (elsewhere the plain blocks run). On the H200 (microbench --reg-a, docs/benchmarks.md, tenth
+session), one layer of the 20b: 0.337 / 0.497 / 0.704 ms at 64 / 256 / 512 tokens where the plain blocks took 0.399 /
+0.661 / 0.975; of the 120b at 256 / 512 tokens: 1.515 / 1.583 ms (plain 2.173 at 256). The 20b's batch 64 decodes at
+7,619 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -741,6 +744,8 @@ def fused_mxfp4_experts(
     if not gemv:
         scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
         perm = (REG_A_BLOCKS if reg_a is None else reg_a) and not scaled and hidden % 64 == 0 and inter % 64 == 0
+        if perm and reg_a is None and config is not None and config.get("BLOCK_K", 64) % 64:
+            perm = False  # a forced tile the register-operand blocks cannot take, not asked for by name: plain blocks
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
         # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
         # takes them as they are; the register-operand blocks (REG_A_BLOCKS) in quad order.
@@ -766,7 +771,7 @@ def fused_mxfp4_experts(
     else:
         if "PERM" in config or (perm and config.get("BLOCK_K", 64) % 64):
             raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM) and need "
-                             f"a BLOCK_K that is a multiple of 64")
+                             f"a BLOCK_K that is a multiple of 64 (or reg_a=False)")
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update({"SWAP": False, **config})
     bucket = autotune_bucket(p, DECODE_MAX_PAIRS)
