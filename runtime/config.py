@@ -157,12 +157,6 @@ class GenerationConfig:
     compile: bool = False
     """With the static cache: torch.compile the decode step (fuses the small elementwise kernels;
     compiles once per batch shape, which takes a while) before it is captured."""
-    gemv_max_tokens: int = 0
-    """Steps of at most this many tokens (up to 16: decode) run the bf16 projections through our Triton GEMV
-    (runtime/kernels/gemv.py, one kernel streaming each weight once) instead of cuBLAS: attention=triton's fused
-    q/k/v and o_proj, and the router of experts=triton / mxfp4. cuBLAS reached 61-69% of the copy rate there at
-    batch 1 (the router and o_proj as split-K GEMMs plus a reduce kernel). Larger steps stay on cuBLAS. 0: off
-    (the default until timed on a GPU: `python -m runtime.kernels.microbench --gemv`)."""
 
 
 @dataclass

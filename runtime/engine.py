@@ -119,7 +119,7 @@ class Engine:
         par = cfg.parallel
         self.layout = distributed.make_layout(par.tp_size, par.ep_size, par.dp_size)
         modeling.check_kernels(cfg.attention.implementation, cfg.attention.hub_download, cfg.experts.implementation,
-                               cfg.experts.dequantized_above_tokens, cfg.generation.gemv_max_tokens)
+                               cfg.experts.dequantized_above_tokens)
         _check_generation(cfg.generation)
         static_ok = ("eager", "gqa_sinks", "triton_sinks")
         if cfg.generation.kv_cache == "static" and cfg.attention.implementation not in static_ok:
@@ -159,7 +159,6 @@ class Engine:
             loaded = modeling.build(
                 self.checkpoint, self.hf_config, self.layout, self.groups, self.device, self.dtype,
                 cfg.attention.implementation, cfg.experts.implementation, cfg.experts.dequantized_above_tokens,
-                cfg.generation.gemv_max_tokens,
             )
         self.model = loaded.model
         self.load_seconds = loaded.load_seconds

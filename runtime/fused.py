@@ -7,15 +7,13 @@ At batch 1 a decode step is ~600 small launches; each saved launch is ~5 us of a
   subclass whose forward runs the one matmul and splits it; the rest is transformers' forward.
 - experts=triton or mxfp4: the router's sort-based top-k and softmax become one Triton kernel at decode
   sizes (runtime/kernels/router.py), by the same kind of subclass.
-- generation.gemv_max_tokens > 0: attention=triton's one q/k/v matmul and o_proj, and the fused router's
-  matmul, run our Triton GEMV (runtime/kernels/gemv.py) in steps of at most that many tokens; o_proj's class
-  becomes a subclass of nn.Linear, so its hooks (tensor parallel's all-reduce) stay.
-All are applied after the weights are loaded and sharded (runtime/model.py).
+Both are applied after the weights are loaded and sharded (runtime/model.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.gpt_oss.modeling_gpt_oss import (
     ALL_ATTENTION_FUNCTIONS,
@@ -25,7 +23,6 @@ from transformers.models.gpt_oss.modeling_gpt_oss import (
     eager_attention_forward,
 )
 
-from runtime.kernels import gemv
 from runtime.kernels.router import FusedRouterForward
 
 
@@ -39,13 +36,12 @@ class FusedQKVAttention(GptOssAttention):
     qkv_weight: torch.Tensor  # [(Hq + 2 Hkv) * D, H] on this rank
     qkv_bias: torch.Tensor | None
     qkv_sizes: tuple[int, int, int]
-    gemv_max_tokens: int = 0  # the q/k/v matmul of steps up to this many tokens: runtime/kernels/gemv.py
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = gemv.linear(hidden_states, self.qkv_weight, self.qkv_bias, self.gemv_max_tokens)
+        qkv = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
         q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv.split(self.qkv_sizes, dim=-1))
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -55,15 +51,6 @@ class FusedQKVAttention(GptOssAttention):
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
                                  sliding_window=self.sliding_window, s_aux=self.sinks, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
-
-
-class GemvLinear(nn.Linear):
-    """nn.Linear whose steps of at most `gemv_max_tokens` tokens run runtime/kernels/gemv.py (same parameters)."""
-
-    gemv_max_tokens: int = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias, self.gemv_max_tokens)
 
 
 def _concat_as_views(linears: list[nn.Linear], name: str) -> torch.Tensor | None:
@@ -88,18 +75,12 @@ def fuse_qkv(attn: GptOssAttention) -> None:
     attn.qkv_weight, attn.qkv_bias, attn.qkv_sizes = weight, bias, sizes
 
 
-def apply(model: nn.Module, attention: str, experts: str, gemv_max_tokens: int = 0) -> None:
+def apply(model: nn.Module, attention: str, experts: str) -> None:
     """The fusions that go with the chosen implementations (see the module doc)."""
     from runtime.kernels import flash, moe, moe_mxfp4
 
     for layer in model.model.layers:
         if attention == flash.NAME and type(layer.self_attn) is GptOssAttention:
             fuse_qkv(layer.self_attn)
-            if gemv_max_tokens:
-                layer.self_attn.gemv_max_tokens = gemv_max_tokens
-                o = layer.self_attn.o_proj
-                o.__class__ = GemvLinear
-                o.gemv_max_tokens = gemv_max_tokens
         if experts in (moe.NAME, moe_mxfp4.NAME) and type(layer.mlp.router) is GptOssTopKRouter:
             layer.mlp.router.__class__ = FusedRouter
-            layer.mlp.router.gemv_max_tokens = gemv_max_tokens

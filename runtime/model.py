@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runtime import checkpoint, fused, kernels, parallelize
-from runtime.kernels import flash, gemv, moe, moe_mxfp4
+from runtime.kernels import flash, moe, moe_mxfp4
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_kernels(attention: str, hub_download: bool, experts: str,
-                  dequantized_above_tokens: int | None = None, gemv_max_tokens: int = 0) -> None:
+                  dequantized_above_tokens: int | None = None) -> None:
     """Fail before loading weights when a requested kernel cannot be had."""
     if experts not in EXPERTS:
         raise KernelError(f"experts.implementation={experts!r}: use one of {list(EXPERTS)}")
-    if isinstance(gemv_max_tokens, bool) or not isinstance(gemv_max_tokens, int) \
-            or not 0 <= gemv_max_tokens <= gemv.MAX_TOKENS:
-        raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens!r}: a number of tokens per step from 0 (off) "
-                          f"to {gemv.MAX_TOKENS}")
-    if gemv_max_tokens and attention != flash.NAME and experts not in (moe.NAME, moe_mxfp4.NAME):
-        raise KernelError(f"generation.gemv_max_tokens={gemv_max_tokens} runs the projections of attention=triton and "
-                          f"the router of experts=triton / mxfp4 through our GEMV, but here attention={attention} and "
-                          f"experts={experts}: use attention=triton (or experts=triton), or generation.gemv_max_tokens=0")
     if dequantized_above_tokens is not None:
         if experts != "mxfp4":
             raise KernelError(
@@ -101,11 +93,9 @@ def build(
     attention: str,
     experts: str,
     dequantized_above_tokens: int | None = None,
-    gemv_max_tokens: int = 0,
 ) -> LoadedModel:
     """The sharded model on `device`, weights loaded, ready for inference. dequantized_above_tokens: see
-    ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens);
-    gemv_max_tokens: see GenerationConfig."""
+    ExpertsConfig (experts=mxfp4 also keeps a dequantized copy of its experts for steps of more tokens)."""
     from accelerate import init_empty_weights
     from transformers import GptOssForCausalLM
 
@@ -169,7 +159,7 @@ def build(
     model.requires_grad_(False)
     if attention != "eager":
         model.set_attn_implementation(attention)
-    fused.apply(model, attention, experts, gemv_max_tokens)
+    fused.apply(model, attention, experts)
     if attention == flash.NAME and flash.MERGE_IN_KERNEL:
         flash.prepare(device)  # the decode kernel's merge counters, before any step is compiled or captured
     log.info(

@@ -82,8 +82,7 @@ def test_static_rounds_prefill_in_column_chunks(tmp_path: Path, attn: str) -> No
 
 
 def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path) -> None:
-    """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV; the decode steps'
-    q/k/v, o_proj and router matmuls through the GEMV: generation.gemv_max_tokens) in Triton's interpreter ==
+    """The whole static-cache loop with our kernels (flash attention, router, MoE; fused QKV) in Triton's interpreter ==
     transformers' loop; so do static rounds whose prefill goes in column chunks (the flash kernel's queries at a
     chunk's slots)."""
     prompts = tmp_path / "p.jsonl"
@@ -94,7 +93,7 @@ def test_flash_kernel_static_path_gives_the_dynamic_cache_tokens(tmp_path: Path)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     fast = tmp_path / "fast.jsonl"
     subprocess.run([sys.executable, "-m", "runtime.generate", *common, f"output.path={fast}",
-                    "attention=triton", "generation.gemv_max_tokens=16", "experts=triton", "generation.kv_cache=static"],
+                    "attention=triton", "experts=triton", "generation.kv_cache=static"],
                    cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     chunked = tmp_path / "chunked.jsonl"

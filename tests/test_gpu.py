@@ -241,40 +241,6 @@ def test_compiled_decode_step_equals_plain(attention: str, experts: str) -> None
     assert runs["true"] == runs["false"]
 
 
-def test_gemv_projections_give_cublas_tokens() -> None:
-    """generation.gemv_max_tokens=16: the decode steps' q/k/v, o_proj and router through runtime/kernels/gemv.py (compiled,
-    captured; float32 in IEEE) give cuBLAS's greedy tokens: three prompts run steps of 8 rows (the tl.dot form),
-    one prompt the one-token form."""
-    for prompts in (PROMPTS, PROMPTS[:1]):
-        runs = []
-        for extra in ([], ["generation.gemv_max_tokens=16"]):
-            eng = Engine(compose("generate", ["model.device=cuda", "model.dtype=float32", "attention=triton",
-                                              "experts=mxfp4", "generation.compile=true", "generation.max_new_tokens=24",
-                                              "output.token_ids=true", *extra]))
-            runs.append([r["completion_ids"] for r in eng.generate(prompts)])
-        assert runs[0] == runs[1]
-
-
-@pytest.mark.parametrize("tokens", [1, 2, 8, 16])
-@pytest.mark.parametrize(("n", "k"), [(5120, 2880), (2880, 4096), (2560, 2880), (2880, 2048), (32, 2880), (128, 2880)])
-def test_gemv_real_shapes(tokens: int, n: int, k: int) -> None:
-    """The GEMV at gpt-oss's projection shapes (q/k/v and o_proj, whole and at tp=2; the 20b's and the 120b's
-    routers), bf16, against F.linear in fp32: relative error <= 1e-2, no NaN."""
-    import torch.nn.functional as F
-
-    from runtime.kernels import gemv
-
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
-    b = (torch.randn(n, device="cuda", generator=g) * 0.02).bfloat16()
-    assert gemv.usable(x, w, 16)
-    out = gemv.linear(x, w, b).float()
-    ref = F.linear(x.float(), w.float(), b.float())
-    assert not out.isnan().any()
-    assert ((out - ref).norm() / ref.norm()).item() <= 1e-2
-
-
 def test_mxfp4_dequantized_copy_gives_the_4bit_tokens() -> None:
     """experts.dequantized_above_tokens=2: the prefills and the decode steps of more than 2 rows run from the copy
     dequantized at load (experts=triton's kernel), compiled and captured, and give the 4-bit path's tokens

@@ -228,111 +228,13 @@ print("ok")
 """
 
 
-GEMV_CHECK = """
-import torch
-import torch.nn.functional as F
-from runtime.kernels import gemv
-g = torch.Generator().manual_seed(0)
-worst = 0.0
-for m in (1, 2, 5, 16):  # one token: the register sums; more: tl.dot on 16 padded rows
-    for n, k in ((40, 72), (16, 32), (33, 100)):  # blocks that do not divide the shapes
-        for dtype in (torch.float32, torch.float16):
-            for with_bias in (True, False):
-                x = torch.randn(m, k, generator=g).to(dtype)
-                w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
-                b = (torch.randn(n, generator=g) * 0.1).to(dtype) if with_bias else None
-                assert gemv.usable(x, w, 16)
-                ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-                out = gemv.linear(x, w, b)
-                assert out.shape == (m, n) and out.dtype == dtype and not out.isnan().any()
-                worst = max(worst, ((out.float() - ref).norm() / ref.norm()).item())
-x = torch.randn(2, 3, 40, generator=g)  # leading dims kept; a strided input is made dense
-w = torch.randn(24, 40, generator=g)
-torch.testing.assert_close(gemv.linear(x, w, None), F.linear(x, w), rtol=1e-4, atol=1e-4)
-torch.testing.assert_close(gemv.linear(x.transpose(0, 1), w, None), F.linear(x.transpose(0, 1), w), rtol=1e-4, atol=1e-4)
-rows = torch.randn(3, 64, generator=g)[:, :40]  # rows 64 apart: read through the row stride
-torch.testing.assert_close(gemv.linear(rows, w, None), F.linear(rows, w), rtol=1e-4, atol=1e-4)
-assert not gemv.usable(torch.randn(17, 40), w, 16) and not gemv.usable(torch.randn(3, 40), w, 2)
-assert not gemv.usable(torch.randn(3, 40), w, 0)
-strided_bias = torch.randn(48, generator=g)[::2]  # the kernel reads a dense bias: F.linear takes this one
-x3 = torch.randn(3, 40, generator=g)
-assert not gemv.usable(x3, w, 16, strided_bias)
-torch.testing.assert_close(gemv.linear(x3, w, strided_bias), F.linear(x3, w, strided_bias))
-print("worst", worst)
-"""
-
-
-def test_gemv_kernel_in_the_interpreter() -> None:
-    """runtime/kernels/gemv.py == F.linear for 1 to 16 tokens, shapes its blocks do not divide, with and without
-    a bias; more tokens than allowed take F.linear."""
-    out = interpret(GEMV_CHECK)
-    assert float(out.split()[-1]) < 1e-3, out
-
-
 def test_router_kernel_in_the_interpreter() -> None:
     """The router (top-k kernel) == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
     assert interpret(ROUTER_CHECK).split()[-1] == "ok"
 
 
-def test_gemv_compiles_for_hopper() -> None:
-    """Every candidate tile of the GEMV (the fixed ones among them), in both forms (one token in registers, tl.dot
-    on 16 padded rows), compiles to sm_90 code with Triton's own ptxas (no GPU needed; a tile the interpreter
-    accepts but the GPU compiler does not would fail on the GPU), and loads the weights 16 bytes at a time."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
-    from runtime.kernels import gemv
-
-    fn = gemv._gemv_kernel
-    names = fn.arg_names
-    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-    assert set(gemv.TILES.values()) <= set(gemv.CANDIDATES)
-    for block_n, block_k, warps, stages in gemv.CANDIDATES:
-        for dot in (False, True):
-            consts = {"HAS_BIAS": True, "DOT": dot, "IEEE": False, "BLOCK_N": block_n, "BLOCK_K": block_k}
-            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-            src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                            attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                                   if n.endswith("_ptr") or n in ("K", "stride_xm")})
-            kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-            ptx = kernel.asm["ptx"]
-            assert kernel.asm["cubin"] and re.search(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global.*, 0x10,",
-                                                     ptx), (block_n, block_k, dot)
-
-
 class _Traced(Exception):
     """Raised by the test backend once dynamo has handed it the whole graph."""
-
-
-def test_torch_compile_traces_the_gemv(monkeypatch) -> None:  # noqa: ANN001
-    """torch.compile sees the GEMV as a user-defined Triton kernel (as in the compiled decode step on a GPU; here
-    the GPU checks are patched) in both forms, inside one graph."""
-    import pytest
-    import torch.utils._triton as torch_triton
-
-    from runtime.kernels import gemv
-
-    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
-    monkeypatch.setattr(gemv, "triton_usable", lambda device: True)
-    g = torch.Generator().manual_seed(0)
-    w1, b1 = torch.randn(48, 64, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
-    w2 = torch.randn(32, 48, generator=g).bfloat16()
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
-        graphs.append([str(n.target) for n in gm.graph.nodes])
-        raise _Traced
-
-    def two(x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(gemv.linear(x, w1, b1), w2, None)
-
-    for tokens in (1, 8):
-        torch._dynamo.reset()
-        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
-            torch.compile(two, backend=backend, fullgraph=True)(torch.randn(tokens, 64, generator=g).bfloat16())
-        assert sum("triton_kernel_wrapper" in t for t in graphs[-1]) == 2
 
 
 def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:

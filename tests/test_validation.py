@@ -74,20 +74,6 @@ def test_hub_kernel_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         model.check_kernels("eager", False, "fast")
 
 
-@pytest.mark.parametrize(("attn", "tokens", "match"), [
-    ("eager", 8, r"generation.gemv_max_tokens=8 runs the projections of attention=triton and the router of "
-                 r"experts=triton / mxfp4 .* use attention=triton"),
-    ("triton_sinks", 17, r"generation.gemv_max_tokens=17: a number of tokens per step from 0 \(off\) to 16"),
-    ("triton_sinks", -1, r"from 0 \(off\) to 16"),
-    ("triton_sinks", True, r"gemv_max_tokens=True"),
-])
-def test_gemv_max_tokens_refused_where_it_cannot_apply(attn: str, tokens: object, match: str) -> None:
-    with pytest.raises(UserError, match=match):
-        model.check_kernels(attn, False, "grouped_mm", None, tokens)  # type: ignore[arg-type]
-    model.check_kernels("triton_sinks", False, "grouped_mm", None, 16)
-    model.check_kernels("eager", False, "triton", None, 16)  # the router's matmul alone
-
-
 def test_missing_checkpoint_path(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.resolve_path(str(tmp_path / "nope"))

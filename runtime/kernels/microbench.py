@@ -7,17 +7,10 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
-        [--gemv-pairs-per-expert N]
+        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
-
---gemv: instead, the bf16 projections (q/k/v 5,120 x 2,880 and o_proj 2,880 x 4,096, their tensor-parallel
-halves, the routers 32 / 128 x 2,880) through cuBLAS (F.linear) and our GEMV (runtime/kernels/gemv.py) at each
-token count up to 16, with the bandwidth each reaches (generation.gemv_max_tokens): cuBLAS, our fixed tile
-(gemv.TILES) and the fastest of gemv.CANDIDATES:
-
-    python -m runtime.kernels.microbench --gemv --tokens 1 2 8 16
 
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
@@ -73,20 +66,17 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
     ap.add_argument("--dot-scaled", action="store_true", help="mxfp4: the blocks through tl.dot_scaled (DOT_SCALED)")
     ap.add_argument("--swap", action="store_true", help="mxfp4: autotune both operand orders (SWAP_AB)")
-    ap.add_argument("--reg-a", action="store_true",
-                    help="mxfp4: the blocks with the weights as the register operand (REG_A_BLOCKS)")
+    ap.add_argument("--reg-a", action=argparse.BooleanOptionalAction, default=None,
+                    help="mxfp4: the blocks with the weights as the register operand, or not (REG_A_BLOCKS: on)")
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
                     help="mxfp4: blocks of at most this many pairs dequantize straight to bf16 (BF16_DEQUANT_MAX_M)")
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
                     help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
-    ap.add_argument("--gemv", action="store_true", help="time the attention projections' GEMV against cuBLAS instead")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
     args = ap.parse_args()
-    if args.gemv:
-        return gemv_bench(args.tokens)
     if args.flash:
         from runtime.kernels import flash
 
@@ -96,7 +86,8 @@ def main() -> None:
             flash_bench(args.tokens)
         return None
     moe_mxfp4.DOT_SCALED = args.dot_scaled
-    moe_mxfp4.REG_A_BLOCKS = args.reg_a
+    if args.reg_a is not None:
+        moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:
@@ -168,40 +159,6 @@ def main() -> None:
                 first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
                 for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):
                     print(f"{'':>6} {kernel.fn.__name__:>16} {first(v):8.3f} ms  {cfg}")
-
-
-def gemv_bench(token_counts: list[int]) -> None:
-    """cuBLAS against runtime/kernels/gemv.py at gpt-oss's projection shapes, each replayed from a CUDA graph."""
-    import torch.nn.functional as F
-    import triton.testing
-
-    from runtime.kernels import gemv
-
-    copy_bw = _copy_bandwidth()
-    print(f"projections, bf16; copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'tokens':>6} {'shape':>12} {'impl (tile: BN, BK, warps, stages)':>24} {'us':>8} {'GB/s':>8} {'of copy':>8} "
-          f"{'rel.err':>8}")
-    shapes = {"qkv": (5120, 2880), "o": (2880, 4096), "qkv/tp2": (2560, 2880), "o/tp2": (2880, 2048),
-              "router20": (32, 2880), "router120": (128, 2880)}
-    for t in [t for t in token_counts if t <= gemv.MAX_TOKENS]:  # (more tokens: F.linear on both sides)
-        for name, (n, k) in shapes.items():
-            x = torch.randn(t, k, device="cuda").bfloat16()
-            w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
-            b = (torch.randn(n, device="cuda") * 0.02).bfloat16()
-            ref = F.linear(x.float(), w.float(), b.float())
-            nbytes = (n * k + n + t * (k + n)) * 2
-            fixed = gemv.TILES[t > 1]
-            runs = [("cublas", lambda: F.linear(x, w, b))]
-            runs += [(str(tile) + (" fixed" if tile == fixed else ""), lambda tile=tile: gemv.linear(x, w, b, tile=tile))
-                     for tile in gemv.CANDIDATES]
-            timed = []
-            for impl, fn in runs:
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                timed.append((triton.testing.do_bench(_graphed(fn), return_mode="median"), impl, err))
-            best = min(timed[1:])
-            for ms, impl, err in [timed[0], *(r for r in timed[1:] if r is best or r[1].endswith("fixed"))]:
-                gbs = nbytes / ms / 1e6
-                print(f"{t:>6} {name:>12} {impl:>24} {1e3 * ms:8.2f} {gbs:8.0f} {gbs / copy_bw:8.1%} {err:8.1e}")
 
 
 def flash_bench(batches: list[int], context: int = 1152) -> None:

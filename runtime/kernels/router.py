@@ -2,8 +2,7 @@
 
 transformers' GptOssTopKRouter runs the router GEMM, then a sort-based topk (two kernels) and a
 softmax: ~10 us of launches per layer at decode, where the experts of a batch of one take ~80 us.
-Here the GEMM stays cuBLAS's (F.linear, many SMs; or, with generation.gemv_max_tokens, runtime/kernels/gemv.py,
-without cuBLAS's split-K reduce) and one program per token takes the top-k of its
+Here the GEMM stays cuBLAS's (F.linear, many SMs) and one program per token takes the top-k of its
 logits and their softmax in registers. Same function: top-k by value (ties go to the lower expert
 id, in descending order), the scores are the softmax of the top-k logits in the model dtype. Used up
 to MAX_TOKENS tokens (decode); longer inputs take transformers' path.
@@ -12,9 +11,9 @@ to MAX_TOKENS tokens (decode); longer inputs take transformers' path.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from runtime.kernels import gemv
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
 MAX_TOKENS = 256
@@ -45,11 +44,10 @@ if HAVE_TRITON:
         tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k_ok)
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, gemv_max_tokens: int = 0
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k]). The logits' matmul
-    runs runtime/kernels/gemv.py for at most `gemv_max_tokens` tokens (generation.gemv_max_tokens), else cuBLAS."""
-    logits = gemv.linear(x, weight, bias, gemv_max_tokens)  # [T, E], in the model dtype
+    """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k])."""
+    logits = F.linear(x, weight, bias)  # [T, E], in the model dtype
     t, e = logits.shape
     scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
     idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
@@ -69,11 +67,10 @@ class FusedRouterForward:
     """
 
     rows_in_use: torch.Tensor | None = None
-    gemv_max_tokens: int = 0  # generation.gemv_max_tokens: the logits' matmul through runtime/kernels/gemv.py
 
     def forward(self: nn.Module, hidden_states: torch.Tensor):  # type: ignore[misc]
         if hidden_states.shape[0] <= MAX_TOKENS and triton_usable(hidden_states.device):
-            logits, scores, idx = route(hidden_states, self.weight, self.bias, self.top_k, self.gemv_max_tokens)
+            logits, scores, idx = route(hidden_states, self.weight, self.bias, self.top_k)
         else:
             logits, scores, idx = super().forward(hidden_states)  # type: ignore[misc]
         if self.rows_in_use is not None:

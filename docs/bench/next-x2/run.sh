@@ -3,8 +3,7 @@
 #   1. the two-GPU tests again (since the ninth session the plans, stop votes and records travel on a gloo group
 #      beside NCCL: every job must still exit on its own), with async scheduling at tp=2 (~8 min);
 #   2. issue 12's batch-1 target in one run each, same checkpoint: gpt-oss-120b on one GPU and at tp=2, batch 1 /
-#      8 / 64 (target: tp=2 >= 1.6x one GPU at batch 1, >= 1.85x at 64), then tp=2 batch 1 / 8 with the
-#      projections' GEMV (generation.gemv_max_tokens=16) and profiled (~12 min);
+#      8 / 64 (target: tp=2 >= 1.6x one GPU at batch 1, >= 1.85x at 64), then tp=2 batch 1 / 8 profiled (~12 min);
 #   3. the 20b's server at tp=2, 64 and 256 streams, without and with async scheduling (~8 min);
 #   4. what 2026-12-01 left: the 20b at dp=2 and at tp=2 batch 64 / 256, the 120b at dp=2 batch 64,
 #      parallel.all_reduce=nccl beside one_shot, parallel.plan=transformers at ep=2.
@@ -40,9 +39,9 @@ while [ ! -f "$R/synth.done" ]; do sleep 2; done
 run b120-1gpu $PY $B $M120 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-1gpu"
 run b120-tp2 $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-tp2"
 grep -hE "batch +[0-9]+:" "$R/b120-1gpu.log" "$R/b120-tp2.log" >> "$R/progress.txt"
-run b120-tp2-gemv $TR $B $M120 parallel.tp_size=2 generation.gemv_max_tokens=16 "bench.batch_sizes=[1,8]" \
-    bench.profile=true bench.out_dir="$R/b120-tp2-gemv"
-grep -hE "batch +[0-9]+:" "$R/b120-tp2-gemv.log" >> "$R/progress.txt"
+run b120-tp2-profile $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8]" bench.profile=true \
+    bench.out_dir="$R/b120-tp2-profile"
+grep -hE "batch +[0-9]+:" "$R/b120-tp2-profile.log" >> "$R/progress.txt"
 SERVE="-m runtime.bench bench.mode=serve $FAST $M20 parallel.tp_size=2 experts.dequantized_above_tokens=128"
 SERVE="$SERVE bench.input_len=1024 bench.output_len=512 bench.plots=false bench.table=$R/table.csv"
 run serve20-tp2 $PY $SERVE "bench.concurrency=[64,256]" bench.out_dir="$R/serve20-tp2"
