@@ -107,9 +107,9 @@ class ExpertsConfig:
     dequantized_above_tokens: int | None = None
     """experts=mxfp4 only: steps of more than this many tokens (prefills, large decode batches) run the experts
     from a copy dequantized to the compute dtype at load, through experts=triton's kernel; smaller steps stay on
-    the 4-bit weights. On an H200 the 4-bit kernel is faster up to ~64 tokens a step and the bf16 one from ~256
-    (gpt-oss-20b, one layer: 0.40 vs 0.49 ms at 64 tokens, 0.66 vs 0.50 at 256, 0.98 vs 0.61 at 512;
-    docs/benchmarks.md), so 128 gives both. Costs the experts' bf16 size on each rank besides the 4-bit
+    the 4-bit weights. On an H200, with the register-operand 4-bit blocks (moe_mxfp4.REG_A_BLOCKS), the 4-bit
+    kernel is faster up to 256 tokens a step and the bf16 one from 512 (gpt-oss-20b, one layer: 0.34 vs 0.47 ms
+    at 64 tokens, 0.50 vs 0.52 at 256, 0.70 vs 0.59 at 512; docs/benchmarks.md), so 256 gives both. Costs the experts' bf16 size on each rank besides the 4-bit
     one (gpt-oss-20b: 38 GB; gpt-oss-120b's 229 GB fits no single GPU: the load stops with the numbers).
     null: off (4-bit weights only)."""
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# For the next one-H200 session (issues 14 and 15), in order of value; each step's log in $R:
+#   A. in parallel: the GPU tests that the tenth session's defaults touch (the register-operand MXFP4 blocks, on
+#      now, with the forced-tile test that skips tiles over the shared-memory limit; the compiled decode steps and
+#      the dequantized copy with them; the paged flash kernel and the batcher's graphs with 128 keys a split and the
+#      merge in the kernel), three pytest processes, beside the 20b's synthesis (~6 min);
+#   B. the 20b's serving sweep with async scheduling and the copy above 256 tokens (the register-operand blocks
+#      beat the copy up to 256 tokens a step): 1 / 64 / 512 streams against the eighth session's 366 / 4,130 /
+#      10,293 tok/s, with the server's stats lines and its warm-up by part (~10 min);
+#   C. the 120b's batch 1 / 8 / 64 with the new defaults (the prefill's blocks now register-operand: TTFT 97.8 ms
+#      at batch 1 before) (~5 min);
+#   D. the offline target at batch 128 (continuous + async vs static rounds), if time is left.
+# Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
+# pattern that the polling command itself contains; `timeout` puts each step in its own process group.
+#
+#   bash docs/bench/2026-12-02-h200-tenth/next.sh /tmp/res
+set -u
+R=${1:-/tmp/res}
+mkdir -p "$R"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+PY=python3
+FAST="attention=triton generation.compile=true"
+OUT="bench.plots=false bench.table=$R/table.csv"
+stamp() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
+run() { local name=$1 limit=$2; shift 2; stamp "start $name"; timeout "$limit" "$@" > "$R/$name.log" 2>&1; stamp "end $name rc=$?"; }
+$PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
+T="$PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py"
+run tests-rega 600 $T -k "reg_a_blocks or mxfp4_moe_real_shapes" &
+run tests-compiled 600 $T -k "compiled_decode_step_equals_plain or dequantized_copy" &
+run tests-flash 600 $T -k "paged or flash_merge or continuous" &
+[ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
+wait
+grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-*.log >> "$R/progress.txt"
+run serve20 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
+    experts=mxfp4 experts.dequantized_above_tokens=256 generation.async_scheduling=true \
+    'bench.concurrency=[1,64,512]' bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
+grep "serve concurrency" "$R/serve20.log" >> "$R/progress.txt"
+grep -E "warm-up|last [0-9.]+ s:" "$R/serve20/server/server.log" | tail -4 | cut -c1-400 >> "$R/progress.txt"
+[ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120
+run bench120 600 $PY -m runtime.bench model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST experts=mxfp4 \
+    bench.input_len=1024 bench.output_len=128 bench.repetitions=2 'bench.batch_sizes=[1,8,64]' \
+    $OUT bench.out_dir=$R/bench120
+grep -E "batch +[0-9]+:" "$R/bench120.log" | tail -3 >> "$R/progress.txt"
+rm -rf /dev/shm/ck120
+run offline20 1200 $PY -m runtime.bench bench.mode=offline model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
+    experts=mxfp4 experts.dequantized_above_tokens=256 generation.async_scheduling=true \
+    bench.num_prompts=512 bench.input_len=1050 bench.output_len=525 \
+    bench.range_ratio=0.9 'bench.batch_sizes=[128]' $OUT bench.out_dir=$R/offline20
+grep -E "offline batch" "$R/offline20.log" >> "$R/progress.txt"
+stamp "all done"
