@@ -4,6 +4,9 @@
 #      now, with the forced-tile test that skips tiles over the shared-memory limit; the compiled decode steps and
 #      the dequantized copy with them; the paged flash kernel and the batcher's graphs with 128 keys a split and the
 #      merge in the kernel), three pytest processes, beside the 20b's synthesis (~6 min);
+#   A2. the 120b's experts at 32 / 64 / 128 tokens a step: the pairs GEMV (on for 128 experts up to 4 pairs an
+#      expert) against the register-operand blocks that now run where it is off (--gemv-pairs-per-expert 0; it beat
+#      the plain blocks by 0-13%, the register-operand blocks beat those by 16-30%) (~2 min);
 #   B. the 20b's serving sweep with async scheduling and the copy above 256 tokens (the register-operand blocks
 #      beat the copy up to 256 tokens a step): 1 / 64 / 512 streams against the eighth session's 366 / 4,130 /
 #      10,293 tok/s, with the server's stats lines and its warm-up by part (~10 min);
@@ -31,6 +34,11 @@ run tests-flash 600 $T -k "paged or flash_merge or continuous" &
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 wait
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-*.log >> "$R/progress.txt"
+for pairs in 4 0; do
+  run moe120-pairs$pairs 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 64 128 \
+      --gemv-pairs-per-expert $pairs
+  grep -E "^ +[0-9]+ +mxfp4" "$R/moe120-pairs$pairs.log" | sed "s/^/pairs $pairs /" >> "$R/progress.txt"
+done
 run serve20 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     experts=mxfp4 experts.dequantized_above_tokens=256 generation.async_scheduling=true \
     'bench.concurrency=[1,64,512]' bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
