@@ -12,6 +12,10 @@
 #      10,293 tok/s, with the server's stats lines and its warm-up by part (~10 min);
 #   C. the 120b's batch 1 / 8 / 64 with the new defaults (the prefill's blocks now register-operand: TTFT 97.8 ms
 #      at batch 1 before) (~5 min);
+#   C2. the same at batch 1 / 8 with inductor's combo kernels (torch._inductor.config.combo_kernels: independent
+#      pointwise kernels in one launch, e.g. the three RoPE / KV-write kernels a layer; 158 us of the 120b's batch-1
+#      step, and each launch leaves a gap: 3.08 ms of kernels in a 3.31 ms step), profiled: if it is faster and gives
+#      the same tokens, make it a setting (~4 min);
 #   D. the offline target at batch 128 (continuous + async vs static rounds), if time is left.
 # Start it in the background (setsid) and poll $R/progress.txt from the next call within 30 s. Never pkill a
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
@@ -49,6 +53,11 @@ run bench120 600 $PY -m runtime.bench model=gpt-oss-120b model.path=/dev/shm/ck1
     bench.input_len=1024 bench.output_len=128 bench.repetitions=2 'bench.batch_sizes=[1,8,64]' \
     $OUT bench.out_dir=$R/bench120
 grep -E "batch +[0-9]+:" "$R/bench120.log" | tail -3 >> "$R/progress.txt"
+run bench120-combo 600 $PY -c "import runpy, sys; import torch._inductor.config as c; c.combo_kernels = True; \
+sys.argv = ['runtime.bench'] + sys.argv[1:]; runpy.run_module('runtime.bench', run_name='__main__')" \
+    model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST experts=mxfp4 bench.input_len=1024 bench.output_len=128 \
+    bench.repetitions=2 'bench.batch_sizes=[1,8]' bench.profile=true $OUT bench.out_dir=$R/bench120-combo
+grep -E "batch +[0-9]+:" "$R/bench120-combo.log" | tail -2 >> "$R/progress.txt"
 rm -rf /dev/shm/ck120
 run offline20 1200 $PY -m runtime.bench bench.mode=offline model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
     experts=mxfp4 experts.dequantized_above_tokens=256 generation.async_scheduling=true \
