@@ -109,7 +109,9 @@ class ExpertsConfig:
     from a copy dequantized to the compute dtype at load, through experts=triton's kernel; smaller steps stay on
     the 4-bit weights. On an H200, with the register-operand 4-bit blocks (moe_mxfp4.REG_A_BLOCKS), the 4-bit
     kernel is faster up to 256 tokens a step and the bf16 one from 512 (gpt-oss-20b, one layer: 0.34 vs 0.47 ms
-    at 64 tokens, 0.50 vs 0.52 at 256, 0.70 vs 0.59 at 512; docs/benchmarks.md), so 256 gives both. Costs the experts' bf16 size on each rank besides the 4-bit
+    at 64 tokens, 0.50 vs 0.52 at 256, 0.70 vs 0.59 at 512; docs/benchmarks.md), so 256 gives both; under tensor
+    parallel (intermediate size per rank not a multiple of 64) the plain 4-bit blocks run, for which 128 was the
+    crossing (0.40 vs 0.49 ms at 64 tokens, 0.66 vs 0.50 at 256). Costs the experts' bf16 size on each rank besides the 4-bit
     one (gpt-oss-20b: 38 GB; gpt-oss-120b's 229 GB fits no single GPU: the load stops with the numbers).
     null: off (4-bit weights only)."""
 

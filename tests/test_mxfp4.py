@@ -63,8 +63,10 @@ def test_launch_plan_depends_on_pair_count_only(monkeypatch: pytest.MonkeyPatch)
     # a forced tile cannot contradict the inputs' order, which reg_a chose before the launch
     x, idx, w = torch.zeros(20, 64), torch.zeros(20, 2, dtype=torch.long), torch.ones(20, 2)
     experts = random_experts(2, 64, 64, torch.Generator().manual_seed(0))
-    for config, reg_a in (({"BLOCK_N": 16, "BLOCK_K": 64, "PERM": True}, None), ({"BLOCK_N": 16, "BLOCK_K": 32}, True)):
-        with pytest.raises(ValueError, match="chosen by reg_a"):
+    for config, reg_a, match in (({"BLOCK_N": 16, "BLOCK_K": 64, "PERM": True}, None, "chosen by reg_a"),
+                                 ({"BLOCK_N": 16, "BLOCK_K": 32}, True, "multiple of 64 and take no SWAP"),
+                                 ({"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}, True, "or reg_a=False")):
+        with pytest.raises(ValueError, match=match):
             moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=config, reg_a=reg_a)
 
 

@@ -86,6 +86,9 @@ def main() -> None:
             flash_bench(args.tokens)
         return None
     moe_mxfp4.DOT_SCALED = args.dot_scaled
+    if args.reg_a is None and (args.swap or args.dot_scaled or args.bf16_dequant_max_m is not None):
+        args.reg_a = False  # those are variants of the plain blocks (the register-operand blocks take none of them)
+        print("(--swap / --dot-scaled / --bf16-dequant-max-m time the plain blocks: --no-reg-a implied)")
     if args.reg_a is not None:
         moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.swap:
@@ -188,13 +191,13 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
             if splits == 1:
                 print(f"{b:>6} {window or 'full':>7} {splits:>7} {'(no split: nothing to merge)':>42}")
                 continue
-            times, outs = [], []
+            times, outs, saved = [], [], flash.MERGE_IN_KERNEL
             for merge in (False, True):
                 flash.MERGE_IN_KERNEL = merge
                 fn = lambda window=window: flash.flash_attention(q, k_pool, v_pool, sinks, mask, 0.125, window)  # noqa: E731
                 outs.append(fn().float())
                 times.append(1e3 * triton.testing.do_bench(_graphed(fn), return_mode="median"))
-            flash.MERGE_IN_KERNEL = False
+            flash.MERGE_IN_KERNEL = saved
             diff = (outs[0] - outs[1]).abs().max().item()
             print(f"{b:>6} {window or 'full':>7} {splits:>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
 

@@ -90,7 +90,7 @@ conversion is left (checked on the sm_90 code Triton 3.6 makes). Needs hidden an
 are multiples of 64 (elsewhere the plain blocks run). On the H200 (microbench --reg-a, docs/benchmarks.md, tenth
 session), one layer of the 20b: 0.337 / 0.497 / 0.704 ms at 64 / 256 / 512 tokens where the plain blocks took 0.399 /
 0.661 / 0.975; of the 120b at 256 / 512 tokens: 1.515 / 1.583 ms (plain 2.173 at 256). The 20b's batch 64 decodes at
-7,619 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
+7,621 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -744,7 +744,11 @@ def fused_mxfp4_experts(
     if not gemv:
         scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
         perm = (REG_A_BLOCKS if reg_a is None else reg_a) and not scaled and hidden % 64 == 0 and inter % 64 == 0
-        if perm and reg_a is None and config is not None and config.get("BLOCK_K", 64) % 64:
+        if perm and config is not None and (config.get("BLOCK_K", 64) % 64 or config.get("SWAP")):
+            if reg_a:
+                raise ValueError(f"config={config}: the register-operand blocks need a BLOCK_K that is a multiple of 64 "
+                                 f"and take no SWAP (they are the weights-first order already): drop them, or "
+                                 f"reg_a=False")
             perm = False  # a forced tile the register-operand blocks cannot take, not asked for by name: plain blocks
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
         # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
@@ -769,9 +773,8 @@ def fused_mxfp4_experts(
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
     else:
-        if "PERM" in config or (perm and config.get("BLOCK_K", 64) % 64):
-            raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM) and need "
-                             f"a BLOCK_K that is a multiple of 64 (or reg_a=False)")
+        if "PERM" in config:
+            raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM)")
         gate_up, down = _gate_up_kernel, _down_kernel
         common.update({"SWAP": False, **config})
     bucket = autotune_bucket(p, DECODE_MAX_PAIRS)

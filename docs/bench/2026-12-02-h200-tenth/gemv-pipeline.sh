@@ -5,7 +5,7 @@
 # of the 20b (32) at 1 / 8; each printed relative error is the result's against the torch reference. On the H200
 # the pipelined GEMV was slower (res2/): 0.224 vs 0.165 ms at 8 tokens on the 120b.
 #   bash docs/bench/2026-12-02-h200-tenth/gemv-pipeline.sh /tmp/res2
-set -u
+set -u  # run from the repository root
 R=${1:-/tmp/res2}
 mkdir -p "$R"
 rm -rf /tmp/new && cp -r . /tmp/new && (cd /tmp/new && git apply docs/bench/2026-12-02-h200-tenth/gemv-pipeline.patch)

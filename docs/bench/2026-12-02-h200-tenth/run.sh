@@ -54,3 +54,16 @@ if passed "test_mxfp4_moe_reg_a_blocks.32-2048"; then
   cat "$R"/moe*-rega.log | grep -E "mxfp4|bf16" >> "$R/progress.txt"
 fi
 stamp "all done"
+#
+# Run by hand after the script (the reg-a test's 2,048-token case had failed on a forced tile over the shared-memory
+# limit, so the script skipped the register-operand microbenches; the 20b with the three constants that became the
+# defaults):
+#   python3 -m runtime.kernels.microbench --format mxfp4 --tokens 64 256 512 --reg-a > $R/moe20-rega.log
+#   python3 -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 64 256 512 --reg-a > $R/moe120-rega.log
+#   python3 -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20
+#   python3 -c "import runpy, sys; import runtime.kernels.flash as f; import runtime.kernels.moe_mxfp4 as m; \
+#     f.MERGE_IN_KERNEL = True; f.SPLIT_KEYS = 128; m.REG_A_BLOCKS = True; sys.argv = ['runtime.bench'] + sys.argv[1:]; \
+#     runpy.run_module('runtime.bench', run_name='__main__')" model=gpt-oss-20b model.path=/dev/shm/ck20 \
+#     attention=triton generation.compile=true experts=mxfp4 bench.input_len=1024 bench.output_len=128 \
+#     bench.repetitions=2 'bench.batch_sizes=[1,64]' bench.plots=false bench.table=$R/table.csv \
+#     bench.out_dir=$R/bench20-rega-merge > $R/bench20-rega-merge.log
