@@ -143,6 +143,20 @@ KERNEL_CHECK = textwrap.dedent("""
                                      scaled=True).float()
         assert not out.isnan().any()
         worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    # the GEMVs loading each tile as runs of a row (GEMV_ROW_RUNS): decode and pairs, masked rows and K tiles
+    mx.GEMV_ROW_RUNS = True
+    for t, E, k, H, I, block_m, config in ((3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (1, 4, 2, 64, 64, None, None),
+                                           (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}),
+                                           (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64})):
+        x = torch.randn(t, H, generator=g).half()
+        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
+        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).half()
+        experts = random_experts(E, H, I, g, torch.float16)
+        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config).float()
+        assert not out.isnan().any()
+        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    mx.GEMV_ROW_RUNS = False
     # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
     # tile (H = 192 in tiles of 128), autotuned and forced
     x = torch.arange(128.).view(1, 128)
@@ -435,9 +449,9 @@ def _bf16_asm_packs(ttgir: str) -> list[tuple[bool, bool]]:
 
 
 def test_kernels_compile_for_hopper() -> None:
-    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, tl.dot blocks) compiles to sm_90 code (Triton's
-    own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
-    bytes at a time, and in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand
+    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, their tiles loaded as runs of a row or not;
+    tl.dot blocks) compiles to sm_90 code (Triton's own ptxas; no GPU needed), so a kernel that only the interpreter
+    accepts is caught here; the weights load 16 bytes at a time (as runs of a row: >= 8 lanes along a row), and in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand
     blocks (REG_A_BLOCKS), they reach the tensor cores from registers, for blocks of 16 pairs too."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -454,10 +468,12 @@ def test_kernels_compile_for_hopper() -> None:
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         gemv = moe_mxfp4._decode_configs()[1]
         reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
+        row_runs = triton.Config({**gemv.kwargs, "ROW_RUNS": True}, num_warps=4, num_stages=3)
         for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (16, swapped), (128, swapped),
-                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a)):
+                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a), (1, row_runs), (2, row_runs),
+                                (4, row_runs)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
-                      "PERM": False, **config.kwargs}
+                      "PERM": False, "ROW_RUNS": False, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
@@ -479,6 +495,11 @@ def test_kernels_compile_for_hopper() -> None:
                 # the register-operand blocks give each byte its scale; elsewhere 4 packed bytes share one
                 assert all(each == bool(config.kwargs.get("PERM")) for each, _ in packs), (fn.__name__, packs)
                 assert all(each or one_group for each, one_group in packs), (fn.__name__, block_m, packs)
+            if config.kwargs.get("ROW_RUNS"):  # the weights' load: a warp's lanes along runs of a row's groups
+                ttgir = kernel.asm["ttgir"]
+                lay = re.search(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr<i8>, (#\w+)>", ttgir).group(1)
+                lanes = re.search(lay + r" = #ttg\.blocked<\{[^}]*threadsPerWarp = \[\d+, (\d+)\]", ttgir)
+                assert lanes and int(lanes.group(1)) >= 8, (fn.__name__, block_m, lay)
             if config.kwargs.get("SWAP") or config.kwargs.get("SCALED") or config.kwargs.get("PERM"):
                 # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)

@@ -91,6 +91,11 @@ are multiples of 64 (elsewhere the plain blocks run). On the H200 (microbench --
 session), one layer of the 20b: 0.337 / 0.497 / 0.704 ms at 64 / 256 / 512 tokens where the plain blocks took 0.399 /
 0.661 / 0.975; of the 120b at 256 / 512 tokens: 1.515 / 1.583 ms (plain 2.173 at 256). The 20b's batch 64 decodes at
 7,621 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
+GEMV_ROW_RUNS = False
+"""The GEMVs (decode and pairs) load each tile's bytes as runs of a row (see _gemv's ROW_RUNS), so that a warp's
+lanes read consecutive groups of a row whatever Triton's layout heuristics: on Triton 3.6's sm_90 code the lanes
+then sit on 8 groups x 4 rows (BLOCK_K 256) instead of 32 rows, and the inputs' trip through shared memory shrinks
+(LDS 12 -> 5 in the decode gate_up kernel). Off until a GPU has timed it (microbench --gemv-row-runs)."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -345,10 +350,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
-              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, ROW_RUNS: tl.constexpr = False):
         """sum_k x[k] * W[rows, k] for 1, 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; the pointers
         past PAIRS unused) and MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R]
-        fp32."""
+        fp32.
+
+        ROW_RUNS (GEMV_ROW_RUNS): a tile's bytes are loaded as [rows, BLOCK_K / 2 contiguous bytes] and reshaped to
+        [rows, groups, 16], not addressed as [rows, groups, 16] directly. Triton lays a load's lanes along the
+        dimension it knows to be contiguous, so a warp then reads runs of consecutive groups of a row; addressed in
+        3-D, the bytes are contiguous only within a group as far as Triton knows, and which dimension gets the lanes
+        is left to its heuristics (Triton 3.6, on the GPU machines: 32 lanes on 32 rows, each load 16 bytes from
+        each of 32 rows 1,440 bytes apart at gpt-oss's sizes; 3.9 puts 8 lanes along the groups)."""
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -360,8 +372,14 @@ if HAVE_TRITON:
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi
             g_ok = g < groups
-            wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
-                         mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16] bytes
+            if ROW_RUNS:
+                cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the tile's bytes of a row, contiguous
+                wb = tl.load(wb_ptr + row_off[:, None] * 16 + cols[None, :],
+                             mask=rows_ok[:, None] & (cols // 16 < groups)[None, :], other=0)  # (by group: 16-byte loads)
+                wb = tl.reshape(wb, (BLOCK_R, BLOCK_K // 32, 16))  # [R, NG, 16] bytes
+            else:
+                wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
+                             mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16] bytes
             s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0))
             at = g[:, None] * 16 + bi[None, :]
             x0 = tl.load(x0_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]  # [1, NG, 16] pairs
@@ -400,14 +418,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_block(x_ptr, pair_ptr, num_pairs, per_row: tl.constexpr, row_len, wb_ptr, ws_ptr, rows, rows_ok, K,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+                    ROW_RUNS: tl.constexpr):
         """The pairs GEMV of a block: its PAIRS (2 or 4) pairs pair_ptr[0..PAIRS), each reading its row of x_ptr
         (see _row) -> [PAIRS, BLOCK_R]."""
         return _gemv(_row(x_ptr, pair_ptr, 0, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 1, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 2 % PAIRS, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 3 % PAIRS, num_pairs, per_row, row_len),
-                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM)
+                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM, ROW_RUNS)
 
     @triton.jit
     def _pack_x_kernel(x_ptr, out_ptr, factor_ptr, K, top_exp, BLOCK_K: tl.constexpr):
@@ -555,7 +574,7 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
-        PERM: tl.constexpr,
+        PERM: tl.constexpr, ROW_RUNS: tl.constexpr,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -580,12 +599,12 @@ if HAVE_TRITON:
             token = pid_m // TOP_K
             x_row = x_ptr + token.to(tl.int64) * (hidden // 2)
             acc = _gemv(x_row, x_row, x_row, x_row, wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, 1,
-                        ASM) * tl.load(xf_ptr + token)
+                        ASM, ROW_RUNS) * tl.load(xf_ptr + token)
         elif BLOCK_M < 16:  # the pairs GEMV: BLOCK_M (2 or 4) pairs of the block's expert, weights dequantized once
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(x_ptr, first, num_pairs, TOP_K, hidden // 2, wb, ws, r, r_ok, hidden, 2 * BLOCK_N,
-                              BLOCK_K, BLOCK_M, ASM)
+                              BLOCK_K, BLOCK_M, ASM, ROW_RUNS)
             acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -623,6 +642,7 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
         ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
+        ROW_RUNS: tl.constexpr,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -643,12 +663,13 @@ if HAVE_TRITON:
         if BLOCK_M == 1:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
             h_row = h_ptr + pid_m.to(tl.int64) * (inter // 2)
-            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM) * h_factor
+            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM,
+                        ROW_RUNS) * h_factor
         elif BLOCK_M < 16:  # the pairs GEMV
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(h_ptr, first, num_pairs, 1, inter // 2, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
-                              BLOCK_M, ASM) * h_factor
+                              BLOCK_M, ASM, ROW_RUNS) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
@@ -666,7 +687,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM", "ROW_RUNS"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -769,6 +790,7 @@ def fused_mxfp4_experts(
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
     common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled), "PERM": perm,
+              "ROW_RUNS": gemv and GEMV_ROW_RUNS,
               "BF16": asm and x.dtype == torch.bfloat16 and (perm or 16 <= block_m <= BF16_DEQUANT_MAX_M)}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
