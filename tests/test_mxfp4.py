@@ -424,6 +424,124 @@ def test_bf16_dequantization_ptx() -> None:
             torch.testing.assert_close(torch.stack([lo, hi], 1), want, rtol=0, atol=0)
 
 
+def _run_group_dot_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int | float]:
+    """Run _group_dot_asm's PTX op by op on the CPU: 32-bit integer ops, lop3, fp16x2 FMAs and adds (one rounding
+    each, as the GPU), fp16 -> fp32 and fp32 ops. regs: the $ operands in (b32 as int, f32 as float); returns them."""
+    def halves(word: int) -> torch.Tensor:
+        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+    def word(h: torch.Tensor) -> int:
+        bits = h.to(torch.float16).view(torch.int16).int() & 0xFFFF
+        return int(bits[0]) | int(bits[1]) << 16
+
+    def f32(v: torch.Tensor) -> float:
+        return v.to(torch.float32).item()
+
+    regs = dict(regs)
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip().strip("{} ").strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):  # mov.b32 {h0, h1}, c: the two halves
+            lo, hi = rest[1:rest.index("}")].replace(",", " ").split()
+            src = regs[rest.split(",")[-1].strip()]
+            regs[lo], regs[hi] = src & 0xFFFF, src >> 16
+            continue
+        dst, *args = [a.strip() for a in rest.split(",")]
+        val = [regs[a] if a in regs else (0.0 if a == "0f00000000" else int(a, 0)) for a in args]
+        if op in ("mov.b32", "mov.f32"):
+            out = val[0]
+        elif op == "shl.b32":
+            out = (val[0] << val[1]) & 0xFFFFFFFF
+        elif op == "shr.u32":
+            out = val[0] >> val[1]
+        elif op in ("and.b32", "or.b32"):
+            out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
+        elif op == "lop3.b32":
+            a, b, c, lut = val
+            out = sum((((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i)
+                      for i in range(32))
+        elif op == "fma.rn.f16x2":
+            out = word(halves(val[0]).double() * halves(val[1]).double() + halves(val[2]).double())
+        elif op == "add.rn.f16x2":
+            out = word(halves(val[0]).double() + halves(val[1]).double())
+        elif op == "cvt.f32.f16":
+            out = torch.tensor([val[0]], dtype=torch.int32).to(torch.int16).view(torch.float16).item()
+        elif op == "add.f32":
+            out = f32(torch.tensor(val[0], dtype=torch.float32) + torch.tensor(val[1], dtype=torch.float32))
+        else:
+            assert op == "mul.f32", op
+            out = f32(torch.tensor(val[0], dtype=torch.float32) * torch.tensor(val[1], dtype=torch.float32))
+        regs[dst] = out
+    return regs
+
+
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_gemv_ptx_split_nibbles_gives_the_same_bits(pairs: int) -> None:
+    """_group_dot_asm's split nibble placement (GEMV_SPLIT_NIBBLES) and the one that places each pair's sign and
+    magnitude separately, run op by op: the same outputs, bit for bit, over random words (every code of every
+    nibble position), inputs and scales; and both equal the group's dot product to fp16 accuracy."""
+    g = torch.Generator().manual_seed(pairs)
+    n = 16 * pairs
+    outs = {}
+    for case in range(24):
+        words = [int(w) & 0xFFFFFFFF for w in torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64)]
+        if case < 16:  # nibble code `case` in every position, then random words
+            words = [int.from_bytes(bytes([case | case << 4] * 4), "little")] * 4
+        xs = (torch.randn(pairs, 32, generator=g) * 2000).to(torch.float16)  # inputs as the GEMV scales them
+        scale = float(2.0 ** int(torch.randint(-4, 5, (1,), generator=g)))
+        regs: dict[str, int | float] = {f"${n + j}": words[j] for j in range(4)}
+        for i in range(pairs):  # input pair register 4j + p holds inputs 8j + p (low half) and 8j + p + 4 (high)
+            for j in range(4):
+                for p in range(4):
+                    lo, hi = xs[i, 8 * j + p], xs[i, 8 * j + p + 4]
+                    regs[f"${n + 4 + 16 * i + 4 * j + p}"] = int(torch.stack([lo, hi]).view(torch.int16)[0]) & 0xFFFF \
+                        | (int(torch.stack([lo, hi]).view(torch.int16)[1]) & 0xFFFF) << 16
+        regs[f"${2 * n + 4}"] = scale
+        for split in (False, True):
+            ran = _run_group_dot_ptx(moe_mxfp4._group_dot_asm(pairs, split_nibbles=split), regs)
+            outs[split] = [ran[f"${16 * i}"] for i in range(pairs)]
+        assert outs[True] == outs[False], (case, outs)
+        codes = torch.tensor([(w >> (4 * q)) & 0xF for w in words for q in range(8)], dtype=torch.uint8)
+        values = checkpoint.dequantize_mxfp4(  # input 8j + q meets nibble q of word j
+            (codes[0::2] | codes[1::2] << 4).view(1, 1, 16), torch.tensor([[127]], dtype=torch.uint8),
+            torch.float32).reshape(32)
+        for i in range(pairs):
+            want = float((values * xs[i].float()).sum()) * 2.0 ** -14 * scale
+            assert abs(outs[True][i] - want) <= 2e-3 * (values.abs() * xs[i].float().abs()).sum() * 2.0 ** -14 * scale
+
+
+SPLIT_COMPILE = """
+import re
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from runtime.kernels import moe_mxfp4
+moe_mxfp4.use_split_nibbles(True)  # before anything compiles: Triton hashes the PTX constants it reads
+fn = moe_mxfp4._gate_up_kernel
+consts = {"TOP_K": 4, "BLOCK_M": 1, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False, "PERM": False,
+          "ROW_RUNS": True, "SWAP": False, "BLOCK_N": 16, "BLOCK_K": 256}
+types = {"x_ptr": "*i32", "xf_ptr": "*fp32", "wb_ptr": "*u8", "ws_ptr": "*u8", "b_ptr": "*bf16", "h_ptr": "*fp16",
+         "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32", "alpha": "fp32", "h_factor": "fp32"}
+names = fn.arg_names
+sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("hidden", "inter")})
+ptx = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+print(ptx.count("lop3.b32"), ptx.count("fma.rn.f16x2"))
+"""
+
+
+def test_gemv_split_nibbles_compiles_for_hopper() -> None:
+    """The decode GEMV with the split nibble placement (use_split_nibbles, in a fresh process as the microbench does
+    it) compiles to sm_90 code with its lop3 bit-selects: two a word, 4 words a group."""
+    proc = subprocess.run([sys.executable, "-c", SPLIT_COMPILE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lop3, fma = map(int, proc.stdout.split()[-2:])
+    assert fma >= 16 and lop3 >= fma // 2, proc.stdout
+
+
 def _bf16_asm_packs(ttgir: str) -> list[tuple[bool, bool]]:
     """For each call of _e2m1_bf16_asm's PTX in a kernel's TTGIR: (it scales each byte by its own scale, the 4 bytes
     Triton packs into one call are 4 aligned bytes of one row, so of one group of 16). The shared-scale PTX reads

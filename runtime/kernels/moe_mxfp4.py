@@ -109,6 +109,11 @@ if HAVE_TRITON:
     import triton.language as tl
 
 
+GEMV_SPLIT_NIBBLES = False
+"""The GEMVs' PTX places a word's nibbles with the split form of _group_dot_asm (11 integer operations a word
+instead of 20; the dequantization's integer work bounds these kernels). Off until a GPU has timed it (microbench
+--gemv-split-nibbles); read when the module is imported (use_split_nibbles() changes it later)."""
+
 FP16_TOP_EXP = 15
 """The decode GEMV multiplies in fp16 with its inputs scaled by a power of two so that max|x| lies in
 (2^14, 2^15] (the top octave below 65,504; undone in fp32 after the sum). The E2M1 codes enter as
@@ -116,7 +121,7 @@ value * 2^-14, so a product is value * x * 2^-14: normal fp16 (11 significant bi
 above 2^-13 of the row's largest, and a group's 16 products per fp16 lane stay below 16 * 6 * 2 = 192."""
 
 
-def _group_dot_asm(pairs: int = 1) -> str:
+def _group_dot_asm(pairs: int = 1, split_nibbles: bool | None = None) -> str:
     """PTX for one (row, 32-input group): 16 MXFP4 bytes (4 words) x 16 fp16 input pairs -> fp32 dot * scale,
     for `pairs` inputs at once (the pairs GEMV: each weight is dequantized once for all of them).
 
@@ -126,11 +131,18 @@ def _group_dot_asm(pairs: int = 1) -> str:
     Two fp16x2 accumulators per input (8 products per lane each), summed, widened to fp32, times the scale.
     Operands, P = pairs: 16 outputs per input ($16i holds input i's dot; one input: the other 15 are zeroed, as
     first measured), then the bytes ($16P..$16P+3), 16 input pair registers per input, the scale ($32P+4).
-    """
+
+    split_nibbles (default GEMV_SPLIT_NIBBLES): a word is first split in two, each byte's low nibbles with their
+    sign moved from bit 3 to bit 6 (e: one shift, one lop3 bit-select) and its high nibbles' magnitudes moved down
+    to bits 1-3 beside their sign at bit 7 (o: the same), so that sign and magnitude sit 6 bits apart as fp16 has
+    them and each pair takes one shift and one mask (pair 3 only the mask): 11 integer operations a word where
+    placing sign and magnitude of each pair separately takes 20. Same bits either way (a CPU test runs both op by
+    op)."""
+    split = GEMV_SPLIT_NIBBLES if split_nibbles is None else split_nibbles
     n = 16 * pairs
     acc = [(f"c{2 * i}", f"c{2 * i + 1}") for i in range(pairs)]
     shifts = [(9, 12), (5, 8), (1, 4), (-3, 0)]  # per nibble position p: (magnitude shift, sign shift)
-    lines = ["{", ".reg .b32 t, u, a, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
+    lines = ["{", ".reg .b32 t, u, a, e, o, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
              ".reg .f32 f0, f1;"] + [f"mov.b32 {c}, 0;" for pair in acc for c in pair]
     scale = f"${2 * n + 4}"
     if pairs > 1:  # read the scale before the first output is written (inputs are read before outputs in asm)
@@ -138,12 +150,23 @@ def _group_dot_asm(pairs: int = 1) -> str:
         scale = "sc"
     for j in range(4):
         w = f"${n + j}"
+        if split:
+            # e: bits 0-2 of each byte from w (the low nibble's magnitude), the rest from w << 3 (bit 6: its sign);
+            # o: bits 1-3 from w >> 3 (the high nibble's magnitude), the rest from w (bit 7: its sign).
+            # lop3 0xE4 = (a & c) | (b & ~c). Only bits 0-2 and 6 (e), 1-3 and 7 (o) of each byte are read below.
+            lines += [f"shl.b32 t, {w}, 3;", f"lop3.b32 e, {w}, t, 0x07070707, 0xE4;",
+                      f"shr.u32 t, {w}, 3;", f"lop3.b32 o, t, {w}, 0x0E0E0E0E, 0xE4;"]
         for p, (ms, ss) in enumerate(shifts):
-            lines.append(f"shl.b32 t, {w}, {ms};" if ms > 0 else f"shr.u32 t, {w}, {-ms};")
-            lines.append("and.b32 t, t, 0x0E000E00;")
-            lines.append(f"shl.b32 u, {w}, {ss};" if ss else f"mov.b32 u, {w};")
-            lines.append("and.b32 u, u, 0x80008000;")
-            lines.append("or.b32 a, t, u;")
+            if split:  # pair p: nibbles p and p + 4, i.e. byte p // 2 and byte p // 2 + 2, low (p even) or high
+                src, k = ("e", 9 - 4 * p) if p % 2 == 0 else ("o", 12 - 4 * p)
+                lines.append(f"shl.b32 a, {src}, {k};" if k else f"mov.b32 a, {src};")
+                lines.append("and.b32 a, a, 0x8E008E00;")
+            else:
+                lines.append(f"shl.b32 t, {w}, {ms};" if ms > 0 else f"shr.u32 t, {w}, {-ms};")
+                lines.append("and.b32 t, t, 0x0E000E00;")
+                lines.append(f"shl.b32 u, {w}, {ss};" if ss else f"mov.b32 u, {w};")
+                lines.append("and.b32 u, u, 0x80008000;")
+                lines.append("or.b32 a, t, u;")
             for i in range(pairs):
                 c = acc[i][p % 2]
                 lines.append(f"fma.rn.f16x2 {c}, a, ${n + 4 + 16 * i + 4 * j + p}, {c};")
@@ -239,6 +262,16 @@ tiles time 10-15% faster alone, but autotuning both orders made the whole layer 
 use_operand_orders() changes it later (microbench --swap)."""
 
 
+def use_split_nibbles(on: bool) -> None:
+    """Build the GEMVs' PTX with the split nibble placement or without (GEMV_SPLIT_NIBBLES; microbench
+    --gemv-split-nibbles). Before the kernels are first compiled: Triton reads these constants when it compiles."""
+    global GEMV_SPLIT_NIBBLES, _GROUP_DOT_ASM, _GROUP_DOT2_ASM, _GROUP_DOT4_ASM
+    GEMV_SPLIT_NIBBLES = on
+    _GROUP_DOT_ASM = tl.constexpr(_group_dot_asm(1, on))
+    _GROUP_DOT2_ASM = tl.constexpr(_group_dot_asm(2, on))
+    _GROUP_DOT4_ASM = tl.constexpr(_group_dot_asm(4, on))
+
+
 def use_operand_orders(orders: tuple[bool, ...]) -> None:
     """Let the blocks' autotuners choose among these operand orders (SWAP_AB; microbench --swap)."""
     global SWAP_AB
@@ -294,7 +327,7 @@ if HAVE_TRITON:
         b = s.to(tl.uint32) << 7
         return b | (b << 16)
 
-    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())
+    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())  # (use_split_nibbles() rebuilds these three)
     _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints())
     _GROUP_DOT2_ASM: tl.constexpr = tl.constexpr(_group_dot_asm(2))
     _GROUP_DOT2_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints(2))
