@@ -377,6 +377,11 @@ def test_120b_in_mxfp4_fits_one_80gb_gpu() -> None:
     assert held + kv < 72 * 2**30
 
 
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX lop3.b32: bit i of the result is bit (a_i b_i c_i, read as a 3-bit number) of lut."""
+    return sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1))) & 1) << i for i in range(32))
+
+
 def _run_ptx(asm: str, args: list[int]) -> list[int]:
     """Run the integer and bf16x2 PTX of _e2m1_bf16_asm on 32-bit words (args: $4.. in order) -> $0..$3."""
     def bf16x2(word: int) -> torch.Tensor:
@@ -397,6 +402,8 @@ def _run_ptx(asm: str, args: list[int]) -> list[int]:
             out = (val[0] << val[1]) & 0xFFFFFFFF
         elif op in ("and.b32", "or.b32"):
             out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
+        elif op == "lop3.b32":
+            out = _lop3(*val)
         else:
             assert op == "mul.rn.bf16x2", op
             prod = (bf16x2(val[0]).float() * bf16x2(val[1]).float()).bfloat16().view(torch.int16).int() & 0xFFFF
@@ -408,10 +415,11 @@ def _run_ptx(asm: str, args: list[int]) -> list[int]:
 def test_bf16_dequantization_ptx() -> None:
     """_e2m1_bf16_asm's PTX, run op by op on the CPU: 4 bytes (every code in both nibbles over the cases) times their
     E8M0 scales give the reference's bf16 weights; the per-byte variant (the register-operand blocks) with 4
-    different scales, the shared one where Triton packs 4 bytes of one group (one scale)."""
+    different scales, the shared one where Triton packs 4 bytes of one group (one scale); each with the split nibble
+    placement (SPLIT_NIBBLES) and without."""
     g = torch.Generator().manual_seed(0)
-    for each in (False, True):
-        asm = moe_mxfp4._e2m1_bf16_asm(scale_each=each)
+    for each, split in ((False, False), (True, False), (False, True), (True, True)):
+        asm = moe_mxfp4._e2m1_bf16_asm(scale_each=each, split_nibbles=split)
         for case in range(64):  # bytes 0-255 over the cases: every low and high code
             wb = [case * 4 + i for i in range(4)]
             exps = [int(e) for e in torch.randint(100, 150, (4,), generator=g)] if each else [120 + case % 16] * 4
@@ -459,9 +467,7 @@ def _run_group_dot_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int 
         elif op in ("and.b32", "or.b32"):
             out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
         elif op == "lop3.b32":
-            a, b, c, lut = val
-            out = sum((((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i)
-                      for i in range(32))
+            out = _lop3(*val)
         elif op == "fma.rn.f16x2":
             out = word(halves(val[0]).double() * halves(val[1]).double() + halves(val[2]).double())
         elif op == "add.rn.f16x2":
@@ -479,7 +485,7 @@ def _run_group_dot_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int 
 
 @pytest.mark.parametrize("pairs", [1, 2])
 def test_gemv_ptx_split_nibbles_gives_the_same_bits(pairs: int) -> None:
-    """_group_dot_asm's split nibble placement (GEMV_SPLIT_NIBBLES) and the one that places each pair's sign and
+    """_group_dot_asm's split nibble placement (SPLIT_NIBBLES) and the one that places each pair's sign and
     magnitude separately, run op by op: the same outputs, bit for bit, over random words (every code of every
     nibble position), inputs and scales; and both equal the group's dot product to fp16 accuracy."""
     g = torch.Generator().manual_seed(pairs)
@@ -528,13 +534,20 @@ sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
 src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
                 attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("hidden", "inter")})
 ptx = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+consts.update({"BLOCK_M": 16, "BF16": True, "PERM": True, "ROW_RUNS": False, "BLOCK_N": 64, "BLOCK_K": 128})
+sig.update({"x_ptr": "*bf16", "h_ptr": "*bf16"})
+src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("hidden", "inter")})
+blocks = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+assert "lop3.b32" in blocks and "mul.rn.bf16x2" in blocks and "wgmma" in blocks
 print(ptx.count("lop3.b32"), ptx.count("fma.rn.f16x2"))
 """
 
 
-def test_gemv_split_nibbles_compiles_for_hopper() -> None:
-    """The decode GEMV with the split nibble placement (use_split_nibbles, in a fresh process as the microbench does
-    it) compiles to sm_90 code with its lop3 bit-selects: two a word, 4 words a group."""
+def test_split_nibbles_compile_for_hopper() -> None:
+    """The decode GEMV and the register-operand blocks with the split nibble placement (use_split_nibbles, in a fresh
+    process as the microbench does it) compile to sm_90 code with their lop3 bit-selects: in the GEMV two a word,
+    4 words a group."""
     proc = subprocess.run([sys.executable, "-c", SPLIT_COMPILE], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]

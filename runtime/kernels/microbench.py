@@ -8,7 +8,7 @@ dequantized (what every other implementation holds), bytes counted as each holds
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
         [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--gemv-row-runs | --no-gemv-row-runs]
-        [--gemv-split-nibbles | --no-gemv-split-nibbles]
+        [--split-nibbles | --no-split-nibbles]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -76,8 +76,8 @@ def main() -> None:
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
     ap.add_argument("--gemv-row-runs", action=argparse.BooleanOptionalAction, default=None,
                     help="mxfp4: the GEMVs load each tile as runs of a row (GEMV_ROW_RUNS), or not")
-    ap.add_argument("--gemv-split-nibbles", action=argparse.BooleanOptionalAction, default=None,
-                    help="mxfp4: the GEMVs' PTX with the split nibble placement (GEMV_SPLIT_NIBBLES), or not")
+    ap.add_argument("--split-nibbles", action=argparse.BooleanOptionalAction, default=None,
+                    help="mxfp4: the dequantizing PTX with the split nibble placement (SPLIT_NIBBLES), or not")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
@@ -98,8 +98,8 @@ def main() -> None:
         moe_mxfp4.REG_A_BLOCKS = args.reg_a
     if args.gemv_row_runs is not None:
         moe_mxfp4.GEMV_ROW_RUNS = args.gemv_row_runs
-    if args.gemv_split_nibbles is not None:
-        moe_mxfp4.use_split_nibbles(args.gemv_split_nibbles)
+    if args.split_nibbles is not None:
+        moe_mxfp4.use_split_nibbles(args.split_nibbles)
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:

@@ -109,10 +109,13 @@ if HAVE_TRITON:
     import triton.language as tl
 
 
-GEMV_SPLIT_NIBBLES = False
-"""The GEMVs' PTX places a word's nibbles with the split form of _group_dot_asm (11 integer operations a word
-instead of 20; the dequantization's integer work bounds these kernels). Off until a GPU has timed it (microbench
---gemv-split-nibbles); read when the module is imported (use_split_nibbles() changes it later)."""
+SPLIT_NIBBLES = False
+"""The PTX that turns MXFP4 bytes into fp16 (the GEMVs, _group_dot_asm) and bf16 weights (the blocks, _e2m1_bf16_asm)
+first moves each nibble's sign beside its magnitude, as far apart as the target format has them, so that one
+shift and one mask then place both: 11 integer operations a word instead of 20 in the GEMVs, 7 instead of 10 per
+two bytes in the blocks, the same bits (CPU tests run both forms op by op). The dequantization's integer work
+bounds these kernels. Off until a GPU has timed it (microbench --split-nibbles); read when the module is imported
+(use_split_nibbles() changes it later)."""
 
 FP16_TOP_EXP = 15
 """The decode GEMV multiplies in fp16 with its inputs scaled by a power of two so that max|x| lies in
@@ -132,13 +135,13 @@ def _group_dot_asm(pairs: int = 1, split_nibbles: bool | None = None) -> str:
     Operands, P = pairs: 16 outputs per input ($16i holds input i's dot; one input: the other 15 are zeroed, as
     first measured), then the bytes ($16P..$16P+3), 16 input pair registers per input, the scale ($32P+4).
 
-    split_nibbles (default GEMV_SPLIT_NIBBLES): a word is first split in two, each byte's low nibbles with their
+    split_nibbles (default SPLIT_NIBBLES): a word is first split in two, each byte's low nibbles with their
     sign moved from bit 3 to bit 6 (e: one shift, one lop3 bit-select) and its high nibbles' magnitudes moved down
     to bits 1-3 beside their sign at bit 7 (o: the same), so that sign and magnitude sit 6 bits apart as fp16 has
     them and each pair takes one shift and one mask (pair 3 only the mask): 11 integer operations a word where
     placing sign and magnitude of each pair separately takes 20. Same bits either way (a CPU test runs both op by
     op)."""
-    split = GEMV_SPLIT_NIBBLES if split_nibbles is None else split_nibbles
+    split = SPLIT_NIBBLES if split_nibbles is None else split_nibbles
     n = 16 * pairs
     acc = [(f"c{2 * i}", f"c{2 * i + 1}") for i in range(pairs)]
     shifts = [(9, 12), (5, 8), (1, 4), (-3, 0)]  # per nibble position p: (magnitude shift, sign shift)
@@ -183,7 +186,7 @@ def _group_dot_constraints(pairs: int = 1) -> str:
     return ",".join(["=f"] * 16 * pairs + ["r"] * (4 + 16 * pairs) + ["f"] * 16)
 
 
-def _e2m1_bf16_asm(scale_each: bool = False) -> str:
+def _e2m1_bf16_asm(scale_each: bool = False, split_nibbles: bool | None = None) -> str:
     """PTX for 4 MXFP4 bytes ($4) with their scales as bf16x2 ($5-$8, one per byte) -> the 4 low nibbles ($0: bytes
     0, 1; $1: bytes 2, 3) and the 4 high nibbles ($2, $3) as bf16 values times their scale.
 
@@ -195,17 +198,28 @@ def _e2m1_bf16_asm(scale_each: bool = False) -> str:
     Triton packs 4 of a thread's elements into one call, in its register order. Where the layout makes those 4
     bytes of one row and one group of 32 inputs (the tl.dot blocks), $5's scale serves them all. scale_each: each
     lane gets its own byte's scale (two more prmt per call), as the register-operand blocks need, whose registers
-    alternate between rows g and g + 8 of a wgmma fragment (their layout's first register step is 8 rows)."""
+    alternate between rows g and g + 8 of a wgmma fragment (their layout's first register step is 8 rows).
+
+    split_nibbles (default SPLIT_NIBBLES): x << 6 is taken once; a bit-select of x and it keeps the low nibble's
+    magnitude (bits 0-2) with its sign landing at bit 9, another the high nibble's (bits 4-6) with its sign at bit
+    13, both 9 bits above their magnitude as in bf16, so each then takes one shift and one mask (7 integer
+    operations per two bytes instead of 10; the same bits)."""
+    split = SPLIT_NIBBLES if split_nibbles is None else split_nibbles
     lines = ["{", ".reg .b32 x, t, u, v, bias;", "mov.b32 bias, 0x7E807E80;"]  # 2^126, twice
     if scale_each:  # lane 0 from byte 0's (2's) scale word, lane 1 from byte 1's (3's)
         lines += [".reg .b32 s01, s23;", "prmt.b32 s01, $5, $6, 0x7610;", "prmt.b32 s23, $7, $8, 0x7610;"]
     for k, (sel, scale) in enumerate((("0x4140", "s01"), ("0x4342", "s23"))):  # bytes (0, 1), (2, 3): lanes 0, 1
         scale = scale if scale_each else "$5"
         lines.append(f"prmt.b32 x, $4, 0, {sel};")
-        for out, (ms, ss) in ((f"${k}", (6, 12)), (f"${2 + k}", (2, 8))):  # low nibble, high nibble
-            lines += [f"shl.b32 t, x, {ms};", "and.b32 t, t, 0x01C001C0;", f"shl.b32 u, x, {ss};",
-                      "and.b32 u, u, 0x80008000;", "or.b32 v, t, u;", "mul.rn.bf16x2 v, v, bias;",
-                      f"mul.rn.bf16x2 {out}, v, {scale};"]
+        if split:  # u = x << 6; lop3 0xE4 = (a & c) | (b & ~c): magnitude bits from x, the rest from u
+            lines.append("shl.b32 u, x, 6;")
+        for out, (ms, ss), keep in ((f"${k}", (6, 12), "0x00070007"), (f"${2 + k}", (2, 8), "0x00700070")):
+            if split:  # low nibble: magnitude 0-2, sign (x bit 3) at 9; high: magnitude 4-6, sign (x bit 7) at 13
+                lines += [f"lop3.b32 t, x, u, {keep}, 0xE4;", f"shl.b32 v, t, {ms};", "and.b32 v, v, 0x81C081C0;"]
+            else:
+                lines += [f"shl.b32 t, x, {ms};", "and.b32 t, t, 0x01C001C0;", f"shl.b32 u, x, {ss};",
+                          "and.b32 u, u, 0x80008000;", "or.b32 v, t, u;"]
+            lines += ["mul.rn.bf16x2 v, v, bias;", f"mul.rn.bf16x2 {out}, v, {scale};"]
     lines.append("}")
     return " ".join(lines)
 
@@ -263,13 +277,15 @@ use_operand_orders() changes it later (microbench --swap)."""
 
 
 def use_split_nibbles(on: bool) -> None:
-    """Build the GEMVs' PTX with the split nibble placement or without (GEMV_SPLIT_NIBBLES; microbench
-    --gemv-split-nibbles). Before the kernels are first compiled: Triton reads these constants when it compiles."""
-    global GEMV_SPLIT_NIBBLES, _GROUP_DOT_ASM, _GROUP_DOT2_ASM, _GROUP_DOT4_ASM
-    GEMV_SPLIT_NIBBLES = on
+    """Build the dequantizing PTX with the split nibble placement or without (SPLIT_NIBBLES; microbench
+    --split-nibbles). Before the kernels are first compiled: Triton hashes these constants when it first compiles."""
+    global SPLIT_NIBBLES, _GROUP_DOT_ASM, _GROUP_DOT2_ASM, _GROUP_DOT4_ASM, _BF16_ASM, _BF16_EACH_ASM
+    SPLIT_NIBBLES = on
     _GROUP_DOT_ASM = tl.constexpr(_group_dot_asm(1, on))
     _GROUP_DOT2_ASM = tl.constexpr(_group_dot_asm(2, on))
     _GROUP_DOT4_ASM = tl.constexpr(_group_dot_asm(4, on))
+    _BF16_ASM = tl.constexpr(_e2m1_bf16_asm(False, on))
+    _BF16_EACH_ASM = tl.constexpr(_e2m1_bf16_asm(True, on))
 
 
 def use_operand_orders(orders: tuple[bool, ...]) -> None:
@@ -327,7 +343,7 @@ if HAVE_TRITON:
         b = s.to(tl.uint32) << 7
         return b | (b << 16)
 
-    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())  # (use_split_nibbles() rebuilds these three)
+    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())  # (use_split_nibbles() rebuilds these, and the two above)
     _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints())
     _GROUP_DOT2_ASM: tl.constexpr = tl.constexpr(_group_dot_asm(2))
     _GROUP_DOT2_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints(2))

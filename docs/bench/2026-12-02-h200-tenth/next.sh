@@ -6,9 +6,10 @@
 #      merge in the kernel), three pytest processes, beside the 20b's synthesis (~6 min);
 #   A1. the MXFP4 GEMVs as they are, with each tile loaded as runs of a row (moe_mxfp4.GEMV_ROW_RUNS: on Triton 3.6
 #      a warp's lanes then read consecutive groups of a row, not 16 bytes from each of 32 rows), with the split nibble
-#      placement in their PTX (GEMV_SPLIT_NIBBLES: 11 integer operations a word instead of 20), and both (the decode
-#      gate_up loop: 232 / 219 / 199 / 187 sm_90 instructions), 120b at 1 / 8 / 64 tokens and 20b at 1 / 8, each
-#      result's error against the reference printed: turn on what wins (~4 min);
+#      placement in their PTX and in the blocks' bf16 one (SPLIT_NIBBLES: 11 integer operations a word instead of 20 in
+#      the GEMVs, 7 instead of 10 per two bytes in the blocks), and both (the decode gate_up loop: 232 / 219 / 199 /
+#      187 sm_90 instructions), 120b at 1 / 8 / 64 tokens and 20b at 1 / 8 / 64 / 256 (the last two: register-operand
+#      blocks), each result's error against the reference printed: turn on what wins (~5 min);
 #   A2. the 120b's experts at 32 / 64 / 128 tokens a step: the pairs GEMV (on for 128 experts up to 4 pairs an
 #      expert) against the register-operand blocks that now run where it is off (--gemv-pairs-per-expert 0; it beat
 #      the plain blocks by 0-13%, the register-operand blocks beat those by 16-30%) (~2 min);
@@ -43,11 +44,11 @@ run tests-flash 600 $T -k "paged or flash_merge or continuous" &
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 wait
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-*.log >> "$R/progress.txt"
-for v in "no-gemv-row-runs no-gemv-split-nibbles" "gemv-row-runs no-gemv-split-nibbles" \
-         "no-gemv-row-runs gemv-split-nibbles" "gemv-row-runs gemv-split-nibbles"; do
+for v in "no-gemv-row-runs no-split-nibbles" "gemv-row-runs no-split-nibbles" \
+         "no-gemv-row-runs split-nibbles" "gemv-row-runs split-nibbles"; do
   name=$(echo $v | tr ' ' '+'); flags="--${v// / --}"
   run moe120-$name 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 64 $flags
-  run moe20-$name 120 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 1 8 $flags
+  run moe20-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 1 8 64 256 $flags
   grep -hE "^ +[0-9]+ +mxfp4" "$R/moe120-$name.log" "$R/moe20-$name.log" | sed "s/^/$name /" >> "$R/progress.txt"
 done
 for pairs in 4 0; do
