@@ -16,9 +16,10 @@ dequantized (what every other implementation holds), bytes counted as each holds
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
 (flash.MERGE_IN_KERNEL), at each token count as the batch, and with --split-keys at each least number of keys a
-split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1):
+split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1), and with --merge-splits-at-once at each number of
+splits the merging program reads an iteration (flash.MERGE_SPLITS_AT_ONCE):
 
-    python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256
+    python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256 --merge-splits-at-once 1 4
 """
 
 from __future__ import annotations
@@ -81,14 +82,18 @@ def main() -> None:
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
+    ap.add_argument("--merge-splits-at-once", type=int, nargs="+", default=None,
+                    help="--flash: each of these numbers of splits read together by the merge (a power of two; "
+                         "flash.MERGE_SPLITS_AT_ONCE)")
     args = ap.parse_args()
     if args.flash:
         from runtime.kernels import flash
 
-        for keys in args.split_keys or [flash.SPLIT_KEYS]:
-            flash.SPLIT_KEYS = keys
-            print(f"flash.SPLIT_KEYS = {keys}")
-            flash_bench(args.tokens)
+        for at_once in args.merge_splits_at_once or [flash.MERGE_SPLITS_AT_ONCE]:
+            for keys in args.split_keys or [flash.SPLIT_KEYS]:
+                flash.SPLIT_KEYS, flash.MERGE_SPLITS_AT_ONCE = keys, at_once
+                print(f"flash.SPLIT_KEYS = {keys}, flash.MERGE_SPLITS_AT_ONCE = {at_once}")
+                flash_bench(args.tokens)
         return None
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     if args.reg_a is None and (args.swap or args.dot_scaled or args.bf16_dequant_max_m is not None):

@@ -8,6 +8,8 @@
 #      the blocks), and both (the decode gate_up loop: 232 / 219 / 199 / 187 sm_90 instructions); 120b at 1 / 8 / 64
 #      tokens, 20b at 1 / 8 / 64 / 256 (the last two: register-operand blocks); each result's error against the
 #      reference is printed: turn on what wins and is right;
+#   A1b. (~1 min) decode attention's in-kernel merge reading 4 splits an iteration against one
+#      (flash.MERGE_SPLITS_AT_ONCE; one at a time, the flash kernel's time a 120b step rose from 250 to 296 us);
 #   A2. (~2 min) the 120b's experts at 32 / 64 / 128 tokens a step: the pairs GEMV (on for 128 experts up to 4 pairs
 #      an expert) against the register-operand blocks that run where it is off (--gemv-pairs-per-expert 0; the pairs
 #      GEMV beat the plain blocks by 0-13%, the register-operand blocks beat those by 16-30%);
@@ -47,6 +49,8 @@ for v in "no-gemv-row-runs no-split-nibbles" "gemv-row-runs no-split-nibbles" \
   run moe20-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 1 8 64 256 $flags
   grep -hE "^ +[0-9]+ +mxfp4" "$R/moe120-$name.log" "$R/moe20-$name.log" | sed "s/^/$name /" >> "$R/progress.txt"
 done
+run flash 180 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16 --merge-splits-at-once 1 4
+grep -E "^ +[0-9]+ |SPLIT" "$R/flash.log" >> "$R/progress.txt"
 for pairs in 4 0; do
   run moe120-pairs$pairs 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 64 128 \
       --gemv-pairs-per-expert $pairs
