@@ -49,7 +49,7 @@ for v in "no-gemv-row-runs no-split-nibbles" "gemv-row-runs no-split-nibbles" \
   run moe20-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 1 8 64 256 $flags
   grep -hE "^ +[0-9]+ +mxfp4" "$R/moe120-$name.log" "$R/moe20-$name.log" | sed "s/^/$name /" >> "$R/progress.txt"
 done
-run flash 180 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16 --merge-splits-at-once 1 4
+run flash 180 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16 --merge-splits-at-once 1 4 8
 grep -E "^ +[0-9]+ |SPLIT" "$R/flash.log" >> "$R/progress.txt"
 for pairs in 4 0; do
   run moe120-pairs$pairs 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 64 128 \
