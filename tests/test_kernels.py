@@ -174,7 +174,9 @@ import torch
 from runtime.kernels import flash
 g = torch.Generator().manual_seed(0)
 merged = 0
-for b, hq, hkv, s, window in ((1, 8, 2, 900, None), (1, 8, 2, 900, 300), (2, 8, 2, 600, None)):
+for b, hq, hkv, s, window, keys in ((1, 8, 2, 900, None, 128), (1, 8, 2, 900, 300, 128), (2, 8, 2, 600, None, 128),
+                                    (1, 4, 1, 900, None, 100)):  # the last: 9 splits, 4 at a time not dividing them
+    flash.SPLIT_KEYS = keys
     assert flash.decode_splits(torch.device("cpu"), b, hkv, 1, s, window) > 1  # (the interpreter counts 8 SMs)
     q = torch.randn(b, hq, 1, 16, generator=g)
     k, v = (torch.randn(b, hkv, s, 16, generator=g) for _ in range(2))
@@ -185,7 +187,7 @@ for b, hq, hkv, s, window in ((1, 8, 2, 900, None), (1, 8, 2, 900, 300), (2, 8, 
     flash.MERGE_IN_KERNEL = False
     ref = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
     flash.MERGE_IN_KERNEL = True
-    for at_once in (1, 4):  # splits read one at a time, or 4 (masked past the last)
+    for at_once in (1, 4, 8):  # splits read one at a time, or 4 or 8 together (masked past the last)
         flash.MERGE_SPLITS_AT_ONCE = at_once
         for _ in range(2):  # the counters are back at zero after each call
             out = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
@@ -199,9 +201,9 @@ print("merged", merged)
 
 def test_flash_split_merge_in_the_kernel() -> None:
     """Decode's split-K parts merged by the kernel's last split of each tile (flash.MERGE_IN_KERNEL), reading them one
-    or 4 at a time (flash.MERGE_SPLITS_AT_ONCE; 8, 3 and 4 splits), == the torch merge, call after call (every tile's
-    counter reset by its merging split), with pads and a window."""
-    assert interpret(FLASH_MERGE_CHECK).split() == ["merged", "12"]
+    or 4 or 8 at a time (flash.MERGE_SPLITS_AT_ONCE; 8, 3, 4 and 9 splits), == the torch merge, call after call
+    (every tile's counter reset by its merging split), with pads and a window."""
+    assert interpret(FLASH_MERGE_CHECK).split() == ["merged", "24"]
 
 
 def test_paged_flash_attention_kernel_in_the_interpreter() -> None:

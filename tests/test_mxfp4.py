@@ -629,7 +629,8 @@ def test_kernels_compile_for_hopper() -> None:
             if config.kwargs.get("ROW_RUNS"):  # the weights' load: a warp's lanes along runs of a row's groups
                 ttgir = kernel.asm["ttgir"]
                 lay = re.search(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr<i8>, (#\w+)>", ttgir).group(1)
-                lanes = re.search(lay + r" = #ttg\.blocked<\{[^}]*threadsPerWarp = \[\d+, (\d+)\]", ttgir)
+                lanes = re.search(lay + r" = #ttg\.blocked<\{sizePerThread = \[1, 16\], threadsPerWarp = \[\d+, (\d+)\]",
+                                  ttgir)  # 16 bytes a thread (one vector load), >= 8 lanes along the row
                 assert lanes and int(lanes.group(1)) >= 8, (fn.__name__, block_m, lay)
             if config.kwargs.get("SWAP") or config.kwargs.get("SCALED") or config.kwargs.get("PERM"):
                 # weights enter wgmma as registers (A)

@@ -296,7 +296,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
         out.stride(0), out.stride(1), out.stride(2), fin.stride(0), fin.stride(1),
         t, s, hkv, hq, scaling * LOG2E, int(window or 0), table.stride(0),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
-        PAGED=paged, BS=k.shape[2] if paged else 1, MERGE=merge, AT_ONCE=MERGE_SPLITS_AT_ONCE,
+        PAGED=paged, BS=k.shape[2] if paged else 1, MERGE=merge,
+        AT_ONCE=MERGE_SPLITS_AT_ONCE if merge else 1,
         num_warps=4 if decode else 8, num_stages=2 if decode else 3,
     )
     if splits == 1:

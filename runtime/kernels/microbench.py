@@ -8,7 +8,7 @@ dequantized (what every other implementation holds), bytes counted as each holds
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
         [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--gemv-row-runs | --no-gemv-row-runs]
-        [--split-nibbles | --no-split-nibbles]
+        [--split-nibbles | --no-split-nibbles] [--only mxfp4]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -79,6 +79,7 @@ def main() -> None:
                     help="mxfp4: the GEMVs load each tile as runs of a row (GEMV_ROW_RUNS), or not")
     ap.add_argument("--split-nibbles", action=argparse.BooleanOptionalAction, default=None,
                     help="mxfp4: the dequantizing PTX with the split nibble placement (SPLIT_NIBBLES), or not")
+    ap.add_argument("--only", default=None, help="time only this implementation (e.g. mxfp4: no bf16 copy is made)")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
@@ -129,8 +130,9 @@ def main() -> None:
         gb = (torch.randn(e, 2 * i, device="cuda", generator=gen) * 0.02).bfloat16()
         db = (torch.randn(e, h, device="cuda", generator=gen) * 0.02).bfloat16()
         # the same weights dequantized, in transformers' layout, for the bf16 kernel
-        gu = checkpoint.dequantize_mxfp4(*blocks_scales["gu"], torch.bfloat16).transpose(1, 2).contiguous()
-        dn = checkpoint.dequantize_mxfp4(*blocks_scales["dn"], torch.bfloat16).transpose(1, 2).contiguous()
+        bf16 = args.only in (None, "triton-bf16")
+        gu = checkpoint.dequantize_mxfp4(*blocks_scales["gu"], torch.bfloat16).transpose(1, 2).contiguous() if bf16 else None
+        dn = checkpoint.dequantize_mxfp4(*blocks_scales["dn"], torch.bfloat16).transpose(1, 2).contiguous() if bf16 else None
         impls = {
             "mxfp4": (lambda x, idx, w: moe_mxfp4.fused_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb,
                                                                        *blocks_scales["dn"], db,
@@ -150,6 +152,10 @@ def main() -> None:
             return fn
 
         impls = {impl: (run_with(impl), 2.0) for impl in ("triton", "grouped_mm")}
+    if args.only is not None:
+        if args.only not in impls:
+            raise SystemExit(f"--only {args.only}: one of {sorted(impls)} with --format {args.format}")
+        impls = {args.only: impls[args.only]}
     copy_bw = _copy_bandwidth()
     print(f"{args.format} experts={e} H={h} I={i} top-{k}; copy bandwidth {copy_bw:.0f} GB/s")
     print(f"{'tokens':>6} {'impl':>12} {'ms':>8} {'GB read':>8} {'GB/s':>8} {'of copy':>8}")

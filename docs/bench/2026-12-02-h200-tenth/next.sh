@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # For the next one-H200 session (issues 14 and 15), in order of value, sized for 30 device minutes (the machine's
 # start takes ~1.5 of them); each step's log in $R:
-#   A1. (~5 min, the GPU to itself; the 20b's synthesis beside it) the MXFP4 GEMVs as they are, with each tile
+#   A1. (~6 min, the GPU to itself; the 20b's synthesis beside it; --only mxfp4: no bf16 copy timed) the MXFP4 GEMVs as they are, with each tile
 #      loaded as runs of a row (moe_mxfp4.GEMV_ROW_RUNS: on Triton 3.6 a warp's lanes then read consecutive groups of
 #      a row, not 16 bytes from each of 32 rows), with the split nibble placement in their PTX and in the blocks' bf16
 #      one (SPLIT_NIBBLES: 11 integer operations a word instead of 20 in the GEMVs, 7 instead of 10 per two bytes in
@@ -44,9 +44,10 @@ $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__ve
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 for v in "no-gemv-row-runs no-split-nibbles" "gemv-row-runs no-split-nibbles" \
          "no-gemv-row-runs split-nibbles" "gemv-row-runs split-nibbles"; do
-  name=$(echo $v | tr ' ' '+'); flags="--${v// / --}"
-  run moe120-$name 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 64 $flags
-  run moe20-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --tokens 1 8 64 256 $flags
+  name=$(echo $v | tr ' ' '+'); flags="--${v// / --} --only mxfp4"  # (each a fresh process: a fresh autotune)
+  run moe120-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 64 $flags
+  case $name in *+no-split-nibbles) tokens="1 8";; *) tokens="1 8 64 256";; esac  # (64, 256: the blocks' PTX)
+  run moe20-$name 150 $PY -m runtime.kernels.microbench --format mxfp4 --tokens $tokens $flags
   grep -hE "^ +[0-9]+ +mxfp4" "$R/moe120-$name.log" "$R/moe20-$name.log" | sed "s/^/$name /" >> "$R/progress.txt"
 done
 run flash 180 $PY -m runtime.kernels.microbench --flash --tokens 1 8 16 --merge-splits-at-once 1 4 8
