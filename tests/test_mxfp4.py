@@ -382,36 +382,6 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1))) & 1) << i for i in range(32))
 
 
-def _run_ptx(asm: str, args: list[int]) -> list[int]:
-    """Run the integer and bf16x2 PTX of _e2m1_bf16_asm on 32-bit words (args: $4.. in order) -> $0..$3."""
-    def bf16x2(word: int) -> torch.Tensor:
-        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-
-    regs = {f"${4 + i}": a for i, a in enumerate(args)}
-    for ins in asm.strip("{} ").split(";"):
-        op, *ops = ins.replace(",", " ").split() or [".reg"]
-        if op == ".reg":
-            continue
-        val = [regs[o] if o in regs else int(o, 0) for o in ops[1:]]
-        if op == "mov.b32":
-            out = val[0]
-        elif op == "prmt.b32":  # byte i of the result: byte (selector nibble i) of {b, a}
-            both = val[0] | val[1] << 32
-            out = sum(((both >> 8 * ((val[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
-        elif op == "shl.b32":
-            out = (val[0] << val[1]) & 0xFFFFFFFF
-        elif op in ("and.b32", "or.b32"):
-            out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
-        elif op == "lop3.b32":
-            out = _lop3(*val)
-        else:
-            assert op == "mul.rn.bf16x2", op
-            prod = (bf16x2(val[0]).float() * bf16x2(val[1]).float()).bfloat16().view(torch.int16).int() & 0xFFFF
-            out = int(prod[0]) | int(prod[1]) << 16
-        regs[ops[0]] = out
-    return [regs[f"${i}"] for i in range(4)]
-
-
 def test_bf16_dequantization_ptx() -> None:
     """_e2m1_bf16_asm's PTX, run op by op on the CPU: 4 bytes (every code in both nibbles over the cases) times their
     E8M0 scales give the reference's bf16 weights; the per-byte variant (the register-operand blocks) with 4
@@ -424,7 +394,9 @@ def test_bf16_dequantization_ptx() -> None:
             wb = [case * 4 + i for i in range(4)]
             exps = [int(e) for e in torch.randint(100, 150, (4,), generator=g)] if each else [120 + case % 16] * 4
             words = [(e << 7) | (e << 23) for e in exps]  # _scale_bf16x2: the bf16 2^(e - 127) in both halves
-            out = _run_ptx(asm, [wb[0] | wb[1] << 8 | wb[2] << 16 | wb[3] << 24, *words])
+            packed = wb[0] | wb[1] << 8 | wb[2] << 16 | wb[3] << 24
+            ran = _run_ptx(asm, {f"${4 + i}": v for i, v in enumerate([packed, *words])})
+            out = [ran[f"${i}"] for i in range(4)]
             got = torch.tensor([[o & 0xFFFF, o >> 16] for o in out], dtype=torch.int32).to(torch.int16)
             lo, hi = got.view(torch.bfloat16).float().reshape(2, 4)  # $0 $1: low nibbles of bytes 0-3; $2 $3: high
             want = checkpoint.dequantize_mxfp4(torch.tensor(wb, dtype=torch.uint8).reshape(4, 1, 1),
@@ -432,11 +404,12 @@ def test_bf16_dequantization_ptx() -> None:
             torch.testing.assert_close(torch.stack([lo, hi], 1), want, rtol=0, atol=0)
 
 
-def _run_group_dot_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int | float]:
-    """Run _group_dot_asm's PTX op by op on the CPU: 32-bit integer ops, lop3, fp16x2 FMAs and adds (one rounding
-    each, as the GPU), fp16 -> fp32 and fp32 ops. regs: the $ operands in (b32 as int, f32 as float); returns them."""
-    def halves(word: int) -> torch.Tensor:
-        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+def _run_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int | float]:
+    """Run our inline PTX (_e2m1_bf16_asm's, _group_dot_asm's) op by op on the CPU: 32-bit integer ops, prmt, lop3,
+    bf16x2 multiplies, fp16x2 FMAs and adds (one rounding each, as the GPU), fp16 -> fp32 and fp32 ops. regs: the $
+    operands in (b32 as int, f32 as float); returns every register."""
+    def halves(word: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
 
     def word(h: torch.Tensor) -> int:
         bits = h.to(torch.float16).view(torch.int16).int() & 0xFFFF
@@ -464,6 +437,13 @@ def _run_group_dot_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int 
             out = (val[0] << val[1]) & 0xFFFFFFFF
         elif op == "shr.u32":
             out = val[0] >> val[1]
+        elif op == "prmt.b32":  # byte i of the result: byte (selector nibble i) of {b, a}
+            both = val[0] | val[1] << 32
+            out = sum(((both >> 8 * ((val[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "mul.rn.bf16x2":
+            prod = (halves(val[0], torch.bfloat16).float() * halves(val[1], torch.bfloat16).float()).bfloat16()
+            bits = prod.view(torch.int16).int() & 0xFFFF
+            out = int(bits[0]) | int(bits[1]) << 16
         elif op in ("and.b32", "or.b32"):
             out = val[0] & val[1] if op == "and.b32" else val[0] | val[1]
         elif op == "lop3.b32":
@@ -506,7 +486,7 @@ def test_gemv_ptx_split_nibbles_gives_the_same_bits(pairs: int) -> None:
                         | (int(torch.stack([lo, hi]).view(torch.int16)[1]) & 0xFFFF) << 16
         regs[f"${2 * n + 4}"] = scale
         for split in (False, True):
-            ran = _run_group_dot_ptx(moe_mxfp4._group_dot_asm(pairs, split_nibbles=split), regs)
+            ran = _run_ptx(moe_mxfp4._group_dot_asm(pairs, split_nibbles=split), regs)
             outs[split] = [ran[f"${16 * i}"] for i in range(pairs)]
         assert outs[True] == outs[False], (case, outs)
         codes = torch.tensor([(w >> (4 * q)) & 0xF for w in words for q in range(8)], dtype=torch.uint8)
