@@ -129,17 +129,16 @@ def main() -> None:
         }
         gb = (torch.randn(e, 2 * i, device="cuda", generator=gen) * 0.02).bfloat16()
         db = (torch.randn(e, h, device="cuda", generator=gen) * 0.02).bfloat16()
-        # the same weights dequantized, in transformers' layout, for the bf16 kernel
-        bf16 = args.only in (None, "triton-bf16")
-        gu = checkpoint.dequantize_mxfp4(*blocks_scales["gu"], torch.bfloat16).transpose(1, 2).contiguous() if bf16 else None
-        dn = checkpoint.dequantize_mxfp4(*blocks_scales["dn"], torch.bfloat16).transpose(1, 2).contiguous() if bf16 else None
         impls = {
             "mxfp4": (lambda x, idx, w: moe_mxfp4.fused_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb,
                                                                        *blocks_scales["dn"], db,
                                                                        block_m=args.block_m),
                       MXFP4_BYTES_PER_PARAM),
-            "triton-bf16": (lambda x, idx, w: moe.fused_experts(x, idx, w, gu, gb, dn, db), 2.0),
         }
+        if args.only in (None, "triton-bf16"):  # the same weights dequantized, in transformers' layout
+            gu, dn = (checkpoint.dequantize_mxfp4(*blocks_scales[n], torch.bfloat16).transpose(1, 2).contiguous()
+                      for n in ("gu", "dn"))
+            impls["triton-bf16"] = (lambda x, idx, w: moe.fused_experts(x, idx, w, gu, gb, dn, db), 2.0)
     else:
         ex = GptOssExperts(cfg).cuda().bfloat16()
         for p in ex.parameters():
@@ -154,7 +153,7 @@ def main() -> None:
         impls = {impl: (run_with(impl), 2.0) for impl in ("triton", "grouped_mm")}
     if args.only is not None:
         if args.only not in impls:
-            raise SystemExit(f"--only {args.only}: one of {sorted(impls)} with --format {args.format}")
+            raise SystemExit(f"--only {args.only}: one of mxfp4, triton-bf16 (--format mxfp4) or triton, grouped_mm")
         impls = {args.only: impls[args.only]}
     copy_bw = _copy_bandwidth()
     print(f"{args.format} experts={e} H={h} I={i} top-{k}; copy bandwidth {copy_bw:.0f} GB/s")
