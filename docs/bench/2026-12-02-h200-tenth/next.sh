@@ -31,16 +31,10 @@
 # pattern that the polling command itself contains; `timeout` puts each step in its own process group.
 #
 #   bash docs/bench/2026-12-02-h200-tenth/next.sh /tmp/res
-set -u
 R=${1:-/tmp/res}
-mkdir -p "$R"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-PY=python3
+. "$(dirname "$0")/../lib.sh"  # R made, NVLink multicast off, versions, stamp / run
 FAST="attention=triton generation.compile=true"
 OUT="bench.plots=false bench.table=$R/table.csv"
-stamp() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
-run() { local name=$1 limit=$2; shift 2; stamp "start $name"; timeout "$limit" "$@" > "$R/$name.log" 2>&1; stamp "end $name rc=$?"; }
-$PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
 [ -d /dev/shm/ck20 ] || run synth20 300 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 for v in "no-gemv-row-runs no-split-nibbles" "gemv-row-runs no-split-nibbles" \
          "no-gemv-row-runs split-nibbles" "gemv-row-runs split-nibbles"; do

@@ -10,49 +10,37 @@
 # Start it in the background (setsid) and poll $R/progress.txt within 30 s of each call's end.
 #
 #   bash docs/bench/next-x2/run.sh /tmp/res
-set -u
 R=${1:-/tmp/res}
-mkdir -p "$R"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast, ever
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-PY=python3
+. "$(dirname "$0")/../lib.sh"  # R made, NVLink multicast off, versions, stamp / run
 TR="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
 FAST="attention=triton experts=mxfp4 generation.compile=true"
 LEN="bench.input_len=1024 bench.output_len=128 bench.repetitions=2 bench.plots=false bench.table=$R/table.csv"
 B="-m runtime.bench $FAST $LEN"
 M120="model=gpt-oss-120b model.path=/dev/shm/ck120"
 M20="model=gpt-oss-20b model.path=/dev/shm/ck20"
-stamp() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
-run() {  # run NAME CMD...: output in $R/NAME.log; `timeout` puts each in its own process group
-    local name=$1; shift
-    stamp "start $name"
-    timeout 900 "$@" > "$R/$name.log" 2>&1
-    stamp "end $name rc=$?"
-}
-$PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' > "$R/versions.txt"
 ( [ -d /dev/shm/ck120 ] || $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 > "$R/synth120.log" 2>&1
   [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 > "$R/synth20.log" 2>&1
   touch "$R/synth.done" ) &
-run tests-multi $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu_multi.py -k "not collectives and not 20b"
+run tests-multi 900 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu_multi.py -k "not collectives and not 20b"
 grep -E '^(PASSED|FAILED|ERROR)|passed|failed' "$R/tests-multi.log" | tail -14 >> "$R/progress.txt"
 while [ ! -f "$R/synth.done" ]; do sleep 2; done
-run b120-1gpu $PY $B $M120 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-1gpu"
-run b120-tp2 $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-tp2"
+run b120-1gpu 900 $PY $B $M120 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-1gpu"
+run b120-tp2 900 $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b120-tp2"
 grep -hE "batch +[0-9]+:" "$R/b120-1gpu.log" "$R/b120-tp2.log" >> "$R/progress.txt"
-run b120-tp2-profile $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8]" bench.profile=true \
+run b120-tp2-profile 900 $TR $B $M120 parallel.tp_size=2 "bench.batch_sizes=[1,8]" bench.profile=true \
     bench.out_dir="$R/b120-tp2-profile"
 grep -hE "batch +[0-9]+:" "$R/b120-tp2-profile.log" >> "$R/progress.txt"
 SERVE="-m runtime.bench bench.mode=serve $FAST $M20 parallel.tp_size=2 experts.dequantized_above_tokens=128"
 SERVE="$SERVE bench.input_len=1024 bench.output_len=512 bench.plots=false bench.table=$R/table.csv"
-run serve20-tp2 $PY $SERVE "bench.concurrency=[64,256]" bench.out_dir="$R/serve20-tp2"
-run serve20-tp2-async $PY $SERVE generation.async_scheduling=true "bench.concurrency=[64,256]" \
+run serve20-tp2 900 $PY $SERVE "bench.concurrency=[64,256]" bench.out_dir="$R/serve20-tp2"
+run serve20-tp2-async 900 $PY $SERVE generation.async_scheduling=true "bench.concurrency=[64,256]" \
     bench.out_dir="$R/serve20-tp2-async"
 grep -h "serve concurrency" "$R"/serve20-tp2*.log >> "$R/progress.txt"
-run b20-dp2 $TR $B $M20 parallel.dp_size=2 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b20-dp2"
-run b20-tp2 $TR $B $M20 parallel.tp_size=2 "bench.batch_sizes=[64,256]" bench.out_dir="$R/b20-tp2"
-run b120-dp2 $TR $B $M120 parallel.dp_size=2 "bench.batch_sizes=[64]" bench.out_dir="$R/b120-dp2"
-run b120-tp2-nccl $TR $B $M120 parallel.tp_size=2 parallel.all_reduce=nccl "bench.batch_sizes=[1,8]" \
+run b20-dp2 900 $TR $B $M20 parallel.dp_size=2 "bench.batch_sizes=[1,8,64]" bench.out_dir="$R/b20-dp2"
+run b20-tp2 900 $TR $B $M20 parallel.tp_size=2 "bench.batch_sizes=[64,256]" bench.out_dir="$R/b20-tp2"
+run b120-dp2 900 $TR $B $M120 parallel.dp_size=2 "bench.batch_sizes=[64]" bench.out_dir="$R/b120-dp2"
+run b120-tp2-nccl 900 $TR $B $M120 parallel.tp_size=2 parallel.all_reduce=nccl "bench.batch_sizes=[1,8]" \
     bench.out_dir="$R/b120-tp2-nccl"
-run b20-ep2-transformers $TR -m runtime.bench $M20 parallel.ep_size=2 parallel.plan=transformers $LEN \
+run b20-ep2-transformers 900 $TR -m runtime.bench $M20 parallel.ep_size=2 parallel.plan=transformers $LEN \
     "bench.batch_sizes=[1,8]" bench.out_dir="$R/b20-ep2-transformers"
 stamp "all done"
