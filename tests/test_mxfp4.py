@@ -110,6 +110,18 @@ KERNEL_CHECK = textwrap.dedent("""
 
     torch.use_deterministic_algorithms(True)  # torch.empty then fills NaN: a row left unwritten shows
     g = torch.Generator().manual_seed(0)
+
+    def launch_error(t, E, k, H, I, dtype, **launch):
+        # relative error of one launch (tokens t, E experts, top-k, sizes H, I) against the reference; no NaN
+        x = torch.randn(t, H, generator=g).to(dtype)
+        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
+        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
+        experts = random_experts(E, H, I, g, dtype)
+        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
+        out = mx.fused_mxfp4_experts(x, idx, w, *experts, **launch).float()
+        assert not out.isnan().any(), launch
+        return ((out - ref).norm() / ref.norm()).item()
+
     worst = 0.0
     # (tokens, experts, top_k, H, I, block_m, config): decode GEMV (block_m 1) and tl.dot blocks, H or I
     # not a multiple of BLOCK_K (masked groups), automatic and forced launch choices
@@ -124,38 +136,17 @@ KERNEL_CHECK = textwrap.dedent("""
         for t, E, k, H, I, block_m, config in cases:
             if block_m in (2, 4) and dtype == torch.float32:
                 continue  # (the pairs GEMV packs any input to fp16, as the decode GEMV does: one dtype is enough)
-            x = torch.randn(t, H, generator=g).to(dtype)
-            idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])  # E: another rank's
-            w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
-            experts = random_experts(E, H, I, g, dtype)
-            ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
-            out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config).float()
-            assert not out.isnan().any()
-            worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+            worst = max(worst, launch_error(t, E, k, H, I, dtype, block_m=block_m, config=config))
     # the blocks through tl.dot_scaled (x and h in natural order), a masked last K tile included
     for t, E, k, H, I in ((40, 4, 2, 64, 96), (9, 4, 2, 96, 64)):
-        x = torch.randn(t, H, generator=g).half()
-        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
-        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).half()
-        experts = random_experts(E, H, I, g, torch.float16)
-        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
-        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=16, config={"BLOCK_N": 16, "BLOCK_K": 64},
-                                     scaled=True).float()
-        assert not out.isnan().any()
-        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+        worst = max(worst, launch_error(t, E, k, H, I, torch.float16, block_m=16,
+                                        config={"BLOCK_N": 16, "BLOCK_K": 64}, scaled=True))
     # the GEMVs loading each tile as runs of a row (GEMV_ROW_RUNS): decode and pairs, masked rows and K tiles
     mx.GEMV_ROW_RUNS = True
     for t, E, k, H, I, block_m, config in ((3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (1, 4, 2, 64, 64, None, None),
                                            (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}),
                                            (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64})):
-        x = torch.randn(t, H, generator=g).half()
-        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
-        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).half()
-        experts = random_experts(E, H, I, g, torch.float16)
-        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
-        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config).float()
-        assert not out.isnan().any()
-        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+        worst = max(worst, launch_error(t, E, k, H, I, torch.float16, block_m=block_m, config=config))
     mx.GEMV_ROW_RUNS = False
     # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
     # tile (H = 192 in tiles of 128), autotuned and forced
@@ -164,14 +155,7 @@ KERNEL_CHECK = textwrap.dedent("""
     reg_a_cases = ((torch.float32, (40, 4, 2, 192, 64, 16, {"BLOCK_N": 32, "BLOCK_K": 128})),
                    (torch.float16, (20, 3, 2, 64, 128, 64, None)))
     for dtype, (t, E, k, H, I, block_m, config) in reg_a_cases:
-        x = torch.randn(t, H, generator=g).to(dtype)
-        idx = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(t)])
-        w = (torch.softmax(torch.randn(t, k, generator=g), -1) * (idx < E)).to(dtype)
-        experts = random_experts(E, H, I, g, dtype)
-        ref = mx.reference_mxfp4_experts(x, idx, w, *experts).float()
-        out = mx.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True).float()
-        assert not out.isnan().any()
-        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+        worst = max(worst, launch_error(t, E, k, H, I, dtype, block_m=block_m, config=config, reg_a=True))
     print("worst", worst)
 """)
 
