@@ -175,7 +175,7 @@ from runtime.kernels import flash
 g = torch.Generator().manual_seed(0)
 merged = 0
 for b, hq, hkv, s, window, keys in ((1, 8, 2, 900, None, 128), (1, 8, 2, 900, 300, 128), (2, 8, 2, 600, None, 128),
-                                    (1, 4, 1, 900, None, 100)):  # the last: 9 splits, 4 at a time not dividing them
+                                    (1, 4, 1, 900, None, 100)):  # the last: 9 splits
     flash.SPLIT_KEYS = keys
     assert flash.decode_splits(torch.device("cpu"), b, hkv, 1, s, window) > 1  # (the interpreter counts 8 SMs)
     q = torch.randn(b, hq, 1, 16, generator=g)
@@ -187,23 +187,21 @@ for b, hq, hkv, s, window, keys in ((1, 8, 2, 900, None, 128), (1, 8, 2, 900, 30
     flash.MERGE_IN_KERNEL = False
     ref = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
     flash.MERGE_IN_KERNEL = True
-    for at_once in (1, 4, 8):  # splits read one at a time, or 4 or 8 together (masked past the last)
-        flash.MERGE_SPLITS_AT_ONCE = at_once
-        for _ in range(2):  # the counters are back at zero after each call
-            out = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
-            assert out.shape == ref.shape and not out.isnan().any()
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-            assert int(flash._counters[q.device].abs().sum()) == 0
-            merged += 1
+    for _ in range(2):  # the counters are back at zero after each call
+        out = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
+        assert out.shape == ref.shape and not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert int(flash._counters[q.device].abs().sum()) == 0
+        merged += 1
 print("merged", merged)
 """
 
 
 def test_flash_split_merge_in_the_kernel() -> None:
-    """Decode's split-K parts merged by the kernel's last split of each tile (flash.MERGE_IN_KERNEL), reading them one
-    or 4 or 8 at a time (flash.MERGE_SPLITS_AT_ONCE; 8, 3, 4 and 9 splits), == the torch merge, call after call
-    (every tile's counter reset by its merging split), with pads and a window."""
-    assert interpret(FLASH_MERGE_CHECK).split() == ["merged", "24"]
+    """Decode's split-K parts merged by the kernel's last split of each tile (flash.MERGE_IN_KERNEL; 8, 3, 4 and 9
+    splits) == the torch merge, call after call (every tile's counter reset by its merging split), with pads and a
+    window."""
+    assert interpret(FLASH_MERGE_CHECK).split() == ["merged", "8"]
 
 
 def test_paged_flash_attention_kernel_in_the_interpreter() -> None:
@@ -243,8 +241,7 @@ class _Traced(Exception):
 
 
 def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
-    """The decode kernel with the in-kernel merge (acquire-release counter, last split merges; its splits read one or
-    4 at a time) compiles to sm_90 code with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and
+    """The decode kernel with the in-kernel merge (acquire-release counter, last split merges) compiles to sm_90 code with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and
     without it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -256,9 +253,9 @@ def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sink_ptr": "*bf16", "slot_pos_ptr": "*i64",
             "q_slot_ptr": "*i64", "table_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "fin_ptr": "*bf16",
             "cnt_ptr": "*i32", "scale_log2": "fp32"}
-    for merge, at_once in ((True, 1), (True, 4), (False, 1)):
+    for merge in (True, False):
         consts = {"G": 8, "D": 64, "BLOCK_M": 16, "BLOCK_N": 64, "SPLITS": 9, "IEEE": False, "PAGED": True, "BS": 16,
-                  "MERGE": merge, "AT_ONCE": at_once}
+                  "MERGE": merge}
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
         src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})

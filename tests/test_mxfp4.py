@@ -141,13 +141,6 @@ KERNEL_CHECK = textwrap.dedent("""
     for t, E, k, H, I in ((40, 4, 2, 64, 96), (9, 4, 2, 96, 64)):
         worst = max(worst, launch_error(t, E, k, H, I, torch.float16, block_m=16,
                                         config={"BLOCK_N": 16, "BLOCK_K": 64}, scaled=True))
-    # the GEMVs loading each tile as runs of a row (GEMV_ROW_RUNS): decode and pairs, masked rows and K tiles
-    mx.GEMV_ROW_RUNS = True
-    for t, E, k, H, I, block_m, config in ((3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (1, 4, 2, 64, 64, None, None),
-                                           (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}),
-                                           (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64})):
-        worst = max(worst, launch_error(t, E, k, H, I, torch.float16, block_m=block_m, config=config))
-    mx.GEMV_ROW_RUNS = False
     # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
     # tile (H = 192 in tiles of 128), autotuned and forced
     x = torch.arange(128.).view(1, 128)
@@ -369,11 +362,10 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
 def test_bf16_dequantization_ptx() -> None:
     """_e2m1_bf16_asm's PTX, run op by op on the CPU: 4 bytes (every code in both nibbles over the cases) times their
     E8M0 scales give the reference's bf16 weights; the per-byte variant (the register-operand blocks) with 4
-    different scales, the shared one where Triton packs 4 bytes of one group (one scale); each with the split nibble
-    placement (SPLIT_NIBBLES) and without."""
+    different scales, the shared one where Triton packs 4 bytes of one group (one scale)."""
     g = torch.Generator().manual_seed(0)
-    for each, split in ((False, False), (True, False), (False, True), (True, True)):
-        asm = moe_mxfp4._e2m1_bf16_asm(scale_each=each, split_nibbles=split)
+    for each in (False, True):
+        asm = moe_mxfp4._e2m1_bf16_asm(scale_each=each)
         for case in range(64):  # bytes 0-255 over the cases: every low and high code
             wb = [case * 4 + i for i in range(4)]
             exps = [int(e) for e in torch.randint(100, 150, (4,), generator=g)] if each else [120 + case % 16] * 4
@@ -447,14 +439,27 @@ def _run_ptx(asm: str, regs: dict[str, int | float]) -> dict[str, int | float]:
     return regs
 
 
+def _group_dot_model(values: torch.Tensor, x: torch.Tensor, scale: float) -> float:
+    """What _group_dot_asm computes for one input, from the decoded weights: values[8j + q] (nibble q of word j) as
+    fp16 value * 2^-14 meets input 8j + q; nibble pairs (p, p + 4) in fp16x2 lanes, FMAs (one rounding each) into
+    accumulator p % 2 in order, the two added in fp16, the lanes in fp32, times the scale in fp32."""
+    c = torch.zeros(2, 2, dtype=torch.float16)  # [accumulator, lane]
+    for j in range(4):
+        for p in range(4):
+            lanes = [8 * j + p, 8 * j + p + 4]
+            a = (values[lanes] * 2.0 ** -14).half()
+            c[p % 2] = (a.double() * x[lanes].double() + c[p % 2].double()).half()
+    lanes = (c[0].double() + c[1].double()).half().float()
+    return ((lanes[0] + lanes[1]) * torch.tensor(scale, dtype=torch.float32)).item()
+
+
 @pytest.mark.parametrize("pairs", [1, 2])
-def test_gemv_ptx_split_nibbles_gives_the_same_bits(pairs: int) -> None:
-    """_group_dot_asm's split nibble placement (SPLIT_NIBBLES) and the one that places each pair's sign and
-    magnitude separately, run op by op: the same outputs, bit for bit, over random words (every code of every
-    nibble position), inputs and scales; and both equal the group's dot product to fp16 accuracy."""
+def test_gemv_ptx_gives_the_models_bits(pairs: int) -> None:
+    """_group_dot_asm's PTX, run op by op: bit for bit what its arithmetic gives on the decoded weights
+    (_group_dot_model), over every code in every nibble position, random words, inputs and scales, so each nibble's
+    sign and magnitude land where fp16 has them and meet their own input; and the group's dot to fp16 accuracy."""
     g = torch.Generator().manual_seed(pairs)
     n = 16 * pairs
-    outs = {}
     for case in range(24):
         words = [int(w) & 0xFFFFFFFF for w in torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64)]
         if case < 16:  # nibble code `case` in every position, then random words
@@ -469,54 +474,16 @@ def test_gemv_ptx_split_nibbles_gives_the_same_bits(pairs: int) -> None:
                     regs[f"${n + 4 + 16 * i + 4 * j + p}"] = int(torch.stack([lo, hi]).view(torch.int16)[0]) & 0xFFFF \
                         | (int(torch.stack([lo, hi]).view(torch.int16)[1]) & 0xFFFF) << 16
         regs[f"${2 * n + 4}"] = scale
-        for split in (False, True):
-            ran = _run_ptx(moe_mxfp4._group_dot_asm(pairs, split_nibbles=split), regs)
-            outs[split] = [ran[f"${16 * i}"] for i in range(pairs)]
-        assert outs[True] == outs[False], (case, outs)
+        ran = _run_ptx(moe_mxfp4._group_dot_asm(pairs), regs)
         codes = torch.tensor([(w >> (4 * q)) & 0xF for w in words for q in range(8)], dtype=torch.uint8)
         values = checkpoint.dequantize_mxfp4(  # input 8j + q meets nibble q of word j
             (codes[0::2] | codes[1::2] << 4).view(1, 1, 16), torch.tensor([[127]], dtype=torch.uint8),
             torch.float32).reshape(32)
         for i in range(pairs):
+            got = ran[f"${16 * i}"]
+            assert got == _group_dot_model(values, xs[i], scale), (case, i, got)
             want = float((values * xs[i].float()).sum()) * 2.0 ** -14 * scale
-            assert abs(outs[True][i] - want) <= 2e-3 * (values.abs() * xs[i].float().abs()).sum() * 2.0 ** -14 * scale
-
-
-SPLIT_COMPILE = """
-import re
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-from runtime.kernels import moe_mxfp4
-moe_mxfp4.use_split_nibbles(True)  # before anything compiles: Triton hashes the PTX constants it reads
-fn = moe_mxfp4._gate_up_kernel
-consts = {"TOP_K": 4, "BLOCK_M": 1, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False, "PERM": False,
-          "ROW_RUNS": True, "SWAP": False, "BLOCK_N": 16, "BLOCK_K": 256}
-types = {"x_ptr": "*i32", "xf_ptr": "*fp32", "wb_ptr": "*u8", "ws_ptr": "*u8", "b_ptr": "*bf16", "h_ptr": "*fp16",
-         "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32", "alpha": "fp32", "h_factor": "fp32"}
-names = fn.arg_names
-sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("hidden", "inter")})
-ptx = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-consts.update({"BLOCK_M": 16, "BF16": True, "PERM": True, "ROW_RUNS": False, "BLOCK_N": 64, "BLOCK_K": 128})
-sig.update({"x_ptr": "*bf16", "h_ptr": "*bf16"})
-src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("hidden", "inter")})
-blocks = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-assert "lop3.b32" in blocks and "mul.rn.bf16x2" in blocks and "wgmma" in blocks
-print(ptx.count("lop3.b32"), ptx.count("fma.rn.f16x2"))
-"""
-
-
-def test_split_nibbles_compile_for_hopper() -> None:
-    """The decode GEMV and the register-operand blocks with the split nibble placement (use_split_nibbles, in a fresh
-    process as the microbench does it) compile to sm_90 code with their lop3 bit-selects: in the GEMV two a word,
-    4 words a group."""
-    proc = subprocess.run([sys.executable, "-c", SPLIT_COMPILE], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lop3, fma = map(int, proc.stdout.split()[-2:])
-    assert fma >= 16 and lop3 >= fma // 2, proc.stdout
+            assert abs(got - want) <= 2e-3 * (values.abs() * xs[i].float().abs()).sum() * 2.0 ** -14 * scale
 
 
 def _bf16_asm_packs(ttgir: str) -> list[tuple[bool, bool]]:
@@ -544,10 +511,11 @@ def _bf16_asm_packs(ttgir: str) -> list[tuple[bool, bool]]:
 
 
 def test_kernels_compile_for_hopper() -> None:
-    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs, their tiles loaded as runs of a row or not;
-    tl.dot blocks) compiles to sm_90 code (Triton's own ptxas; no GPU needed), so a kernel that only the interpreter
-    accepts is caught here; the weights load 16 bytes at a time (as runs of a row: >= 8 lanes along a row), and in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand
-    blocks (REG_A_BLOCKS), they reach the tensor cores from registers, for blocks of 16 pairs too."""
+    """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs; tl.dot blocks) compiles to sm_90 code (Triton's
+    own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
+    bytes at a time (in the GEMVs as runs of a row: >= 8 lanes along a row) and their nibbles are placed with lop3
+    bit-selects; in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand blocks
+    (REG_A_BLOCKS), they reach the tensor cores from registers, for blocks of 16 pairs too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -563,12 +531,10 @@ def test_kernels_compile_for_hopper() -> None:
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         gemv = moe_mxfp4._decode_configs()[1]
         reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
-        row_runs = triton.Config({**gemv.kwargs, "ROW_RUNS": True}, num_warps=4, num_stages=3)
         for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (16, swapped), (128, swapped),
-                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a), (1, row_runs), (2, row_runs),
-                                (4, row_runs)):
+                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
-                      "PERM": False, "ROW_RUNS": False, **config.kwargs}
+                      "PERM": False, **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
@@ -581,16 +547,18 @@ def test_kernels_compile_for_hopper() -> None:
                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
-            if block_m < 16:  # the GEMVs: each dequantized weight pair meets every pair's inputs in an fp16x2 FMA
-                assert ptx.count("fma.rn.f16x2") >= 16 * block_m, (fn.__name__, block_m)
+            if block_m < 16:  # the GEMVs: each dequantized weight pair meets every pair's inputs in an fp16x2 FMA,
+                # each word's nibbles split by two lop3 bit-selects
+                fma = ptx.count("fma.rn.f16x2")
+                assert fma >= 16 * block_m and ptx.count("lop3.b32") >= fma // (2 * block_m), (fn.__name__, block_m)
             if config.kwargs.get("BF16"):  # the bytes become bf16 weights by bit operations and bf16x2 multiplies
-                assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx
+                assert "mul.rn.bf16x2" in ptx and "prmt.b32" in ptx and "lop3.b32" in ptx
                 packs = _bf16_asm_packs(kernel.asm["ttgir"])
                 assert packs, (fn.__name__, block_m)
                 # the register-operand blocks give each byte its scale; elsewhere 4 packed bytes share one
                 assert all(each == bool(config.kwargs.get("PERM")) for each, _ in packs), (fn.__name__, packs)
                 assert all(each or one_group for each, one_group in packs), (fn.__name__, block_m, packs)
-            if config.kwargs.get("ROW_RUNS"):  # the weights' load: a warp's lanes along runs of a row's groups
+            if block_m < 16:  # the GEMVs' weights load: a warp's lanes along runs of a row's groups
                 ttgir = kernel.asm["ttgir"]
                 lay = re.search(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr<i8>, (#\w+)>", ttgir).group(1)
                 lanes = re.search(lay + r" = #ttg\.blocked<\{sizePerThread = \[1, 16\], threadsPerWarp = \[\d+, (\d+)\]",

@@ -49,12 +49,6 @@ SPLIT_KEYS = 128
 """Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU). With
 the in-kernel merge, 128 keys beat 256 and 64 at batch 1 (14.1 / 16.6 / 15.2 us, 1,152 cached tokens, H200) and tie
 at batch 8 and 16."""
-MERGE_SPLITS_AT_ONCE = 1
-"""The in-kernel merge reads this many splits' parts a loop iteration (a power of two; masked past the last split).
-One at a time, each iteration's loads wait for the last: with 128 keys a split a full layer's 1,152 cached tokens
-make 9 splits, 9 dependent trips to memory for the merging program (the flash kernel's time a 120b step rose from
-250 to 296 us with the merge in it, tenth session). 4 issues 4 splits' loads together. 1 until a GPU has timed it
-(microbench --flash --merge-splits-at-once 1 4)."""
 COUNTER_SLOTS = 1 << 16
 """Tiles a decode call may have for the in-kernel merge (rows x KV heads; beyond: the torch merge)."""
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -144,7 +138,7 @@ if HAVE_TRITON:
         sf_b, sf_t,  # fin [B, T, Hq, D] strides (Hq, D contiguous): the merged output (MERGE)
         T, S, HKV, HQ, scale_log2, window, st_b,  # st_b: the block table's row stride
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        IEEE: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, MERGE: tl.constexpr, AT_ONCE: tl.constexpr,
+        IEEE: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, MERGE: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)  # rows x KV heads on the first axis: the one that may exceed 65,535
         pid_m = tl.program_id(1)
@@ -225,22 +219,16 @@ if HAVE_TRITON:
                     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                     total = tl.zeros([BLOCK_M], dtype=tl.float32)
                     merged = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-                    # one pass, AT_ONCE splits an iteration (their loads issued together), rescaled as the running
-                    # max grows (a loop, not unrolled: up to ~260 splits)
-                    for p0 in range(0, SPLITS, AT_ONCE):
-                        ps = p0 + tl.arange(0, AT_ONCE)
-                        p_ok = ps < SPLITS
-                        lp = tl.load(lse_ptr + ((ps[:, None] * rows_b + b) * T + t[None, :]) * HQ + h[None, :],
-                                     mask=p_ok[:, None] & row_ok[None, :], other=float("-inf"))  # [AT_ONCE, M]
-                        part = tl.load(o_ptr + ps[:, None, None] * so_p + b * so_b + t[None, :, None] * so_t
-                                       + h[None, :, None] * D + d[None, None, :],
-                                       mask=p_ok[:, None, None] & row_ok[None, :, None], other=0.0)  # [AT_ONCE, M, D]
-                        m_new = tl.maximum(m_run, tl.max(lp, axis=0))
+                    for p in range(SPLITS):  # one pass, rescaled as the running max grows (not unrolled: up to ~260)
+                        lp = tl.load(lse_ptr + ((p * rows_b + b) * T + t) * HQ + h, mask=row_ok, other=float("-inf"))
+                        part = tl.load(o_ptr + p * so_p + b * so_b + t[:, None] * so_t + h[:, None] * D + d[None, :],
+                                       mask=row_ok[:, None], other=0.0)
+                        m_new = tl.maximum(m_run, lp)
                         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                         keep = tl.exp(m_run - m_safe)
-                        w = tl.exp(lp - m_safe[None, :])
-                        merged = merged * keep[:, None] + tl.sum(w[:, :, None] * part, axis=0)
-                        total = total * keep + tl.sum(w, axis=0)
+                        w = tl.exp(lp - m_safe)
+                        merged = merged * keep[:, None] + w[:, None] * part
+                        total = total * keep + w
                         m_run = m_new
                     merged = merged / tl.where(total > 0, total, 1.0)[:, None]
                     tl.store(fin_ptr + b * sf_b + t[:, None] * sf_t + h[:, None] * D + d[None, :],
@@ -284,8 +272,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
         prepare(q.device)  # (eager, the first call; compiled and captured steps find them made at load)
         counters = _counters[q.device]
     merge = splits > 1 and MERGE_IN_KERNEL and counters is not None and grid[0] * grid[1] <= COUNTER_SLOTS
-    if merge and (MERGE_SPLITS_AT_ONCE < 1 or MERGE_SPLITS_AT_ONCE & (MERGE_SPLITS_AT_ONCE - 1)):
-        raise ValueError(f"flash.MERGE_SPLITS_AT_ONCE={MERGE_SPLITS_AT_ONCE}: a power of two (1, 2, 4, ...)")
     fin = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device) if merge else out
     table = mask.table if paged else mask.slot_pos  # (the other pointer is not read)
     q_slot = mask.q_pos if paged else mask.q_slot
@@ -297,7 +283,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
         t, s, hkv, hq, scaling * LOG2E, int(window or 0), table.stride(0),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
         PAGED=paged, BS=k.shape[2] if paged else 1, MERGE=merge,
-        AT_ONCE=MERGE_SPLITS_AT_ONCE if merge else 1,
         num_warps=4 if decode else 8, num_stages=2 if decode else 3,
     )
     if splits == 1:

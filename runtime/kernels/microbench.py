@@ -7,8 +7,7 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
-        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--gemv-row-runs | --no-gemv-row-runs]
-        [--split-nibbles | --no-split-nibbles] [--only mxfp4]
+        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
 (the operand orders of SWAP_AB side by side).
@@ -16,10 +15,9 @@ dequantized (what every other implementation holds), bytes counted as each holds
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
 (flash.MERGE_IN_KERNEL), at each token count as the batch, and with --split-keys at each least number of keys a
-split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1), and with --merge-splits-at-once at each number of
-splits the merging program reads an iteration (flash.MERGE_SPLITS_AT_ONCE):
+split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1):
 
-    python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256 --merge-splits-at-once 1 4
+    python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256
 """
 
 from __future__ import annotations
@@ -75,26 +73,18 @@ def main() -> None:
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
                     help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
-    ap.add_argument("--gemv-row-runs", action=argparse.BooleanOptionalAction, default=None,
-                    help="mxfp4: the GEMVs load each tile as runs of a row (GEMV_ROW_RUNS), or not")
-    ap.add_argument("--split-nibbles", action=argparse.BooleanOptionalAction, default=None,
-                    help="mxfp4: the dequantizing PTX with the split nibble placement (SPLIT_NIBBLES), or not")
     ap.add_argument("--only", default=None, help="time only this implementation (e.g. mxfp4: no bf16 copy is made)")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
-    ap.add_argument("--merge-splits-at-once", type=int, nargs="+", default=None,
-                    help="--flash: each of these numbers of splits read together by the merge (a power of two; "
-                         "flash.MERGE_SPLITS_AT_ONCE)")
     args = ap.parse_args()
     if args.flash:
         from runtime.kernels import flash
 
-        for at_once in args.merge_splits_at_once or [flash.MERGE_SPLITS_AT_ONCE]:
-            for keys in args.split_keys or [flash.SPLIT_KEYS]:
-                flash.SPLIT_KEYS, flash.MERGE_SPLITS_AT_ONCE = keys, at_once
-                print(f"flash.SPLIT_KEYS = {keys}, flash.MERGE_SPLITS_AT_ONCE = {at_once}")
-                flash_bench(args.tokens)
+        for keys in args.split_keys or [flash.SPLIT_KEYS]:
+            flash.SPLIT_KEYS = keys
+            print(f"flash.SPLIT_KEYS = {keys}")
+            flash_bench(args.tokens)
         return None
     moe_mxfp4.DOT_SCALED = args.dot_scaled
     if args.reg_a is None and (args.swap or args.dot_scaled or args.bf16_dequant_max_m is not None):
@@ -102,10 +92,6 @@ def main() -> None:
         print("(--swap / --dot-scaled / --bf16-dequant-max-m time the plain blocks: --no-reg-a implied)")
     if args.reg_a is not None:
         moe_mxfp4.REG_A_BLOCKS = args.reg_a
-    if args.gemv_row_runs is not None:
-        moe_mxfp4.GEMV_ROW_RUNS = args.gemv_row_runs
-    if args.split_nibbles is not None:
-        moe_mxfp4.use_split_nibbles(args.split_nibbles)
     if args.swap:
         moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:

@@ -91,11 +91,6 @@ are multiples of 64 (elsewhere the plain blocks run). On the H200 (microbench --
 session), one layer of the 20b: 0.337 / 0.497 / 0.704 ms at 64 / 256 / 512 tokens where the plain blocks took 0.399 /
 0.661 / 0.975; of the 120b at 256 / 512 tokens: 1.515 / 1.583 ms (plain 2.173 at 256). The 20b's batch 64 decodes at
 7,621 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
-GEMV_ROW_RUNS = False
-"""The GEMVs (decode and pairs) load each tile's bytes as runs of a row (see _gemv's ROW_RUNS), so that a warp's
-lanes read consecutive groups of a row whatever Triton's layout heuristics: on Triton 3.6's sm_90 code the lanes
-then sit on 8 groups x 4 rows (BLOCK_K 256) instead of 32 rows, and the inputs' trip through shared memory shrinks
-(LDS 12 -> 5 in the decode gate_up kernel). Off until a GPU has timed it (microbench --gemv-row-runs)."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -109,14 +104,6 @@ if HAVE_TRITON:
     import triton.language as tl
 
 
-SPLIT_NIBBLES = False
-"""The PTX that turns MXFP4 bytes into fp16 (the GEMVs, _group_dot_asm) and bf16 weights (the blocks, _e2m1_bf16_asm)
-first moves each nibble's sign beside its magnitude, as far apart as the target format has them, so that one
-shift and one mask then place both: 11 integer operations a word instead of 20 in the GEMVs, 7 instead of 10 per
-two bytes in the blocks, the same bits (CPU tests run both forms op by op). The dequantization's integer work
-bounds these kernels. Off until a GPU has timed it (microbench --split-nibbles); read when the module is imported
-(use_split_nibbles() changes it later)."""
-
 FP16_TOP_EXP = 15
 """The decode GEMV multiplies in fp16 with its inputs scaled by a power of two so that max|x| lies in
 (2^14, 2^15] (the top octave below 65,504; undone in fp32 after the sum). The E2M1 codes enter as
@@ -124,28 +111,25 @@ value * 2^-14, so a product is value * x * 2^-14: normal fp16 (11 significant bi
 above 2^-13 of the row's largest, and a group's 16 products per fp16 lane stay below 16 * 6 * 2 = 192."""
 
 
-def _group_dot_asm(pairs: int = 1, split_nibbles: bool | None = None) -> str:
+def _group_dot_asm(pairs: int = 1) -> str:
     """PTX for one (row, 32-input group): 16 MXFP4 bytes (4 words) x 16 fp16 input pairs -> fp32 dot * scale,
     for `pairs` inputs at once (the pairs GEMV: each weight is dequantized once for all of them).
 
     Word j's nibbles p (bits 4p..4p+3) and p+4 (bits 16+4p..) form the fp16x2 pair p: magnitude bits
     to fp16 bits 9-11, sign to bit 15 (value * 2^-14, exact; see FP16_TOP_EXP), fused multiply-add with
     input pair register 4j+p, which the caller fills with the inputs of those two nibbles (pair_order).
+    To place them, a word is first split in two: each byte's low nibbles with their sign moved from bit 3 to bit 6
+    (e: one shift, one lop3 bit-select) and its high nibbles' magnitudes moved down to bits 1-3 beside their sign
+    at bit 7 (o: the same), so that sign and magnitude sit 6 bits apart as fp16 has them and each pair takes one
+    shift and one mask (pair 3 only the mask): 11 integer operations a word, where placing sign and magnitude of
+    each pair separately took 20 (on the H200 one layer of the 120b's experts at 1 / 8 / 64 tokens took 0.036 /
+    0.131 / 0.825 ms against 0.040 / 0.145 / 0.875; docs/benchmarks.md, eleventh session).
     Two fp16x2 accumulators per input (8 products per lane each), summed, widened to fp32, times the scale.
     Operands, P = pairs: 16 outputs per input ($16i holds input i's dot; one input: the other 15 are zeroed, as
-    first measured), then the bytes ($16P..$16P+3), 16 input pair registers per input, the scale ($32P+4).
-
-    split_nibbles (default SPLIT_NIBBLES): a word is first split in two, each byte's low nibbles with their
-    sign moved from bit 3 to bit 6 (e: one shift, one lop3 bit-select) and its high nibbles' magnitudes moved down
-    to bits 1-3 beside their sign at bit 7 (o: the same), so that sign and magnitude sit 6 bits apart as fp16 has
-    them and each pair takes one shift and one mask (pair 3 only the mask): 11 integer operations a word where
-    placing sign and magnitude of each pair separately takes 20. Same bits either way (a CPU test runs both op by
-    op)."""
-    split = SPLIT_NIBBLES if split_nibbles is None else split_nibbles
+    first measured), then the bytes ($16P..$16P+3), 16 input pair registers per input, the scale ($32P+4)."""
     n = 16 * pairs
     acc = [(f"c{2 * i}", f"c{2 * i + 1}") for i in range(pairs)]
-    shifts = [(9, 12), (5, 8), (1, 4), (-3, 0)]  # per nibble position p: (magnitude shift, sign shift)
-    lines = ["{", ".reg .b32 t, u, a, e, o, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
+    lines = ["{", ".reg .b32 t, a, e, o, " + ", ".join(c for pair in acc for c in pair) + ";", ".reg .b16 h0, h1;",
              ".reg .f32 f0, f1;"] + [f"mov.b32 {c}, 0;" for pair in acc for c in pair]
     scale = f"${2 * n + 4}"
     if pairs > 1:  # read the scale before the first output is written (inputs are read before outputs in asm)
@@ -153,23 +137,15 @@ def _group_dot_asm(pairs: int = 1, split_nibbles: bool | None = None) -> str:
         scale = "sc"
     for j in range(4):
         w = f"${n + j}"
-        if split:
-            # e: bits 0-2 of each byte from w (the low nibble's magnitude), the rest from w << 3 (bit 6: its sign);
-            # o: bits 1-3 from w >> 3 (the high nibble's magnitude), the rest from w (bit 7: its sign).
-            # lop3 0xE4 = (a & c) | (b & ~c). Only bits 0-2 and 6 (e), 1-3 and 7 (o) of each byte are read below.
-            lines += [f"shl.b32 t, {w}, 3;", f"lop3.b32 e, {w}, t, 0x07070707, 0xE4;",
-                      f"shr.u32 t, {w}, 3;", f"lop3.b32 o, t, {w}, 0x0E0E0E0E, 0xE4;"]
-        for p, (ms, ss) in enumerate(shifts):
-            if split:  # pair p: nibbles p and p + 4, i.e. byte p // 2 and byte p // 2 + 2, low (p even) or high
-                src, k = ("e", 9 - 4 * p) if p % 2 == 0 else ("o", 12 - 4 * p)
-                lines.append(f"shl.b32 a, {src}, {k};" if k else f"mov.b32 a, {src};")
-                lines.append("and.b32 a, a, 0x8E008E00;")
-            else:
-                lines.append(f"shl.b32 t, {w}, {ms};" if ms > 0 else f"shr.u32 t, {w}, {-ms};")
-                lines.append("and.b32 t, t, 0x0E000E00;")
-                lines.append(f"shl.b32 u, {w}, {ss};" if ss else f"mov.b32 u, {w};")
-                lines.append("and.b32 u, u, 0x80008000;")
-                lines.append("or.b32 a, t, u;")
+        # e: bits 0-2 of each byte from w (the low nibble's magnitude), the rest from w << 3 (bit 6: its sign);
+        # o: bits 1-3 from w >> 3 (the high nibble's magnitude), the rest from w (bit 7: its sign).
+        # lop3 0xE4 = (a & c) | (b & ~c). Only bits 0-2 and 6 (e), 1-3 and 7 (o) of each byte are read below.
+        lines += [f"shl.b32 t, {w}, 3;", f"lop3.b32 e, {w}, t, 0x07070707, 0xE4;",
+                  f"shr.u32 t, {w}, 3;", f"lop3.b32 o, t, {w}, 0x0E0E0E0E, 0xE4;"]
+        for p in range(4):  # pair p: nibbles p and p + 4, i.e. byte p // 2 and byte p // 2 + 2, low (p even) or high
+            src, k = ("e", 9 - 4 * p) if p % 2 == 0 else ("o", 12 - 4 * p)
+            lines.append(f"shl.b32 a, {src}, {k};" if k else f"mov.b32 a, {src};")
+            lines.append("and.b32 a, a, 0x8E008E00;")
             for i in range(pairs):
                 c = acc[i][p % 2]
                 lines.append(f"fma.rn.f16x2 {c}, a, ${n + 4 + 16 * i + 4 * j + p}, {c};")
@@ -186,40 +162,34 @@ def _group_dot_constraints(pairs: int = 1) -> str:
     return ",".join(["=f"] * 16 * pairs + ["r"] * (4 + 16 * pairs) + ["f"] * 16)
 
 
-def _e2m1_bf16_asm(scale_each: bool = False, split_nibbles: bool | None = None) -> str:
+def _e2m1_bf16_asm(scale_each: bool = False) -> str:
     """PTX for 4 MXFP4 bytes ($4) with their scales as bf16x2 ($5-$8, one per byte) -> the 4 low nibbles ($0: bytes
     0, 1; $1: bytes 2, 3) and the 4 high nibbles ($2, $3) as bf16 values times their scale.
 
     A byte pair is spread into the two 16-bit lanes of a word (prmt); each nibble's magnitude bits (exponent 2,
     mantissa 1) go to bf16 bits 6-8 and its sign to bit 15: read as bf16 that is value * 2^-126 (E2M1 0.5 a bf16
     subnormal, exactly), so one bf16x2 multiply by 2^126 and one by the scale give two weights. No conversion
-    instruction (the fp32 path's cvt and f2f ran at a quarter of the integer rate).
+    instruction (the fp32 path's cvt and f2f ran at a quarter of the integer rate). To place them, x << 6 is taken
+    once; a bit-select of x and it keeps the low nibble's magnitude (bits 0-2) with its sign landing at bit 9,
+    another the high nibble's (bits 4-6) with its sign at bit 13, both 9 bits above their magnitude as in bf16, so
+    each then takes one shift and one mask (7 integer operations per two bytes, where placing sign and magnitude
+    separately took 10).
 
     Triton packs 4 of a thread's elements into one call, in its register order. Where the layout makes those 4
     bytes of one row and one group of 32 inputs (the tl.dot blocks), $5's scale serves them all. scale_each: each
     lane gets its own byte's scale (two more prmt per call), as the register-operand blocks need, whose registers
-    alternate between rows g and g + 8 of a wgmma fragment (their layout's first register step is 8 rows).
-
-    split_nibbles (default SPLIT_NIBBLES): x << 6 is taken once; a bit-select of x and it keeps the low nibble's
-    magnitude (bits 0-2) with its sign landing at bit 9, another the high nibble's (bits 4-6) with its sign at bit
-    13, both 9 bits above their magnitude as in bf16, so each then takes one shift and one mask (7 integer
-    operations per two bytes instead of 10; the same bits)."""
-    split = SPLIT_NIBBLES if split_nibbles is None else split_nibbles
+    alternate between rows g and g + 8 of a wgmma fragment (their layout's first register step is 8 rows)."""
     lines = ["{", ".reg .b32 x, t, u, v, bias;", "mov.b32 bias, 0x7E807E80;"]  # 2^126, twice
     if scale_each:  # lane 0 from byte 0's (2's) scale word, lane 1 from byte 1's (3's)
         lines += [".reg .b32 s01, s23;", "prmt.b32 s01, $5, $6, 0x7610;", "prmt.b32 s23, $7, $8, 0x7610;"]
     for k, (sel, scale) in enumerate((("0x4140", "s01"), ("0x4342", "s23"))):  # bytes (0, 1), (2, 3): lanes 0, 1
         scale = scale if scale_each else "$5"
-        lines.append(f"prmt.b32 x, $4, 0, {sel};")
-        if split:  # u = x << 6; lop3 0xE4 = (a & c) | (b & ~c): magnitude bits from x, the rest from u
-            lines.append("shl.b32 u, x, 6;")
-        for out, (ms, ss), keep in ((f"${k}", (6, 12), "0x00070007"), (f"${2 + k}", (2, 8), "0x00700070")):
-            if split:  # low nibble: magnitude 0-2, sign (x bit 3) at 9; high: magnitude 4-6, sign (x bit 7) at 13
-                lines += [f"lop3.b32 t, x, u, {keep}, 0xE4;", f"shl.b32 v, t, {ms};", "and.b32 v, v, 0x81C081C0;"]
-            else:
-                lines += [f"shl.b32 t, x, {ms};", "and.b32 t, t, 0x01C001C0;", f"shl.b32 u, x, {ss};",
-                          "and.b32 u, u, 0x80008000;", "or.b32 v, t, u;"]
-            lines += ["mul.rn.bf16x2 v, v, bias;", f"mul.rn.bf16x2 {out}, v, {scale};"]
+        # u = x << 6; lop3 0xE4 = (a & c) | (b & ~c): magnitude bits from x, the rest from u
+        lines += [f"prmt.b32 x, $4, 0, {sel};", "shl.b32 u, x, 6;"]
+        for out, shift, keep in ((f"${k}", 6, "0x00070007"), (f"${2 + k}", 2, "0x00700070")):
+            # low nibble: magnitude 0-2, sign (x bit 3) at 9; high: magnitude 4-6, sign (x bit 7) at 13
+            lines += [f"lop3.b32 t, x, u, {keep}, 0xE4;", f"shl.b32 v, t, {shift};", "and.b32 v, v, 0x81C081C0;",
+                      "mul.rn.bf16x2 v, v, bias;", f"mul.rn.bf16x2 {out}, v, {scale};"]
     lines.append("}")
     return " ".join(lines)
 
@@ -274,18 +244,6 @@ result (tests/test_gpu.py::test_mxfp4_moe_swapped_and_scaled_tiles, despite trit
 tiles time 10-15% faster alone, but autotuning both orders made the whole layer no faster (0.594 vs 0.599 ms at
 256 tokens, 1.303 vs 1.329 at 1,024; docs/benchmarks.md), so x first only. Read when the autotuners are made:
 use_operand_orders() changes it later (microbench --swap)."""
-
-
-def use_split_nibbles(on: bool) -> None:
-    """Build the dequantizing PTX with the split nibble placement or without (SPLIT_NIBBLES; microbench
-    --split-nibbles). Before the kernels are first compiled: Triton hashes these constants when it first compiles."""
-    global SPLIT_NIBBLES, _GROUP_DOT_ASM, _GROUP_DOT2_ASM, _GROUP_DOT4_ASM, _BF16_ASM, _BF16_EACH_ASM
-    SPLIT_NIBBLES = on
-    _GROUP_DOT_ASM = tl.constexpr(_group_dot_asm(1, on))
-    _GROUP_DOT2_ASM = tl.constexpr(_group_dot_asm(2, on))
-    _GROUP_DOT4_ASM = tl.constexpr(_group_dot_asm(4, on))
-    _BF16_ASM = tl.constexpr(_e2m1_bf16_asm(False, on))
-    _BF16_EACH_ASM = tl.constexpr(_e2m1_bf16_asm(True, on))
 
 
 def use_operand_orders(orders: tuple[bool, ...]) -> None:
@@ -343,7 +301,7 @@ if HAVE_TRITON:
         b = s.to(tl.uint32) << 7
         return b | (b << 16)
 
-    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())  # (use_split_nibbles() rebuilds these, and the two above)
+    _GROUP_DOT_ASM: tl.constexpr = tl.constexpr(_group_dot_asm())
     _GROUP_DOT_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints())
     _GROUP_DOT2_ASM: tl.constexpr = tl.constexpr(_group_dot_asm(2))
     _GROUP_DOT2_CONSTRAINTS: tl.constexpr = tl.constexpr(_group_dot_constraints(2))
@@ -399,17 +357,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
-              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, ROW_RUNS: tl.constexpr = False):
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
         """sum_k x[k] * W[rows, k] for 1, 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; the pointers
         past PAIRS unused) and MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R]
         fp32.
 
-        ROW_RUNS (GEMV_ROW_RUNS): a tile's bytes are loaded as [rows, BLOCK_K / 2 contiguous bytes] and reshaped to
-        [rows, groups, 16], not addressed as [rows, groups, 16] directly. Triton lays a load's lanes along the
-        dimension it knows to be contiguous, so a warp then reads runs of consecutive groups of a row; addressed in
-        3-D, the bytes are contiguous only within a group as far as Triton knows, and which dimension gets the lanes
-        is left to its heuristics (Triton 3.6, on the GPU machines: 32 lanes on 32 rows, each load 16 bytes from
-        each of 32 rows 1,440 bytes apart at gpt-oss's sizes; 3.9 puts 8 lanes along the groups)."""
+        A tile's bytes are loaded as [rows, BLOCK_K / 2 contiguous bytes] and reshaped to [rows, groups, 16], not
+        addressed as [rows, groups, 16] directly. Triton lays a load's lanes along the dimension it knows to be
+        contiguous, so a warp reads runs of consecutive groups of a row; addressed in 3-D, the bytes are contiguous
+        only within a group as far as Triton knows, and which dimension gets the lanes is left to its heuristics
+        (Triton 3.6, on the GPU machines: 32 lanes on 32 rows, each load 16 bytes from each of 32 rows 1,440 bytes
+        apart at gpt-oss's sizes, and the inputs' trip through shared memory took 12 loads a loop instead of 5). On
+        the H200 one layer of the 120b's experts at 1 / 8 / 64 tokens took 0.040 / 0.145 / 0.875 ms this way against
+        0.043 / 0.166 / 1.108 (docs/benchmarks.md, eleventh session)."""
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -421,14 +381,10 @@ if HAVE_TRITON:
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi
             g_ok = g < groups
-            if ROW_RUNS:
-                cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the tile's bytes of a row, contiguous
-                wb = tl.load(wb_ptr + row_off[:, None] * 16 + cols[None, :],
-                             mask=rows_ok[:, None] & (cols // 16 < groups)[None, :], other=0)  # (by group: 16-byte loads)
-                wb = tl.reshape(wb, (BLOCK_R, BLOCK_K // 32, 16))  # [R, NG, 16] bytes
-            else:
-                wb = tl.load(wb_ptr + (row_off[:, None, None] + g[None, :, None]) * 16 + bi[None, None, :],
-                             mask=rows_ok[:, None, None] & g_ok[None, :, None], other=0)  # [R, NG, 16] bytes
+            cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the tile's bytes of a row, contiguous
+            wb = tl.load(wb_ptr + row_off[:, None] * 16 + cols[None, :],
+                         mask=rows_ok[:, None] & (cols // 16 < groups)[None, :], other=0)  # (by group: 16-byte loads)
+            wb = tl.reshape(wb, (BLOCK_R, BLOCK_K // 32, 16))  # [R, NG, 16] bytes
             s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0))
             at = g[:, None] * 16 + bi[None, :]
             x0 = tl.load(x0_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]  # [1, NG, 16] pairs
@@ -467,15 +423,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_block(x_ptr, pair_ptr, num_pairs, per_row: tl.constexpr, row_len, wb_ptr, ws_ptr, rows, rows_ok, K,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
-                    ROW_RUNS: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
         """The pairs GEMV of a block: its PAIRS (2 or 4) pairs pair_ptr[0..PAIRS), each reading its row of x_ptr
         (see _row) -> [PAIRS, BLOCK_R]."""
         return _gemv(_row(x_ptr, pair_ptr, 0, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 1, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 2 % PAIRS, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 3 % PAIRS, num_pairs, per_row, row_len),
-                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM, ROW_RUNS)
+                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM)
 
     @triton.jit
     def _pack_x_kernel(x_ptr, out_ptr, factor_ptr, K, top_exp, BLOCK_K: tl.constexpr):
@@ -623,7 +578,7 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
-        PERM: tl.constexpr, ROW_RUNS: tl.constexpr,
+        PERM: tl.constexpr,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -648,12 +603,12 @@ if HAVE_TRITON:
             token = pid_m // TOP_K
             x_row = x_ptr + token.to(tl.int64) * (hidden // 2)
             acc = _gemv(x_row, x_row, x_row, x_row, wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, 1,
-                        ASM, ROW_RUNS) * tl.load(xf_ptr + token)
+                        ASM) * tl.load(xf_ptr + token)
         elif BLOCK_M < 16:  # the pairs GEMV: BLOCK_M (2 or 4) pairs of the block's expert, weights dequantized once
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(x_ptr, first, num_pairs, TOP_K, hidden // 2, wb, ws, r, r_ok, hidden, 2 * BLOCK_N,
-                              BLOCK_K, BLOCK_M, ASM, ROW_RUNS)
+                              BLOCK_K, BLOCK_M, ASM)
             acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -691,7 +646,6 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
         ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
-        ROW_RUNS: tl.constexpr,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -712,13 +666,12 @@ if HAVE_TRITON:
         if BLOCK_M == 1:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
             h_row = h_ptr + pid_m.to(tl.int64) * (inter // 2)
-            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM,
-                        ROW_RUNS) * h_factor
+            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM) * h_factor
         elif BLOCK_M < 16:  # the pairs GEMV
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(h_ptr, first, num_pairs, 1, inter // 2, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
-                              BLOCK_M, ASM, ROW_RUNS) * h_factor
+                              BLOCK_M, ASM) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if SCALED:
@@ -736,7 +689,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM", "ROW_RUNS"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -839,7 +792,6 @@ def fused_mxfp4_experts(
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
     common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled), "PERM": perm,
-              "ROW_RUNS": gemv and GEMV_ROW_RUNS,
               "BF16": asm and x.dtype == torch.bfloat16 and (perm or 16 <= block_m <= BF16_DEQUANT_MAX_M)}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
