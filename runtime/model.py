@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runtime import checkpoint, fused, kernels, parallelize
-from runtime.kernels import flash, moe, moe_mxfp4
+from runtime.kernels import arrivals, moe, moe_mxfp4
 from runtime.distributed import Groups, WorldLayout
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ def build(
     if attention != "eager":
         model.set_attn_implementation(attention)
     fused.apply(model, attention, experts)
-    if attention == flash.NAME and flash.MERGE_IN_KERNEL:
-        flash.prepare(device)  # the decode kernel's merge counters, before any step is compiled or captured
+    if device.type == "cuda":
+        arrivals.prepare(device)  # the decode kernels' counters, before any step is compiled or captured
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,

@@ -180,7 +180,7 @@ def test_flash_merge_in_kernel_equals_torch_merge(b: int, lengths: int) -> None:
     parts merged by the kernel's last split (flash.MERGE_IN_KERNEL, an acquire-release counter per tile) give the
     torch merge's output, replayed from a CUDA graph 100 times on new queries each time (a merging split that read
     a part before its split's stores reached it would read another query's numbers), the counters back at zero."""
-    from runtime.kernels import flash
+    from runtime.kernels import arrivals, flash
     from runtime.kvcache import BLOCK_SIZE
 
     hq, hkv, d = 64, 8, 64
@@ -194,7 +194,7 @@ def test_flash_merge_in_kernel_equals_torch_merge(b: int, lengths: int) -> None:
     q = torch.randn(b, 1, hq, d, device="cuda", generator=g).bfloat16().transpose(1, 2).contiguous()
     sinks = torch.randn(hq, device="cuda", generator=g).bfloat16()
     mask = flash.PagedMask(table, q_pos)
-    flash.prepare(q.device)
+    arrivals.prepare(q.device)
     saved = flash.MERGE_IN_KERNEL
 
     def attend(merge: bool) -> torch.Tensor:
@@ -214,7 +214,39 @@ def test_flash_merge_in_kernel_equals_torch_merge(b: int, lengths: int) -> None:
             assert not out.isnan().any() and _rel(out.float(), ref) <= 5e-3  # (both round to bf16 at the end)
     finally:
         flash.MERGE_IN_KERNEL = saved
-    assert int(flash._counters[q.device].abs().sum()) == 0
+    assert int(arrivals.table(q.device, "flash").abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("experts", "t"), [(128, 1), (128, 8), (32, 1), (32, 4)])
+def test_router_in_one_launch(experts: int, t: int) -> None:
+    """The decode router's GEMV + top-k in one launch (router.route_gemv, an arrival counter per token) at gpt-oss
+    shapes in bf16, replayed from a CUDA graph 100 times on new inputs: its logits within bf16 rounding of
+    F.linear's, its expert ids the top-k of its own logits in order and its scores their softmax (a last program
+    that read logits before their stores reached it would disagree), the counters back at zero."""
+    import torch.nn.functional as F
+
+    from runtime.kernels import arrivals, router
+
+    g = torch.Generator(device="cuda").manual_seed(experts + t)
+    w = (torch.randn(experts, 2880, device="cuda", generator=g) / 50).bfloat16()
+    b = torch.randn(experts, device="cuda", generator=g).bfloat16()
+    x = torch.randn(t, 2880, device="cuda", generator=g).bfloat16()
+    arrivals.prepare(x.device)
+    counters = arrivals.table(x.device, "router")
+    router.route_gemv(x, w, b, 4, counters)  # compiled, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, scores, idx = router.route_gemv(x, w, b, 4, counters)
+    for _ in range(100):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g).bfloat16())
+        graph.replay()
+        ref = F.linear(x, w, b).float()
+        assert (logits.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()  # (one bf16 rounding apart)
+        top = logits.float().topk(4, dim=-1)
+        assert torch.equal(logits.float().gather(1, idx), top.values), (idx, top.indices)
+        torch.testing.assert_close(scores.float(), torch.softmax(top.values, -1), rtol=1e-2, atol=1e-3)
+    assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])

@@ -171,7 +171,7 @@ print("worst", worst)
 
 FLASH_MERGE_CHECK = """
 import torch
-from runtime.kernels import flash
+from runtime.kernels import arrivals, flash
 g = torch.Generator().manual_seed(0)
 merged = 0
 for b, hq, hkv, s, window, keys in ((1, 8, 2, 900, None, 128), (1, 8, 2, 900, 300, 128), (2, 8, 2, 600, None, 128),
@@ -191,7 +191,7 @@ for b, hq, hkv, s, window, keys in ((1, 8, 2, 900, None, 128), (1, 8, 2, 900, 30
         out = flash.flash_attention(q, k, v, sinks, m, 0.25, window)
         assert out.shape == ref.shape and not out.isnan().any()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-        assert int(flash._counters[q.device].abs().sum()) == 0
+        assert int(arrivals.table(q.device, "flash").abs().sum()) == 0
         merged += 1
 print("merged", merged)
 """
@@ -215,34 +215,91 @@ ROUTER_CHECK = """
 import torch
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
-from runtime.kernels import router
+from runtime.kernels import arrivals, router
+router.GEMV_MAX_TOKENS = 8
+torch.use_deterministic_algorithms(True)  # torch.empty then fills NaN: logits read before they are written show
 g = torch.Generator().manual_seed(0)
-for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40)):
+checked = 0
+# (tokens, experts, top-k, hidden): up to router.GEMV_MAX_TOKENS (8) tokens the GEMV and the top-k in one launch (several
+# programs a token, the last one to arrive takes the top-k), beyond it cuBLAS's GEMM and the top-k kernel
+for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40), (8, 6, 2, 1100), (12, 32, 4, 96)):
     r = GptOssTopKRouter(GptOssConfig(num_local_experts=e, num_experts_per_tok=k, hidden_size=h))
     r.weight.data, r.bias.data = torch.randn(e, h, generator=g), torch.randn(e, generator=g)
-    x = torch.randn(t, h, generator=g)
-    with torch.no_grad():
-        ref = r(x)
-        out = router.route(x, r.weight, r.bias, k)
-    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(out[2], ref[2]), (out[2], ref[2])
-print("ok")
+    for _ in range(2):  # the counters are back at zero after each call
+        x = torch.randn(t, h, generator=g)
+        with torch.no_grad():
+            ref = r(x)
+            out = router.route(x, r.weight, r.bias, k)
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-4)  # (fp32 sums in another order)
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[2], ref[2]), (out[2], ref[2])
+        assert int(arrivals.table(x.device, "router").abs().sum()) == 0
+        checked += 1
+print("checked", checked)
 """
 
 
 def test_router_kernel_in_the_interpreter() -> None:
-    """The router (top-k kernel) == transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order."""
-    assert interpret(ROUTER_CHECK).split()[-1] == "ok"
+    """The router (GEMV + top-k in one launch at decode sizes; else cuBLAS's GEMM then the top-k kernel) ==
+    transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order, call after call."""
+    assert interpret(ROUTER_CHECK).split() == ["checked", "10"]
 
 
 class _Traced(Exception):
     """Raised by the test backend once dynamo has handed it the whole graph."""
 
 
+def test_router_kernel_compiles_for_hopper() -> None:
+    """The router's one-launch GEMV + top-k compiles to sm_90 code (Triton's own ptxas) at the 120b's shapes: the
+    arrival counter's atomics acq_rel at GPU scope, the last program's logits read past L1 (ld.global.cg)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from runtime.kernels import router
+
+    fn = router._route_gemv_kernel
+    names = fn.arg_names
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "logits_ptr": "*bf16", "scores_ptr": "*bf16",
+            "idx_ptr": "*i64", "cnt_ptr": "*i32"}
+    consts = {"TOP_K": 4, "ROWS": router.EXPERTS_PER_PROGRAM, "BLOCK_H": 1024, "BLOCK_E": 128, "BLOCK_K": 4}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and "atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.acq_rel.exch" in ptx
+    assert "ld.global.cg" in ptx, ptx[-2000:]
+
+
+def test_torch_compile_traces_the_router_in_one_launch(monkeypatch) -> None:  # noqa: ANN001
+    """torch.compile sees the decode router (counters made before, at load) as one user-defined Triton kernel: no
+    linear, no top-k of torch's."""
+    import pytest
+    import torch.utils._triton as torch_triton
+
+    from runtime.kernels import arrivals, router
+
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(router, "GEMV_MAX_TOKENS", 8)
+    arrivals.prepare(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+        torch.compile(lambda x: router.route(x, w, b, 4), backend=backend, fullgraph=True)(torch.randn(2, 64))
+    assert sum("triton_kernel_wrapper" in t for t in graphs[0]) == 1, graphs[0]
+    assert not any("linear" in t or "topk" in t for t in graphs[0]), graphs[0]
+
+
 def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
-    """The decode kernel with the in-kernel merge (acquire-release counter, last split merges) compiles to sm_90 code with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and
-    without it."""
+    """The decode kernel with the in-kernel merge (acquire-release counter, last split merges) compiles to sm_90 code
+    with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and without it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -268,16 +325,16 @@ def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
 
 def test_torch_compile_traces_the_merging_flash_kernel(monkeypatch) -> None:  # noqa: ANN001
     """torch.compile sees the decode kernel with the in-kernel merge as one user-defined Triton kernel (the counters
-    made before, at load, as flash.prepare does), with no torch merge after it."""
+    made before, at load, as arrivals.prepare does), with no torch merge after it."""
     import pytest
     import torch.utils._triton as torch_triton
 
-    from runtime.kernels import flash
+    from runtime.kernels import arrivals, flash
 
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
     monkeypatch.setattr(flash, "triton_usable", lambda device: True)
     monkeypatch.setattr(flash, "MERGE_IN_KERNEL", True)
-    flash.prepare(torch.device("cpu"))
+    arrivals.prepare(torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 1, 16, generator=g)
     k, v = (torch.randn(1, 2, 900, 16, generator=g) for _ in range(2))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.kernels import arrivals
 from runtime.kernels import attention as gqa
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
@@ -49,18 +50,6 @@ SPLIT_KEYS = 128
 """Decode splits a row's keys over programs of at least this many keys each (until the grid covers the GPU). With
 the in-kernel merge, 128 keys beat 256 and 64 at batch 1 (14.1 / 16.6 / 15.2 us, 1,152 cached tokens, H200) and tie
 at batch 8 and 16."""
-COUNTER_SLOTS = 1 << 16
-"""Tiles a decode call may have for the in-kernel merge (rows x KV heads; beyond: the torch merge)."""
-_counters: dict[torch.device, torch.Tensor] = {}
-"""Per device: the merge's arrival counters, zero between calls (the merging split resets its tile's)."""
-
-
-def prepare(device: torch.device) -> None:
-    """Make the in-kernel merge's counters for `device` (at load, outside any compiled or captured code: a tensor
-    made inside a traced step would be re-made, and re-zeroed by a launch, at every call)."""
-    if device not in _counters:
-        _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -266,12 +255,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     out = torch.empty((splits, b, t, hq, d), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, b, t, hq) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     grid = (b * hkv, triton.cdiv(rows, block_m), splits)
-    counters = _counters.get(q.device)
-    if counters is None and splits > 1 and MERGE_IN_KERNEL and not torch.compiler.is_compiling() \
-            and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a fill in a capture waits for a replay)
-        prepare(q.device)  # (eager, the first call; compiled and captured steps find them made at load)
-        counters = _counters[q.device]
-    merge = splits > 1 and MERGE_IN_KERNEL and counters is not None and grid[0] * grid[1] <= COUNTER_SLOTS
+    counters = arrivals.table(q.device, "flash") if splits > 1 and MERGE_IN_KERNEL else None
+    merge = counters is not None and grid[0] * grid[1] <= arrivals.SLOTS
     fin = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device) if merge else out
     table = mask.table if paged else mask.slot_pos  # (the other pointer is not read)
     q_slot = mask.q_pos if paged else mask.q_slot

@@ -18,6 +18,11 @@ dequantized (what every other implementation holds), bytes counted as each holds
 split (flash.SPLIT_KEYS: fewer keys, more programs at batch 1):
 
     python -m runtime.kernels.microbench --flash --tokens 1 8 16 --split-keys 64 128 256
+
+--router: instead, the MoE router at decode (2880 inputs, 128 and 32 experts, top-4): cuBLAS's GEMM then the top-k
+kernel against the GEMV and top-k in one launch (router.GEMV_MAX_TOKENS), at each token count:
+
+    python -m runtime.kernels.microbench --router --tokens 1 2 4 8 16
 """
 
 from __future__ import annotations
@@ -77,7 +82,10 @@ def main() -> None:
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
                     help="--flash: each of these least keys per split in turn (flash.SPLIT_KEYS)")
+    ap.add_argument("--router", action="store_true", help="time the decode router: cuBLAS + top-k vs one launch")
     args = ap.parse_args()
+    if args.router:
+        return router_bench(args.tokens)
     if args.flash:
         from runtime.kernels import flash
 
@@ -175,12 +183,12 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
     at most ~132 rows x KV heads) have a merge to compare."""
     import triton.testing
 
-    from runtime.kernels import flash
+    from runtime.kernels import arrivals, flash
     from runtime.kvcache import BLOCK_SIZE
 
     hq, hkv, d = 64, 8, 64
     device = torch.device("cuda", torch.cuda.current_device())
-    flash.prepare(device)
+    arrivals.prepare(device)
     print(f"decode attention, {hq} query / {hkv} KV heads, head size {d}, {context} cached positions")
     print(f"{'batch':>6} {'window':>7} {'splits':>7} {'torch merge us':>15} {'kernel merge us':>16} {'max diff':>9}")
     for b in batches:
@@ -205,6 +213,31 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
             flash.MERGE_IN_KERNEL = saved
             diff = (outs[0] - outs[1]).abs().max().item()
             print(f"{b:>6} {window or 'full':>7} {splits:>7} {times[0]:15.2f} {times[1]:16.2f} {diff:9.1e}")
+
+
+def router_bench(tokens: list[int]) -> None:
+    """The router at decode (x [T, 2880] bf16, top-4) through cuBLAS's GEMM and the top-k kernel, and in one launch
+    (router.route_gemv), each replayed from a CUDA graph; whether their expert ids agree."""
+    import triton.testing
+
+    from runtime.kernels import arrivals, router
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    arrivals.prepare(device)
+    print(f"{'experts':>8} {'tokens':>7} {'cuBLAS + top-k us':>18} {'one launch us':>14} {'same ids':>9}")
+    for experts in (128, 32):
+        w = (torch.randn(experts, 2880, device=device) / 50).bfloat16()
+        b = torch.randn(experts, device=device).bfloat16()
+        for t in tokens:
+            x = torch.randn(t, 2880, device=device).bfloat16()
+            times, ids, saved = [], [], router.GEMV_MAX_TOKENS
+            for one_launch in (False, True):
+                router.GEMV_MAX_TOKENS = t if one_launch else 0
+                ids.append(router.route(x, w, b, 4)[2])
+                times.append(1e3 * triton.testing.do_bench(_graphed(lambda: router.route(x, w, b, 4)),
+                                                           return_mode="median"))
+            router.GEMV_MAX_TOKENS = saved
+            print(f"{experts:>8} {t:>7} {times[0]:18.2f} {times[1]:14.2f} {str(torch.equal(*ids)):>9}")
 
 
 if __name__ == "__main__":

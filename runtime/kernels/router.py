@@ -1,11 +1,15 @@
-"""The MoE router's top-k and softmax in one Triton kernel.
+"""The MoE router at decode: its logits, top-k and softmax in one Triton kernel.
 
-transformers' GptOssTopKRouter runs the router GEMM, then a sort-based topk (two kernels) and a
-softmax: ~10 us of launches per layer at decode, where the experts of a batch of one take ~80 us.
-Here the GEMM stays cuBLAS's (F.linear, many SMs) and one program per token takes the top-k of its
-logits and their softmax in registers. Same function: top-k by value (ties go to the lower expert
-id, in descending order), the scores are the softmax of the top-k logits in the model dtype. Used up
-to MAX_TOKENS tokens (decode); longer inputs take transformers' path.
+transformers' GptOssTopKRouter runs the router GEMM, then a sort-based topk (two kernels) and a softmax. Here, up to
+GEMV_MAX_TOKENS tokens, one launch does it all: each program computes the logits of EXPERTS_PER_PROGRAM experts for
+one token (a GEMV: the weight is 0.7 MB on the 120b, so many programs read it at once), stores them, and counts
+itself in on the token's arrival counter (runtime/kernels/arrivals.py); the token's last program reads its logits
+back and takes their top-k and softmax in registers. On the H200 the 120b's batch-1 step spent 158 us in cuBLAS's
+split-K router GEMVs, ~66 us in their reduces and 55 us in the top-k kernel (36 layers, three launches each;
+docs/benchmarks.md, tenth session). Beyond GEMV_MAX_TOKENS, up to MAX_TOKENS tokens, the GEMM stays cuBLAS's
+(F.linear) and one program per token takes the top-k; longer inputs take transformers' path. Same function either
+way: top-k by value of the logits in the model dtype (ties go to the lower expert id, in descending order), the
+scores are the softmax of the top-k logits in the model dtype.
 """
 
 from __future__ import annotations
@@ -14,13 +18,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.kernels import arrivals
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
 MAX_TOKENS = 256
+GEMV_MAX_TOKENS = 0
+"""Up to this many tokens the router's GEMV runs in the same kernel as its top-k (route_gemv); 0: never. Each
+token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. 0 until
+a GPU has run its test and timed it (microbench --router; docs/bench/next-h200/run.sh)."""
+EXPERTS_PER_PROGRAM = 4
+"""Experts whose logits one program of route_gemv computes (32 programs a token on the 120b's 128 experts)."""
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _topk_softmax(v, e, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Logits v [BLOCK_E] (fp32, -inf past the experts) -> (softmax scores, expert ids) of the top-k, [BLOCK_K]
+        each (slots past TOP_K unused): repeated arg-max, highest first, ties to the lower id."""
+        k = tl.arange(0, BLOCK_K)
+        top_v = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            m = tl.max(v, axis=0)
+            i = tl.min(tl.where(v == m, e, BLOCK_E), axis=0)
+            top_v = tl.where(k == j, m, top_v)
+            top_i = tl.where(k == j, i, top_i)
+            v = tl.where(e == i, float("-inf"), v)
+        p = tl.exp(top_v - tl.max(top_v, axis=0))
+        return p / tl.sum(p, axis=0), top_i
 
     @triton.jit
     def _topk_softmax_kernel(logits_ptr, scores_ptr, idx_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -28,31 +55,75 @@ if HAVE_TRITON:
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
         v = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        p, top_i = _topk_softmax(v, e, BLOCK_E, TOP_K, BLOCK_K)
         k = tl.arange(0, BLOCK_K)
-        top_v = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
-        top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for j in tl.static_range(TOP_K):  # repeated arg-max, highest first
-            m = tl.max(v, axis=0)
-            i = tl.min(tl.where(v == m, e, BLOCK_E), axis=0)
-            top_v = tl.where(k == j, m, top_v)
-            top_i = tl.where(k == j, i, top_i)
-            v = tl.where(e == i, float("-inf"), v)
-        p = tl.exp(top_v - tl.max(top_v, axis=0))
-        p = p / tl.sum(p, axis=0)
-        k_ok = k < TOP_K
-        tl.store(scores_ptr + t * TOP_K + k, p.to(scores_ptr.dtype.element_ty), mask=k_ok)
-        tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k_ok)
+        tl.store(scores_ptr + t * TOP_K + k, p.to(scores_ptr.dtype.element_ty), mask=k < TOP_K)
+        tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k < TOP_K)
+
+    @triton.jit
+    def _route_gemv_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, scores_ptr, idx_ptr, cnt_ptr, H, E,
+                           TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        """Program (token t, part): logits of experts part * ROWS ... for token t; the token's last program to
+        arrive takes the top-k of all E (read back in the model dtype, as F.linear would give them)."""
+        t = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        rows_ok = rows < E
+        acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            x = tl.load(x_ptr + t * H + h, mask=h < H, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * H + h[None, :], mask=rows_ok[:, None] & (h < H)[None, :],
+                        other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        logit = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+        tl.store(logits_ptr + t * E + rows, logit.to(logits_ptr.dtype.element_ty), mask=rows_ok)
+        tl.debug_barrier()  # every thread's stores before the release
+        if tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+            tl.debug_barrier()
+            e = tl.arange(0, BLOCK_E)
+            v = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+            p, top_i = _topk_softmax(v, e, BLOCK_E, TOP_K, BLOCK_K)
+            k = tl.arange(0, BLOCK_K)
+            tl.store(scores_ptr + t * TOP_K + k, p.to(scores_ptr.dtype.element_ty), mask=k < TOP_K)
+            tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k < TOP_K)
+            tl.atomic_xchg(cnt_ptr + t, 0)  # ready for the next call
+
+
+def _outputs(x: torch.Tensor, e: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = x.shape[0]
+    return (torch.empty((t, e), dtype=x.dtype, device=x.device),
+            torch.empty((t, top_k), dtype=x.dtype, device=x.device),
+            torch.empty((t, top_k), dtype=torch.long, device=x.device))
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k])."""
+    """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k]): route_gemv up to
+    GEMV_MAX_TOKENS tokens (when the arrival counters exist), else cuBLAS's GEMM and the top-k kernel."""
+    t, e = x.shape[0], weight.shape[0]
+    counters = arrivals.table(x.device, "router") if t <= GEMV_MAX_TOKENS else None
+    if counters is not None:
+        return route_gemv(x, weight, bias, top_k, counters)
     logits = F.linear(x, weight, bias)  # [T, E], in the model dtype
-    t, e = logits.shape
-    scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
-    idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
+    _, scores, idx = _outputs(x, e, top_k)
     _topk_softmax_kernel[(t,)](logits, scores, idx, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
                                BLOCK_K=triton.next_power_of_2(top_k), num_warps=1)
+    return logits, scores, idx
+
+
+def route_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, counters: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """route() in one launch: the GEMV's programs, then each token's last one takes the top-k (counters: the
+    router's arrival counters, zero, at least T of them)."""
+    t, h = x.shape
+    e = weight.shape[0]
+    logits, scores, idx = _outputs(x, e, top_k)
+    rows = min(EXPERTS_PER_PROGRAM, triton.next_power_of_2(e))
+    _route_gemv_kernel[(t, triton.cdiv(e, rows))](
+        x.contiguous(), weight, bias, logits, scores, idx, counters, h, e, TOP_K=top_k, ROWS=rows,
+        BLOCK_H=min(1024, triton.next_power_of_2(h)), BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
     return logits, scores, idx
 
 

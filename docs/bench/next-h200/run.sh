@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # For the next session on one H200 (issues 14 and 15), in order of value, sized for 30 device minutes (the machine's
 # start takes ~1.5 of them); each step's log in $R:
+#   0. (~3 min, beside the 120b's synthesis) the router's GEMV + top-k in one launch (router.GEMV_MAX_TOKENS, 0 until
+#      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token), then
+#      `microbench --router` at 1-16 tokens (cuBLAS's split-K GEMV + its reduce + the top-k kernel before: ~7.8 us a
+#      layer at batch 1 in the tenth session's profile);
 #   1. (~4 min) the 120b's batch 1 / 8 profiled with the eleventh session's GEMVs (row runs, split nibbles): one layer
 #      of experts at 1 token took 0.036 ms instead of 0.043 in the microbench, yet the batch-1 TPOT stayed at 3.30 ms
 #      (batch 8: 7.94 -> 6.87): where did batch 1's gain go? Compare the kernels with res/bench120-merge/profile-b1.txt
 #      of the tenth session (gate_up 679 + down 381 us a step);
+#   1b. (~4 min) the same with the router in one launch up to 8 tokens (router.GEMV_MAX_TOKENS=8), profiled: the
+#      router's three kernels a layer should become one; if faster with the same tokens, turn it on;
 #   2. (~2 min) the 120b's experts at 32 / 64 / 128 tokens a step: the pairs GEMV (4 pairs an expert at most, on
 #      now) against the register-operand blocks (--gemv-pairs-per-expert 0), both with the new GEMV: before it the
 #      blocks won at 64 and 128 tokens (0.869 / 1.481 vs 1.095 / 1.771 ms), the pairs GEMV with it took 0.825 at 64;
@@ -29,10 +35,19 @@ B120="model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST $LEN"
 B20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST $LEN"
 ( [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 > "$R/synth20.log" 2>&1
   touch "$R/synth20.done" ) &
-[ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120
+[ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
+run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k router_in_one_launch
+grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests-router.log" >> "$R/progress.txt"
+run router 120 $PY -m runtime.kernels.microbench --router --tokens 1 2 4 8 16
+grep -E "^ +[0-9]+ +[0-9]+ " "$R/router.log" >> "$R/progress.txt"
+wait
 run bench120-profile 600 $PY -m runtime.bench $B120 'bench.batch_sizes=[1,8]' bench.profile=true $OUT \
     bench.out_dir=$R/bench120-profile
 grep -E "batch +[0-9]+:" "$R/bench120-profile.log" | tail -2 >> "$R/progress.txt"
+run bench120-router 600 $PY -c "import runpy, sys; import runtime.kernels.router as r; r.GEMV_MAX_TOKENS = 8; \
+sys.argv = ['runtime.bench'] + sys.argv[1:]; runpy.run_module('runtime.bench', run_name='__main__')" \
+    $B120 'bench.batch_sizes=[1,8]' bench.profile=true $OUT bench.out_dir=$R/bench120-router
+grep -E "batch +[0-9]+:" "$R/bench120-router.log" | tail -2 >> "$R/progress.txt"
 for pairs in 4 0; do
   run moe120-pairs$pairs 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 64 128 \
       --gemv-pairs-per-expert $pairs --only mxfp4
