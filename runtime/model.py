@@ -160,8 +160,7 @@ def build(
     if attention != "eager":
         model.set_attn_implementation(attention)
     fused.apply(model, attention, experts)
-    if device.type == "cuda":
-        arrivals.prepare(device)  # the decode kernels' counters, before any step is compiled or captured
+    arrivals.prepare(device)  # the decode kernels' counters, before any step is compiled or captured
     log.info(
         "loaded %s: %.1f GB read on this rank in %.1f s",
         ckpt.name, reader.bytes_read / 1e9, time.perf_counter() - t0,
