@@ -336,22 +336,17 @@ def _mxfp4_problem(tokens: int, e: int, i: int, seed: int, h: int = 2880, k: int
 
 
 @pytest.mark.parametrize("tokens", [64, 256, 1024])
-def test_mxfp4_moe_swapped_and_scaled_tiles(tokens: int) -> None:
-    """The plain MXFP4 blocks' register-input variants, off: every weights-first tile (SWAP_AB) and tl.dot_scaled,
-    forced one by one, against dequantize-then-matmul and against the plain blocks' x-first result (Triton's bundled
-    ptxas 12.9 can corrupt register-input wgmma, triton-lang/triton#11781)."""
+def test_mxfp4_moe_plain_tiles(tokens: int) -> None:
+    """The plain MXFP4 blocks (what runs where the register-operand blocks cannot, e.g. sizes per rank that are not
+    multiples of 64), every tile forced one by one, against dequantize-then-matmul."""
     from runtime.kernels import moe_mxfp4
 
     x, idx, w, experts = _mxfp4_problem(tokens, 32, 2880, seed=tokens)
     ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
-    plain = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, reg_a=False)
-    assert _rel(plain, ref) <= 1e-2
-    for c in moe_mxfp4._dot_configs((True,)):
+    for c in moe_mxfp4._dot_configs():
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-        for scaled in (False, True):
-            out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=cfg, scaled=scaled, reg_a=False)
-            assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (cfg, scaled, _rel(out, ref))
-            assert _rel(out, plain) <= 1e-2, (cfg, scaled, _rel(out, plain))
+        out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=cfg, reg_a=False)
+        assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (cfg, _rel(out, ref))
 
 
 @pytest.mark.parametrize("block_m", [2, 4])

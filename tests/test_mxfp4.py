@@ -64,8 +64,7 @@ def test_launch_plan_depends_on_pair_count_only(monkeypatch: pytest.MonkeyPatch)
     x, idx, w = torch.zeros(20, 64), torch.zeros(20, 2, dtype=torch.long), torch.ones(20, 2)
     experts = random_experts(2, 64, 64, torch.Generator().manual_seed(0))
     for config, reg_a, match in (({"BLOCK_N": 16, "BLOCK_K": 64, "PERM": True}, None, "chosen by reg_a"),
-                                 ({"BLOCK_N": 16, "BLOCK_K": 32}, True, "multiple of 64 and take no SWAP"),
-                                 ({"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}, True, "or reg_a=False")):
+                                 ({"BLOCK_N": 16, "BLOCK_K": 32}, True, "multiple of 64: change it, or reg_a=False")):
         with pytest.raises(ValueError, match=match):
             moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=config, reg_a=reg_a)
 
@@ -128,7 +127,6 @@ KERNEL_CHECK = textwrap.dedent("""
     cases = ((1, 4, 2, 64, 64, None, None), (5, 6, 3, 64, 96, None, None),
              (3, 4, 2, 96, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64}), (40, 4, 2, 64, 96, None, None),
              (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None),
-             (40, 4, 2, 64, 96, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "SWAP": True}),  # weights first (SWAP_AB)
              # the pairs GEMV: 2 or 4 pairs of an expert a program (padding slots, a masked last K tile)
              (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}), (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64}),
              (12, 4, 2, 64, 64, 4, None))
@@ -137,10 +135,6 @@ KERNEL_CHECK = textwrap.dedent("""
             if block_m in (2, 4) and dtype == torch.float32:
                 continue  # (the pairs GEMV packs any input to fp16, as the decode GEMV does: one dtype is enough)
             worst = max(worst, launch_error(t, E, k, H, I, dtype, block_m=block_m, config=config))
-    # the blocks through tl.dot_scaled (x and h in natural order), a masked last K tile included
-    for t, E, k, H, I in ((40, 4, 2, 64, 96), (9, 4, 2, 96, 64)):
-        worst = max(worst, launch_error(t, E, k, H, I, torch.float16, block_m=16,
-                                        config={"BLOCK_N": 16, "BLOCK_K": 64}, scaled=True))
     # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
     # tile (H = 192 in tiles of 128), autotuned and forced
     x = torch.arange(128.).view(1, 128)
@@ -514,8 +508,8 @@ def test_kernels_compile_for_hopper() -> None:
     """Every launch shape of both kernels (GEMVs of 1, 2 and 4 pairs; tl.dot blocks) compiles to sm_90 code (Triton's
     own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
     bytes at a time (in the GEMVs as runs of a row: >= 8 lanes along a row) and their nibbles are placed with lop3
-    bit-selects; in the swapped operand order (SWAP_AB), through tl.dot_scaled and in the register-operand blocks
-    (REG_A_BLOCKS), they reach the tensor cores from registers, for blocks of 16 pairs too."""
+    bit-selects; in the register-operand blocks (REG_A_BLOCKS) they reach the tensor cores from registers, for
+    blocks of 16 pairs too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -524,17 +518,14 @@ def test_kernels_compile_for_hopper() -> None:
              "ws_ptr": "*u8", "rw_ptr": "*fp32", "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32",
              "alpha": "fp32", "h_factor": "fp32", "xf_ptr": "*fp32"}
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
-        dots = [c for c in moe_mxfp4._dot_configs((False, True))
-                if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128]
-        x_first, swapped = [c for c in dots if not c.kwargs["SWAP"]][0], [c for c in dots if c.kwargs["SWAP"]][0]
-        scaled = triton.Config({**swapped.kwargs, "SCALED": True}, num_warps=4, num_stages=3)  # tl.dot_scaled
+        x_first = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128][0]
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         gemv = moe_mxfp4._decode_configs()[1]
         reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
-        for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (16, swapped), (128, swapped),
-                                (64, scaled), (16, bf16), (16, reg_a), (64, reg_a)):
-            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "SCALED": False, "BF16": False,
-                      "PERM": False, **config.kwargs}
+        for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (128, x_first), (16, bf16),
+                                (16, reg_a), (64, reg_a)):
+            consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "BF16": False, "PERM": False,
+                      **config.kwargs}
             names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
@@ -564,8 +555,7 @@ def test_kernels_compile_for_hopper() -> None:
                 lanes = re.search(lay + r" = #ttg\.blocked<\{sizePerThread = \[1, 16\], threadsPerWarp = \[\d+, (\d+)\]",
                                   ttgir)  # 16 bytes a thread (one vector load), >= 8 lanes along the row
                 assert lanes and int(lanes.group(1)) >= 8, (fn.__name__, block_m, lay)
-            if config.kwargs.get("SWAP") or config.kwargs.get("SCALED") or config.kwargs.get("PERM"):
-                # weights enter wgmma as registers (A)
+            if config.kwargs.get("PERM"):  # weights enter wgmma as registers (A)
                 assert re.search(r"wgmma\.mma_async\S*\.bf16\.bf16\s+\{[^}]*\},\s*\{", ptx), (fn.__name__, block_m)
 
 
@@ -574,8 +564,7 @@ def test_torch_compile_traces_the_launches(tokens: int, monkeypatch: pytest.Monk
     """torch.compile sees the MXFP4 launches as user-defined Triton kernels (as in the compiled decode step on a
     GPU; here the check that a GPU is present is patched) and traces two layers into one graph. torch 2.11's
     tracer failed on the blocks' autotuner when it had a pruning hook ("ListVariable ... already tracked for
-    mutation"): the configs are plain lists now, and every config names SWAP (its launcher fills in no
-    defaults)."""
+    mutation"): the configs are plain lists now."""
     import torch.utils._triton as torch_triton
 
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)

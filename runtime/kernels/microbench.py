@@ -6,11 +6,10 @@ bf16 (default): our Triton kernel against transformers' grouped_mm on bf16 weigh
 dequantized (what every other implementation holds), bytes counted as each holds them (4.25 vs 16 bits).
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
-        [--decode-max-pairs N] [--block-m N] [--configs] [--dot-scaled] [--swap] [--bf16-dequant-max-m N]
+        [--decode-max-pairs N] [--block-m N] [--configs] [--bf16-dequant-max-m N]
         [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4]
 
---configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time
-(the operand orders of SWAP_AB side by side).
+--configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time.
 
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
@@ -69,8 +68,6 @@ def main() -> None:
                     help="mxfp4: use the GEMV launch up to this many (token, expert) pairs (tuning)")
     ap.add_argument("--block-m", type=int, default=None, help="mxfp4: pairs per block (default: moe_mxfp4.plan)")
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
-    ap.add_argument("--dot-scaled", action="store_true", help="mxfp4: the blocks through tl.dot_scaled (DOT_SCALED)")
-    ap.add_argument("--swap", action="store_true", help="mxfp4: autotune both operand orders (SWAP_AB)")
     ap.add_argument("--reg-a", action=argparse.BooleanOptionalAction, default=None,
                     help="mxfp4: the blocks with the weights as the register operand, or not (REG_A_BLOCKS: on)")
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
@@ -94,14 +91,11 @@ def main() -> None:
             print(f"flash.SPLIT_KEYS = {keys}")
             flash_bench(args.tokens)
         return None
-    moe_mxfp4.DOT_SCALED = args.dot_scaled
-    if args.reg_a is None and (args.swap or args.dot_scaled or args.bf16_dequant_max_m is not None):
-        args.reg_a = False  # those are variants of the plain blocks (the register-operand blocks take none of them)
-        print("(--swap / --dot-scaled / --bf16-dequant-max-m time the plain blocks: --no-reg-a implied)")
+    if args.reg_a is None and args.bf16_dequant_max_m is not None:
+        args.reg_a = False  # a variant of the plain blocks (the register-operand blocks always dequantize to bf16)
+        print("(--bf16-dequant-max-m times the plain blocks: --no-reg-a implied)")
     if args.reg_a is not None:
         moe_mxfp4.REG_A_BLOCKS = args.reg_a
-    if args.swap:
-        moe_mxfp4.use_operand_orders((False, True))
     if args.gemv_pairs_per_expert is not None:
         moe_mxfp4.GEMV_PAIRS_PER_EXPERT = args.gemv_pairs_per_expert
         moe_mxfp4.GEMV_PAIRS_MIN_EXPERTS = 0  # on any number of experts
@@ -158,7 +152,7 @@ def main() -> None:
         w = torch.softmax(torch.randn(t, k, device="cuda"), -1).bfloat16()
         active = idx.unique().numel()
         ref = (moe_mxfp4.reference_mxfp4_experts(x, idx, w, *blocks_scales["gu"], gb, *blocks_scales["dn"], db).float()
-               if args.format == "mxfp4" else None)  # (a fast wrong tile must show: the swapped and scaled ones)
+               if args.format == "mxfp4" else None)  # (a fast wrong tile must show)
         for name, (fn, weight_bytes) in impls.items():
             nbytes = active * (3 * h * i * weight_bytes + (2 * i + h) * 2)
             replay = _graphed(lambda fn=fn: fn(x, idx, w))

@@ -37,8 +37,7 @@ alone (never from the routing, so shapes are fixed and the whole thing is captur
   pairs sorted by expert as for the blocks, 2 or 4 to a program, each dequantized weight word meeting all of
   their inputs (_group_dot_asm(pairs)); the decode GEMV's packed fp16 inputs and h.
 - batch/prefill: moe.block_layout sorts the pairs by expert into blocks of BLOCK_M rows; a block
-  dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first; weights first,
-  SWAP_AB, feeds Hopper's tensor cores from registers: correct on the H200, no faster once autotuned, off).
+  dequantizes each weight tile once for all its rows and multiplies with tl.dot (x first).
   Blocks of 16 pairs of a bf16 model turn the bytes into bf16 weights by bit operations alone (_e2m1_bf16_asm).
   A third form (REG_A_BLOCKS, the default since the tenth session's H200 run) keeps the weights in registers from
   their load to the tensor cores: the inputs in quad order make a thread's 8 contiguous bytes of a row its share of wgmma's
@@ -78,10 +77,6 @@ of one expert (blocks of the sorted layout) and multiplies every weight it dequa
 GEMV_PAIRS_MIN_EXPERTS = 128
 """The pairs GEMV only for layers of at least this many experts: on the 20b's 32 experts it was slower than the
 blocks (0.508 ms at 32 tokens, where the blocks take 0.399 at 64)."""
-DOT_SCALED = False
-"""The blocks through Triton's tl.dot_scaled (weights and E8M0 scales as they are, upcast by the compiler) instead of
-our in-register dequantization: right on the H200 but 1.8-1.9x slower on the checkpoint's layout (1.081 vs 0.594 ms
-at 256 tokens; microbench --dot-scaled), so off."""
 REG_A_BLOCKS = True
 """The blocks with the weights as the tensor cores' register operand, fed straight from their loads (_dot_reg): the
 inputs (and h) in quad order (quad_order), so that each thread's share of a wgmma weight fragment is 8 contiguous
@@ -229,38 +224,16 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 
 
 def _decode_configs() -> list:
-    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs). Each config names SWAP (unused by the
-    GEMV): torch.compile's launcher for a user kernel does not fill in a parameter's default."""
-    configs = tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs)."""
+    return tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
-    return [triton.Config({**c.kwargs, "SWAP": False}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
 
-SWAP_AB: tuple[bool, ...] = (False,)
-"""The blocks' operand orders the autotuners choose among: x tile @ weight tile^T (False), or weight tile @ x tile^T,
-transposed at the end (True). Swapped, on Hopper the dequantized weights feed the tensor cores (wgmma) from
-registers instead of a shared-memory round trip per tile. On the H200 every swapped tile gives the reference's
-result (tests/test_gpu.py::test_mxfp4_moe_swapped_and_scaled_tiles, despite triton-lang/triton#11781) and some
-tiles time 10-15% faster alone, but autotuning both orders made the whole layer no faster (0.594 vs 0.599 ms at
-256 tokens, 1.303 vs 1.329 at 1,024; docs/benchmarks.md), so x first only. Read when the autotuners are made:
-use_operand_orders() changes it later (microbench --swap)."""
-
-
-def use_operand_orders(orders: tuple[bool, ...]) -> None:
-    """Let the blocks' autotuners choose among these operand orders (SWAP_AB; microbench --swap)."""
-    global SWAP_AB
-    SWAP_AB = orders
-    for tuner in (_gate_up_blocks, _down_blocks):
-        tuner.configs = _dot_configs()
-
-
-def _dot_configs(orders: tuple[bool, ...] | None = None) -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs, in the operand orders `orders` (default SWAP_AB). The autotuner
-    gets exactly these (no pruning hook: torch.compile's tracing of an autotuned user kernel fails on one)."""
-    tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+def _dot_configs() -> list:
+    """tl.dot tiles for blocks of BLOCK_M pairs. The autotuner gets exactly these (no pruning hook: torch.compile's
+    tracing of an autotuned user kernel fails on one)."""
+    return tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                           (64, 256, 8, 3)], interpreted=(32, 64))
-    return [triton.Config({**c.kwargs, "SWAP": swap}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for swap in (SWAP_AB if orders is None else orders) for c in tiles]
 
 
 if HAVE_TRITON:
@@ -451,7 +424,7 @@ if HAVE_TRITON:
     @triton.jit
     def _dot(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-             SWAP: tl.constexpr, BF16: tl.constexpr):
+             BF16: tl.constexpr):
         """x[x_row] [M, K] @ W[rows]^T with MXFP4 rows of W -> [BLOCK_M, BLOCK_R] fp32.
 
         x rows in split order [x0, x2, x4, ... | x1, x3, ...] (K/2 even inputs, then K/2 odd): the inputs
@@ -463,7 +436,7 @@ if HAVE_TRITON:
         j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile = inputs 2j (low nibble), 2j+1 (high)
         row_off = rows.to(tl.int64) * groups
         x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BLOCK_R, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi
             g_ok = g < groups
@@ -483,49 +456,13 @@ if HAVE_TRITON:
             x_mask = x_ok[:, None] & (jj < K // 2)[None, :]
             xe = tl.load(x_base + jj[None, :], mask=x_mask, other=0.0)  # [M, BLOCK_K/2] even inputs
             xo = tl.load(x_base + K // 2 + jj[None, :], mask=x_mask, other=0.0)  # odd inputs
-            if SWAP:  # weights as the first operand: [R, K/2] @ [K/2, M] (see SWAP_AB)
-                if IEEE:
-                    acc += tl.dot(lo, tl.trans(xe), input_precision="ieee")
-                    acc += tl.dot(hi, tl.trans(xo), input_precision="ieee")
-                else:
-                    acc += tl.dot(lo, tl.trans(xe))
-                    acc += tl.dot(hi, tl.trans(xo))
-            elif IEEE:
+            if IEEE:
                 acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
                 acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
             else:
                 acc += tl.dot(xe, tl.trans(lo))
                 acc += tl.dot(xo, tl.trans(hi))
-        if SWAP:
-            acc = tl.trans(acc)
         return acc
-
-    @triton.jit
-    def _dot_scaled(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
-                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The same product as _dot with x rows in natural order, by Triton's tl.dot_scaled (MXFP4 weights as the
-        first operand with their E8M0 scales; the compiler upcasts them for the tensor cores) -> [BLOCK_M, BLOCK_R].
-        """
-        groups = K // 32
-        jb = tl.arange(0, BLOCK_K // 2)  # byte jb of a row's tile: inputs 2jb (low nibble) and 2jb+1
-        gi = tl.arange(0, BLOCK_K // 32)
-        kk = tl.arange(0, BLOCK_K)
-        row_bytes = rows.to(tl.int64) * (K // 2)
-        x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            b_ok = (k0 // 2 + jb) < K // 2
-            wb = tl.load(wb_ptr + row_bytes[:, None] + (k0 // 2 + jb)[None, :],
-                         mask=rows_ok[:, None] & b_ok[None, :], other=0)  # [R, BLOCK_K/2] packed along K
-            g = k0 // 32 + gi
-            ws = tl.load(ws_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :],
-                         mask=rows_ok[:, None] & (g < groups)[None, :], other=0)  # [R, BLOCK_K/32] E8M0
-            x = tl.load(x_base + (k0 + kk)[None, :], mask=x_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-            if x_ptr.dtype.element_ty == tl.float16:
-                acc = tl.dot_scaled(wb, ws, "e2m1", tl.trans(x), None, "fp16", acc)
-            else:
-                acc = tl.dot_scaled(wb, ws, "e2m1", tl.trans(x), None, "bf16", acc)
-        return tl.trans(acc)
 
     @triton.jit
     def _dot_reg(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
@@ -577,13 +514,12 @@ if HAVE_TRITON:
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr,
-        PERM: tl.constexpr,
+        IEEE: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
-        Blocks (BLOCK_M >= 16): x rows and h rows in split order (see _dot), or in natural order with SCALED
-        (_dot_scaled). The GEMVs (decode, one pair a program: BLOCK_M 1; the pairs GEMV, 2 or 4 pairs of an expert
+        Blocks (BLOCK_M >= 16): x rows and h rows in split order (see _dot), or in quad order with PERM (_dot_reg).
+        The GEMVs (decode, one pair a program: BLOCK_M 1; the pairs GEMV, 2 or 4 pairs of an expert
         a program: BLOCK_M 2, 4): x rows are fp16 pairs (int32) from _pack_x_kernel with their factors xf; h is
         written as fp16 in pair_order, / h_factor.
         """
@@ -612,15 +548,12 @@ if HAVE_TRITON:
             acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            if SCALED:
-                acc = _dot_scaled(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                                  BLOCK_M, 2 * BLOCK_N, BLOCK_K)
-            elif PERM:
+            if PERM:
                 acc = _dot_reg(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
                                BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16)
             else:
                 acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                           BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, SWAP, BF16)
+                           BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * (2 * inter) + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -630,8 +563,6 @@ if HAVE_TRITON:
         if BLOCK_M < 16:  # the GEMVs
             col = (n // 8) * 8 + (n % 4) * 2 + (n % 8) // 4  # unit n's place in pair_order
             h = h / h_factor
-        elif SCALED:
-            col = n
         elif PERM:  # unit n's place in quad order
             rn = n % 64
             col = n - rn + 16 * ((rn // 4) % 4) + 8 * ((rn // 2) % 2) + 2 * (rn // 16) + rn % 2
@@ -645,7 +576,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
+        ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -674,14 +605,12 @@ if HAVE_TRITON:
                               BLOCK_M, ASM) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            if SCALED:
-                acc = _dot_scaled(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K)
-            elif PERM:
+            if PERM:
                 acc = _dot_reg(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
                                BF16)
             else:
                 acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
-                           SWAP, BF16)
+                           BF16)
         valid = pair < num_pairs
         acc += tl.load(b_ptr + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         weight = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -689,7 +618,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])
 
-    _KEY = ["pairs_bucket", "hidden", "inter", "SCALED", "BLOCK_M", "PERM"]
+    _KEY = ["pairs_bucket", "hidden", "inter", "BLOCK_M", "PERM"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
@@ -721,14 +650,14 @@ def fused_mxfp4_experts(
     gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
     down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor,
     limit: float = 7.0, alpha: float = 1.702, block_m: int | None = None, config: dict[str, Any] | None = None,
-    scaled: bool | None = None, reg_a: bool | None = None,
+    reg_a: bool | None = None,
 ) -> torch.Tensor:
     """x [T, H], top_k_index/top_k_weights [T, k] (index E = another rank's expert) -> [T, H].
 
     gate_up_blocks [E, 2I, H/32, 16], gate_up_scales [E, 2I, H/32], gate_up_bias [E, 2I],
     down_blocks [E, H, I/32, 16], down_scales [E, H, I/32], down_bias [E, H].
-    block_m / config (BLOCK_N, BLOCK_K, num_warps) / scaled (the blocks through tl.dot_scaled, default DOT_SCALED) /
-    reg_a (the register-operand blocks, default REG_A_BLOCKS) override the automatic choice (tests, tuning).
+    block_m / config (BLOCK_N, BLOCK_K, num_warps) / reg_a (the register-operand blocks, default REG_A_BLOCKS)
+    override the automatic choice (tests, tuning).
     """
     if not HAVE_TRITON:
         raise RuntimeError("experts=mxfp4 needs the triton package: pip install triton (CUDA torch brings it)")
@@ -765,20 +694,16 @@ def fused_mxfp4_experts(
         out = torch.zeros((p, hidden), dtype=x.dtype, device=x.device)  # pairs routed elsewhere stay 0
     perm = False
     if not gemv:
-        scaled = (DOT_SCALED if scaled is None else scaled) and x.dtype != torch.float32
-        perm = (REG_A_BLOCKS if reg_a is None else reg_a) and not scaled and hidden % 64 == 0 and inter % 64 == 0
-        if perm and config is not None and (config.get("BLOCK_K", 64) % 64 or config.get("SWAP")):
+        perm = (REG_A_BLOCKS if reg_a is None else reg_a) and hidden % 64 == 0 and inter % 64 == 0
+        if perm and config is not None and config.get("BLOCK_K", 64) % 64:
             if reg_a:
-                raise ValueError(f"config={config}: the register-operand blocks need a BLOCK_K that is a multiple of 64 "
-                                 f"and take no SWAP (they are the weights-first order already): drop them, or "
-                                 f"reg_a=False")
+                raise ValueError(f"config={config}: the register-operand blocks need a BLOCK_K that is a multiple of 64: "
+                                 f"change it, or reg_a=False")
             perm = False  # a forced tile the register-operand blocks cannot take, not asked for by name: plain blocks
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
-        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. tl.dot_scaled
-        # takes them as they are; the register-operand blocks (REG_A_BLOCKS) in quad order.
-        if scaled:
-            xs = x.contiguous()
-        elif perm:
+        # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. The
+        # register-operand blocks (REG_A_BLOCKS) take them in quad order.
+        if perm:
             xs = quad_order(x)
         else:
             xs = x.reshape(t, hidden // 2, 2).transpose(1, 2).reshape(t, hidden)
@@ -791,7 +716,7 @@ def fused_mxfp4_experts(
     h_factor = float(2.0 ** (math.ceil(math.log2(limit * (limit + 1))) - FP16_TOP_EXP))
     weights = top_k_weights.reshape(-1)
     ieee = x.dtype == torch.float32
-    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "SCALED": not gemv and bool(scaled), "PERM": perm,
+    common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "PERM": perm,
               "BF16": asm and x.dtype == torch.bfloat16 and (perm or 16 <= block_m <= BF16_DEQUANT_MAX_M)}
     if config is None:
         gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
@@ -799,7 +724,7 @@ def fused_mxfp4_experts(
         if "PERM" in config:
             raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM)")
         gate_up, down = _gate_up_kernel, _down_kernel
-        common.update({"SWAP": False, **config})
+        common.update(config)
     bucket = autotune_bucket(p, DECODE_MAX_PAIRS)
     gate_up[lambda meta: (num_rows, triton.cdiv(inter, meta["BLOCK_N"]))](
         xs, x_factor, gate_up_blocks, gate_up_scales, gate_up_bias, h, pair, expert, p, num_experts, hidden, inter,

@@ -2,7 +2,8 @@
 # For the next session on one H200 (issues 14 and 15), in order of value, sized for 30 device minutes (the machine's
 # start takes ~1.5 of them); each step's log in $R:
 #   0. (~3 min, beside the 120b's synthesis) the router's GEMV + top-k in one launch (router.GEMV_MAX_TOKENS, 0 until
-#      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token), then
+#      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token; with
+#      it the plain MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the eleventh session), then
 #      `microbench --router` at 1-16 tokens (cuBLAS's split-K GEMV + its reduce + the top-k kernel before: ~7.8 us a
 #      layer at batch 1 in the tenth session's profile);
 #   1. (~4 min) the 120b's batch 1 / 8 profiled with the eleventh session's GEMVs (row runs, split nibbles): one layer
@@ -36,7 +37,7 @@ B20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST $LEN"
 ( [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 > "$R/synth20.log" 2>&1
   touch "$R/synth20.done" ) &
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
-run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k router_in_one_launch
+run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "router_in_one_launch or plain_tiles"
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests-router.log" >> "$R/progress.txt"
 run router 120 $PY -m runtime.kernels.microbench --router --tokens 1 2 4 8 16
 grep -E "^ +[0-9]+ +[0-9]+ " "$R/router.log" >> "$R/progress.txt"
