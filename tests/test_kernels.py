@@ -235,6 +235,14 @@ for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40), (8, 6, 2, 110
         assert torch.equal(out[2], ref[2]), (out[2], ref[2])
         assert int(arrivals.table(x.device, "router").abs().sum()) == 0
         checked += 1
+# the arrival rule itself (the interpreter runs programs one after another, so the results cannot show a top-k
+# taken early): from P - 1, the first arrival is the last, resets, and the other P - 1 count up to P - 1 again
+counters = arrivals.table(x.device, "router")
+parts = -(-6 // router.EXPERTS_PER_PROGRAM)
+counters[0] = parts - 1
+router.route_gemv(torch.randn(1, 64), torch.randn(6, 64), torch.randn(6), 2, counters)
+assert int(counters[0]) == parts - 1, (int(counters[0]), parts)
+counters.zero_()
 print("checked", checked)
 """
 

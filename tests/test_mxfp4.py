@@ -447,7 +447,7 @@ def _group_dot_model(values: torch.Tensor, x: torch.Tensor, scale: float) -> flo
     return ((lanes[0] + lanes[1]) * torch.tensor(scale, dtype=torch.float32)).item()
 
 
-@pytest.mark.parametrize("pairs", [1, 2])
+@pytest.mark.parametrize("pairs", [1, 2, 4])
 def test_gemv_ptx_gives_the_models_bits(pairs: int) -> None:
     """_group_dot_asm's PTX, run op by op: bit for bit what its arithmetic gives on the decoded weights
     (_group_dot_model), over every code in every nibble position, random words, inputs and scales, so each nibble's

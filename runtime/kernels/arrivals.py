@@ -27,6 +27,7 @@ def prepare(device: torch.device) -> None:
 def table(device: torch.device, kernel: str) -> torch.Tensor | None:
     """`kernel`'s counters on `device`, made eagerly here on a first eager call; None inside compiled or captured
     code when `prepare` has not run (a fill in a capture would only happen at a replay)."""
+    assert kernel in KERNELS, (kernel, KERNELS)
     if (device, kernel) not in _tables and not torch.compiler.is_compiling() \
             and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         prepare(device)

@@ -90,23 +90,17 @@ if HAVE_TRITON:
             tl.atomic_xchg(cnt_ptr + t, 0)  # ready for the next call
 
 
-def _outputs(x: torch.Tensor, e: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = x.shape[0]
-    return (torch.empty((t, e), dtype=x.dtype, device=x.device),
-            torch.empty((t, top_k), dtype=x.dtype, device=x.device),
-            torch.empty((t, top_k), dtype=torch.long, device=x.device))
-
-
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H], bias [E] -> (logits [T, E], scores [T, k], expert ids [T, k]): route_gemv up to
     GEMV_MAX_TOKENS tokens (when the arrival counters exist), else cuBLAS's GEMM and the top-k kernel."""
     t, e = x.shape[0], weight.shape[0]
-    counters = arrivals.table(x.device, "router") if t <= GEMV_MAX_TOKENS else None
+    counters = arrivals.table(x.device, "router") if t <= min(GEMV_MAX_TOKENS, arrivals.SLOTS) else None
     if counters is not None:
         return route_gemv(x, weight, bias, top_k, counters)
     logits = F.linear(x, weight, bias)  # [T, E], in the model dtype
-    _, scores, idx = _outputs(x, e, top_k)
+    scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
+    idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
     _topk_softmax_kernel[(t,)](logits, scores, idx, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
                                BLOCK_K=triton.next_power_of_2(top_k), num_warps=1)
     return logits, scores, idx
@@ -118,10 +112,13 @@ def route_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k:
     router's arrival counters, zero, at least T of them)."""
     t, h = x.shape
     e = weight.shape[0]
-    logits, scores, idx = _outputs(x, e, top_k)
-    rows = min(EXPERTS_PER_PROGRAM, triton.next_power_of_2(e))
+    assert counters.numel() >= t, (counters.numel(), t)
+    logits = torch.empty((t, e), dtype=x.dtype, device=x.device)
+    scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
+    idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
+    rows = triton.next_power_of_2(min(EXPERTS_PER_PROGRAM, e))  # (a power of two: tl.arange)
     _route_gemv_kernel[(t, triton.cdiv(e, rows))](
-        x.contiguous(), weight, bias, logits, scores, idx, counters, h, e, TOP_K=top_k, ROWS=rows,
+        x.contiguous(), weight.contiguous(), bias, logits, scores, idx, counters, h, e, TOP_K=top_k, ROWS=rows,
         BLOCK_H=min(1024, triton.next_power_of_2(h)), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
     return logits, scores, idx

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # For the next session on one H200 (issues 14 and 15), in order of value, sized for 30 device minutes (the machine's
 # start takes ~1.5 of them); each step's log in $R:
-#   0. (~3 min, beside the 120b's synthesis) the router's GEMV + top-k in one launch (router.GEMV_MAX_TOKENS, 0 until
+#   0. (~5 min, beside the syntheses) the router's GEMV + top-k in one launch (router.GEMV_MAX_TOKENS, 0 until
 #      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token; with
-#      it the plain MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the eleventh session), then
+#      it the plain MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the eleventh session), the
+#      compiled decode step with it on (the tiny model, every layer sharing one counter table through inductor), then
 #      `microbench --router` at 1-16 tokens (cuBLAS's split-K GEMV + its reduce + the top-k kernel before: ~7.8 us a
 #      layer at batch 1 in the tenth session's profile);
 #   1. (~4 min) the 120b's batch 1 / 8 profiled with the eleventh session's GEMVs (row runs, split nibbles): one layer
@@ -34,11 +35,14 @@ OUT="bench.plots=false bench.table=$R/table.csv"
 LEN="bench.input_len=1024 bench.output_len=128 bench.repetitions=2"
 B120="model=gpt-oss-120b model.path=/dev/shm/ck120 $FAST $LEN"
 B20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST $LEN"
-( [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 > "$R/synth20.log" 2>&1
-  touch "$R/synth20.done" ) &
+[ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 \
+    > "$R/synth20.log" 2>&1 &  # (both syntheses beside the tests; `wait` below)
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
 run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "router_in_one_launch or plain_tiles"
-grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests-router.log" >> "$R/progress.txt"
+run tests-router-compiled 600 $PY -c "import sys, pytest, runtime.kernels.router as r; r.GEMV_MAX_TOKENS = 8; \
+sys.exit(pytest.main(['-m', 'gpu', '-q', '-p', 'no:cacheprovider', '-rA', 'tests/test_gpu.py', \
+'-k', 'compiled_decode_step_equals_plain and triton-mxfp4']))"
+grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-router*.log >> "$R/progress.txt"
 run router 120 $PY -m runtime.kernels.microbench --router --tokens 1 2 4 8 16
 grep -E "^ +[0-9]+ +[0-9]+ " "$R/router.log" >> "$R/progress.txt"
 wait
@@ -54,7 +58,6 @@ for pairs in 4 0; do
       --gemv-pairs-per-expert $pairs --only mxfp4
   grep -E "^ +[0-9]+ +mxfp4" "$R/moe120-pairs$pairs.log" | sed "s/^/pairs $pairs /" >> "$R/progress.txt"
 done
-while [ ! -f "$R/synth20.done" ]; do sleep 2; done
 run bench20 600 $PY -m runtime.bench $B20 'bench.batch_sizes=[1,8,64]' $OUT bench.out_dir=$R/bench20
 grep -E "batch +[0-9]+:" "$R/bench20.log" | tail -3 >> "$R/progress.txt"
 run serve20 900 $PY -m runtime.bench bench.mode=serve model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST \
