@@ -7,9 +7,11 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--bf16-dequant-max-m N]
-        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4]
+        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4] [--kernels]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time.
+--kernels: after each result, the GPU time of each kernel in one replay (torch.profiler over 20 replays): what the
+layer's kernels take without the replay's own launch cost, as they run inside a decode step's graph.
 
 --flash: instead, decode attention over the paged cache at gpt-oss's shapes (64 query heads, 8 KV heads, head size
 64; a full layer and a 128-token window) with the split-K parts merged by torch and in the kernel
@@ -51,6 +53,20 @@ def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return graph.replay
 
 
+def _kernel_times(replay: Callable[[], None], replays: int = 20) -> dict[str, float]:
+    """GPU microseconds per replay of each kernel a graph launches (torch.profiler over `replays` replays), longest
+    first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    times = {e.key: e.self_device_time_total / replays for e in prof.key_averages() if e.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     import triton.testing
     from transformers import GptOssConfig
@@ -75,6 +91,7 @@ def main() -> None:
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
                     help="mxfp4: the pairs GEMV up to this many pairs per expert on average, any number of experts "
                          "(GEMV_PAIRS_PER_EXPERT; 0: off)")
+    ap.add_argument("--kernels", action="store_true", help="each kernel's GPU time in one replay (torch.profiler)")
     ap.add_argument("--only", default=None, help="time only this implementation (e.g. mxfp4: no bf16 copy is made)")
     ap.add_argument("--flash", action="store_true", help="time decode attention's split merge, torch vs in the kernel")
     ap.add_argument("--split-keys", type=int, nargs="+", default=None,
@@ -163,6 +180,9 @@ def main() -> None:
                 out = fn(x, idx, w).float()
                 err = f" rel.err {((out - ref).norm() / ref.norm()).item():.1e}"
             print(f"{t:>6} {name:>12} {ms:8.3f} {nbytes / 1e9:8.3f} {gbs:8.0f} {gbs / copy_bw:8.1%}{err}")
+            if args.kernels:
+                for kernel, us in _kernel_times(replay).items():
+                    print(f"{'':>6} {kernel[:40]:>40} {us:8.1f} us")
         if args.configs and args.format == "mxfp4":
             for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks):
                 timings = getattr(kernel, "configs_timings", None) or {}  # the last autotuning run's (this t's)

@@ -13,7 +13,8 @@
 #      of the tenth session (gate_up 679 + down 381 us a step);
 #   1b. (~4 min) the same with the router in one launch up to 8 tokens (router.GEMV_MAX_TOKENS=8), profiled: the
 #      router's three kernels a layer should become one; if faster with the same tokens, turn it on;
-#   2. (~2 min) the 120b's experts at 32 / 64 / 128 tokens a step: the pairs GEMV (4 pairs an expert at most, on
+#   2. (~3 min) the 120b's experts at 1 and 8 tokens with each kernel's GPU time (microbench --kernels: the replay's
+#      own launch cost left out, as in a step), then at 32 / 64 / 128 tokens a step: the pairs GEMV (4 pairs an expert at most, on
 #      now) against the register-operand blocks (--gemv-pairs-per-expert 0), both with the new GEMV: before it the
 #      blocks won at 64 and 128 tokens (0.869 / 1.481 vs 1.095 / 1.771 ms), the pairs GEMV with it took 0.825 at 64;
 #      set GEMV_PAIRS_PER_EXPERT by the result;
@@ -53,6 +54,8 @@ run bench120-router 600 $PY -c "import runpy, sys; import runtime.kernels.router
 sys.argv = ['runtime.bench'] + sys.argv[1:]; runpy.run_module('runtime.bench', run_name='__main__')" \
     $B120 'bench.batch_sizes=[1,8]' bench.profile=true $OUT bench.out_dir=$R/bench120-router
 grep -E "batch +[0-9]+:" "$R/bench120-router.log" | tail -2 >> "$R/progress.txt"
+run moe120-kernels 120 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 --only mxfp4 --kernels
+grep -E "^ +[0-9]+ +mxfp4|  us$" "$R/moe120-kernels.log" >> "$R/progress.txt"
 for pairs in 4 0; do
   run moe120-pairs$pairs 180 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 32 64 128 \
       --gemv-pairs-per-expert $pairs --only mxfp4
