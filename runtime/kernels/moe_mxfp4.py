@@ -23,8 +23,8 @@ fp16 read of a code is its value * 2^-14, exactly) and scaled by 2^(scale - 113)
 byte. The blocks launch widens them to fp32, scales, and feeds tl.dot with the activations in split order
 (even inputs, then odd ones) so that the inputs a byte's low and high nibbles multiply are contiguous
 runs. The decode GEMV never leaves fp16x2 until a group's sum: nibbles p and p+4 of a 32-bit word become
-one fp16x2 value (four bit operations) that meets its two inputs in one fma.rn.f16x2 (inline PTX,
-_group_dot_asm); the inputs are packed to fp16 in pair_order for that, scaled per row into the top fp16
+one fp16x2 value (11 integer operations for a word's 4 pairs) that meets its two inputs in one fma.rn.f16x2
+(inline PTX, _group_dot_asm); the inputs are packed to fp16 in pair_order for that, scaled per row into the top fp16
 octave (FP16_TOP_EXP), and gate_up writes h the same way.
 
 Three launch shapes, chosen from the number of (token, expert) pairs P = tokens * top_k, the experts and the dtype
@@ -697,8 +697,8 @@ def fused_mxfp4_experts(
         perm = (REG_A_BLOCKS if reg_a is None else reg_a) and hidden % 64 == 0 and inter % 64 == 0
         if perm and config is not None and config.get("BLOCK_K", 64) % 64:
             if reg_a:
-                raise ValueError(f"config={config}: the register-operand blocks need a BLOCK_K that is a multiple of 64: "
-                                 f"change it, or reg_a=False")
+                raise ValueError(f"config={config}: the register-operand blocks need a BLOCK_K that is a multiple of "
+                                 f"64: change it, or reg_a=False")
             perm = False  # a forced tile the register-operand blocks cannot take, not asked for by name: plain blocks
         # Inputs in split order [x0, x2, ... | x1, x3, ...]: the even/odd inputs that a byte's two nibbles
         # multiply are then contiguous runs (vector loads); gate_up writes h in the same order. The
