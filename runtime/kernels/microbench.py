@@ -231,27 +231,32 @@ def flash_bench(batches: list[int], context: int = 1152) -> None:
 
 def router_bench(tokens: list[int]) -> None:
     """The router at decode (x [T, 2880] bf16, top-4) through cuBLAS's GEMM and the top-k kernel, and in one launch
-    (router.route_gemv), each replayed from a CUDA graph; whether their expert ids agree."""
+    (router.route_gemv) with 1, 2, 4 and 8 experts a program (router.EXPERTS_PER_PROGRAM), each replayed from a CUDA
+    graph; whether their expert ids agree."""
     import triton.testing
 
     from runtime.kernels import arrivals, router
 
     device = torch.device("cuda", torch.cuda.current_device())
     arrivals.prepare(device)
-    print(f"{'experts':>8} {'tokens':>7} {'cuBLAS + top-k us':>18} {'one launch us':>14} {'same ids':>9}")
+    per_program = (1, 2, 4, 8)
+    print(f"{'experts':>8} {'tokens':>7} {'cuBLAS + top-k us':>18} "
+          + " ".join(f"{f'one launch, {n} a program':>24}" for n in per_program) + f" {'same ids':>9}")
     for experts in (128, 32):
         w = (torch.randn(experts, 2880, device=device) / 50).bfloat16()
         b = torch.randn(experts, device=device).bfloat16()
         for t in tokens:
             x = torch.randn(t, 2880, device=device).bfloat16()
-            times, ids, saved = [], [], router.GEMV_MAX_TOKENS
-            for one_launch in (False, True):
-                router.GEMV_MAX_TOKENS = t if one_launch else 0
+            times, ids, saved = [], [], (router.GEMV_MAX_TOKENS, router.EXPERTS_PER_PROGRAM)
+            for n in (0, *per_program):  # 0: cuBLAS + the top-k kernel
+                router.GEMV_MAX_TOKENS, router.EXPERTS_PER_PROGRAM = (t if n else 0), (n or saved[1])
                 ids.append(router.route(x, w, b, 4)[2])
                 times.append(1e3 * triton.testing.do_bench(_graphed(lambda: router.route(x, w, b, 4)),
                                                            return_mode="median"))
-            router.GEMV_MAX_TOKENS = saved
-            print(f"{experts:>8} {t:>7} {times[0]:18.2f} {times[1]:14.2f} {str(torch.equal(*ids)):>9}")
+            router.GEMV_MAX_TOKENS, router.EXPERTS_PER_PROGRAM = saved
+            same = all(torch.equal(ids[0], i) for i in ids[1:])
+            print(f"{experts:>8} {t:>7} {times[0]:18.2f} " + " ".join(f"{us:24.2f}" for us in times[1:])
+                  + f" {str(same):>9}")
 
 
 if __name__ == "__main__":

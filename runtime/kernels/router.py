@@ -26,8 +26,10 @@ GEMV_MAX_TOKENS = 0
 """Up to this many tokens the router's GEMV runs in the same kernel as its top-k (route_gemv); 0: never. Each
 token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. 0 until
 a GPU has run its test and timed it (microbench --router; docs/bench/next-h200/run.sh)."""
-EXPERTS_PER_PROGRAM = 4
-"""Experts whose logits one program of route_gemv computes (32 programs a token on the 120b's 128 experts)."""
+EXPERTS_PER_PROGRAM = 2
+"""Experts whose logits one program of route_gemv computes (64 programs a token on the 120b's 128 experts). Each
+program reads its rows whole in one pass (up to 4,096 inputs: gpt-oss has 2,880), so a token's logits wait for one
+trip to memory; microbench --router times 1, 2, 4 and 8."""
 
 if HAVE_TRITON:
     import triton
@@ -117,10 +119,11 @@ def route_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k:
     scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
     idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
     rows = triton.next_power_of_2(min(EXPERTS_PER_PROGRAM, e))  # (a power of two: tl.arange)
+    block_h = triton.next_power_of_2(h) if h <= 4096 else 1024  # (one pass over the inputs where they fit)
     _route_gemv_kernel[(t, triton.cdiv(e, rows))](
         x.contiguous(), weight.contiguous(), bias, logits, scores, idx, counters, h, e, TOP_K=top_k, ROWS=rows,
-        BLOCK_H=min(1024, triton.next_power_of_2(h)), BLOCK_E=triton.next_power_of_2(e),
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
+        BLOCK_H=block_h, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=8 if rows * block_h >= 8192 else 4)
     return logits, scores, idx
 
 
