@@ -29,7 +29,7 @@ a GPU has run its test and timed it (microbench --router; docs/bench/next-h200/r
 EXPERTS_PER_PROGRAM = 2
 """Experts whose logits one program of route_gemv computes (64 programs a token on the 120b's 128 experts). Each
 program reads its rows whole in one pass (up to 4,096 inputs: gpt-oss has 2,880), so a token's logits wait for one
-trip to memory; microbench --router times 1, 2, 4 and 8."""
+trip to memory; microbench --router times 1, 2 and 4."""
 
 if HAVE_TRITON:
     import triton

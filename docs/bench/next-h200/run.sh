@@ -5,7 +5,7 @@
 #      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token; with
 #      it the plain MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the eleventh session), the
 #      compiled decode step with it on (the tiny model, every layer sharing one counter table through inductor), then
-#      `microbench --router` at 1-16 tokens with 1 / 2 / 4 / 8 experts a program (router.EXPERTS_PER_PROGRAM; cuBLAS's
+#      `microbench --router` at 1-16 tokens with 1 / 2 / 4 experts a program (router.EXPERTS_PER_PROGRAM; cuBLAS's
 #      split-K GEMV + its reduce + the top-k kernel before: ~7.8 us a layer at batch 1 in the tenth session's profile);
 #   1. (~4 min) the 120b's batch 1 / 8 profiled with the eleventh session's GEMVs (row runs, split nibbles): one layer
 #      of experts at 1 token took 0.036 ms instead of 0.043 in the microbench, yet the batch-1 TPOT stayed at 3.30 ms
