@@ -335,6 +335,11 @@ def _mxfp4_problem(tokens: int, e: int, i: int, seed: int, h: int = 2880, k: int
     return x, idx, w, experts
 
 
+def _forced(c) -> dict:  # noqa: ANN001
+    """An autotuner's triton.Config as fused_mxfp4_experts' `config` (its tile forced)."""
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
 @pytest.mark.parametrize("tokens", [64, 256, 1024])
 def test_mxfp4_moe_plain_tiles(tokens: int) -> None:
     """The plain MXFP4 blocks (what runs where the register-operand blocks cannot, e.g. sizes per rank that are not
@@ -343,8 +348,7 @@ def test_mxfp4_moe_plain_tiles(tokens: int) -> None:
 
     x, idx, w, experts = _mxfp4_problem(tokens, 32, 2880, seed=tokens)
     ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
-    for c in moe_mxfp4._dot_configs():
-        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    for cfg in map(_forced, moe_mxfp4._dot_configs()):
         out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, config=cfg, reg_a=False)
         assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (cfg, _rel(out, ref))
 
@@ -405,9 +409,7 @@ def test_mxfp4_moe_reg_a_blocks(tokens: int, e: int) -> None:
     plain = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, reg_a=False)
     assert _rel(plain, ref) <= 1e-2
     ran = 0
-    for cfg in moe_mxfp4._dot_configs((False,)):
-        config = {"BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": cfg.kwargs["BLOCK_K"], "num_warps": cfg.num_warps,
-                  "num_stages": cfg.num_stages}
+    for config in map(_forced, moe_mxfp4._dot_configs()):
         try:
             out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config, reg_a=True)
         except OutOfResources:
