@@ -44,6 +44,23 @@ def torchrun(nproc: int, module: str, overrides: list[str], timeout: int = 600,
     return proc
 
 
+def compile_for_hopper(fn: Any, consts: dict[str, Any], types: dict[str, str],
+                       divisible: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 2) -> Any:
+    """A @triton.jit kernel compiled to sm_90 code by Triton's own ptxas, no GPU needed: `consts` its constexpr
+    arguments (those it has), `types` the others' Triton types (default i32); pointers and the `divisible` arguments
+    marked multiples of 16, as Triton marks such arguments at a launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = fn.arg_names
+    consts = {n: v for n, v in consts.items() if n in names}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                           if n.endswith("_ptr") or n in divisible})
+    return compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The embedded tiny model's cached checkpoint directory (built on first use)."""

@@ -14,7 +14,7 @@ from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from runtime.kernels import moe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compile_for_hopper
 
 
 def test_reference_equals_transformers_eager_experts() -> None:
@@ -261,20 +261,12 @@ def test_router_kernel_compiles_for_hopper() -> None:
     """The router's one-launch GEMV + top-k compiles to sm_90 code (Triton's own ptxas) at the 120b's shapes: the
     arrival counter's atomics acq_rel at GPU scope, the last program's logits read past L1 (ld.global.cg), the
     weights read 16 bytes a load (gpt-oss's hidden size, 2,880, is a multiple of 16, as Triton then knows)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     from runtime.kernels import router
 
-    fn = router._route_gemv_kernel
-    names = fn.arg_names
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "logits_ptr": "*bf16", "scores_ptr": "*bf16",
             "idx_ptr": "*i64", "cnt_ptr": "*i32"}
     consts = {"TOP_K": 4, "ROWS": router.EXPERTS_PER_PROGRAM, "BLOCK_H": 4096, "BLOCK_E": 128, "BLOCK_K": 4}
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n == "H"})
-    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})  # as launched
+    kernel = compile_for_hopper(router._route_gemv_kernel, consts, ptrs, divisible=("H",), num_warps=8)  # as launched
     ptx = kernel.asm["ptx"]
     assert kernel.asm["cubin"] and "atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.acq_rel.exch" in ptx
     assert "ld.global.cg" in ptx and "ld.global.v4" in ptx, ptx[-2000:]  # (the weights 16 bytes a load)
@@ -309,23 +301,15 @@ def test_torch_compile_traces_the_router_in_one_launch(monkeypatch) -> None:  # 
 def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
     """The decode kernel with the in-kernel merge (acquire-release counter, last split merges) compiles to sm_90 code
     with Triton's own ptxas, the counter's atomics as acq_rel at GPU scope; and without it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     from runtime.kernels import flash
 
-    fn = flash._flash_kernel
-    names = fn.arg_names
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sink_ptr": "*bf16", "slot_pos_ptr": "*i64",
             "q_slot_ptr": "*i64", "table_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "fin_ptr": "*bf16",
             "cnt_ptr": "*i32", "scale_log2": "fp32"}
     for merge in (True, False):
         consts = {"G": 8, "D": 64, "BLOCK_M": 16, "BLOCK_N": 64, "SPLITS": 9, "IEEE": False, "PAGED": True, "BS": 16,
                   "MERGE": merge}
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-        src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})
-        kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        kernel = compile_for_hopper(flash._flash_kernel, consts, ptrs)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"]
         # one thread's atomic between CTA barriers: the arrival (acquire-release, GPU scope) and the reset

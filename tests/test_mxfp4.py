@@ -20,7 +20,7 @@ from runtime import checkpoint, roofline
 from runtime import model as modeling
 from runtime.distributed import Groups, LayoutError, make_layout
 from runtime.kernels import moe, moe_mxfp4
-from tests.conftest import ROOT, generate, read_jsonl, torchrun
+from tests.conftest import ROOT, compile_for_hopper, generate, read_jsonl, torchrun
 
 MX = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 
@@ -511,8 +511,6 @@ def test_kernels_compile_for_hopper() -> None:
     bit-selects; in the register-operand blocks (REG_A_BLOCKS) they reach the tensor cores from registers, for
     blocks of 16 pairs too."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
 
     types = {"x_ptr": "*bf16", "h_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "wb_ptr": "*u8",
              "ws_ptr": "*u8", "rw_ptr": "*fp32", "pair_ptr": "*i32", "expert_ptr": "*i32", "limit": "fp32",
@@ -526,16 +524,11 @@ def test_kernels_compile_for_hopper() -> None:
                                 (16, reg_a), (64, reg_a)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "BF16": False, "PERM": False,
                       **config.kwargs}
-            names = fn.arg_names
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs
             pairs = {"x_ptr": "*i32", "h_ptr": "*fp16" if fn is moe_mxfp4._gate_up_kernel else "*i32"}
-            sig = {n: "constexpr" if n in consts else (pairs if block_m < 16 else types).get(n, types.get(n, "i32"))
-                   for n in names}
-            src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items() if n in names},
-                            attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                                   if n.endswith("_ptr") or n in ("hidden", "inter")})
-            kernel = compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            kernel = compile_for_hopper(fn, consts, {**types, **pairs} if block_m < 16 else types,
+                                        divisible=("hidden", "inter"), num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and re.search(r"ld\.global\.v4|cp\.async\.cg\.shared\.global.*, 0x10,", ptx)
             if block_m < 16:  # the GEMVs: each dequantized weight pair meets every pair's inputs in an fp16x2 FMA,

@@ -36,9 +36,10 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _topk_softmax(v, e, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Logits v [BLOCK_E] (fp32, -inf past the experts) -> (softmax scores, expert ids) of the top-k, [BLOCK_K]
-        each (slots past TOP_K unused): repeated arg-max, highest first, ties to the lower id."""
+    def _store_topk_softmax(v, e, scores_ptr, idx_ptr, t, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        """Logits v [BLOCK_E] of token t (fp32, -inf past the experts) -> the softmax scores and expert ids of their
+        top-k, stored in row t: repeated arg-max, highest first, ties to the lower id."""
         k = tl.arange(0, BLOCK_K)
         top_v = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
         top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
@@ -49,7 +50,8 @@ if HAVE_TRITON:
             top_i = tl.where(k == j, i, top_i)
             v = tl.where(e == i, float("-inf"), v)
         p = tl.exp(top_v - tl.max(top_v, axis=0))
-        return p / tl.sum(p, axis=0), top_i
+        tl.store(scores_ptr + t * TOP_K + k, (p / tl.sum(p, axis=0)).to(scores_ptr.dtype.element_ty), mask=k < TOP_K)
+        tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k < TOP_K)
 
     @triton.jit
     def _topk_softmax_kernel(logits_ptr, scores_ptr, idx_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -57,10 +59,7 @@ if HAVE_TRITON:
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
         v = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
-        p, top_i = _topk_softmax(v, e, BLOCK_E, TOP_K, BLOCK_K)
-        k = tl.arange(0, BLOCK_K)
-        tl.store(scores_ptr + t * TOP_K + k, p.to(scores_ptr.dtype.element_ty), mask=k < TOP_K)
-        tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k < TOP_K)
+        _store_topk_softmax(v, e, scores_ptr, idx_ptr, t, BLOCK_E, TOP_K, BLOCK_K)
 
     @triton.jit
     def _route_gemv_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, scores_ptr, idx_ptr, cnt_ptr, H, E,
@@ -85,11 +84,14 @@ if HAVE_TRITON:
             tl.debug_barrier()
             e = tl.arange(0, BLOCK_E)
             v = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
-            p, top_i = _topk_softmax(v, e, BLOCK_E, TOP_K, BLOCK_K)
-            k = tl.arange(0, BLOCK_K)
-            tl.store(scores_ptr + t * TOP_K + k, p.to(scores_ptr.dtype.element_ty), mask=k < TOP_K)
-            tl.store(idx_ptr + t * TOP_K + k, top_i.to(tl.int64), mask=k < TOP_K)
+            _store_topk_softmax(v, e, scores_ptr, idx_ptr, t, BLOCK_E, TOP_K, BLOCK_K)
             tl.atomic_xchg(cnt_ptr + t, 0)  # ready for the next call
+
+
+def _top_k_outputs(x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k kernels' outputs for x's tokens: scores [T, k] in x's dtype, expert ids [T, k]."""
+    return (torch.empty((x.shape[0], top_k), dtype=x.dtype, device=x.device),
+            torch.empty((x.shape[0], top_k), dtype=torch.long, device=x.device))
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
@@ -101,8 +103,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
     if counters is not None:
         return route_gemv(x, weight, bias, top_k, counters)
     logits = F.linear(x, weight, bias)  # [T, E], in the model dtype
-    scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
-    idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
+    scores, idx = _top_k_outputs(x, top_k)
     _topk_softmax_kernel[(t,)](logits, scores, idx, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
                                BLOCK_K=triton.next_power_of_2(top_k), num_warps=1)
     return logits, scores, idx
@@ -116,8 +117,7 @@ def route_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k:
     e = weight.shape[0]
     assert counters.numel() >= t, (counters.numel(), t)
     logits = torch.empty((t, e), dtype=x.dtype, device=x.device)
-    scores = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
-    idx = torch.empty((t, top_k), dtype=torch.long, device=x.device)
+    scores, idx = _top_k_outputs(x, top_k)
     rows = triton.next_power_of_2(min(EXPERTS_PER_PROGRAM, e))  # (a power of two: tl.arange)
     block_h = triton.next_power_of_2(h) if h <= 4096 else 1024  # (one pass over the inputs where they fit)
     _route_gemv_kernel[(t, triton.cdiv(e, rows))](
