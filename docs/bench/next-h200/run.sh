@@ -3,7 +3,8 @@
 # start takes ~1.5 of them); each step's log in $R:
 #   0. (~5 min, beside the syntheses) the router's GEMV + top-k in one launch (router.GEMV_MAX_TOKENS, 0 until
 #      this passes and wins): its GPU test (100 graph replays against F.linear, an arrival counter per token; with
-#      it the plain MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the eleventh session), the
+#      it the plain and the register-operand MXFP4 blocks' every tile, their SWAP / SCALED variants removed in the
+#      eleventh session), the
 #      compiled decode step with it on (the tiny model, every layer sharing one counter table through inductor), then
 #      `microbench --router` at 1-16 tokens with 1 / 2 / 4 experts a program (router.EXPERTS_PER_PROGRAM; cuBLAS's
 #      split-K GEMV + its reduce + the top-k kernel before: ~7.8 us a layer at batch 1 in the tenth session's profile);
@@ -39,7 +40,7 @@ B20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST $LEN"
 [ -d /dev/shm/ck20 ] || $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 \
     > "$R/synth20.log" 2>&1 &  # (both syntheses beside the tests; `wait` below)
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
-run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "router_in_one_launch or plain_tiles"
+run tests-router 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py -k "router_in_one_launch or plain_tiles or reg_a_blocks"
 run tests-router-compiled 600 $PY -c "import sys, pytest, runtime.kernels.router as r; r.GEMV_MAX_TOKENS = 8; \
 sys.exit(pytest.main(['-m', 'gpu', '-q', '-p', 'no:cacheprovider', '-rA', 'tests/test_gpu.py', \
 '-k', 'compiled_decode_step_equals_plain and triton-mxfp4']))"
