@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from runtime import distributed
-from runtime.graph_decode import capture, masks
+from runtime.graph_decode import capture, compiled, masks
 from runtime.kernels.flash import NAME as FLASH, PagedMask, SlotMask
 from runtime.kvcache import BLOCK_SIZE, SCRATCH, PagedKVCache, blocks_for, sliding_layers, window_reserve
 
@@ -106,7 +106,7 @@ class ContinuousBatcher:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int, max_len: int,
                  max_prefill_tokens: int, use_graph: bool, compile: bool, group: Any, leader: bool,
-                 generator: torch.Generator | None, num_blocks: int | None = None) -> None:
+                 generator: torch.Generator | None, num_blocks: int | None = None, combo_kernels: bool = False) -> None:
         self.model = model
         cfg = model.config
         self.dtype, self.device = dtype, device
@@ -154,7 +154,7 @@ class ContinuousBatcher:
             import torch._dynamo as dynamo
 
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-        self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._decode_forward = compiled(self._forward, device, combo_kernels) if compile else self._forward
 
     def release_graphs(self) -> None:
         """Drop the captured decode steps and prefills (before the process group goes; they are captured anew)."""

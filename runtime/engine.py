@@ -167,7 +167,8 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.generation.seed + self.layout.dp_rank)
         self.graph_decoder = GraphDecoder(self.model, self.dtype, self.device, cfg.generation.cuda_graph,
                                           compile=cfg.generation.compile,
-                                          max_prefill_tokens=cfg.generation.max_prefill_tokens)
+                                          max_prefill_tokens=cfg.generation.max_prefill_tokens,
+                                          combo_kernels=cfg.generation.combo_kernels)
         self.stats = Stats()
         self.stopped_early = False
         self.batcher: ContinuousBatcher | None = None  # continuous batching's rows, made by the first run
@@ -393,7 +394,8 @@ class Engine:
             self.batcher = None  # the old buffers go before the new ones are allocated
             self.batcher = ContinuousBatcher(self.model, self.dtype, self.device, rows, longest,
                                              gen.max_prefill_tokens, gen.cuda_graph, gen.compile, self.groups.mp,
-                                             self.layout.is_replica_leader, self.generator)
+                                             self.layout.is_replica_leader, self.generator,
+                                             combo_kernels=gen.combo_kernels)
             if self.device.type == "cuda":  # every step size compiled and captured now, not mid-run
                 log.info("continuous batcher: %d rows of %d slots, decode step sizes %s warmed up in %.1f s (%s)", rows,
                          longest, self.batcher.buckets, self.batcher.warm_up(), self.batcher.warm_up_summary())

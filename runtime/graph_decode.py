@@ -84,6 +84,13 @@ def mark_stops(token: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor, s
     return token, done | hit, lengths
 
 
+def compiled(forward: Callable[..., Any], device: torch.device, combo_kernels: bool) -> Callable[..., Any]:
+    """The decode step torch.compile'd for fixed shapes (one compile per step size); on a GPU with `combo_kernels`
+    (generation.combo_kernels), inductor also merges the step's independent kernels into one launch."""
+    options = {"combo_kernels": True} if combo_kernels and device.type == "cuda" else None
+    return torch.compile(forward, dynamic=False, options=options)
+
+
 def capture(forward: Callable[[], torch.Tensor], restore: Sequence[torch.Tensor] = (), warm_up: bool = True,
             what: str = "decode step", pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
     """`forward()` captured as a CUDA graph, and the output tensor that its replays refill.
@@ -130,7 +137,7 @@ class GraphDecoder:
     """Prefill + decode over a StaticKVCache; the decode step is a CUDA graph on GPUs."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, use_graph: bool,
-                 compile: bool = False, max_prefill_tokens: int | None = None) -> None:
+                 compile: bool = False, max_prefill_tokens: int | None = None, combo_kernels: bool = False) -> None:
         self.model = model
         self.max_prefill_tokens = max_prefill_tokens  # a bigger prefill goes in column chunks (see run)
         self.cfg = model.config
@@ -143,7 +150,7 @@ class GraphDecoder:
         self.slot_masks = self.cfg._attn_implementation == FLASH
         self._graph: dict[str, Any] | None = None  # the captured step and its static buffers
         self.graph_prefill = True  # off once a prefill could not be captured
-        self._decode_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._decode_forward = compiled(self._forward, device, combo_kernels) if compile else self._forward
 
     def _buffers(self, batch: int, max_len: int) -> dict[str, Any]:
         """Static buffers for `batch` rows of at least `max_len` slots: the current ones when they have that

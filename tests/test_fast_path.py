@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
+from runtime import graph_decode
+from runtime.config import GenerationConfig
 from runtime.graph_decode import masks
 from runtime.kernels import attention
 from tests.conftest import ROOT, generate, read_jsonl
@@ -32,6 +34,18 @@ def test_gqa_sinks_attention_equals_eager(monkeypatch: pytest.MonkeyPatch, t: in
     out, _ = attention.gqa_sinks_attention(module, q, k, v, mask, scaling=d**-0.5)
     assert out.shape == ref.shape == (b, t, hq, d)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_combo_kernels_reach_inductor_on_gpus_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """generation.combo_kernels (on by default) becomes inductor's combo_kernels option of the compiled decode step
+    on a GPU; on a CPU, or set false, the step compiles with inductor's defaults."""
+    seen = []
+    monkeypatch.setattr(graph_decode.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    assert GenerationConfig().combo_kernels
+    for device, combo in (("cuda", True), ("cuda", False), ("cpu", True)):
+        graph_decode.compiled(len, torch.device(device), combo)
+    assert [kw["options"] for kw in seen] == [{"combo_kernels": True}, None, None]
+    assert all(kw["dynamic"] is False for kw in seen)
 
 
 def test_masks_follow_positions_and_window() -> None:

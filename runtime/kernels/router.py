@@ -22,14 +22,17 @@ from runtime.kernels import arrivals
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
 MAX_TOKENS = 256
-GEMV_MAX_TOKENS = 0
+GEMV_MAX_TOKENS = 16
 """Up to this many tokens the router's GEMV runs in the same kernel as its top-k (route_gemv); 0: never. Each
-token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. 0 until
-a GPU has run its test and timed it (microbench --router; docs/bench/next-h200/run.sh)."""
-EXPERTS_PER_PROGRAM = 2
-"""Experts whose logits one program of route_gemv computes (64 programs a token on the 120b's 128 experts). Each
+token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. On the
+H200 (microbench --router, docs/benchmarks.md, twelfth session) one launch with 4 experts a program took 8.6 / 9.3 /
+12.0 us at 1 / 8 / 16 tokens on the 120b's router against 11.0 / 12.2 / 12.6 for cuBLAS + the top-k kernel, and the
+120b's batch-1 TPOT went from 3.02 to 2.92 ms."""
+EXPERTS_PER_PROGRAM = 4
+"""Experts whose logits one program of route_gemv computes (32 programs a token on the 120b's 128 experts). Each
 program reads its rows whole in one pass (up to 4,096 inputs: gpt-oss has 2,880), so a token's logits wait for one
-trip to memory; microbench --router times 1, 2 and 4."""
+trip to memory; microbench --router times 1, 2 and 4 (4 was fastest at every token count from 1 to 16, on 32 and
+128 experts)."""
 
 if HAVE_TRITON:
     import triton

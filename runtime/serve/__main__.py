@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> None:
         batcher = ContinuousBatcher(
             engine.model, engine.dtype, engine.device, rows, sc.max_len, sc.max_prefill_tokens,
             gen.cuda_graph, gen.compile, engine.groups.mp, layout.is_replica_leader, engine.generator,
-            num_blocks=blocks,
+            num_blocks=blocks, combo_kernels=gen.combo_kernels,
         )
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "alloc" not in str(e):
