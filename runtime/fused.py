@@ -5,9 +5,14 @@ At batch 1 a decode step is ~600 small launches; each saved launch is ~5 us of a
   buffer [(Hq + 2 Hkv) * D, H] once; q_proj/k_proj/v_proj keep their parameters as views of it, so
   nothing is stored twice and the state dict is unchanged. The attention module's class becomes a
   subclass whose forward runs the one matmul and splits it; the rest is transformers' forward.
-- experts=triton or mxfp4: the router's sort-based top-k and softmax become one Triton kernel at decode
-  sizes (runtime/kernels/router.py), by the same kind of subclass.
-Both are applied after the weights are loaded and sharded (runtime/model.py).
+  Where torch runs the step op by op (prefills; decode without generation.compile), q and k are rotated by one
+  Triton launch each (runtime/kernels/rope.py) instead of transformers' fourteen small kernels.
+- experts=triton or mxfp4: the router's sort-based top-k and softmax become one Triton kernel
+  (runtime/kernels/router.py), by the same kind of subclass.
+- Either: every RMSNorm becomes one Triton launch where torch runs op by op (runtime/kernels/norm.py; six
+  kernels in transformers' eager forward), by the same kind of subclass.
+All are applied after the weights are loaded and sharded (runtime/model.py). Inside torch.compile the subclasses
+run transformers' code for RoPE and the norms, which inductor fuses better (with the residual adds).
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ from torch import nn
 from transformers.models.gpt_oss.modeling_gpt_oss import (
     ALL_ATTENTION_FUNCTIONS,
     GptOssAttention,
+    GptOssRMSNorm,
     GptOssTopKRouter,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
+from runtime.kernels import rope
+from runtime.kernels.norm import FusedRMSNormForward
 from runtime.kernels.router import FusedRouterForward
 
 
 class FusedRouter(FusedRouterForward, GptOssTopKRouter):
-    """transformers' router with the one-kernel top-k + softmax at decode sizes."""
+    """transformers' router with the one-kernel top-k + softmax (and at decode its GEMV in the same launch)."""
+
+
+class FusedRMSNorm(FusedRMSNormForward, GptOssRMSNorm):
+    """transformers' RMSNorm in one Triton launch where torch runs op by op."""
 
 
 class FusedQKVAttention(GptOssAttention):
@@ -44,7 +55,7 @@ class FusedQKVAttention(GptOssAttention):
         qkv = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
         q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv.split(self.qkv_sizes, dim=-1))
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = rope.apply(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -79,8 +90,12 @@ def apply(model: nn.Module, attention: str, experts: str) -> None:
     """The fusions that go with the chosen implementations (see the module doc)."""
     from runtime.kernels import flash, moe, moe_mxfp4
 
+    fast = attention == flash.NAME or experts in (moe.NAME, moe_mxfp4.NAME)
     for layer in model.model.layers:
         if attention == flash.NAME and type(layer.self_attn) is GptOssAttention:
             fuse_qkv(layer.self_attn)
         if experts in (moe.NAME, moe_mxfp4.NAME) and type(layer.mlp.router) is GptOssTopKRouter:
             layer.mlp.router.__class__ = FusedRouter
+    for norm in model.modules() if fast else ():
+        if type(norm) is GptOssRMSNorm:
+            norm.__class__ = FusedRMSNorm

@@ -48,6 +48,42 @@ def test_combo_kernels_reach_inductor_on_gpus_only(monkeypatch: pytest.MonkeyPat
     assert all(kw["dynamic"] is False for kw in seen)
 
 
+def test_fast_paths_swap_every_norm_and_compile_keeps_transformers_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.fused gives every RMSNorm (two a layer and the final one) its one-launch forward on the fast paths
+    and none on the reference; inside torch.compile that forward is transformers' (aten ops that inductor fuses with
+    the residual add), not a Triton launch, even where Triton runs."""
+    import torch.utils._triton as torch_triton
+    from transformers import GptOssConfig, GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    from runtime import fused
+    from runtime.kernels import norm
+
+    cfg = GptOssConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128)
+    for attention, experts, swapped in (("eager", "grouped_mm", 0), ("triton", "mxfp4", 5), ("gqa_sinks", "triton", 5)):
+        model = GptOssForCausalLM(cfg)
+        fused.apply(model, attention, experts)
+        norms = [m for m in model.modules() if isinstance(m, GptOssRMSNorm)]
+        assert len(norms) == 5 and sum(type(m) is fused.FusedRMSNorm for m in norms) == swapped
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(norm, "triton_usable", lambda device: True)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+        torch.compile(norms[0], backend=backend, fullgraph=True)(torch.randn(3, 64))
+    assert not any("triton_kernel_wrapper" in t for t in graphs[0]) and any("rsqrt" in t for t in graphs[0]), graphs
+
+
+class _Traced(Exception):
+    """Raised by the test backend once dynamo has handed it the graph."""
+
+
 def test_masks_follow_positions_and_window() -> None:
     # row 0: two pad slots, then positions 0..3; row 1: positions 0..5; query at position 4 / 6 (slot 6)
     slot_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 5, 6, -1]])

@@ -249,6 +249,46 @@ def test_router_in_one_launch(experts: int, t: int) -> None:
     assert int(counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize(("pairs", "experts", "block_m"), [(64, 128, 2), (256, 128, 4), (4096, 128, 64),
+                                                          (32768, 32, 128)])
+def test_block_layout_kernels_at_real_sizes(pairs: int, experts: int, block_m: int) -> None:
+    """The block layout's launches (moe.block_layout) at the decode pairs GEMV's and the prefills' sizes == the
+    torch layout, row for row, with skewed routing and another rank's pairs."""
+    from runtime.kernels import moe
+
+    g = torch.Generator(device="cuda").manual_seed(pairs)
+    ids = torch.randint(0, experts + 1, (pairs,), device="cuda", generator=g)
+    ids = torch.where(torch.rand(pairs, device="cuda", generator=g) < 0.5, ids % 4, ids)  # 4 crowded experts
+    got, want = moe.block_layout(ids, experts, block_m), moe.block_layout_reference(ids, experts, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("tokens", [1, 1024, 8192])
+def test_norm_and_rope_kernels_at_real_shapes(tokens: int) -> None:
+    """The eager steps' RMSNorm and RoPE launches (runtime/kernels/norm.py, rope.py) at gpt-oss's shapes in bf16,
+    against transformers' ops: within a bf16 rounding, no NaN."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding, apply_rotary_pos_emb
+
+    from runtime.kernels import norm, rope
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, 2880, device="cuda", generator=g).bfloat16() * 4
+    w = torch.randn(2880, device="cuda", generator=g).bfloat16()
+    xf = x.float()
+    ref = (w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
+    out = norm.rms_norm(x, w, 1e-5)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    cfg = GptOssConfig()  # gpt-oss's rope (YaRN), 64 query heads and 8 KV heads of 64
+    qkv = torch.randn(1, tokens, (64 + 16) * 64, device="cuda", generator=g).bfloat16()
+    q, k, _ = (z.view(1, tokens, -1, 64).transpose(1, 2) for z in qkv.split((64 * 64, 8 * 64, 8 * 64), dim=-1))
+    cos, sin = GptOssRotaryEmbedding(cfg).cuda()(qkv, torch.arange(tokens, device="cuda")[None] + 100)
+    for o, r in zip(rope.apply(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert o.is_contiguous() and not o.isnan().any()
+        torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("attention", ["gqa_sinks", "triton"])
 def test_fast_path_tokens_equal_reference_path(attention: str) -> None:
     """Tiny model, fp32 on the GPU: static cache + CUDA graph + our attention + triton experts = dynamic +

@@ -34,6 +34,62 @@ def test_reference_equals_transformers_eager_experts() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+LAYOUT_CHECK = """
+import torch
+from runtime.kernels import moe
+g = torch.Generator().manual_seed(0)
+checked = 0
+# (pairs, experts, block_m): one chunk and many, fewer experts than a power of two, another rank's pairs (id E),
+# the decode pairs GEMV's 2 and 4 rows a block, the prefill's 64
+for p, e, bm in ((6, 3, 2), (1, 4, 16), (64, 32, 4), (300, 128, 2), (1000, 32, 64), (4096, 128, 64), (130, 5, 16)):
+    ids = torch.randint(0, e + 1, (p,), generator=g)  # e: routed to another rank
+    if p == 4096:
+        ids = torch.randint(0, 8, (p,), generator=g) * 16  # a few crowded experts, most empty
+    got = moe.block_layout(ids, e, bm)
+    want = moe.block_layout_reference(ids, e, bm)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want)), (p, e, bm, got, want)
+    checked += 1
+print("checked", checked)
+"""
+
+
+def test_block_layout_kernels_equal_the_torch_layout() -> None:
+    """The block layout's three launches (count, the experts' runs, scatter) give the torch layout exactly: every
+    row's pair (the stable sort's order within an expert, P in empty rows) and every block's expert."""
+    assert interpret(LAYOUT_CHECK).split() == ["checked", "7"]
+
+
+def test_block_layout_kernels_compile_for_hopper() -> None:
+    """The three layout kernels compile to sm_90 code (Triton's own ptxas) for the 120b's 128 experts."""
+    for fn, types in ((moe._layout_count_kernel, {"ids_ptr": "*i64", "hist_ptr": "*i32", "pair_ptr": "*i64"}),
+                      (moe._layout_offsets_kernel, {"hist_ptr": "*i32", "off_ptr": "*i32", "block_expert_ptr": "*i64"}),
+                      (moe._layout_scatter_kernel, {"ids_ptr": "*i64", "off_ptr": "*i32", "pair_ptr": "*i64"})):
+        consts = {"CHUNK": moe.LAYOUT_CHUNK, "BLOCK_E": 128, "BLOCK_B": 64}
+        assert compile_for_hopper(fn, consts, types).asm["cubin"], fn.__name__
+
+
+def test_compiled_steps_keep_the_torch_block_layout(monkeypatch) -> None:  # noqa: ANN001
+    """Inside a compiled step (the pairs GEMV's and the blocks' layout at decode) the block layout is torch's ops,
+    which inductor fuses (the three launches are for eager steps), even where Triton runs; no graph break."""
+    import pytest
+    import torch.utils._triton as torch_triton
+
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(moe, "triton_usable", lambda device: True)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+        torch.compile(lambda ids: moe.block_layout(ids, 128, 4), backend=backend, fullgraph=True)(
+            torch.randint(0, 128, (64,)))
+    assert not any("triton_kernel_wrapper" in t for t in graphs[0]), graphs[0]
+    assert any("sort" in t for t in graphs[0]), graphs[0]
+
+
 def test_block_layout_groups_pairs_by_expert() -> None:
     ids = torch.tensor([2, 0, 2, 3, 2, 0])  # expert 3 = not on this rank (num_experts=3)
     pair, block_expert = moe.block_layout(ids, num_experts=3, block_m=2)
@@ -221,8 +277,9 @@ torch.use_deterministic_algorithms(True)  # torch.empty then fills NaN: logits r
 g = torch.Generator().manual_seed(0)
 checked = 0
 # (tokens, experts, top-k, hidden): up to router.GEMV_MAX_TOKENS (8) tokens the GEMV and the top-k in one launch (several
-# programs a token, the last one to arrive takes the top-k), beyond it cuBLAS's GEMM and the top-k kernel
-for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40), (8, 6, 2, 1100), (12, 32, 4, 96)):
+# programs a token, the last one to arrive takes the top-k), beyond it cuBLAS's GEMM and the top-k kernel (a
+# prefill's 300 tokens too)
+for t, e, k, h in ((1, 32, 4, 96), (5, 8, 4, 64), (3, 128, 4, 40), (8, 6, 2, 1100), (12, 32, 4, 96), (300, 32, 4, 8)):
     r = GptOssTopKRouter(GptOssConfig(num_local_experts=e, num_experts_per_tok=k, hidden_size=h))
     r.weight.data, r.bias.data = torch.randn(e, h, generator=g), torch.randn(e, generator=g)
     for _ in range(2):  # the counters are back at zero after each call
@@ -248,9 +305,70 @@ print("checked", checked)
 
 
 def test_router_kernel_in_the_interpreter() -> None:
-    """The router (GEMV + top-k in one launch at decode sizes; else cuBLAS's GEMM then the top-k kernel) ==
+    """The router (GEMV + top-k in one launch at decode sizes; else, prefills too, cuBLAS's GEMM then the top-k) ==
     transformers' GptOssTopKRouter: logits, softmax scores, expert ids in order, call after call."""
-    assert interpret(ROUTER_CHECK).split() == ["checked", "10"]
+    assert interpret(ROUTER_CHECK).split() == ["checked", "12"]
+
+
+NORM_ROPE_CHECK = """
+import torch
+from transformers import GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm, GptOssRotaryEmbedding, apply_rotary_pos_emb
+from runtime.fused import FusedRMSNorm
+from runtime.kernels import norm, rope
+g = torch.Generator().manual_seed(0)
+checked = 0
+for shape, dtype in (((7, 2880), torch.float32), ((3, 5, 96), torch.bfloat16), ((0, 64), torch.float32)):
+    m = GptOssRMSNorm(shape[-1], eps=1e-5).to(dtype)
+    m.weight.data = torch.randn(shape[-1], generator=g).to(dtype)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    ref = m(x)
+    m.__class__ = FusedRMSNorm  # as runtime.fused swaps it: the same module, its forward in one launch
+    out = m(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # (transformers rounds w * x from fp32 once too: equal but for the fp32 sum's order)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    checked += 1
+# q/k as the fused q/k/v matmul leaves them (strided views), cos/sin as transformers makes them (transposed views)
+cfg = GptOssConfig(head_dim=64, num_attention_heads=8, num_key_value_heads=2, hidden_size=128)
+emb = GptOssRotaryEmbedding(cfg)
+for b, t, dtype, pos_rows in ((2, 5, torch.float32, 2), (3, 4, torch.bfloat16, 3), (3, 6, torch.float32, 1)):
+    qkv = torch.randn(b, t, (8 + 2 * 2) * 64, generator=g).to(dtype)
+    q, k, _ = (z.view(b, t, -1, 64).transpose(1, 2) for z in qkv.split((8 * 64, 2 * 64, 2 * 64), dim=-1))
+    pos = torch.stack([torch.randperm(50, generator=g)[:t] for _ in range(pos_rows)])
+    cos, sin = emb(qkv, pos)
+    assert cos.stride(-1) != 1  # (what the kernel must read)
+    rq, rk = apply_rotary_pos_emb(q, k, cos, sin)
+    oq, ok = rope.apply(q, k, cos, sin)
+    for o, r in ((oq, rq), (ok, rk)):
+        assert o.shape == r.shape and o.is_contiguous()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(o.float(), r.float(), rtol=tol, atol=tol)
+    checked += 1
+print("checked", checked)
+"""
+
+
+def test_norm_and_rope_kernels_in_the_interpreter() -> None:
+    """The eager steps' RMSNorm and RoPE in one launch each == transformers' GptOssRMSNorm and apply_rotary_pos_emb:
+    fp32 and bf16, no rows, q/k as strided views of the fused q/k/v matmul, cos/sin as transformers' transposed
+    views, per-row positions and one row of positions for the batch."""
+    assert interpret(NORM_ROPE_CHECK).split() == ["checked", "6"]
+
+
+def test_norm_and_rope_kernels_compile_for_hopper() -> None:
+    """Both compile to sm_90 code (Triton's own ptxas) at gpt-oss's shapes: the norm's row of 2,880 in one pass
+    (8 warps, 16-byte loads), RoPE's 64 query heads of 64."""
+    from runtime.kernels import norm, rope
+
+    kernel = compile_for_hopper(norm._rms_norm_kernel, {"BLOCK_H": 4096}, {"x_ptr": "*bf16", "w_ptr": "*bf16",
+                                "out_ptr": "*bf16", "eps": "fp32"}, divisible=("H",), num_warps=8)
+    assert kernel.asm["cubin"] and "ld.global.v4" in kernel.asm["ptx"]
+    kernel = compile_for_hopper(rope._rope_kernel, {"HALF": 32, "BLOCK_H": 64}, {"x_ptr": "*bf16", "out_ptr": "*bf16",
+                                "cos_ptr": "*bf16", "sin_ptr": "*bf16"}, num_warps=4)
+    assert kernel.asm["cubin"]
 
 
 class _Traced(Exception):

@@ -6,10 +6,11 @@ one token (a GEMV: the weight is 0.7 MB on the 120b, so many programs read it at
 itself in on the token's arrival counter (runtime/kernels/arrivals.py); the token's last program reads its logits
 back and takes their top-k and softmax in registers. On the H200 the 120b's batch-1 step spent 158 us in cuBLAS's
 split-K router GEMVs, ~66 us in their reduces and 55 us in the top-k kernel (36 layers, three launches each;
-docs/benchmarks.md, tenth session). Beyond GEMV_MAX_TOKENS, up to MAX_TOKENS tokens, the GEMM stays cuBLAS's
-(F.linear) and one program per token takes the top-k; longer inputs take transformers' path. Same function either
-way: top-k by value of the logits in the model dtype (ties go to the lower expert id, in descending order), the
-scores are the softmax of the top-k logits in the model dtype.
+docs/benchmarks.md, tenth session). Beyond GEMV_MAX_TOKENS (prefills, big decode steps) the GEMM stays cuBLAS's
+(F.linear) and one program per token takes the top-k and softmax: one launch instead of transformers' top-k (a sort
+of each row's results after a gather, two kernels), its softmax and their copies. Same function either way:
+top-k by value of the logits in the model dtype (ties go to the lower expert id, in descending order), the scores
+are the softmax of the top-k logits in the model dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torch import nn
 from runtime.kernels import arrivals
 from runtime.kernels.moe import HAVE_TRITON, triton_usable
 
-MAX_TOKENS = 256
 GEMV_MAX_TOKENS = 16
 """Up to this many tokens the router's GEMV runs in the same kernel as its top-k (route_gemv); 0: never. Each
 token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. On the
@@ -131,8 +131,8 @@ def route_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k:
 
 
 class FusedRouterForward:
-    """Mixed into transformers' GptOssTopKRouter by runtime.fused: same module, same parameters,
-    `route` for decode-sized inputs.
+    """Mixed into transformers' GptOssTopKRouter by runtime.fused: same module, same parameters, `route` wherever
+    Triton runs.
 
     `rows_in_use` (set by the continuous batcher around its decode step, else None): a bool tensor whose first T
     entries say which of the step's T tokens belong to a sequence. The others (free rows of a step size bigger
@@ -143,7 +143,7 @@ class FusedRouterForward:
     rows_in_use: torch.Tensor | None = None
 
     def forward(self: nn.Module, hidden_states: torch.Tensor):  # type: ignore[misc]
-        if hidden_states.shape[0] <= MAX_TOKENS and triton_usable(hidden_states.device):
+        if triton_usable(hidden_states.device):
             logits, scores, idx = route(hidden_states, self.weight, self.bias, self.top_k)
         else:
             logits, scores, idx = super().forward(hidden_states)  # type: ignore[misc]

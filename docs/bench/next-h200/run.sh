@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # For the next session on one H200 (issues 15 and 14), in order of value, sized for 30 device minutes (the machine's
 # start takes ~1.5 of them); each step's log in $R:
-#   0. (~5 min, beside the syntheses) the GPU tests of what the twelfth session made the default without a test at
+#   0. (~6 min, beside the syntheses) the GPU tests of what the twelfth session made the default without a test at
 #      that value: the router in one launch at 4 experts a program (router.EXPERTS_PER_PROGRAM), and the compiled
-#      decode step with inductor's combo kernels (generation.combo_kernels, on by default since);
+#      decode step with inductor's combo kernels (generation.combo_kernels, on by default since); and of what it
+#      built after its run for the eager prefill: RMSNorm and RoPE in one launch each, the MoE block layout in three,
+#      the router's top-k kernel at every size (norm_and_rope, block_layout_kernels, and the fast path's tokens,
+#      whose prefills now run them). The TTFTs of steps 1-4 are their first timing (20b 37.1 ms and 120b 74.2 ms at
+#      1,024 tokens before);
 #   1. (~10 min) issue 15's serving sweep on the 20b at concurrency 1 / 8 / 64 / 256, 1,024 in / 1,024 out, with
 #      async scheduling and the copy above 256 tokens (the eighth session, copy above 128, no async: 366 / 4,130 at 1
 #      / 64 streams; the targets: within 15% / 20% of runtime.bench's batch-1 / batch-64 decode rates, 514 and 7,710
@@ -28,7 +32,8 @@ S20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST experts.dequantized_above_
 [ -d /dev/shm/ck20 ] || run synth20 600 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
 run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py \
-    -k "router_in_one_launch or (compiled_decode_step_equals_plain and triton)"
+    -k "router_in_one_launch or (compiled_decode_step_equals_plain and triton) or norm_and_rope or block_layout_kernels \
+or fast_path_tokens_equal_reference_path or mxfp4_moe_real_shapes"
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests.log" >> "$R/progress.txt"
 wait
 run serve20 900 $PY -m runtime.bench bench.mode=serve $S20 'bench.concurrency=[1,8,64,256]' \
