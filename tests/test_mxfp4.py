@@ -136,11 +136,15 @@ KERNEL_CHECK = textwrap.dedent("""
                 continue  # (the pairs GEMV packs any input to fp16, as the decode GEMV does: one dtype is enough)
             worst = max(worst, launch_error(t, E, k, H, I, dtype, block_m=block_m, config=config))
     # the blocks with the weights as the register operand (REG_A_BLOCKS: x and h in quad order), a masked last K
-    # tile (H = 192 in tiles of 128), autotuned and forced
+    # tile (H = 192 in tiles of 128), autotuned and forced, and unpipelined with the next tile loaded by hand
+    # (ONE_STAGE: one tile, two, and two with the second masked)
     x = torch.arange(128.).view(1, 128)
     assert mx.quad_order(x)[0, 16 * 2 + 8 * 1 + 2 * 3 + 1].item() == 16 * 3 + 4 * 2 + 2 * 1 + 1
     reg_a_cases = ((torch.float32, (40, 4, 2, 192, 64, 16, {"BLOCK_N": 32, "BLOCK_K": 128})),
-                   (torch.float16, (20, 3, 2, 64, 128, 64, None)))
+                   (torch.float16, (20, 3, 2, 64, 128, 64, None)),
+                   (torch.float32, (40, 4, 2, 192, 64, 16, {"BLOCK_N": 32, "BLOCK_K": 128, "ONE_STAGE": True})),
+                   (torch.float16, (20, 3, 2, 128, 128, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "ONE_STAGE": True})),
+                   (torch.float32, (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 64, "ONE_STAGE": True})))
     for dtype, (t, E, k, H, I, block_m, config) in reg_a_cases:
         worst = max(worst, launch_error(t, E, k, H, I, dtype, block_m=block_m, config=config, reg_a=True))
     print("worst", worst)
@@ -509,7 +513,7 @@ def test_kernels_compile_for_hopper() -> None:
     own ptxas; no GPU needed), so a kernel that only the interpreter accepts is caught here; the weights load 16
     bytes at a time (in the GEMVs as runs of a row: >= 8 lanes along a row) and their nibbles are placed with lop3
     bit-selects; in the register-operand blocks (REG_A_BLOCKS) they reach the tensor cores from registers, for
-    blocks of 16 pairs too."""
+    blocks of 16 pairs too, and unpipelined (ONE_STAGE)."""
     import triton
 
     types = {"x_ptr": "*bf16", "h_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "wb_ptr": "*u8",
@@ -520,8 +524,10 @@ def test_kernels_compile_for_hopper() -> None:
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
         gemv = moe_mxfp4._decode_configs()[1]
         reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
+        one_stage = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BF16": True, "PERM": True, "ONE_STAGE": True},
+                                  num_warps=4, num_stages=4)
         for block_m, config in ((1, gemv), (2, gemv), (4, gemv), (16, x_first), (128, x_first), (16, bf16),
-                                (16, reg_a), (64, reg_a)):
+                                (16, reg_a), (64, reg_a), (64, one_stage)):
             consts = {"TOP_K": 4, "BLOCK_M": block_m, "IEEE": False, "ASM": True, "BF16": False, "PERM": False,
                       **config.kwargs}
             # decode: inputs are fp16 pairs (int32), gate_up writes fp16 h that down reads as pairs

@@ -184,7 +184,8 @@ def main() -> None:
                 for kernel, us in _kernel_times(replay).items():
                     print(f"{'':>6} {kernel[:40]:>40} {us:8.1f} us")
         if args.configs and args.format == "mxfp4":
-            for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks):
+            for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks, moe_mxfp4._gate_up_reg_blocks,
+                           moe_mxfp4._down_reg_blocks):
                 timings = getattr(kernel, "configs_timings", None) or {}  # the last autotuning run's (this t's)
                 first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
                 for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):

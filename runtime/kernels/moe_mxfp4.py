@@ -229,11 +229,21 @@ def _decode_configs() -> list:
                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
 
 
-def _dot_configs() -> list:
-    """tl.dot tiles for blocks of BLOCK_M pairs. The autotuner gets exactly these (no pruning hook: torch.compile's
-    tracing of an autotuned user kernel fails on one)."""
-    return tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+ONE_STAGE_TILES = ((32, 128), (64, 64), (128, 64))
+"""(BLOCK_N, BLOCK_K) tiles whose register-operand blocks are also tried with ONE_STAGE (see _dot_reg): those whose
+one-stage form spills no register in either kernel on Triton 3.6's sm_90 code (203-217 registers in gate_up)."""
+
+
+def _dot_configs(one_stage: bool = False) -> list:
+    """tl.dot tiles for blocks of BLOCK_M pairs; with `one_stage` (the register-operand blocks) also the
+    ONE_STAGE_TILES unpipelined. The autotuner gets exactly these (no pruning hook: torch.compile's tracing of an
+    autotuned user kernel fails on one)."""
+    tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                           (64, 256, 8, 3)], interpreted=(32, 64))
+    if not one_stage or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter tests force it by config)
+        return tiles
+    return tiles + [triton.Config({**c.kwargs, "ONE_STAGE": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in tiles if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in ONE_STAGE_TILES]
 
 
 if HAVE_TRITON:
@@ -465,9 +475,32 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
+    def _reg_tile_dot(wb, s8, x, acc, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                      BF16: tl.constexpr):
+        """acc [R, M] + a tile's weights (bytes wb [R, BLOCK_K/2], scales s8 [R, BLOCK_K/32]) dequantized in registers
+        (quad order, see _dot_reg) @ x [M, BLOCK_K]^T."""
+        KC: tl.constexpr = BLOCK_K // 64
+        wb = tl.reshape(wb, (BLOCK_R, KC, 2, 2, 8))  # [row, run, c // 2 (its group of 32), c % 2, (q, s)]
+        s8 = tl.reshape(s8, (BLOCK_R, KC, 2, 1, 1))
+        if BF16:
+            lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8), SCALE_EACH=True)
+        else:
+            s = _scale(s8)
+            lo, hi = _e2m1(wb)
+            lo = (lo * s).to(x.dtype)
+            hi = (hi * s).to(x.dtype)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_R, KC, 4, 4, 2, 2))  # [row, run, c, q, s, nibble]
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2, 5)), (BLOCK_R, BLOCK_K))  # quad order
+        if IEEE:
+            acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+        return acc
+
+    @triton.jit
     def _dot_reg(x_ptr, x_row, x_ok, wb_ptr, ws_ptr, rows, rows_ok, K,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                 BF16: tl.constexpr):
+                 BF16: tl.constexpr, ONE_STAGE: tl.constexpr = False):
         """The product of _dot with the weights as the first operand, held in registers from their load on: x rows in
         quad order (quad_order) -> [BLOCK_M, BLOCK_R] fp32.
 
@@ -475,38 +508,43 @@ if HAVE_TRITON:
         +1 (high). In quad order they sit at 16q + 8s + 2c (+1), where Hopper's wgmma wants a thread's register
         operand (rows g and g+8, input pairs 2c and 2c+8 of each 16): so a thread's share of a tile is 8 contiguous
         bytes of a row, and the reshapes below only rename registers.
+
+        ONE_STAGE: the loop is not software-pipelined by Triton (tl.range num_stages=1); the next tile's weight bytes
+        and inputs are loaded into registers a tile ahead by hand instead. Pipelined, the wgmmas of one tile are
+        still in flight when the loop comes round, and ptxas (CUDA 12.8's, Triton 3.6's) then serializes every wgmma
+        whose first operand is in registers (its info C7515: each waits for the one before it, so the tensor cores
+        and the dequantization never overlap within a warpgroup). One stage keeps each tile's wgmmas in one
+        pipeline stage of their own, which ptxas leaves asynchronous.
         """
-        KC: tl.constexpr = BLOCK_K // 64
         jb = tl.arange(0, BLOCK_K // 2)
         gi = tl.arange(0, BLOCK_K // 32)
         kk = tl.arange(0, BLOCK_K)
         x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
+        wb_row = wb_ptr + rows.to(tl.int64)[:, None] * (K // 2)
         s_row = ws_ptr + rows.to(tl.int64)[:, None] * (K // 32)
         s_next = tl.load(s_row + gi[None, :], mask=rows_ok[:, None] & (gi < K // 32)[None, :], other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            b = k0 // 2 + jb
-            wb = tl.load(wb_ptr + rows.to(tl.int64)[:, None] * (K // 2) + b[None, :],
-                         mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)  # [R, BLOCK_K/2]
-            s8 = s_next  # [R, BLOCK_K/32]; the next tile's are loaded a tile ahead (too few bytes to be pipelined)
-            g = (k0 + BLOCK_K) // 32 + gi
-            s_next = tl.load(s_row + g[None, :], mask=rows_ok[:, None] & (g < K // 32)[None, :], other=0)
-            wb = tl.reshape(wb, (BLOCK_R, KC, 2, 2, 8))  # [row, run, c // 2 (its group of 32), c % 2, (q, s)]
-            s8 = tl.reshape(s8, (BLOCK_R, KC, 2, 1, 1))
-            if BF16:
-                lo, hi = _e2m1_bf16(wb, _scale_bf16x2(s8), SCALE_EACH=True)
-            else:
-                s = _scale(s8)
-                lo, hi = _e2m1(wb)
-                lo = (lo * s).to(x_ptr.dtype.element_ty)
-                hi = (hi * s).to(x_ptr.dtype.element_ty)
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_R, KC, 4, 4, 2, 2))  # [row, run, c, q, s, nibble]
-            w = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2, 5)), (BLOCK_R, BLOCK_K))  # quad order
-            x = tl.load(x_base + (k0 + kk)[None, :], mask=x_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(w, tl.trans(x), input_precision="ieee")
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
+        if ONE_STAGE:
+            wb_next = tl.load(wb_row + jb[None, :], mask=rows_ok[:, None] & (jb < K // 2)[None, :], other=0)
+            x_next = tl.load(x_base + kk[None, :], mask=x_ok[:, None] & (kk < K)[None, :], other=0.0)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
+                wb, x, s8 = wb_next, x_next, s_next
+                b = (k0 + BLOCK_K) // 2 + jb
+                wb_next = tl.load(wb_row + b[None, :], mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)
+                k = k0 + BLOCK_K + kk
+                x_next = tl.load(x_base + k[None, :], mask=x_ok[:, None] & (k < K)[None, :], other=0.0)
+                g = (k0 + BLOCK_K) // 32 + gi
+                s_next = tl.load(s_row + g[None, :], mask=rows_ok[:, None] & (g < K // 32)[None, :], other=0)
+                acc = _reg_tile_dot(wb, s8, x, acc, BLOCK_R, BLOCK_K, IEEE, BF16)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                b = k0 // 2 + jb
+                wb = tl.load(wb_row + b[None, :], mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)  # [R, K/2]
+                s8 = s_next  # [R, BLOCK_K/32]; the next tile's loaded a tile ahead (too few bytes to be pipelined)
+                g = (k0 + BLOCK_K) // 32 + gi
+                s_next = tl.load(s_row + g[None, :], mask=rows_ok[:, None] & (g < K // 32)[None, :], other=0)
+                x = tl.load(x_base + (k0 + kk)[None, :], mask=x_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+                acc = _reg_tile_dot(wb, s8, x, acc, BLOCK_R, BLOCK_K, IEEE, BF16)
         return tl.trans(acc)
 
     @triton.jit
@@ -514,7 +552,7 @@ if HAVE_TRITON:
         x_ptr, xf_ptr, wb_ptr, ws_ptr, b_ptr, h_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
+        IEEE: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr, ONE_STAGE: tl.constexpr = False,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -550,7 +588,7 @@ if HAVE_TRITON:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if PERM:
                 acc = _dot_reg(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
-                               BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16)
+                               BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16, ONE_STAGE)
             else:
                 acc = _dot(x_ptr, pair // TOP_K, pair < num_pairs, wb, ws, r, r_ok, hidden,
                            BLOCK_M, 2 * BLOCK_N, BLOCK_K, IEEE, BF16)
@@ -576,7 +614,7 @@ if HAVE_TRITON:
         h_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, out_ptr, pair_ptr, expert_ptr,
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr,
+        ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr, ONE_STAGE: tl.constexpr = False,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -607,7 +645,7 @@ if HAVE_TRITON:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if PERM:
                 acc = _dot_reg(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
-                               BF16)
+                               BF16, ONE_STAGE)
             else:
                 acc = _dot(h_ptr, pair, pair < num_pairs, wb, ws, n, n_ok, inter, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
                            BF16)
@@ -621,8 +659,10 @@ if HAVE_TRITON:
     _KEY = ["pairs_bucket", "hidden", "inter", "BLOCK_M", "PERM"]
     _gate_up_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_gate_up_kernel)
     _gate_up_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_gate_up_kernel)
+    _gate_up_reg_blocks = triton.autotune(configs=_dot_configs(one_stage=True), key=_KEY)(_gate_up_kernel)
     _down_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_down_kernel)
     _down_blocks = triton.autotune(configs=_dot_configs(), key=_KEY)(_down_kernel)
+    _down_reg_blocks = triton.autotune(configs=_dot_configs(one_stage=True), key=_KEY)(_down_kernel)
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -719,7 +759,10 @@ def fused_mxfp4_experts(
     common = {"BLOCK_M": block_m, "IEEE": ieee, "ASM": asm, "PERM": perm,
               "BF16": asm and x.dtype == torch.bfloat16 and (perm or 16 <= block_m <= BF16_DEQUANT_MAX_M)}
     if config is None:
-        gate_up, down = (_gate_up_decode, _down_decode) if gemv else (_gate_up_blocks, _down_blocks)
+        if gemv:
+            gate_up, down = _gate_up_decode, _down_decode
+        else:
+            gate_up, down = (_gate_up_reg_blocks, _down_reg_blocks) if perm else (_gate_up_blocks, _down_blocks)
     else:
         if "PERM" in config:
             raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM)")

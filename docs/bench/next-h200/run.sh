@@ -8,6 +8,10 @@
 #      the router's top-k kernel at every size (norm_and_rope, block_layout_kernels, and the fast path's tokens,
 #      whose prefills now run them). The TTFTs of steps 1-4 are their first timing (20b 37.1 ms and 120b 74.2 ms at
 #      1,024 tokens before);
+#   0b. (~3 min) the 120b's experts at prefill sizes (1,024 and 8,192 tokens) with every autotuned tile's time: the
+#      register-operand blocks' unpipelined tiles (ONE_STAGE, built in the twelfth session after its run: Triton
+#      3.6's ptxas serializes the pipelined ones' wgmmas, info C7515) against the pipelined ones; gate_up took 990 /
+#      4,370 us and down 522 / 2,150 us a layer in the twelfth session's 120b prefill profiles;
 #   1. (~10 min) issue 15's serving sweep on the 20b at concurrency 1 / 8 / 64 / 256, 1,024 in / 1,024 out, with
 #      async scheduling and the copy above 256 tokens (the eighth session, copy above 128, no async: 366 / 4,130 at 1
 #      / 64 streams; the targets: within 15% / 20% of runtime.bench's batch-1 / batch-64 decode rates, 514 and 7,710
@@ -36,6 +40,9 @@ run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py 
 or fast_path_tokens_equal_reference_path or mxfp4_moe_real_shapes"
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests.log" >> "$R/progress.txt"
 wait
+run moe120-prefill 240 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1024 8192 --only mxfp4 \
+    --configs --kernels
+grep -E "^ +[0-9]+ +mxfp4| ms  |us$" "$R/moe120-prefill.log" | head -60 >> "$R/progress.txt"
 run serve20 900 $PY -m runtime.bench bench.mode=serve $S20 'bench.concurrency=[1,8,64,256]' \
     bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
 grep "serve concurrency" "$R/serve20.log" >> "$R/progress.txt"
