@@ -393,6 +393,21 @@ def test_mxfp4_moe_plain_tiles(tokens: int) -> None:
         assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (cfg, _rel(out, ref))
 
 
+@pytest.mark.parametrize(("tokens", "e", "block_m"), [(1, 128, 1), (8, 32, 1), (64, 128, 4)])
+def test_mxfp4_gemv_tiles(tokens: int, e: int, block_m: int) -> None:
+    """Every GEMV tile forced in turn, as loaded and with the next tile prefetched (PREFETCH), at the 120b's batch 1
+    and 64 (the pairs GEMV) and the 20b's batch 8, against the reference."""
+    from runtime.kernels import moe_mxfp4
+
+    x, idx, w, experts = _mxfp4_problem(tokens, e, 2880, seed=tokens + e)
+    ref = moe_mxfp4.reference_mxfp4_experts(x, idx, w, *experts)
+    configs = moe_mxfp4._decode_configs()
+    assert sum(bool(c.kwargs.get("PREFETCH")) for c in configs) == len(configs) // 2
+    for config in map(_forced, configs):
+        out = moe_mxfp4.fused_mxfp4_experts(x, idx, w, *experts, block_m=block_m, config=config)
+        assert not out.isnan().any() and _rel(out, ref) <= 1e-2, (config, _rel(out, ref))
+
+
 @pytest.mark.parametrize("block_m", [2, 4])
 @pytest.mark.parametrize(("tokens", "e"), [(64, 128), (64, 32), (20, 32)])
 def test_mxfp4_moe_pairs_gemv(tokens: int, e: int, block_m: int) -> None:

@@ -129,7 +129,12 @@ KERNEL_CHECK = textwrap.dedent("""
              (9, 4, 2, 64, 64, 16, {"BLOCK_N": 16, "BLOCK_K": 32}), (150, 4, 2, 32, 64, None, None),
              # the pairs GEMV: 2 or 4 pairs of an expert a program (padding slots, a masked last K tile)
              (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64}), (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64}),
-             (12, 4, 2, 64, 64, 4, None))
+             (12, 4, 2, 64, 64, 4, None),
+             # the GEMVs with the next tile prefetched (PREFETCH): one tile, a masked last one, the pairs GEMV
+             (3, 4, 2, 64, 64, 1, {"BLOCK_N": 8, "BLOCK_K": 64, "PREFETCH": True}),
+             (3, 4, 2, 96, 160, 1, {"BLOCK_N": 8, "BLOCK_K": 64, "PREFETCH": True}),
+             (40, 4, 2, 64, 96, 2, {"BLOCK_N": 16, "BLOCK_K": 64, "PREFETCH": True}),
+             (9, 4, 3, 96, 64, 4, {"BLOCK_N": 8, "BLOCK_K": 64, "PREFETCH": True}))
     for dtype in (torch.float32, torch.float16):
         for t, E, k, H, I, block_m, config in cases:
             if block_m in (2, 4) and dtype == torch.float32:
@@ -522,7 +527,8 @@ def test_kernels_compile_for_hopper() -> None:
     for fn in (moe_mxfp4._gate_up_kernel, moe_mxfp4._down_kernel):
         x_first = [c for c in moe_mxfp4._dot_configs() if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128][0]
         bf16 = triton.Config({**x_first.kwargs, "BF16": True}, num_warps=4, num_stages=3)  # _e2m1_bf16's PTX
-        gemv = moe_mxfp4._decode_configs()[1]
+        gemv = moe_mxfp4._decode_configs()[9]  # (with PREFETCH: the plain form's code is a subset of it)
+        assert gemv.kwargs.get("PREFETCH")
         reg_a = triton.Config({**x_first.kwargs, "BF16": True, "PERM": True}, num_warps=4, num_stages=3)
         one_stage = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BF16": True, "PERM": True, "ONE_STAGE": True},
                                   num_warps=4, num_stages=4)

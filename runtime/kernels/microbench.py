@@ -9,7 +9,8 @@ dequantized (what every other implementation holds), bytes counted as each holds
         [--decode-max-pairs N] [--block-m N] [--configs] [--bf16-dequant-max-m N]
         [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4] [--kernels]
 
---configs (mxfp4): after each token count, every autotuned tile of the MXFP4 blocks kernels with its time.
+--configs (mxfp4): after each token count, every autotuned tile of the MXFP4 kernels that ran with its time (the
+GEMVs' tiles with and without PREFETCH, the blocks' with and without ONE_STAGE).
 --kernels: after each result, the GPU time of each kernel in one replay (torch.profiler over 20 replays): what the
 layer's kernels take without the replay's own launch cost, as they run inside a decode step's graph.
 
@@ -184,8 +185,8 @@ def main() -> None:
                 for kernel, us in _kernel_times(replay).items():
                     print(f"{'':>6} {kernel[:40]:>40} {us:8.1f} us")
         if args.configs and args.format == "mxfp4":
-            for kernel in (moe_mxfp4._gate_up_blocks, moe_mxfp4._down_blocks, moe_mxfp4._gate_up_reg_blocks,
-                           moe_mxfp4._down_reg_blocks):
+            for kernel in (moe_mxfp4._gate_up_decode, moe_mxfp4._down_decode, moe_mxfp4._gate_up_blocks,
+                           moe_mxfp4._down_blocks, moe_mxfp4._gate_up_reg_blocks, moe_mxfp4._down_reg_blocks):
                 timings = getattr(kernel, "configs_timings", None) or {}  # the last autotuning run's (this t's)
                 first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
                 for cfg, v in sorted(timings.items(), key=lambda kv: first(kv[1])):

@@ -224,9 +224,14 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 
 
 def _decode_configs() -> list:
-    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs)."""
-    return tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
-                         (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
+    """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs), each also with the next tile prefetched
+    (PREFETCH, see _gemv): the autotuner keeps the fastest."""
+    tiles = tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter tests force it by config)
+        return tiles
+    return tiles + [triton.Config({**c.kwargs, "PREFETCH": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in tiles]
 
 
 ONE_STAGE_TILES = ((32, 128), (64, 64), (128, 64))
@@ -339,8 +344,19 @@ if HAVE_TRITON:
                 _group_dot(wb, x3, s, False))
 
     @triton.jit
+    def _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, k0, groups, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The MXFP4 tile of the rows at inputs [k0, k0 + BLOCK_K): its bytes [R, BLOCK_K/2] (zero past K) and
+        scales [R, BLOCK_K/32] (uint8), as loaded."""
+        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the tile's bytes of a row, contiguous
+        wb = tl.load(wb_ptr + row_off[:, None] * 16 + cols[None, :],
+                     mask=rows_ok[:, None] & (cols // 16 < groups)[None, :], other=0)  # (by group: 16-byte loads)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        s8 = tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & (g < groups)[None, :], other=0)
+        return wb, s8
+
+    @triton.jit
     def _gemv(x0_ptr, x1_ptr, x2_ptr, x3_ptr, wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R: tl.constexpr,
-              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False):
         """sum_k x[k] * W[rows, k] for 1, 2 or 4 input rows (fp16 pairs in pair_order, as int32 [K/2]; the pointers
         past PAIRS unused) and MXFP4 rows of W, each weight tile loaded and dequantized once -> [PAIRS, BLOCK_R]
         fp32.
@@ -352,7 +368,13 @@ if HAVE_TRITON:
         (Triton 3.6, on the GPU machines: 32 lanes on 32 rows, each load 16 bytes from each of 32 rows 1,440 bytes
         apart at gpt-oss's sizes, and the inputs' trip through shared memory took 12 loads a loop instead of 5). On
         the H200 one layer of the 120b's experts at 1 / 8 / 64 tokens took 0.040 / 0.145 / 0.875 ms this way against
-        0.043 / 0.166 / 1.108 (docs/benchmarks.md, eleventh session)."""
+        0.043 / 0.166 / 1.108 (docs/benchmarks.md, eleventh session).
+
+        PREFETCH: the next tile's bytes and scales are loaded a tile ahead, into registers (Triton does not pipeline
+        loads that feed no tl.dot), so each warp has two tiles' loads in flight instead of one. At one token a
+        layer's GEMVs run ~5 programs an SM, whose one tile each is too few bytes in flight to cover the memory's
+        latency: the down GEMV read at 47% of the copy rate on the H200 in the twelfth session, and at 8 tokens (8x
+        the programs) the layer read at 73%."""
         groups = K // 32
         gi = tl.arange(0, BLOCK_K // 32)
         bi = tl.arange(0, 16)
@@ -361,14 +383,18 @@ if HAVE_TRITON:
         acc1 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_R, BLOCK_K // 32), dtype=tl.float32)
+        if PREFETCH:
+            wb_next, s_next = _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, 0, groups, BLOCK_R, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // 32 + gi
             g_ok = g < groups
-            cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the tile's bytes of a row, contiguous
-            wb = tl.load(wb_ptr + row_off[:, None] * 16 + cols[None, :],
-                         mask=rows_ok[:, None] & (cols // 16 < groups)[None, :], other=0)  # (by group: 16-byte loads)
+            if PREFETCH:
+                wb, s8 = wb_next, s_next
+                wb_next, s_next = _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, k0 + BLOCK_K, groups, BLOCK_R, BLOCK_K)
+            else:
+                wb, s8 = _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, k0, groups, BLOCK_R, BLOCK_K)
             wb = tl.reshape(wb, (BLOCK_R, BLOCK_K // 32, 16))  # [R, NG, 16] bytes
-            s = _scale(tl.load(ws_ptr + row_off[:, None] + g[None, :], mask=rows_ok[:, None] & g_ok[None, :], other=0))
+            s = _scale(s8)
             at = g[:, None] * 16 + bi[None, :]
             x0 = tl.load(x0_ptr + at, mask=g_ok[:, None], other=0)[None, :, :]  # [1, NG, 16] pairs
             if PAIRS == 1:
@@ -406,14 +432,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_block(x_ptr, pair_ptr, num_pairs, per_row: tl.constexpr, row_len, wb_ptr, ws_ptr, rows, rows_ok, K,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+                    PREFETCH: tl.constexpr):
         """The pairs GEMV of a block: its PAIRS (2 or 4) pairs pair_ptr[0..PAIRS), each reading its row of x_ptr
         (see _row) -> [PAIRS, BLOCK_R]."""
         return _gemv(_row(x_ptr, pair_ptr, 0, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 1, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 2 % PAIRS, num_pairs, per_row, row_len),
                      _row(x_ptr, pair_ptr, 3 % PAIRS, num_pairs, per_row, row_len),
-                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM)
+                     wb_ptr, ws_ptr, rows, rows_ok, K, BLOCK_R, BLOCK_K, PAIRS, ASM, PREFETCH)
 
     @triton.jit
     def _pack_x_kernel(x_ptr, out_ptr, factor_ptr, K, top_exp, BLOCK_K: tl.constexpr):
@@ -553,6 +580,7 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, limit, alpha, h_factor,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr, ONE_STAGE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """h[pair, units] = SwiGLU(x[token] @ W_gu[e]^T + b_gu[e]) for BLOCK_N hidden units (2*BLOCK_N rows).
 
@@ -577,12 +605,12 @@ if HAVE_TRITON:
             token = pid_m // TOP_K
             x_row = x_ptr + token.to(tl.int64) * (hidden // 2)
             acc = _gemv(x_row, x_row, x_row, x_row, wb, ws, r, r_ok, hidden, 2 * BLOCK_N, BLOCK_K, 1,
-                        ASM) * tl.load(xf_ptr + token)
+                        ASM, PREFETCH) * tl.load(xf_ptr + token)
         elif BLOCK_M < 16:  # the pairs GEMV: BLOCK_M (2 or 4) pairs of the block's expert, weights dequantized once
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(x_ptr, first, num_pairs, TOP_K, hidden // 2, wb, ws, r, r_ok, hidden, 2 * BLOCK_N,
-                              BLOCK_K, BLOCK_M, ASM)
+                              BLOCK_K, BLOCK_M, ASM, PREFETCH)
             acc = acc * tl.load(xf_ptr + tl.where(pair < num_pairs, pair // TOP_K, 0))[:, None]
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -615,6 +643,7 @@ if HAVE_TRITON:
         num_pairs, num_experts, hidden, inter, pairs_bucket, h_factor,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
         ASM: tl.constexpr, BF16: tl.constexpr, PERM: tl.constexpr, ONE_STAGE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """out[pair, n] = (h[pair] @ W_d[e]^T + b_d[e]) * routing weight, for BLOCK_N output features.
 
@@ -635,12 +664,13 @@ if HAVE_TRITON:
         if BLOCK_M == 1:
             pair = pid_m + tl.zeros((1,), dtype=tl.int32)
             h_row = h_ptr + pid_m.to(tl.int64) * (inter // 2)
-            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM) * h_factor
+            acc = _gemv(h_row, h_row, h_row, h_row, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K, 1, ASM,
+                        PREFETCH) * h_factor
         elif BLOCK_M < 16:  # the pairs GEMV
             first = pair_ptr + pid_m * BLOCK_M
             pair = tl.load(first + tl.arange(0, BLOCK_M))
             acc = _gemv_block(h_ptr, first, num_pairs, 1, inter // 2, wb, ws, n, n_ok, inter, BLOCK_N, BLOCK_K,
-                              BLOCK_M, ASM) * h_factor
+                              BLOCK_M, ASM, PREFETCH) * h_factor
         else:
             pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if PERM:

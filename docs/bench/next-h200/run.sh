@@ -8,10 +8,12 @@
 #      the router's top-k kernel at every size (norm_and_rope, block_layout_kernels, and the fast path's tokens,
 #      whose prefills now run them). The TTFTs of steps 1-4 are their first timing (20b 37.1 ms and 120b 74.2 ms at
 #      1,024 tokens before);
-#   0b. (~3 min) the 120b's experts at prefill sizes (1,024 and 8,192 tokens) with every autotuned tile's time: the
-#      register-operand blocks' unpipelined tiles (ONE_STAGE, built in the twelfth session after its run: Triton
-#      3.6's ptxas serializes the pipelined ones' wgmmas, info C7515) against the pipelined ones; gate_up took 990 /
-#      4,370 us and down 522 / 2,150 us a layer in the twelfth session's 120b prefill profiles;
+#   0b. (~4 min) the 120b's experts at 1 / 8 / 1,024 / 8,192 tokens with every autotuned tile's time, both built in
+#      the twelfth session after its run: the GEMVs with the next tile prefetched into registers (PREFETCH; at one
+#      token ~5 programs an SM had too few bytes in flight: down at 47% of the copy rate, 0.036 ms a layer) against
+#      the plain loop, and the register-operand blocks' unpipelined tiles (ONE_STAGE: Triton 3.6's ptxas serializes
+#      the pipelined ones' wgmmas, info C7515) against the pipelined ones (gate_up 990 / 4,370 us and down 522 /
+#      2,150 us a layer in that session's 120b prefill profiles);
 #   1. (~10 min) issue 15's serving sweep on the 20b at concurrency 1 / 8 / 64 / 256, 1,024 in / 1,024 out, with
 #      async scheduling and the copy above 256 tokens (the eighth session, copy above 128, no async: 366 / 4,130 at 1
 #      / 64 streams; the targets: within 15% / 20% of runtime.bench's batch-1 / batch-64 decode rates, 514 and 7,710
@@ -35,14 +37,17 @@ OUT="bench.plots=false bench.table=$R/table.csv"
 S20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST experts.dequantized_above_tokens=256 generation.async_scheduling=true"
 [ -d /dev/shm/ck20 ] || run synth20 600 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
-run tests 600 $PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py \
-    -k "router_in_one_launch or (compiled_decode_step_equals_plain and triton) or norm_and_rope or block_layout_kernels \
-or fast_path_tokens_equal_reference_path or mxfp4_moe_real_shapes"
-grep -hE '^(FAILED|ERROR)|passed|failed' "$R/tests.log" >> "$R/progress.txt"
+G="$PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py"  # (three processes at once, beside the syntheses)
+run tests-compiled 900 $G -k "compiled_decode_step_equals_plain and triton" &
+run tests-kernels 900 $G -k "router_in_one_launch or norm_and_rope or block_layout_kernels or mxfp4_gemv_tiles \
+or reg_a_blocks" &
+run tests-tokens 900 $G -k "fast_path_tokens_equal_reference_path or mxfp4_moe_real_shapes"
 wait
-run moe120-prefill 240 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1024 8192 --only mxfp4 \
-    --configs --kernels
-grep -E "^ +[0-9]+ +mxfp4| ms  |us$" "$R/moe120-prefill.log" | head -60 >> "$R/progress.txt"
+grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-*.log >> "$R/progress.txt"
+wait
+run moe120-tiles 300 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 1024 8192 \
+    --only mxfp4 --configs --kernels
+grep -E "^ +[0-9]+ +mxfp4| ms  |us$" "$R/moe120-tiles.log" | head -90 >> "$R/progress.txt"
 run serve20 900 $PY -m runtime.bench bench.mode=serve $S20 'bench.concurrency=[1,8,64,256]' \
     bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
 grep "serve concurrency" "$R/serve20.log" >> "$R/progress.txt"
