@@ -7,7 +7,7 @@ dequantized (what every other implementation holds), bytes counted as each holds
 
     python -m runtime.kernels.microbench [--tokens 1 8 64 1024] [--format bf16|mxfp4] [--experts 32|128]
         [--decode-max-pairs N] [--block-m N] [--configs] [--bf16-dequant-max-m N]
-        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--only mxfp4] [--kernels]
+        [--gemv-pairs-per-expert N] [--reg-a | --no-reg-a] [--one-stage] [--only mxfp4] [--kernels]
 
 --configs (mxfp4): after each token count, every autotuned tile of the MXFP4 kernels that ran with its time (the
 GEMVs' tiles with and without PREFETCH, the blocks' with and without ONE_STAGE).
@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="mxfp4: print each autotuned tile's time")
     ap.add_argument("--reg-a", action=argparse.BooleanOptionalAction, default=None,
                     help="mxfp4: the blocks with the weights as the register operand, or not (REG_A_BLOCKS: on)")
+    ap.add_argument("--one-stage", action="store_true",
+                    help="mxfp4: the register-operand blocks' autotuner also tries unpipelined tiles (ONE_STAGE_BLOCKS)")
     ap.add_argument("--bf16-dequant-max-m", type=int, default=None,
                     help="mxfp4: blocks of at most this many pairs dequantize straight to bf16 (BF16_DEQUANT_MAX_M)")
     ap.add_argument("--gemv-pairs-per-expert", type=int, default=None,
@@ -114,6 +116,8 @@ def main() -> None:
         print("(--bf16-dequant-max-m times the plain blocks: --no-reg-a implied)")
     if args.reg_a is not None:
         moe_mxfp4.REG_A_BLOCKS = args.reg_a
+    if args.one_stage:
+        moe_mxfp4.ONE_STAGE_BLOCKS = True
     if args.gemv_pairs_per_expert is not None:
         moe_mxfp4.GEMV_PAIRS_PER_EXPERT = args.gemv_pairs_per_expert
         moe_mxfp4.GEMV_PAIRS_MIN_EXPERTS = 0  # on any number of experts

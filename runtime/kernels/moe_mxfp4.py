@@ -86,6 +86,12 @@ are multiples of 64 (elsewhere the plain blocks run). On the H200 (microbench --
 session), one layer of the 20b: 0.337 / 0.497 / 0.704 ms at 64 / 256 / 512 tokens where the plain blocks took 0.399 /
 0.661 / 0.975; of the 120b at 256 / 512 tokens: 1.515 / 1.583 ms (plain 2.173 at 256). The 20b's batch 64 decodes at
 7,621 tok/s (5,712 before) and its 1,024-token prefill takes 37.4 ms (47.0)."""
+ONE_STAGE_BLOCKS = False
+"""Let the register-operand blocks' autotuner also try the ONE_STAGE_TILES unpipelined (_dot_reg's ONE_STAGE, whose
+wgmmas ptxas leaves asynchronous). Off until a GPU has run their test and timed them: asynchronous wgmmas with a
+register operand met a ptxas bug in CUDA 12.9 (its registers reused before the wgmma had read them: wrong results;
+fixed in 13.3, triton-lang/triton pull 11781), and Triton 3.6 assembles Hopper code with CUDA 12.8's ptxas. The
+serialized pipelined tiles cannot meet it. microbench --one-stage turns it on."""
 BF16_DEQUANT_MAX_M = 16
 """Blocks of at most this many pairs turn a bf16 model's MXFP4 bytes into bf16 weights with integer and bf16x2
 operations only (_e2m1_bf16_asm) instead of through fp16 and fp32 conversions: on the H200 9-12% faster at 64
@@ -235,8 +241,9 @@ def _decode_configs() -> list:
 
 
 ONE_STAGE_TILES = ((32, 128), (64, 64), (128, 64))
-"""(BLOCK_N, BLOCK_K) tiles whose register-operand blocks are also tried with ONE_STAGE (see _dot_reg): those whose
-one-stage form spills no register in either kernel on Triton 3.6's sm_90 code (203-217 registers in gate_up)."""
+"""(BLOCK_N, BLOCK_K) tiles whose register-operand blocks are also tried with ONE_STAGE (see _dot_reg) when
+ONE_STAGE_BLOCKS: those whose one-stage form spills no register in either kernel on Triton 3.6's sm_90 code (203-217
+registers in gate_up)."""
 
 
 def _dot_configs(one_stage: bool = False) -> list:
@@ -791,8 +798,10 @@ def fused_mxfp4_experts(
     if config is None:
         if gemv:
             gate_up, down = _gate_up_decode, _down_decode
+        elif perm and ONE_STAGE_BLOCKS:
+            gate_up, down = _gate_up_reg_blocks, _down_reg_blocks
         else:
-            gate_up, down = (_gate_up_reg_blocks, _down_reg_blocks) if perm else (_gate_up_blocks, _down_blocks)
+            gate_up, down = _gate_up_blocks, _down_blocks
     else:
         if "PERM" in config:
             raise ValueError(f"config={config}: the register-operand blocks are chosen by reg_a (not PERM)")

@@ -37,6 +37,10 @@ OUT="bench.plots=false bench.table=$R/table.csv"
 S20="model=gpt-oss-20b model.path=/dev/shm/ck20 $FAST experts.dequantized_above_tokens=256 generation.async_scheduling=true"
 [ -d /dev/shm/ck20 ] || run synth20 600 $PY -m runtime.synth model=gpt-oss-20b synth.format=mxfp4 synth.out=/dev/shm/ck20 &
 [ -d /dev/shm/ck120 ] || run synth120 600 $PY -m runtime.synth model=gpt-oss-120b synth.format=mxfp4 synth.out=/dev/shm/ck120 &
+# which ptxas binaries the image has (Triton 3.6 assembles Hopper code with CUDA 12.8's; docs/benchmarks.md, twelfth
+# session's CPU section: register-operand wgmmas and ptxas before 13.3)
+find /usr/local /opt /usr/lib /usr/bin /root -name 'ptxas*' -type f 2>/dev/null | head -8 | while read -r p; do echo "$p $("$p" --version | tail -1)"; done \
+    > "$R/ptxas.txt" 2>&1
 G="$PY -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py"  # (three processes at once, beside the syntheses)
 run tests-compiled 900 $G -k "compiled_decode_step_equals_plain and triton" &
 run tests-kernels 900 $G -k "router_in_one_launch or norm_and_rope or block_layout_kernels or mxfp4_gemv_tiles \
@@ -46,7 +50,7 @@ wait
 grep -hE '^(FAILED|ERROR)|passed|failed' "$R"/tests-*.log >> "$R/progress.txt"
 wait
 run moe120-tiles 300 $PY -m runtime.kernels.microbench --format mxfp4 --experts 128 --tokens 1 8 1024 8192 \
-    --only mxfp4 --configs --kernels
+    --only mxfp4 --configs --kernels --one-stage
 grep -E "^ +[0-9]+ +mxfp4| ms  |us$" "$R/moe120-tiles.log" | head -90 >> "$R/progress.txt"
 run serve20 900 $PY -m runtime.bench bench.mode=serve $S20 'bench.concurrency=[1,8,64,256]' \
     bench.input_len=1024 bench.output_len=1024 $OUT bench.out_dir=$R/serve20
