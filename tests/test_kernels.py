@@ -41,7 +41,8 @@ g = torch.Generator().manual_seed(0)
 checked = 0
 # (pairs, experts, block_m): one chunk and many, fewer experts than a power of two, another rank's pairs (id E),
 # the decode pairs GEMV's 2 and 4 rows a block, the prefill's 64
-for p, e, bm in ((6, 3, 2), (1, 4, 16), (64, 32, 4), (300, 128, 2), (1000, 32, 64), (4096, 128, 64), (130, 5, 16)):
+for p, e, bm in ((6, 3, 2), (1, 4, 16), (64, 32, 4), (300, 128, 2), (1000, 32, 64), (4096, 128, 64), (130, 5, 16),
+                 (5000, 128, 128)):
     ids = torch.randint(0, e + 1, (p,), generator=g)  # e: routed to another rank
     if p == 4096:
         ids = torch.randint(0, 8, (p,), generator=g) * 16  # a few crowded experts, most empty
@@ -56,7 +57,7 @@ print("checked", checked)
 def test_block_layout_kernels_equal_the_torch_layout() -> None:
     """The block layout's three launches (count, the experts' runs, scatter) give the torch layout exactly: every
     row's pair (the stable sort's order within an expert, P in empty rows) and every block's expert."""
-    assert interpret(LAYOUT_CHECK).split() == ["checked", "7"]
+    assert interpret(LAYOUT_CHECK).split() == ["checked", "8"]
 
 
 def test_block_layout_kernels_compile_for_hopper() -> None:
@@ -64,7 +65,7 @@ def test_block_layout_kernels_compile_for_hopper() -> None:
     for fn, types in ((moe._layout_count_kernel, {"ids_ptr": "*i64", "hist_ptr": "*i32", "pair_ptr": "*i64"}),
                       (moe._layout_offsets_kernel, {"hist_ptr": "*i32", "off_ptr": "*i32", "block_expert_ptr": "*i64"}),
                       (moe._layout_scatter_kernel, {"ids_ptr": "*i64", "off_ptr": "*i32", "pair_ptr": "*i64"})):
-        consts = {"CHUNK": moe.LAYOUT_CHUNK, "BLOCK_E": 128, "BLOCK_B": 64}
+        consts = {"CHUNK": moe.LAYOUT_CHUNK, "BLOCK_E": 128, "BLOCK_B": 64, "BLOCK_C": 32}
         assert compile_for_hopper(fn, consts, types).asm["cubin"], fn.__name__
 
 

@@ -178,19 +178,26 @@ if HAVE_TRITON:
 
     @triton.jit
     def _layout_offsets_kernel(hist_ptr, off_ptr, block_expert_ptr, chunks, E, num_blocks, BM,
-                               BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+                               BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program: each expert's run of rows (its count rounded up to BM), where each chunk's pairs of it
-        start in that run -> off[c]; and each block's expert (E past the last run) -> block_expert."""
+        start in that run -> off[c]; and each block's expert (E past the last run) -> block_expert. The chunks'
+        counts are read BLOCK_C at a time (one load a step, not one a chunk: each waits on memory)."""
         e = tl.arange(0, BLOCK_E)
+        cc = tl.arange(0, BLOCK_C)
         counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-        for c in range(chunks):
-            counts += tl.load(hist_ptr + c * BLOCK_E + e)
+        for c0 in range(0, chunks, BLOCK_C):
+            c = c0 + cc
+            counts += tl.sum(tl.load(hist_ptr + c[:, None] * BLOCK_E + e[None, :], mask=(c < chunks)[:, None],
+                                     other=0), axis=0)
         padded = (counts + BM - 1) // BM * BM
         end = tl.cumsum(padded, axis=0)
         at = end - padded
-        for c in range(chunks):
-            tl.store(off_ptr + c * BLOCK_E + e, at)
-            at += tl.load(hist_ptr + c * BLOCK_E + e)
+        for c0 in range(0, chunks, BLOCK_C):
+            c = c0 + cc
+            h = tl.load(hist_ptr + c[:, None] * BLOCK_E + e[None, :], mask=(c < chunks)[:, None], other=0)
+            tl.store(off_ptr + c[:, None] * BLOCK_E + e[None, :], at[None, :] + tl.cumsum(h, axis=0) - h,
+                     mask=(c < chunks)[:, None])
+            at += tl.sum(h, axis=0)
         end = tl.where(e < E, end, 2147483647)  # (lanes past the experts never count)
         for b0 in range(0, num_blocks, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B)
@@ -250,7 +257,7 @@ def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
         _layout_count_kernel[(chunks,)](ids, hist, pair, p, num_experts, pair.numel(), CHUNK=LAYOUT_CHUNK,
                                         BLOCK_E=block_e)
         _layout_offsets_kernel[(1,)](hist, offsets, block_expert, chunks, num_experts, num_blocks, block_m,
-                                     BLOCK_E=block_e, BLOCK_B=64)
+                                     BLOCK_E=block_e, BLOCK_B=64, BLOCK_C=max(1, 4096 // block_e))
         _layout_scatter_kernel[(chunks,)](ids, offsets, pair, p, num_experts, CHUNK=LAYOUT_CHUNK, BLOCK_E=block_e)
         return pair, block_expert
     return block_layout_reference(expert_ids, num_experts, block_m)
