@@ -44,6 +44,27 @@ def torchrun(nproc: int, module: str, overrides: list[str], timeout: int = 600,
     return proc
 
 
+class _Traced(Exception):
+    """Raised by traced_targets' backend once dynamo has handed it the whole graph."""
+
+
+def traced_targets(fn: Any, *args: Any) -> list[str]:
+    """The targets of the one graph torch.compile(fullgraph=True) traces from fn(*args), stopped before inductor
+    compiles or runs anything (the kernels need no GPU to be traced)."""
+    import torch
+
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        raise _Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
+
+
 def compile_for_hopper(fn: Any, consts: dict[str, Any], types: dict[str, str],
                        divisible: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 2) -> Any:
     """A @triton.jit kernel compiled to sm_90 code by Triton's own ptxas, no GPU needed: `consts` its constexpr

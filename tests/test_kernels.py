@@ -14,7 +14,7 @@ from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from runtime.kernels import moe
-from tests.conftest import ROOT, compile_for_hopper
+from tests.conftest import ROOT, compile_for_hopper, traced_targets
 
 
 def test_reference_equals_transformers_eager_experts() -> None:
@@ -72,23 +72,13 @@ def test_block_layout_kernels_compile_for_hopper() -> None:
 def test_compiled_steps_keep_the_torch_block_layout(monkeypatch) -> None:  # noqa: ANN001
     """Inside a compiled step (the pairs GEMV's and the blocks' layout at decode) the block layout is torch's ops,
     which inductor fuses (the three launches are for eager steps), even where Triton runs; no graph break."""
-    import pytest
     import torch.utils._triton as torch_triton
 
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
     monkeypatch.setattr(moe, "triton_usable", lambda device: True)
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
-        graphs.append([str(n.target) for n in gm.graph.nodes])
-        raise _Traced
-
-    torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
-        torch.compile(lambda ids: moe.block_layout(ids, 128, 4), backend=backend, fullgraph=True)(
-            torch.randint(0, 128, (64,)))
-    assert not any("triton_kernel_wrapper" in t for t in graphs[0]), graphs[0]
-    assert any("sort" in t for t in graphs[0]), graphs[0]
+    graph = traced_targets(lambda ids: moe.block_layout(ids, 128, 4), torch.randint(0, 128, (64,)))
+    assert not any("triton_kernel_wrapper" in t for t in graph), graph
+    assert any("sort" in t for t in graph), graph
 
 
 def test_block_layout_groups_pairs_by_expert() -> None:
@@ -372,10 +362,6 @@ def test_norm_and_rope_kernels_compile_for_hopper() -> None:
     assert kernel.asm["cubin"]
 
 
-class _Traced(Exception):
-    """Raised by the test backend once dynamo has handed it the whole graph."""
-
-
 def test_router_kernel_compiles_for_hopper() -> None:
     """The router's one-launch GEMV + top-k compiles to sm_90 code (Triton's own ptxas) at the 120b's shapes: the
     arrival counter's atomics acq_rel at GPU scope, the last program's logits read past L1 (ld.global.cg), the
@@ -394,7 +380,6 @@ def test_router_kernel_compiles_for_hopper() -> None:
 def test_torch_compile_traces_the_router_in_one_launch(monkeypatch) -> None:  # noqa: ANN001
     """torch.compile sees the decode router (counters made before, at load) as one user-defined Triton kernel: no
     linear, no top-k of torch's."""
-    import pytest
     import torch.utils._triton as torch_triton
 
     from runtime.kernels import arrivals, router
@@ -404,17 +389,9 @@ def test_torch_compile_traces_the_router_in_one_launch(monkeypatch) -> None:  # 
     arrivals.prepare(torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
-        graphs.append([str(n.target) for n in gm.graph.nodes])
-        raise _Traced
-
-    torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
-        torch.compile(lambda x: router.route(x, w, b, 4), backend=backend, fullgraph=True)(torch.randn(2, 64))
-    assert sum("triton_kernel_wrapper" in t for t in graphs[0]) == 1, graphs[0]
-    assert not any("linear" in t or "topk" in t for t in graphs[0]), graphs[0]
+    graph = traced_targets(lambda x: router.route(x, w, b, 4), torch.randn(2, 64))
+    assert sum("triton_kernel_wrapper" in t for t in graph) == 1, graph
+    assert not any("linear" in t or "topk" in t for t in graph), graph
 
 
 def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
@@ -438,7 +415,6 @@ def test_flash_kernel_compiles_for_hopper_with_the_merge() -> None:
 def test_torch_compile_traces_the_merging_flash_kernel(monkeypatch) -> None:  # noqa: ANN001
     """torch.compile sees the decode kernel with the in-kernel merge as one user-defined Triton kernel (the counters
     made before, at load, as arrivals.prepare does), with no torch merge after it."""
-    import pytest
     import torch.utils._triton as torch_triton
 
     from runtime.kernels import arrivals, flash
@@ -452,15 +428,6 @@ def test_torch_compile_traces_the_merging_flash_kernel(monkeypatch) -> None:  # 
     k, v = (torch.randn(1, 2, 900, 16, generator=g) for _ in range(2))
     sinks = torch.randn(8, generator=g)
     m = flash.SlotMask(torch.arange(900).expand(1, 900).contiguous(), torch.full((1, 1), 899))
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, inputs: list) -> None:
-        graphs.append([str(n.target) for n in gm.graph.nodes])
-        raise _Traced
-
-    torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Traced"):
-        torch.compile(lambda q: flash.flash_attention(q, k, v, sinks, m, 0.25, None), backend=backend,
-                      fullgraph=True)(q)
-    assert sum("triton_kernel_wrapper" in t for t in graphs[0]) == 1
-    assert not any("softmax" in t for t in graphs[0]), graphs[0]
+    graph = traced_targets(lambda q: flash.flash_attention(q, k, v, sinks, m, 0.25, None), q)
+    assert sum("triton_kernel_wrapper" in t for t in graph) == 1
+    assert not any("softmax" in t for t in graph), graph
