@@ -232,17 +232,24 @@ def check_device(device: torch.device, capability: tuple[int, int] | None = None
 def _decode_configs() -> list:
     """GEMV tiles (BLOCK_N output rows or hidden units x BLOCK_K inputs), each also with the next tile prefetched
     (PREFETCH, see _gemv): the autotuner keeps the fastest."""
-    tiles = tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
-                          (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64))
-    if os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter tests force it by config)
+    return _also_with(tile_configs([(8, 256, 2, 3), (16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4),
+                                    (64, 128, 4, 3), (32, 512, 8, 2), (64, 256, 8, 3)], interpreted=(16, 64)),
+                      "PREFETCH")
+
+
+def _also_with(tiles: list, flag: str, only: tuple[tuple[int, int], ...] | None = None) -> list:
+    """`tiles`, then again (those whose (BLOCK_N, BLOCK_K) is in `only`, default all) with the constexpr `flag` on,
+    for the autotuner to try both forms; under Triton's interpreter only `tiles` (its tests force `flag` by
+    config)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return tiles
-    return tiles + [triton.Config({**c.kwargs, "PREFETCH": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in tiles]
+    return tiles + [triton.Config({**c.kwargs, flag: True}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in tiles if only is None or (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in only]
 
 
 ONE_STAGE_TILES = ((32, 128), (64, 64), (128, 64))
 """(BLOCK_N, BLOCK_K) tiles whose register-operand blocks are also tried with ONE_STAGE (see _dot_reg) when
-ONE_STAGE_BLOCKS: those whose one-stage form spills no register in either kernel on Triton 3.6's sm_90 code (203-217
+ONE_STAGE_BLOCKS: ones whose one-stage form spills no register in either kernel on Triton 3.6's sm_90 code (169-218
 registers in gate_up)."""
 
 
@@ -252,10 +259,7 @@ def _dot_configs(one_stage: bool = False) -> list:
     autotuned user kernel fails on one)."""
     tiles = tile_configs([(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                           (64, 256, 8, 3)], interpreted=(32, 64))
-    if not one_stage or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter tests force it by config)
-        return tiles
-    return tiles + [triton.Config({**c.kwargs, "ONE_STAGE": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in tiles if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in ONE_STAGE_TILES]
+    return _also_with(tiles, "ONE_STAGE", ONE_STAGE_TILES) if one_stage else tiles
 
 
 if HAVE_TRITON:
@@ -550,27 +554,26 @@ if HAVE_TRITON:
         and the dequantization never overlap within a warpgroup). One stage keeps each tile's wgmmas in one
         pipeline stage of their own, which ptxas leaves asynchronous.
         """
-        jb = tl.arange(0, BLOCK_K // 2)
-        gi = tl.arange(0, BLOCK_K // 32)
         kk = tl.arange(0, BLOCK_K)
         x_base = x_ptr + x_row.to(tl.int64)[:, None] * K
-        wb_row = wb_ptr + rows.to(tl.int64)[:, None] * (K // 2)
-        s_row = ws_ptr + rows.to(tl.int64)[:, None] * (K // 32)
-        s_next = tl.load(s_row + gi[None, :], mask=rows_ok[:, None] & (gi < K // 32)[None, :], other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        if ONE_STAGE:
-            wb_next = tl.load(wb_row + jb[None, :], mask=rows_ok[:, None] & (jb < K // 2)[None, :], other=0)
+        if ONE_STAGE:  # (the tiles' bytes and scales as the GEMVs load them: _gemv_tile)
+            row_off = rows.to(tl.int64) * (K // 32)
+            wb_next, s_next = _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, 0, K // 32, BLOCK_R, BLOCK_K)
             x_next = tl.load(x_base + kk[None, :], mask=x_ok[:, None] & (kk < K)[None, :], other=0.0)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
                 wb, x, s8 = wb_next, x_next, s_next
-                b = (k0 + BLOCK_K) // 2 + jb
-                wb_next = tl.load(wb_row + b[None, :], mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)
+                wb_next, s_next = _gemv_tile(wb_ptr, ws_ptr, row_off, rows_ok, k0 + BLOCK_K, K // 32, BLOCK_R,
+                                             BLOCK_K)
                 k = k0 + BLOCK_K + kk
                 x_next = tl.load(x_base + k[None, :], mask=x_ok[:, None] & (k < K)[None, :], other=0.0)
-                g = (k0 + BLOCK_K) // 32 + gi
-                s_next = tl.load(s_row + g[None, :], mask=rows_ok[:, None] & (g < K // 32)[None, :], other=0)
                 acc = _reg_tile_dot(wb, s8, x, acc, BLOCK_R, BLOCK_K, IEEE, BF16)
         else:
+            jb = tl.arange(0, BLOCK_K // 2)
+            gi = tl.arange(0, BLOCK_K // 32)
+            wb_row = wb_ptr + rows.to(tl.int64)[:, None] * (K // 2)
+            s_row = ws_ptr + rows.to(tl.int64)[:, None] * (K // 32)
+            s_next = tl.load(s_row + gi[None, :], mask=rows_ok[:, None] & (gi < K // 32)[None, :], other=0)
             for k0 in range(0, K, BLOCK_K):
                 b = k0 // 2 + jb
                 wb = tl.load(wb_row + b[None, :], mask=rows_ok[:, None] & (b < K // 2)[None, :], other=0)  # [R, K/2]
