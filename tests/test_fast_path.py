@@ -57,7 +57,7 @@ def test_fast_paths_swap_every_norm_and_compile_keeps_transformers_ops(monkeypat
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 
     from runtime import fused
-    from runtime.kernels import norm
+    from runtime.kernels import moe
 
     cfg = GptOssConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128)
@@ -67,7 +67,7 @@ def test_fast_paths_swap_every_norm_and_compile_keeps_transformers_ops(monkeypat
         norms = [m for m in model.modules() if isinstance(m, GptOssRMSNorm)]
         assert len(norms) == 5 and sum(type(m) is fused.FusedRMSNorm for m in norms) == swapped
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
-    monkeypatch.setattr(norm, "triton_usable", lambda device: True)
+    monkeypatch.setattr(moe, "triton_usable", lambda device: True)
     graph = traced_targets(norms[0], torch.randn(3, 64))
     assert not any("triton_kernel_wrapper" in t for t in graph) and any("rsqrt" in t for t in graph), graph
 

@@ -47,6 +47,12 @@ def triton_usable(device: torch.device) -> bool:
     return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def eager_launch(device: torch.device) -> bool:
+    """Whether a launch meant for steps torch runs op by op should run: Triton runs on `device` and torch is not
+    compiling (inductor fuses torch's own ops there better: the block layout, the norms, RoPE)."""
+    return triton_usable(device) and not torch.compiler.is_compiling()
+
+
 def check_dense(**weights: torch.Tensor) -> None:
     """The kernels index weights as dense row-major arrays: refuse strided views (a caller's bug)."""
     for name, w in weights.items():
@@ -246,7 +252,7 @@ def block_layout(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
     p = expert_ids.numel()
     dev = expert_ids.device
     num_blocks = -(-p // block_m) + num_experts
-    if p and triton_usable(dev) and num_experts <= 256 and not torch.compiler.is_compiling():
+    if p and num_experts <= 256 and eager_launch(dev):
         ids = expert_ids.contiguous()
         chunks = triton.cdiv(p, LAYOUT_CHUNK)
         block_e = triton.next_power_of_2(num_experts)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.kernels.moe import HAVE_TRITON, triton_usable
+from runtime.kernels.moe import HAVE_TRITON, eager_launch
 
 if HAVE_TRITON:
     import triton
@@ -49,6 +49,6 @@ class FusedRMSNormForward:
     runs and torch is not compiling the step (inductor fuses the original better: with the residual add)."""
 
     def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[misc]
-        if torch.compiler.is_compiling() or not triton_usable(hidden_states.device):
-            return super().forward(hidden_states)  # type: ignore[misc]
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        if eager_launch(hidden_states.device):
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return super().forward(hidden_states)  # type: ignore[misc]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
-from runtime.kernels.moe import HAVE_TRITON, triton_usable
+from runtime.kernels.moe import HAVE_TRITON, eager_launch
 
 if HAVE_TRITON:
     import triton
@@ -60,7 +60,7 @@ def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """q [B, Hq, T, D], k [B, Hkv, T, D], cos/sin [B, T, D/2] -> (q, k) rotated: transformers' apply_rotary_pos_emb,
     in one launch each where Triton runs and torch is not compiling (see the module doc)."""
     half = q.shape[-1] // 2
-    if (torch.compiler.is_compiling() or not triton_usable(q.device) or cos.shape[-1] != half
+    if (not eager_launch(q.device) or cos.shape[-1] != half
             or half & (half - 1) or cos.dim() != 3 or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != q.shape[2]
             or sin.shape != cos.shape or sin.stride() != cos.stride()):
         return apply_rotary_pos_emb(q, k, cos, sin)

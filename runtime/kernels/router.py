@@ -26,8 +26,8 @@ GEMV_MAX_TOKENS = 16
 """Up to this many tokens the router's GEMV runs in the same kernel as its top-k (route_gemv); 0: never. Each
 token's programs read the whole weight, so beyond a few tokens cuBLAS's GEMM reads it once for all of them. On the
 H200 (microbench --router, docs/benchmarks.md, twelfth session) one launch with 4 experts a program took 8.6 / 9.3 /
-12.0 us at 1 / 8 / 16 tokens on the 120b's router against 11.0 / 12.2 / 12.6 for cuBLAS + the top-k kernel, and the
-120b's batch-1 TPOT went from 3.02 to 2.92 ms."""
+12.0 us at 1 / 8 / 16 tokens on the 120b's router against 11.0 / 12.2 / 12.6 for cuBLAS + the top-k kernel; with 2
+experts a program up to 8 tokens, the 120b's batch-1 TPOT went from 3.02 to 2.92 ms."""
 EXPERTS_PER_PROGRAM = 4
 """Experts whose logits one program of route_gemv computes (32 programs a token on the 120b's 128 experts). Each
 program reads its rows whole in one pass (up to 4,096 inputs: gpt-oss has 2,880), so a token's logits wait for one
